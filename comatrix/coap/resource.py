@@ -1,0 +1,73 @@
+"""The base class of every CoAP resource CoMatrix serves.
+
+A resource subclasses `CoapResource`, sets its link-format attributes and
+implements ``render_GET``/``render_POST``/... taking a `Request` and returning a
+`Response` or a Deferred firing one.  Raising `CoapError` (or failing the
+Deferred) is how a resource answers with an error; the CoAP layer guarantees the
+peer gets exactly one response either way.
+
+It subclasses txThings' ``CoAPResource`` so that it plugs into txThings' site
+tree, but rendering goes through `render` below, never through txThings'
+``render_*`` conventions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Awaitable, Callable, Union
+
+from twisted.internet import defer
+from txthings.resource import CoAPResource
+
+from comatrix.coap.errors import MethodNotAllowed
+from comatrix.coap.message import Request, Response
+from comatrix.coap.numbers import Code
+
+RenderResult = Union[Response, "defer.Deferred[Response]", Awaitable[Response]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkAttributes:
+    """RFC 6690 link attributes shown for a resource in ``/.well-known/core``."""
+
+    rt: str | None = None
+    ct: tuple[int, ...] = ()
+    title: str | None = None
+    interface: str | None = None
+    obs: bool = False
+    sz: int | None = None
+
+
+class CoapResource(CoAPResource):  # type: ignore[misc]
+    """A resource: link attributes plus ``render_<METHOD>(request) -> Response``."""
+
+    link: LinkAttributes = LinkAttributes()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visible = True
+
+    @property
+    def observable(self) -> bool:  # txThings reads this attribute
+        return self.link.obs
+
+    def allowed_methods(self) -> tuple[Code, ...]:
+        return tuple(code for code in (Code.GET, Code.POST, Code.PUT, Code.DELETE, Code.FETCH,
+                                       Code.PATCH, Code.IPATCH)
+                     if getattr(self, f"render_{code.name}", None) is not None)
+
+    def render(self, request: Request) -> "defer.Deferred[Response]":  # type: ignore[override]
+        """Dispatch to ``render_<METHOD>``; always returns a Deferred (sync errors become failures)."""
+        handler: Callable[[Request], Any] | None = getattr(self, f"render_{request.method.name}", None)
+        if handler is None:
+            return defer.fail(MethodNotAllowed(f"{request.method.name} not allowed"))
+        return defer.maybeDeferred(_as_deferred, handler, request)
+
+
+def _as_deferred(handler: Callable[[Request], Any], request: Request) -> Any:
+    result = handler(request)
+    if isinstance(result, defer.Deferred):
+        return result
+    if hasattr(result, "__await__"):
+        return defer.ensureDeferred(result)
+    return result
