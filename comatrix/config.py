@@ -1,0 +1,251 @@
+"""One typed `Config` for the gateway, built from defaults < config file(s) < command line.
+
+The config file is TOML (read with the standard library).  Its keys mirror the
+command-line options one to one (``--plugin-dir`` <-> ``plugin_dirs``); a
+``conf.d/`` directory beside the file is merged after it, in lexical order, so
+packagers and admins can add fragments without editing the main file.  Device
+credentials may live in a separate ``credentials_file`` (kept 0640) with the
+same ``[[devices]]`` tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from comatrix.coap.server import CoapSettings
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type, or makes no sense (one line, no secrets)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCredentials:
+    """Matrix credentials the gateway uses for devices that send no token of their own.
+
+    ``network`` is an address or prefix; the longest matching prefix wins.
+    Either ``access_token`` or ``user`` + ``password`` is given.
+    """
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    user: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    access_token: str | None = dataclasses.field(default=None, repr=False)
+
+    def matches(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address.version == self.network.version and address in self.network
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    ip: str = "::"
+    port: int = 5683
+    interface: str | None = None
+    homeserver: str = "http://127.0.0.1:8008"
+    plugin_dirs: tuple[str, ...] = ()
+    disabled_plugins: tuple[str, ...] = ()
+    state_dir: str | None = None
+    credentials_file: str | None = None
+    devices: tuple[DeviceCredentials, ...] = ()
+    #: Deadline for one homeserver call (connect + answer), seconds.  Below the
+    #: CoAP EXCHANGE_LIFETIME so a device always gets an answer.
+    request_timeout: float = 10.0
+    max_connections: int = 8
+    #: Seconds to let in-flight requests finish on SIGTERM before answering 5.03.
+    shutdown_grace: float = 5.0
+    #: Seconds to wait for ``interface`` to get a usable link-local address.
+    interface_wait: float = 60.0
+    alias_cache_ttl: float = 300.0
+    coap: CoapSettings = CoapSettings()
+    #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
+    plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def plugin_settings(self, name: str) -> Mapping[str, Any]:
+        return self.plugins.get(name, {})
+
+    def coap_settings(self) -> CoapSettings:
+        return self.coap
+
+
+#: Keys of the ``[coap]`` table, mapped onto CoapSettings fields of the same name.
+_COAP_KEYS = {field.name: field.type for field in dataclasses.fields(CoapSettings)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read one TOML file; errors become ConfigError naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {path}: {exc}") from None
+
+
+def read_config_files(path: str | Path) -> dict[str, Any]:
+    """The main file merged with ``conf.d/*.toml`` beside it (later files win, tables merged)."""
+    merged = load_toml(path)
+    fragments = Path(path).parent / "conf.d"
+    if fragments.is_dir():
+        for fragment in sorted(fragments.glob("*.toml")):
+            merged = _merge(merged, load_toml(fragment))
+    return merged
+
+
+def build_config(file_values: Mapping[str, Any] | None = None,
+                 cli_values: Mapping[str, Any] | None = None) -> Config:
+    """defaults < file < command line.  ``cli_values`` holds only options actually given."""
+    values: dict[str, Any] = dict(file_values or {})
+    for key, value in (cli_values or {}).items():
+        if value is None:
+            continue
+        if key == "plugin_dirs":
+            # Command-line plugin directories add to the configured ones.
+            values[key] = list(values.get(key, [])) + list(value)
+        else:
+            values[key] = value
+    return _from_mapping(values)
+
+
+def _from_mapping(values: Mapping[str, Any]) -> Config:
+    known = {field.name for field in dataclasses.fields(Config)} | {"credentials_file"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key in ("ip", "interface", "homeserver", "state_dir", "credentials_file"):
+        if key in values:
+            kwargs[key] = _string(values, key)
+    if "port" in values:
+        port = _integer(values, "port")
+        if not 0 <= port <= 65535:
+            raise ConfigError("port must be between 0 and 65535")
+        kwargs["port"] = port
+    for key in ("request_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
+        if key in values:
+            number = _number(values, key)
+            if number <= 0:
+                raise ConfigError(f"{key} must be positive")
+            kwargs[key] = number
+    if "max_connections" in values:
+        kwargs["max_connections"] = _integer(values, "max_connections")
+    for key in ("plugin_dirs", "disabled_plugins"):
+        if key in values:
+            kwargs[key] = tuple(_string_list(values, key))
+    homeserver = kwargs.get("homeserver", Config.homeserver)
+    if not homeserver.startswith(("http://", "https://")):
+        raise ConfigError("homeserver must be an http:// or https:// URL")
+    kwargs["homeserver"] = homeserver.rstrip("/")
+    if "coap" in values:
+        kwargs["coap"] = _coap_settings(values["coap"])
+    if "plugins" in values:
+        tables = values["plugins"]
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise ConfigError("[plugins.<name>] entries must be tables")
+        kwargs["plugins"] = tables
+    devices = list(_devices(values.get("devices", []), "devices"))
+    credentials_file = kwargs.get("credentials_file")
+    if credentials_file:
+        devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
+    kwargs["devices"] = tuple(devices)
+    return Config(**kwargs)
+
+
+def _coap_settings(table: Any) -> CoapSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[coap] must be a table")
+    unknown = sorted(set(table) - set(_COAP_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [coap] key(s): {', '.join(unknown)}")
+    settings: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"coap.{key} must be a non-negative number")
+        default = getattr(CoapSettings(), key)
+        settings[key] = type(default)(value)
+    return CoapSettings(**settings)
+
+
+def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: devices must be an array of tables ([[devices]])")
+    devices = []
+    for index, entry in enumerate(entries):
+        label = f"{where}: devices[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{label} must be a table")
+        unknown = sorted(set(entry) - {"address", "user", "password", "access_token"})
+        if unknown:
+            raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
+        try:
+            network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
+        except ValueError:
+            raise ConfigError(f"{label}: address must be an IP address or prefix") from None
+        token, user, password = entry.get("access_token"), entry.get("user"), entry.get("password")
+        if not token and not (user and password):
+            raise ConfigError(f"{label}: give access_token, or user and password")
+        for key, value in (("access_token", token), ("user", user), ("password", password)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{label}: {key} must be a string")
+        devices.append(DeviceCredentials(network=network, user=user, password=password,
+                                         access_token=token))
+    return devices
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif key == "devices" and isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+
+def _string(values: Mapping[str, Any], key: str) -> str:
+    value = values[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string")
+    return value
+
+
+def _integer(values: Mapping[str, Any], key: str) -> int:
+    value = values[key]
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer")
+    return value
+
+
+def _number(values: Mapping[str, Any], key: str) -> float:
+    value = values[key]
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number")
+    return float(value)
+
+
+def _string_list(values: Mapping[str, Any], key: str) -> Iterable[str]:
+    value = values[key]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{key} must be a list of strings")
+    return value

@@ -1,0 +1,113 @@
+"""Which Matrix access token a request acts with.
+
+A device may send its own token (CoAP option 256, raw or ``Bearer ...``).  A
+device that sends none acts with the credentials configured for its source
+address (longest matching prefix): a fixed access token, or a user/password the
+gateway logs in with once and keeps.  No token and no matching entry -> 4.01.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from comatrix.coap.errors import Unauthorized
+from comatrix.coap.message import Request
+from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION
+from comatrix.config import DeviceCredentials
+
+if TYPE_CHECKING:
+    from comatrix.matrix.client import MatrixClient
+
+log = Logger()
+
+#: Longest token accepted in option 256; Synapse tokens are ~40 bytes, macaroons ~250.
+MAX_TOKEN_BYTES = 1024
+
+
+def token_from_request(request: Request) -> str | None:
+    """The token a device sent in option 256, without any ``Bearer `` prefix."""
+    raw = request.option(ACCESS_TOKEN_OPTION)
+    if raw is None:
+        return None
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise Unauthorized("token too long")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise Unauthorized("token must be ASCII") from None
+    if token[:7].lower() == "bearer ":
+        token = token[7:].strip()
+    if not token:
+        raise Unauthorized("empty token")
+    return token
+
+
+class Credentials:
+    """Resolves the access token for a request; logs configured devices in on demand."""
+
+    def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient") -> None:
+        # Longest prefix first, so a single address beats the prefix it belongs to.
+        self._devices = sorted(devices, key=lambda device: device.network.prefixlen, reverse=True)
+        self._matrix = matrix
+        self._tokens: dict[int, str] = {}
+        self._waiters: dict[int, list[defer.Deferred[str]]] = {}
+
+    def device_for(self, host: str) -> DeviceCredentials | None:
+        for device in self._devices:
+            if device.matches(host):
+                return device
+        return None
+
+    async def token_for(self, request: Request) -> str:
+        token = token_from_request(request)
+        if token is not None:
+            return token
+        device = self.device_for(request.peer.host)
+        if device is None:
+            raise Unauthorized("no credentials")
+        if device.access_token:
+            return device.access_token
+        return await self._login(device)
+
+    def forget(self, request: Request, token: str) -> bool:
+        """Drop a gateway-held token the homeserver refused; True if it was ours (retry worth it)."""
+        device = self.device_for(request.peer.host)
+        if device is None or device.access_token or token_from_request(request) is not None:
+            return False
+        key = id(device)
+        if self._tokens.get(key) == token:
+            del self._tokens[key]
+            return True
+        return False
+
+    async def _login(self, device: DeviceCredentials) -> str:
+        key = id(device)
+        if key in self._tokens:
+            return self._tokens[key]
+        if key in self._waiters:  # a login for this device is under way: wait for its result
+            waiter: defer.Deferred[str] = defer.Deferred()
+            self._waiters[key].append(waiter)
+            return await waiter
+        self._waiters[key] = []
+        try:
+            token = await self._do_login(device)
+        except BaseException:
+            failure = Failure()
+            for waiter in self._waiters.pop(key):
+                waiter.errback(failure)
+            raise
+        for waiter in self._waiters.pop(key):
+            waiter.callback(token)
+        return token
+
+    async def _do_login(self, device: DeviceCredentials) -> str:
+        assert device.user is not None and device.password is not None
+        log.info("Logging in configured device credentials for {user}", user=device.user)
+        session = await self._matrix.login(device.user, device.password)
+        self._tokens[id(device)] = session.access_token
+        return session.access_token
+

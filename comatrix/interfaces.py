@@ -1,0 +1,62 @@
+"""The plugin contract: `IResourcePlugin`, and the `PluginContext` every plugin's factory receives.
+
+Every CoAP resource CoMatrix serves, the built-in ones included, is a plugin:
+a module-level object providing `IResourcePlugin`, found by
+``twisted.plugin.getPlugins`` either in ``comatrix.plugins`` or in a drop-in
+plugin directory.  A minimal third-party plugin::
+
+    from zope.interface import implementer
+    from twisted.plugin import IPlugin
+    from comatrix.interfaces import IResourcePlugin
+    from comatrix.coap import CoapResource, LinkAttributes, Response
+
+    class Hello(CoapResource):
+        link = LinkAttributes(rt="example.hello", ct=(0,), title="Hello")
+        def render_GET(self, request):
+            return Response.text("hello")
+
+    @implementer(IPlugin, IResourcePlugin)
+    class HelloPlugin:
+        name = "hello"
+        path = ("hello",)
+        link = Hello.link
+        def build(self, context):
+            return Hello()
+
+    plugin = HelloPlugin()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from comatrix.config import Config
+    from comatrix.credentials import Credentials
+    from comatrix.matrix.client import MatrixClient
+
+
+class IResourcePlugin(Interface):
+    """A CoAP resource the gateway serves."""
+
+    name = Attribute("Unique short name (str); listed in `disabled_plugins` to turn the plugin off.")
+    path = Attribute("Uri-Path segments (tuple of str) the resource is served at, e.g. ('send',).")
+    link = Attribute("comatrix.coap.LinkAttributes: rt, ct, obs, title shown in /.well-known/core.")
+
+    def build(context: "PluginContext") -> Any:
+        """Return the resource (a comatrix.coap.CoapResource) for this gateway instance."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginContext:
+    """What a plugin may use: the config, the Matrix client, device credentials, state, the reactor."""
+
+    config: "Config"
+    matrix: "MatrixClient"
+    credentials: "Credentials"
+    #: Per-gateway scratch space shared by plugins (plugin name -> anything); persistent state comes later.
+    state: dict[str, Any]
+    reactor: Any

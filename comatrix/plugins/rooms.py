@@ -1,0 +1,109 @@
+"""Room resources: ``/join``, ``/getmsg``, ``/send`` (original CoMatrix wire format plus a clean form).
+
+join:   POST, room in Proxy-Uri ``/K/<room>`` (or ``/L/<room>``) or CBOR ``{room_id}`` -> 2.04 ``{room_id}``
+getmsg: GET, room in Proxy-Uri ``/E/<room>`` or ``?room=<room>`` -> 2.05 ``{sender, body, event_id, origin_server_ts}``
+send:   POST/PUT, Proxy-Uri ``/9/<room>/<type>/<txn>`` or CBOR ``{room_id, txn_id, body[, msgtype, format, formatted_body]}``
+        -> 2.04 ``{event_id}``; the same txn id never makes a second event.
+
+Rooms may be room ids (``!...``) or aliases (``#name:server``, resolved and cached).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from comatrix.coap.errors import BadRequest, NotFound
+from comatrix.coap.message import Request, Response
+from comatrix.coap.numbers import Code, ContentFormat
+from comatrix.coap.resource import LinkAttributes
+from comatrix.codec import cbor
+from comatrix.resources import MatrixResource, ResourcePlugin, cbor_response
+
+#: Matrix's event size limit is 64 KiB; a device message is far smaller, keep a sane cap.
+MAX_BODY_TEXT = 16384
+MAX_TXN_ID = 64
+MSGTYPES = frozenset({"m.text", "m.notice", "m.emote"})
+
+
+class JoinResource(MatrixResource):
+    link = LinkAttributes(rt="comatrix.join", ct=(ContentFormat.CBOR,), title="Join a room")
+    proxy_codes = frozenset({"K", "L"})
+
+    async def render_POST(self, request: Request) -> Response:
+        path = self.matrix_path(request)
+        body = self.body(request)
+        room = self.room_reference(request, body, path)
+        room_id = await self.with_token(request, lambda token: self.matrix.join(token, room))
+        return cbor_response({"room_id": room_id}, Code.CHANGED)
+
+
+class GetMessageResource(MatrixResource):
+    link = LinkAttributes(rt="comatrix.getmsg", ct=(ContentFormat.CBOR,), title="Latest message of a room")
+    proxy_codes = frozenset({"E"})
+
+    async def render_GET(self, request: Request) -> Response:
+        path = self.matrix_path(request)
+        room = self.room_reference(request, None, path)
+
+        async def latest(token: str) -> Any:
+            room_id = await self.matrix.resolve_room(token, room)
+            return await self.matrix.last_message(token, room_id)
+
+        event = await self.with_token(request, latest)
+        if event is None:
+            raise NotFound("no message")
+        return cbor_response({
+            "sender": event.sender,
+            "body": event.content.get("body", ""),
+            "event_id": event.event_id,
+            "origin_server_ts": event.origin_server_ts,
+        })
+
+
+class SendResource(MatrixResource):
+    link = LinkAttributes(rt="comatrix.send", ct=(ContentFormat.CBOR,), title="Send a message")
+    proxy_codes = frozenset({"9"})
+
+    async def render_POST(self, request: Request) -> Response:
+        path = self.matrix_path(request)
+        body = self.body(request)
+        room = self.room_reference(request, body, path)
+        event_type = path.params["eventType"] if path else "m.room.message"
+        txn_id = path.params["txnId"] if path else cbor.text(body, "txn_id", max_length=MAX_TXN_ID,
+                                                              required=False)
+        if txn_id is None:
+            # No idempotency key from the device: CoAP deduplication still covers
+            # retransmissions; a random id can never collide with another send.
+            txn_id = "cm" + secrets.token_urlsafe(12)
+        elif len(txn_id) > MAX_TXN_ID:
+            raise BadRequest("txn_id too long")
+        content = message_content(body)
+
+        async def send(token: str) -> str:
+            room_id = await self.matrix.resolve_room(token, room)
+            return await self.matrix.send_message(token, room_id, content, txn_id, event_type=event_type)
+
+        event_id = await self.with_token(request, send)
+        return cbor_response({"event_id": event_id}, Code.CHANGED)
+
+    render_PUT = render_POST
+
+
+def message_content(body: dict[str, Any]) -> dict[str, Any]:
+    """The m.room.message content a send body describes."""
+    text = cbor.text(body, "body", max_length=MAX_BODY_TEXT)
+    msgtype = cbor.text(body, "msgtype", max_length=64, required=False) or "m.text"
+    if msgtype not in MSGTYPES:
+        raise BadRequest("msgtype must be m.text, m.notice or m.emote")
+    content: dict[str, Any] = {"msgtype": msgtype, "body": text}
+    formatted = cbor.text(body, "formatted_body", max_length=MAX_BODY_TEXT, required=False)
+    if formatted is not None:
+        content["format"] = cbor.text(body, "format", max_length=64, required=False) or "org.matrix.custom.html"
+        content["formatted_body"] = formatted
+    return content
+
+
+join = ResourcePlugin("join", ("join",), JoinResource)
+getmsg = ResourcePlugin("getmsg", ("getmsg",), GetMessageResource)
+send = ResourcePlugin("send", ("send",), SendResource)

@@ -1,0 +1,184 @@
+"""``twistd comatrix``: command-line options and `makeService`, which builds the running gateway.
+
+The UDP socket is bound inside `makeService`, before the reactor runs, so a bind
+failure ends the process at once with a one-line reason and a non-zero exit
+status instead of leaving a daemon with no socket.  When the config names an
+``interface`` the gateway first waits (bounded) for that interface's link-local
+address to exist and leave DAD, logging why it waits.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+
+from comatrix import __version__
+from comatrix.coap.message import Request, Response
+from comatrix.coap.server import CoapServer, listen_udp
+from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION
+from comatrix.config import Config, ConfigError, build_config, read_config_files
+from comatrix.credentials import Credentials
+from comatrix.discovery import PluginError, build_site, discover
+from comatrix.errors import error_response
+from comatrix.interfaces import PluginContext
+from comatrix.matrix.client import MatrixClient
+from comatrix.matrix.transport import MatrixTransport
+from comatrix.netif import read_link_local_address
+
+log = Logger(namespace="comatrix")
+
+#: Poll interval while waiting for the configured interface's address.
+INTERFACE_POLL_SECONDS = 0.5
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("CoMatrix: a CoAP/CBOR gateway that lets constrained devices use the Matrix "
+                "Client-Server API.  Every option can also be set in the TOML config file "
+                "(same name, dashes as underscores); the command line wins.")
+    optParameters = [
+        ["config", "c", None, "TOML config file (a conf.d/ directory beside it is merged too)."],
+        ["ip", "i", None, "Address to listen on: IPv4, IPv6 or fe80::1%lowpan0 [default: ::]."],
+        ["port", "p", None, "UDP port to listen on [default: 5683].", int],
+        ["interface", None, None,
+         "Listen on this interface's IPv6 link-local address (e.g. lowpan0), waiting for it "
+         "to appear; ignored when --ip is given."],
+        ["homeserver", "H", None, "Matrix homeserver base URL [default: http://127.0.0.1:8008]."],
+        ["state-dir", None, None, "Directory for persistent state."],
+        ["credentials-file", None, None, "TOML file with [[devices]] credentials (keep it 0640)."],
+        ["request-timeout", None, None, "Seconds to wait for the homeserver [default: 10].", float],
+    ]
+    optFlags = [["version", "V", "Print the version and exit."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["plugin_dirs"] = []
+        self["disabled_plugins"] = []
+
+    def opt_plugin_dir(self, directory: str) -> None:
+        """Add a drop-in plugin directory (repeatable)."""
+        self["plugin_dirs"].append(directory)
+
+    def opt_disable_plugin(self, name: str) -> None:
+        """Do not serve the plugin of this name (repeatable)."""
+        self["disabled_plugins"].append(name)
+
+    def opt_version(self) -> None:
+        print(f"comatrix {__version__}")
+        sys.exit(0)
+
+    def cli_values(self) -> dict[str, Any]:
+        """Only the options actually given, keyed like the config file."""
+        values: dict[str, Any] = {
+            "ip": self["ip"],
+            "port": self["port"],
+            "interface": self["interface"],
+            "homeserver": self["homeserver"],
+            "state_dir": self["state-dir"],
+            "credentials_file": self["credentials-file"],
+            "request_timeout": self["request-timeout"],
+        }
+        if self["plugin_dirs"]:
+            values["plugin_dirs"] = list(self["plugin_dirs"])
+        if self["disabled_plugins"]:
+            values["disabled_plugins"] = list(self["disabled_plugins"])
+        return {key: value for key, value in values.items() if value is not None}
+
+
+def load_config(options: Options) -> Config:
+    file_values = read_config_files(options["config"]) if options["config"] else {}
+    cli = options.cli_values()
+    if "ip" in cli:
+        file_values.pop("interface", None)  # an explicit address beats the configured interface
+    return build_config(file_values, cli)
+
+
+class GatewayService(service.Service):
+    """Owns the listening port, the CoAP server and the Matrix client; stops them gracefully."""
+
+    def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
+                 matrix: MatrixClient) -> None:
+        self.config = config
+        self.server = server
+        self.port = port
+        self.matrix = matrix
+
+    def startService(self) -> None:
+        super().startService()
+        host = self.port.getHost()
+        log.info("CoMatrix {version} listening on {host} port {port}, homeserver {homeserver}",
+                 version=__version__, host=host.host, port=host.port, homeserver=self.config.homeserver)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        log.info("Stopping: finishing {count} in-flight request(s)", count=self.server.in_flight())
+        self.server.stop_accepting()
+        yield self.server.wait_idle(self.config.shutdown_grace)
+        yield defer.maybeDeferred(self.port.stopListening)
+        yield defer.ensureDeferred(self.matrix.close())
+
+
+def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:
+    log.info("{peer} {method} /{path} {code} {ms:.1f}ms", peer=str(request.peer),
+             method=request.method.name, path="/".join(request.path), code=response.code.dotted(),
+             ms=elapsed_ms)
+
+
+def resolve_listen_address(config: Config, clock: Any = time) -> str:
+    """The address to bind: ``ip``, or the link-local address of ``interface`` once it is usable."""
+    if not config.interface:
+        return config.ip
+    deadline = clock.monotonic() + config.interface_wait
+    announced = False
+    while True:
+        address = read_link_local_address(config.interface)
+        if address is not None:
+            if announced:
+                print(f"comatrix: {config.interface} has {address}, starting", file=sys.stderr)
+            return address
+        if clock.monotonic() >= deadline:
+            raise SystemExit(f"comatrix: no usable link-local address on {config.interface} "
+                             f"after {config.interface_wait:.0f}s")
+        if not announced:
+            print(f"comatrix: waiting up to {config.interface_wait:.0f}s for a link-local "
+                  f"address on {config.interface} (missing or still tentative)", file=sys.stderr)
+            announced = True
+        clock.sleep(INTERFACE_POLL_SECONDS)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = load_config(options)
+    except ConfigError as exc:
+        raise SystemExit(f"comatrix: {exc}") from None
+    try:
+        plugins = discover(config.plugin_dirs, config.disabled_plugins)
+    except PluginError as exc:
+        raise SystemExit(f"comatrix: {exc}") from None
+    transport = MatrixTransport(config.homeserver, reactor=reactor, timeout=config.request_timeout,
+                                max_connections_per_host=config.max_connections)
+    matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
+    context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix),
+                            state={}, reactor=reactor)
+    site = build_site(plugins, context, error_response)
+    server = CoapServer(site, config.coap_settings(), reactor=reactor,
+                        understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
+                        on_response=_log_request)
+    address = resolve_listen_address(config)
+    try:
+        port = listen_udp(server, address, config.port, reactor=reactor)
+    except CannotListenError as exc:
+        reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+        raise SystemExit(f"comatrix: cannot listen on [{address}]:{config.port}: {reason}") from None
+    return GatewayService(config, server, port, matrix)

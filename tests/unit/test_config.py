@@ -1,0 +1,100 @@
+"""Config precedence (defaults < file < conf.d < command line) and validation."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from comatrix.config import Config, ConfigError, build_config, read_config_files
+from comatrix.tap import Options, load_config
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = build_config()
+    assert config == Config()
+    assert (config.ip, config.port, config.homeserver) == ("::", 5683, "http://127.0.0.1:8008")
+
+
+def test_file_overrides_defaults_and_cli_overrides_file(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "comatrix.toml", 'ip = "127.0.0.1"\nport = 6000\n'
+                        'homeserver = "http://hs.example:8008/"\nplugin_dirs = ["/a"]\n')
+    options = Options()
+    options.parseOptions(["--config", str(config_file), "--port", "7000", "--plugin-dir", "/b"])
+    config = load_config(options)
+    assert config.ip == "127.0.0.1"  # from the file
+    assert config.port == 7000  # the command line wins
+    assert config.homeserver == "http://hs.example:8008"  # trailing slash dropped
+    assert config.plugin_dirs == ("/a", "/b")  # command-line directories add to the file's
+
+
+def test_conf_d_fragments_merge_in_lexical_order(tmp_path: Path) -> None:
+    main = write(tmp_path / "comatrix.toml", 'port = 6000\n[coap]\nmax_observers = 10\n')
+    write(tmp_path / "conf.d" / "20-late.toml", "port = 6002\n")
+    write(tmp_path / "conf.d" / "10-early.toml", "port = 6001\n[coap]\ndedup_capacity = 99\n")
+    config = build_config(read_config_files(main))
+    assert config.port == 6002
+    assert config.coap.max_observers == 10 and config.coap.dedup_capacity == 99
+
+
+def test_cli_ip_beats_configured_interface(tmp_path: Path) -> None:
+    main = write(tmp_path / "comatrix.toml", 'interface = "lowpan0"\n')
+    options = Options()
+    options.parseOptions(["--config", str(main), "--ip", "::1"])
+    config = load_config(options)
+    assert config.interface is None and config.ip == "::1"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("port = 70000", "port"),
+    ('port = "x"', "port"),
+    ('homeserver = "ftp://x"', "homeserver"),
+    ("bogus = 1", "unknown config key"),
+    ("[coap]\nnope = 1", r"unknown \[coap\] key"),
+    ('[[devices]]\naddress = "not an address"\naccess_token = "t"', "address"),
+    ('[[devices]]\naddress = "::1"', "access_token"),
+])
+def test_invalid_values_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path / "c.toml", text + "\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        build_config(read_config_files(path))
+    assert "\n" not in str(info.value)
+
+
+def test_broken_toml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "port = = 1\n")
+    with pytest.raises(ConfigError, match="c.toml"):
+        read_config_files(path)
+
+
+def test_devices_from_credentials_file_and_secrets_not_in_repr(tmp_path: Path) -> None:
+    creds = write(tmp_path / "credentials.toml",
+                  '[[devices]]\naddress = "2001:db8::/64"\nuser = "@s:example.org"\n'
+                  'password = "hunter2-secret"\n')
+    main = write(tmp_path / "comatrix.toml",
+                 f'credentials_file = "{creds}"\n[[devices]]\naddress = "fe80::1%lowpan0"\n'
+                 'access_token = "tok-secret-123"\n')
+    config = build_config(read_config_files(main))
+    assert [str(d.network) for d in config.devices] == ["fe80::1/128", "2001:db8::/64"]
+    assert config.devices[0].matches("fe80::1%lowpan0")
+    assert config.devices[1].matches("2001:db8::42") and not config.devices[1].matches("2001:db9::1")
+    assert "hunter2-secret" not in repr(config) and "tok-secret-123" not in repr(config)
+
+
+def test_ipv4_device_matches_v4_mapped_peer() -> None:
+    config = build_config({"devices": [{"address": "192.0.2.0/24", "access_token": "t"}]})
+    assert config.devices[0].network == ipaddress.ip_network("192.0.2.0/24")
+    assert config.devices[0].matches("::ffff:192.0.2.7")
+
+
+def test_plugin_settings_are_passed_through() -> None:
+    config = build_config({"plugins": {"sensor": {"room": "#s:example.org"}}})
+    assert config.plugin_settings("sensor") == {"room": "#s:example.org"}
+    assert config.plugin_settings("other") == {}
