@@ -57,6 +57,7 @@ class Config:
     state_dir: str | None = None
     credentials_file: str | None = None
     devices: tuple[DeviceCredentials, ...] = ()
+    log_level: str = "info"
     #: Deadline for one homeserver call (connect + answer), seconds.  Below the
     #: CoAP EXCHANGE_LIFETIME so a device always gets an answer.
     request_timeout: float = 10.0
@@ -78,6 +79,8 @@ class Config:
 
 
 #: Keys of the ``[coap]`` table, mapped onto CoapSettings fields of the same name.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
 _COAP_KEYS = {field.name: field.type for field in dataclasses.fields(CoapSettings)}
 
 
@@ -126,6 +129,11 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     for key in ("ip", "interface", "homeserver", "state_dir", "credentials_file"):
         if key in values:
             kwargs[key] = _string(values, key)
+    if "log_level" in values:
+        level = _string(values, "log_level").lower()
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        kwargs["log_level"] = level
     if "port" in values:
         port = _integer(values, "port")
         if not 0 <= port <= 65535:

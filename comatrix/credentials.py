@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from twisted.internet import defer
-from twisted.logger import Logger
+
 from twisted.python.failure import Failure
 
+from comatrix.logs import get_logger
 from comatrix.coap.errors import Unauthorized
 from comatrix.coap.message import Request
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION
@@ -22,7 +23,7 @@ from comatrix.config import DeviceCredentials
 if TYPE_CHECKING:
     from comatrix.matrix.client import MatrixClient
 
-log = Logger()
+log = get_logger(__name__)
 
 #: Longest token accepted in option 256; Synapse tokens are ~40 bytes, macaroons ~250.
 MAX_TOKEN_BYTES = 1024
@@ -43,6 +44,8 @@ def token_from_request(request: Request) -> str | None:
         token = token[7:].strip()
     if not token:
         raise Unauthorized("empty token")
+    if not all("!" <= char <= "~" for char in token):
+        raise Unauthorized("malformed token")  # it would not survive an HTTP header
     return token
 
 

@@ -8,21 +8,23 @@ exactly the plugins they name.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import sys
 import types
 from typing import Iterable, Sequence
 
-from twisted.logger import Logger
-from twisted.plugin import getPlugins
+
+from twisted.plugin import IPlugin, getPlugins
 from zope.interface.verify import verifyObject
 
 import comatrix.plugins
+from comatrix.logs import get_logger
 from comatrix.coap.errors import ErrorAdapter
 from comatrix.coap.server import Site
 from comatrix.interfaces import IResourcePlugin, PluginContext
 
-log = Logger()
+log = get_logger(__name__)
 
 
 class PluginError(ValueError):
@@ -34,21 +36,49 @@ def builtin_plugins() -> list[IResourcePlugin]:
 
 
 def dropin_plugins(directory: str) -> list[IResourcePlugin]:
-    """Plugins in the ``*.py`` files of ``directory``, found by getPlugins like the built-ins.
+    """Plugins in the ``*.py`` files of ``directory``, by the rule ``getPlugins`` applies.
 
-    The directory is exposed as a package of its own (named after a hash of its
-    path) so that its modules cannot shadow any installed module.
+    A module-level object counts when it provides both ``IPlugin`` and
+    `IResourcePlugin`, exactly as for the built-ins.  The files are imported
+    directly (as ``comatrix_dropin_<hash>.<name>``, so they cannot shadow an
+    installed module) instead of through ``getPlugins`` because that one wants to
+    write a ``dropin.cache`` beside them, and a drop-in directory such as
+    ``/etc/comatrix/plugins`` is read-only to the service.  A file that fails to
+    import is logged and skipped, as getPlugins does.
     """
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise PluginError(f"plugin directory {directory} does not exist")
-    name = "comatrix_dropin_" + hashlib.sha256(directory.encode()).hexdigest()[:12]
-    package = sys.modules.get(name)
-    if package is None:
-        package = types.ModuleType(name, f"CoMatrix drop-in plugins from {directory}")
-        package.__path__ = [directory]
-        sys.modules[name] = package
-    return list(getPlugins(IResourcePlugin, package))
+    prefix = "comatrix_dropin_" + hashlib.sha256(directory.encode()).hexdigest()[:12]
+    found: list[IResourcePlugin] = []
+    for filename in sorted(os.listdir(directory)):
+        stem, extension = os.path.splitext(filename)
+        if extension != ".py" or not stem.isidentifier() or stem.startswith("_"):
+            continue
+        module_name = f"{prefix}.{stem}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            try:
+                module = _import_file(module_name, os.path.join(directory, filename))
+            except Exception:
+                log.failure("Cannot load plugin file {path}", path=os.path.join(directory, filename))
+                continue
+        found.extend(obj for obj in vars(module).values()
+                     if IPlugin.providedBy(obj) and IResourcePlugin.providedBy(obj))
+    return found
+
+
+def _import_file(module_name: str, path: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 def discover(plugin_dirs: Iterable[str] = (), disabled: Iterable[str] = ()) -> list[IResourcePlugin]:

@@ -17,10 +17,11 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+
 from twisted.python import usage
 
 from comatrix import __version__
+from comatrix.logs import get_logger, set_level
 from comatrix.coap.message import Request, Response
 from comatrix.coap.server import CoapServer, listen_udp
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION
@@ -33,7 +34,7 @@ from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.transport import MatrixTransport
 from comatrix.netif import read_link_local_address
 
-log = Logger(namespace="comatrix")
+log = get_logger("comatrix")
 
 #: Poll interval while waiting for the configured interface's address.
 INTERFACE_POLL_SECONDS = 0.5
@@ -55,6 +56,8 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for persistent state."],
         ["credentials-file", None, None, "TOML file with [[devices]] credentials (keep it 0640)."],
         ["request-timeout", None, None, "Seconds to wait for the homeserver [default: 10].", float],
+        ["log-level", None, None, "Minimum level of CoMatrix log lines: debug, info, warn, error "
+         "[default: info]."],
     ]
     optFlags = [["version", "V", "Print the version and exit."]]
 
@@ -85,6 +88,7 @@ class Options(usage.Options):
             "state_dir": self["state-dir"],
             "credentials_file": self["credentials-file"],
             "request_timeout": self["request-timeout"],
+            "log_level": self["log-level"],
         }
         if self["plugin_dirs"]:
             values["plugin_dirs"] = list(self["plugin_dirs"])
@@ -162,6 +166,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         config = load_config(options)
     except ConfigError as exc:
         raise SystemExit(f"comatrix: {exc}") from None
+    set_level(config.log_level)
     try:
         plugins = discover(config.plugin_dirs, config.disabled_plugins)
     except PluginError as exc:

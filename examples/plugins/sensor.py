@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import secrets
 
-from comatrix.coap import BadRequest, Code, ContentFormat, LinkAttributes, Request, Response
+from comatrix.coap import Code, ContentFormat, LinkAttributes, Request, Response
+from comatrix.coap.errors import BadRequest
 from comatrix.resources import MatrixResource, ResourcePlugin
 
 MAX_READINGS = 16

@@ -57,6 +57,7 @@ def test_cli_ip_beats_configured_interface(tmp_path: Path) -> None:
     ('port = "x"', "port"),
     ('homeserver = "ftp://x"', "homeserver"),
     ("bogus = 1", "unknown config key"),
+    ('log_level = "loud"', "log_level"),
     ("[coap]\nnope = 1", r"unknown \[coap\] key"),
     ('[[devices]]\naddress = "not an address"\naccess_token = "t"', "address"),
     ('[[devices]]\naddress = "::1"', "access_token"),

@@ -170,3 +170,11 @@ def test_time_text_and_cbor_and_406(homeserver: FakeHomeserver) -> None:
 def test_wrong_method_is_405(homeserver: FakeHomeserver) -> None:
     response = render(rooms.getmsg.build(context(homeserver)), req(Code.DELETE))
     assert response.code == Code.METHOD_NOT_ALLOWED
+
+
+@pytest.mark.parametrize("raw", [b"has space", b"tab\tin", b"\xff\xfe", b"Bearer ", b"x" * 2000])
+def test_malformed_tokens_are_401_and_not_forwarded(homeserver: FakeHomeserver, raw: bytes) -> None:
+    resource = rooms.getmsg.build(context(homeserver))
+    response = render(resource, req(Code.GET, options={256: (raw,)}, query=("room=!r",)))
+    assert response.code == Code.UNAUTHORIZED
+    assert homeserver.requests == []

@@ -1,0 +1,72 @@
+"""Plugin discovery (built-ins, drop-in directories, disabling) and site construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from comatrix.coap.resource import CoapResource
+from comatrix.config import build_config
+from comatrix.credentials import Credentials
+from comatrix.discovery import PluginError, build_site, builtin_plugins, check_plugins, discover, dropin_plugins
+from comatrix.errors import error_response
+from comatrix.interfaces import IResourcePlugin, PluginContext
+from comatrix.plugins import accounts, clock, rooms
+from comatrix.resources import ResourcePlugin
+from support.fake_homeserver import FakeHomeserver
+
+REPO = Path(__file__).resolve().parents[2]
+BUILTIN_NAMES = {"register", "login", "logout", "join", "getmsg", "send", "time"}
+
+
+def make_context() -> PluginContext:
+    config = build_config()
+    matrix = FakeHomeserver().matrix_client()
+    return PluginContext(config=config, matrix=matrix, credentials=Credentials((), matrix), state={},
+                         reactor=None)
+
+
+def test_builtins_are_found_and_honour_the_interface() -> None:
+    plugins = builtin_plugins()
+    assert {plugin.name for plugin in plugins} == BUILTIN_NAMES
+    for plugin in plugins:
+        assert verifyObject(IResourcePlugin, plugin)
+
+
+def test_site_from_an_explicit_list() -> None:
+    plugins = [rooms.send, clock.time]
+    site = build_site(plugins, make_context(), error_response)
+    served = dict(site.resources())
+    assert set(served) >= {("send",), ("time",)} and ("login",) not in served
+    assert all(isinstance(resource, CoapResource) for resource in served.values())
+
+
+def test_disabled_plugins_are_not_served() -> None:
+    names = {plugin.name for plugin in discover(disabled=["register", "nonexistent"])}
+    assert names == BUILTIN_NAMES - {"register"}
+
+
+def test_dropin_directory(tmp_path: Path) -> None:
+    (tmp_path / "sensor.py").write_text((REPO / "examples" / "plugins" / "sensor.py").read_text())
+    (tmp_path / "broken.py").write_text("raise RuntimeError('broken plugin file')\n")
+    (tmp_path / "notes.txt").write_text("not python")
+    found = dropin_plugins(str(tmp_path))
+    assert [plugin.name for plugin in found] == ["sensor"]
+    verifyObject(IResourcePlugin, found[0])
+    assert "sensor" in {plugin.name for plugin in discover([str(tmp_path)])}
+
+
+def test_missing_dropin_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(PluginError, match="does not exist"):
+        dropin_plugins(str(tmp_path / "nope"))
+
+
+def test_clashing_names_and_paths_are_refused() -> None:
+    with pytest.raises(PluginError, match="two plugins are named"):
+        check_plugins([rooms.send, ResourcePlugin("send", ("other",), rooms.SendResource)])
+    with pytest.raises(PluginError, match="both serve /login"):
+        check_plugins([accounts.login, ResourcePlugin("login2", ("login",), accounts.LoginResource)])
+    with pytest.raises(PluginError, match="reserved"):
+        check_plugins([ResourcePlugin("core", (".well-known", "core"), clock.TimeResource)])
