@@ -37,11 +37,12 @@ def token_from_request(request: Request) -> str | None:
     if len(raw) > MAX_TOKEN_BYTES:
         raise Unauthorized("token too long")
     try:
-        token = raw.decode("ascii").strip()
+        token = raw.decode("ascii")
     except UnicodeDecodeError:
         raise Unauthorized("token must be ASCII") from None
     if token[:7].lower() == "bearer ":
-        token = token[7:].strip()
+        token = token[7:]
+    token = token.strip()
     if not token:
         raise Unauthorized("empty token")
     if not all("!" <= char <= "~" for char in token):

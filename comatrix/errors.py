@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from twisted.logger import Logger
+
 from twisted.python.failure import Failure
 
+from comatrix.logs import get_logger
 from comatrix.coap.errors import CoapError, default_error_adapter
 from comatrix.coap.message import Response
 from comatrix.coap.numbers import Code, ContentFormat
@@ -23,7 +24,7 @@ from comatrix.codec.msc3079 import UnknownPath
 from comatrix.matrix.errors import (HomeserverTimeout, HomeserverUnreachable, InvalidResponse,
                                     InvalidRoomReference, MatrixError)
 
-log = Logger()
+log = get_logger(__name__)
 
 #: HTTP status of a homeserver error -> CoAP response code (facts §4, RFC 7252 §10.1, RFC 8516).
 HTTP_ERROR_TO_COAP: Mapping[int, Code] = {

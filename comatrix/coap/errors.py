@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.logger import Logger
+
 from twisted.python.failure import Failure
 
+from comatrix.logs import get_logger
 from comatrix.coap.message import Response
 from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
 
-log = Logger()
+log = get_logger(__name__)
 
 #: Turns any failure of a resource into the one response the peer gets.
 ErrorAdapter = Callable[[Failure], Response]

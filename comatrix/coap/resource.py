@@ -14,10 +14,10 @@ tree, but rendering goes through `render` below, never through txThings'
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, Callable, Protocol, Union
 
 from twisted.internet import defer
-from txthings.resource import CoAPResource
+from comatrix.coap._txthings import txresource
 
 from comatrix.coap.errors import MethodNotAllowed
 from comatrix.coap.message import Request, Response
@@ -38,10 +38,18 @@ class LinkAttributes:
     sz: int | None = None
 
 
-class CoapResource(CoAPResource):  # type: ignore[misc]
+class ObserverNotifier(Protocol):
+    """What serves a resource (a `comatrix.coap.server.Site`) and can notify its observers."""
+
+    def notify(self, resource: "CoapResource") -> None: ...
+
+
+class CoapResource(txresource.CoAPResource):  # type: ignore[misc]
     """A resource: link attributes plus ``render_<METHOD>(request) -> Response``."""
 
     link: LinkAttributes = LinkAttributes()
+    #: Set by ``Site.put``: the sites serving this resource (for `notify_observers`).
+    _coap_sites: tuple[ObserverNotifier, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,6 +63,11 @@ class CoapResource(CoAPResource):  # type: ignore[misc]
         return tuple(code for code in (Code.GET, Code.POST, Code.PUT, Code.DELETE, Code.FETCH,
                                        Code.PATCH, Code.IPATCH)
                      if getattr(self, f"render_{code.name}", None) is not None)
+
+    def notify_observers(self) -> None:
+        """The state changed: every observer gets a notification (this resource re-rendered)."""
+        for site in self._coap_sites:
+            site.notify(self)
 
     def render(self, request: Request) -> "defer.Deferred[Response]":  # type: ignore[override]
         """Dispatch to ``render_<METHOD>``; always returns a Deferred (sync errors become failures)."""
