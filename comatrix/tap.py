@@ -117,9 +117,10 @@ class GatewayService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        host = self.port.getHost()
+        address = self.port.getHost()
         log.info("CoMatrix {version} listening on {host} port {port}, homeserver {homeserver}",
-                 version=__version__, host=host.host, port=host.port, homeserver=self.config.homeserver)
+                 version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
+                 homeserver=self.config.homeserver)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
