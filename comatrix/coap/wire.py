@@ -1,0 +1,125 @@
+"""CoAP datagram parsing (strict, ours) and encoding (through txThings).
+
+txThings' ``Message.decode`` raises on malformed input, accepts truncated
+options and yields ``''`` for an empty payload (facts §7.11-13), so incoming
+datagrams are parsed here and every violation of RFC 7252 §3 becomes one
+`FormatError`.  Encoding is sound in txThings as long as every option is
+handed over pre-encoded as an ``OpaqueOption`` (its ``BlockOption`` length is
+broken, §7.12), so `encode` does exactly that.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+from comatrix.coap._txthings import txcoap
+from comatrix.coap.numbers import MessageType
+
+#: An option as it appears on the wire: (number, raw value).
+RawOption = tuple[int, bytes]
+
+
+class FormatError(ValueError):
+    """A datagram that violates RFC 7252 §3.
+
+    ``mtype``/``mid`` are set when the fixed header was readable, so that a
+    malformed CON can be rejected with RST (RFC 7252 §4.2).
+    """
+
+    def __init__(self, reason: str, mtype: int | None = None, mid: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.mtype = mtype
+        self.mid = mid
+
+
+class Datagram(NamedTuple):
+    mtype: int
+    code: int
+    mid: int
+    token: bytes
+    options: list[RawOption]
+    payload: bytes
+
+
+def decode(data: bytes) -> Datagram:
+    """Parse one datagram; raises `FormatError` for anything malformed."""
+    size = len(data)
+    if size < 4:
+        raise FormatError("shorter than the fixed header")
+    first = data[0]
+    if first >> 6 != 1:
+        # RFC 7252 §3: unknown versions are silently ignored, so no mtype/mid.
+        raise FormatError("unknown version")
+    mtype = (first >> 4) & 3
+    tkl = first & 0x0F
+    code = data[1]
+    mid = (data[2] << 8) | data[3]
+    if tkl > 8:
+        raise FormatError("token length 9-15 is reserved", mtype, mid)
+    if code == 0 and size != 4:
+        raise FormatError("empty message with token, options or payload", mtype, mid)
+    pos = 4 + tkl
+    if pos > size:
+        raise FormatError("truncated token", mtype, mid)
+    token = data[4:pos]
+    options: list[RawOption] = []
+    number = 0
+    payload = b""
+    while pos < size:
+        byte = data[pos]
+        pos += 1
+        if byte == 0xFF:
+            if pos == size:
+                raise FormatError("payload marker without payload", mtype, mid)
+            payload = data[pos:]
+            break
+        delta = byte >> 4
+        length = byte & 0x0F
+        if delta == 13:
+            if pos + 1 > size:
+                raise FormatError("truncated option delta", mtype, mid)
+            delta = data[pos] + 13
+            pos += 1
+        elif delta == 14:
+            if pos + 2 > size:
+                raise FormatError("truncated option delta", mtype, mid)
+            delta = ((data[pos] << 8) | data[pos + 1]) + 269
+            pos += 2
+        elif delta == 15:
+            raise FormatError("option delta 15 is reserved", mtype, mid)
+        if length == 13:
+            if pos + 1 > size:
+                raise FormatError("truncated option length", mtype, mid)
+            length = data[pos] + 13
+            pos += 1
+        elif length == 14:
+            if pos + 2 > size:
+                raise FormatError("truncated option length", mtype, mid)
+            length = ((data[pos] << 8) | data[pos + 1]) + 269
+            pos += 2
+        elif length == 15:
+            raise FormatError("option length 15 is reserved", mtype, mid)
+        end = pos + length
+        if end > size:
+            raise FormatError("truncated option value", mtype, mid)
+        number += delta
+        options.append((number, data[pos:end]))
+        pos = end
+    return Datagram(mtype, code, mid, token, options, payload)
+
+
+def encode(mtype: int, code: int, mid: int, token: bytes = b"",
+           options: Iterable[RawOption] = (), payload: bytes = b"") -> bytes:
+    """One datagram.  Options may come in any order; equal numbers keep theirs."""
+    message = txcoap.Message(mtype=mtype, mid=mid, code=code, payload=payload, token=token)
+    add = message.opt.addOption
+    for number, value in options:
+        add(txcoap.OpaqueOption(number, value))
+    data: bytes = message.encode()
+    return data
+
+
+def empty(mtype: MessageType, mid: int) -> bytes:
+    """An empty ACK or RST (4 bytes, no token)."""
+    return bytes((0x40 | (mtype << 4), 0, mid >> 8, mid & 0xFF))

@@ -1,0 +1,303 @@
+"""Pure builders for Matrix Client-Server API requests (no I/O).
+
+Each builder returns a `MatrixRequest`: method, unescaped path segments, query,
+JSON body and the access token.  The transport turns it into HTTP; tests check
+builders directly.  Endpoints are the current ``/_matrix/client/v3`` ones.
+
+Path segments are kept unescaped and percent-encoded only in `MatrixRequest.url`,
+so a room id (``!abc``), an alias (``#room:server``), an event type or a
+client-chosen transaction id can never change the shape of the path.  The
+access token never goes into the URL; the transport sends it as an
+``Authorization: Bearer`` header.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+from urllib.parse import quote
+
+__all__ = [
+    "CLIENT_V3",
+    "MatrixRequest",
+    "create_room",
+    "generic",
+    "invite",
+    "join",
+    "joined_rooms",
+    "last_messages",
+    "leave",
+    "login_password",
+    "logout",
+    "redact_body",
+    "register",
+    "resolve_alias",
+    "room_state_event",
+    "send_event",
+    "send_state_event",
+    "sync",
+    "versions",
+    "whoami",
+]
+
+CLIENT_V3: tuple[str, ...] = ("_matrix", "client", "v3")
+
+#: Keys whose values are secrets wherever they appear in a request body or query.
+SECRET_KEYS = frozenset(
+    {"password", "new_password", "access_token", "refresh_token", "token", "mac", "as_token", "hs_token"}
+)
+
+_REDACTED = "<redacted>"
+
+JsonDict = dict[str, Any]
+
+
+def redact_body(value: Any) -> Any:
+    """Return a copy of a JSON value with the values of `SECRET_KEYS` replaced."""
+    if isinstance(value, Mapping):
+        return {
+            k: (_REDACTED if k in SECRET_KEYS else redact_body(v)) for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact_body(v) for v in value]
+    return value
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, repr=False)
+class MatrixRequest:
+    """One Client-Server API call, ready for the transport."""
+
+    method: str
+    path: tuple[str, ...]
+    query: tuple[tuple[str, str], ...] = ()
+    body: JsonDict | None = None
+    access_token: str | None = field(default=None, repr=False)
+
+    def url(self, base_url: str) -> str:
+        """The full URL under ``base_url``; every path segment is percent-encoded."""
+        base = base_url.rstrip("/")
+        path = "/".join(quote(segment, safe="") for segment in self.path)
+        url = f"{base}/{path}"
+        if self.query:
+            url += "?" + "&".join(
+                f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.query
+            )
+        return url
+
+    def __repr__(self) -> str:
+        query = tuple((k, _REDACTED if k in SECRET_KEYS else v) for k, v in self.query)
+        body = redact_body(self.body) if self.body is not None else None
+        token = ", access_token=<redacted>" if self.access_token else ""
+        return (
+            f"MatrixRequest(method={self.method!r}, path={self.path!r}, "
+            f"query={query!r}, body={body!r}{token})"
+        )
+
+    __str__ = __repr__
+
+
+def _v3(*segments: str) -> tuple[str, ...]:
+    return CLIENT_V3 + segments
+
+
+def versions() -> MatrixRequest:
+    """``GET /_matrix/client/versions`` (unversioned, no auth)."""
+    return MatrixRequest("GET", ("_matrix", "client", "versions"))
+
+
+def register(
+    username: str,
+    password: str,
+    *,
+    session: str | None = None,
+    device_id: str | None = None,
+    initial_device_display_name: str | None = None,
+    inhibit_login: bool = False,
+) -> MatrixRequest:
+    """``POST /register`` for a user account.
+
+    Without ``session`` no ``auth`` is sent, which makes the homeserver answer
+    401 with the available flows and a UIA session; with ``session`` the
+    request completes the ``m.login.dummy`` stage.
+    """
+    body: JsonDict = {"username": username, "password": password}
+    if session is not None:
+        body["auth"] = {"type": "m.login.dummy", "session": session}
+    if device_id is not None:
+        body["device_id"] = device_id
+    if initial_device_display_name is not None:
+        body["initial_device_display_name"] = initial_device_display_name
+    if inhibit_login:
+        body["inhibit_login"] = True
+    return MatrixRequest("POST", _v3("register"), (("kind", "user"),), body)
+
+
+def login_password(
+    user: str,
+    password: str,
+    *,
+    device_id: str | None = None,
+    initial_device_display_name: str | None = None,
+) -> MatrixRequest:
+    """``POST /login`` with ``m.login.password`` and an ``m.id.user`` identifier."""
+    body: JsonDict = {
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": password,
+    }
+    if device_id is not None:
+        body["device_id"] = device_id
+    if initial_device_display_name is not None:
+        body["initial_device_display_name"] = initial_device_display_name
+    return MatrixRequest("POST", _v3("login"), (), body)
+
+
+def logout(token: str) -> MatrixRequest:
+    """``POST /logout``: invalidates ``token``."""
+    return MatrixRequest("POST", _v3("logout"), (), {}, token)
+
+
+def whoami(token: str) -> MatrixRequest:
+    """``GET /account/whoami``."""
+    return MatrixRequest("GET", _v3("account", "whoami"), access_token=token)
+
+
+def join(token: str, room_id_or_alias: str, *, via: Iterable[str] = ()) -> MatrixRequest:
+    """``POST /join/{roomIdOrAlias}``.
+
+    ``via`` servers are sent both as ``via`` (spec v1.12) and ``server_name``
+    (older homeservers); a server reads the first it knows.
+    """
+    servers = tuple(via)
+    query = tuple(("via", s) for s in servers) + tuple(("server_name", s) for s in servers)
+    return MatrixRequest("POST", _v3("join", room_id_or_alias), query, {}, token)
+
+
+def leave(token: str, room_id: str) -> MatrixRequest:
+    """``POST /rooms/{roomId}/leave``."""
+    return MatrixRequest("POST", _v3("rooms", room_id, "leave"), (), {}, token)
+
+
+def joined_rooms(token: str) -> MatrixRequest:
+    """``GET /joined_rooms``."""
+    return MatrixRequest("GET", _v3("joined_rooms"), access_token=token)
+
+
+def resolve_alias(alias: str, *, token: str | None = None) -> MatrixRequest:
+    """``GET /directory/room/{roomAlias}`` (auth optional)."""
+    return MatrixRequest("GET", _v3("directory", "room", alias), access_token=token)
+
+
+def last_messages(
+    token: str,
+    room_id: str,
+    *,
+    limit: int = 1,
+    types: Iterable[str] = ("m.room.message",),
+    from_token: str | None = None,
+    dir: str = "b",
+) -> MatrixRequest:
+    """``GET /rooms/{roomId}/messages`` filtered to ``types`` (facts §5)."""
+    if dir not in ("b", "f"):
+        raise ValueError("dir must be 'b' or 'f'")
+    if limit < 1:
+        raise ValueError("limit must be positive")
+    query: list[tuple[str, str]] = [("dir", dir), ("limit", str(limit))]
+    if from_token is not None:
+        query.append(("from", from_token))
+    type_list = list(types)
+    if type_list:
+        query.append(("filter", _compact_json({"types": type_list})))
+    return MatrixRequest("GET", _v3("rooms", room_id, "messages"), tuple(query), None, token)
+
+
+def send_event(
+    token: str, room_id: str, event_type: str, txn_id: str, content: Mapping[str, Any]
+) -> MatrixRequest:
+    """``PUT /rooms/{roomId}/send/{eventType}/{txnId}`` (idempotent per device + txnId)."""
+    return MatrixRequest(
+        "PUT", _v3("rooms", room_id, "send", event_type, txn_id), (), dict(content), token
+    )
+
+
+def send_state_event(
+    token: str,
+    room_id: str,
+    event_type: str,
+    content: Mapping[str, Any],
+    state_key: str = "",
+) -> MatrixRequest:
+    """``PUT /rooms/{roomId}/state/{eventType}/{stateKey}``."""
+    return MatrixRequest(
+        "PUT", _v3("rooms", room_id, "state", event_type, state_key), (), dict(content), token
+    )
+
+
+def room_state_event(
+    token: str, room_id: str, event_type: str, state_key: str = ""
+) -> MatrixRequest:
+    """``GET /rooms/{roomId}/state/{eventType}/{stateKey}``: the content of one state event."""
+    return MatrixRequest(
+        "GET", _v3("rooms", room_id, "state", event_type, state_key), access_token=token
+    )
+
+
+def create_room(token: str, **fields: Any) -> MatrixRequest:
+    """``POST /createRoom``; ``fields`` are the request body (preset, name, invite, ...)."""
+    return MatrixRequest("POST", _v3("createRoom"), (), dict(fields), token)
+
+
+def invite(token: str, room_id: str, user_id: str) -> MatrixRequest:
+    """``POST /rooms/{roomId}/invite``."""
+    return MatrixRequest("POST", _v3("rooms", room_id, "invite"), (), {"user_id": user_id}, token)
+
+
+def sync(
+    token: str,
+    *,
+    since: str | None = None,
+    timeout_ms: int = 0,
+    filter: str | Mapping[str, Any] | None = None,
+    full_state: bool = False,
+    set_presence: str | None = None,
+) -> MatrixRequest:
+    """``GET /sync``; ``filter`` is a filter id or an inline filter object."""
+    query: list[tuple[str, str]] = [("timeout", str(int(timeout_ms)))]
+    if since is not None:
+        query.append(("since", since))
+    if filter is not None:
+        query.append(("filter", filter if isinstance(filter, str) else _compact_json(filter)))
+    if full_state:
+        query.append(("full_state", "true"))
+    if set_presence is not None:
+        query.append(("set_presence", set_presence))
+    return MatrixRequest("GET", _v3("sync"), tuple(query), None, token)
+
+
+def generic(
+    method: str,
+    path_segments: Iterable[str],
+    token: str | None = None,
+    query: Iterable[tuple[str, str]] = (),
+    body: Mapping[str, Any] | None = None,
+) -> MatrixRequest:
+    """Any Client-Server call, for pass-through (e.g. MSC3079 path codes).
+
+    ``path_segments`` are unescaped and complete (``("_matrix", "client", ...)``);
+    the caller decides which paths it lets through.
+    """
+    method = method.upper()
+    if method not in ("GET", "POST", "PUT", "DELETE"):
+        raise ValueError(f"unsupported HTTP method {method!r}")
+    return MatrixRequest(
+        method,
+        tuple(path_segments),
+        tuple((str(k), str(v)) for k, v in query),
+        dict(body) if body is not None else None,
+        token,
+    )

@@ -1,0 +1,282 @@
+"""`MatrixClient`: the Matrix operations plugins call, over one `MatrixTransport`.
+
+Combines the pure builders (`comatrix.matrix.api`), the transport and the pure
+parsers (`comatrix.matrix.responses`) into coroutines, and adds what needs
+state: the two-step registration flow, a bounded TTL cache of resolved room
+aliases, and the backwards paging that finds the latest message.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterable, Mapping
+
+
+
+from comatrix.logs import get_logger
+from comatrix.matrix import api
+from comatrix.matrix.api import MatrixRequest
+from comatrix.matrix.errors import InvalidResponse, InvalidRoomReference, MatrixError
+from comatrix.matrix.responses import (
+    Event,
+    LoginResponse,
+    SyncResponse,
+    parse_create_room,
+    parse_join,
+    parse_login,
+    parse_messages,
+    parse_register,
+    parse_resolve_alias,
+    parse_send,
+    parse_sync,
+    parse_uia_flows,
+    parse_whoami,
+)
+from comatrix.matrix.transport import MatrixTransport
+
+__all__ = ["MatrixClient", "check_room_reference"]
+
+log = get_logger(__name__)
+
+#: Matrix identifiers are at most 255 bytes (spec, "Identifier Grammar").
+_MAX_ID_BYTES = 255
+
+
+def check_room_reference(room: str) -> str:
+    """Return ``room`` if it looks like a room id or alias, else raise `InvalidRoomReference`.
+
+    Room ids are ``!`` + opaque text; room version 12 ids have no ``:server``
+    part, so nothing beyond the sigil is checked.  Aliases are ``#local:server``.
+    """
+    if not isinstance(room, str) or len(room) < 2 or len(room.encode("utf-8")) > _MAX_ID_BYTES:
+        raise InvalidRoomReference("room must be a room id (!...) or an alias (#name:server)")
+    if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in room):
+        raise InvalidRoomReference("room reference contains whitespace or control characters")
+    if room[0] == "!":
+        return room
+    if room[0] == "#":
+        local, sep, server = room[1:].partition(":")
+        if local and sep and server:
+            return room
+    raise InvalidRoomReference("room must be a room id (!...) or an alias (#name:server)")
+
+
+class _AliasCache:
+    """A bounded LRU map alias -> room id whose entries expire after ``ttl`` seconds."""
+
+    def __init__(self, ttl: float, max_entries: int, clock: Any) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, alias: str) -> str | None:
+        entry = self._entries.get(alias)
+        if entry is None:
+            return None
+        room_id, expires = entry
+        if self._clock.seconds() >= expires:
+            del self._entries[alias]
+            return None
+        self._entries.move_to_end(alias)
+        return room_id
+
+    def put(self, alias: str, room_id: str) -> None:
+        if self._ttl <= 0 or self._max <= 0:
+            return
+        self._entries[alias] = (room_id, self._clock.seconds() + self._ttl)
+        self._entries.move_to_end(alias)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class MatrixClient:
+    """High-level Matrix operations; every method may raise the errors of `comatrix.matrix.errors`."""
+
+    def __init__(
+        self,
+        transport: MatrixTransport,
+        *,
+        alias_cache_ttl: float = 300.0,
+        alias_cache_size: int = 1024,
+        reactor: Any = None,
+        max_message_pages: int = 5,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.transport = transport
+        self._aliases = _AliasCache(alias_cache_ttl, alias_cache_size, reactor)
+        self._max_message_pages = max_message_pages
+
+    async def request(self, req: MatrixRequest) -> dict[str, Any]:
+        """Send any request (pass-through); return the JSON object of the 2xx answer."""
+        _status, body = await self.transport.request(req)
+        return body
+
+    async def versions(self) -> dict[str, Any]:
+        return await self.request(api.versions())
+
+    async def register(
+        self,
+        username: str,
+        password: str,
+        *,
+        device_id: str | None = None,
+        initial_device_display_name: str | None = None,
+    ) -> LoginResponse:
+        """Register and log in, following Synapse's real flow.
+
+        The first POST has no ``auth``; the homeserver answers 401 with its
+        flows and a session; the second POST completes ``m.login.dummy``.
+        """
+        first = api.register(
+            username, password, device_id=device_id,
+            initial_device_display_name=initial_device_display_name,
+        )
+        try:
+            body = await self.request(first)
+        except MatrixError as e:
+            if e.http_status != 401 or "flows" not in e.body:
+                raise
+            flows = parse_uia_flows(e.body)
+            if not flows.offers_only("m.login.dummy"):
+                stages = sorted({s for flow in flows.flows for s in flow})
+                raise MatrixError(
+                    401, e.errcode,
+                    "registration needs auth stages the gateway cannot complete: "
+                    + ", ".join(stages),
+                ) from None
+            body = await self.request(
+                api.register(
+                    username, password, session=flows.session, device_id=device_id,
+                    initial_device_display_name=initial_device_display_name,
+                )
+            )
+        reg = parse_register(body)
+        if reg.access_token is None:
+            raise InvalidResponse("register: no access_token although login was not inhibited")
+        return LoginResponse(reg.user_id, reg.access_token, reg.device_id)
+
+    async def login(
+        self,
+        user: str,
+        password: str,
+        *,
+        device_id: str | None = None,
+        initial_device_display_name: str | None = None,
+    ) -> LoginResponse:
+        """Log in with a password; pass the old ``device_id`` after a soft logout."""
+        return parse_login(
+            await self.request(
+                api.login_password(
+                    user, password, device_id=device_id,
+                    initial_device_display_name=initial_device_display_name,
+                )
+            )
+        )
+
+    async def logout(self, token: str) -> None:
+        await self.request(api.logout(token))
+
+    async def whoami(self, token: str) -> str:
+        return parse_whoami(await self.request(api.whoami(token)))
+
+    async def resolve_room(self, token: str | None, room: str) -> str:
+        """Return the room id for a room id (as is) or an alias (directory API, cached)."""
+        room = check_room_reference(room)
+        if room[0] == "!":
+            return room
+        cached = self._aliases.get(room)
+        if cached is not None:
+            return cached
+        resolved = parse_resolve_alias(await self.request(api.resolve_alias(room, token=token)))
+        self._aliases.put(room, resolved.room_id)
+        log.debug("resolved {alias} -> {room_id}", alias=room, room_id=resolved.room_id)
+        return resolved.room_id
+
+    async def join(self, token: str, room: str, *, via: Iterable[str] = ()) -> str:
+        """Join a room by id or alias; return its room id.
+
+        ``/join/{roomIdOrAlias}`` lets the homeserver resolve the alias itself
+        (over federation if need be), so an alias costs one call, not two; the
+        answer also fills the alias cache.
+        """
+        room = check_room_reference(room)
+        target = self._aliases.get(room) if room[0] == "#" else None
+        room_id = parse_join(await self.request(api.join(token, target or room, via=via)))
+        if room[0] == "#":
+            self._aliases.put(room, room_id)
+        return room_id
+
+    async def leave(self, token: str, room_id: str) -> None:
+        await self.request(api.leave(token, room_id))
+
+    async def last_message(
+        self, token: str, room_id: str, *, types: Iterable[str] = ("m.room.message",)
+    ) -> Event | None:
+        """The latest event of ``types`` in the room, or None if there is none.
+
+        State events and redacted events are skipped.  A filtered page may be
+        empty without being the end (facts §5), so pages backwards until a
+        match, a missing ``end``, or ``max_message_pages`` pages.
+        """
+        type_list = tuple(types)
+        from_token: str | None = None
+        limit = 1
+        for _ in range(self._max_message_pages):
+            page = parse_messages(
+                await self.request(
+                    api.last_messages(
+                        token, room_id, limit=limit, types=type_list, from_token=from_token
+                    )
+                )
+            )
+            for event in page.events:  # dir=b: newest first
+                if event.type in type_list and not event.is_state and not event.is_redacted:
+                    return event
+            if page.end is None or page.end == from_token:
+                return None
+            from_token = page.end
+            limit = 20  # the newest event was not usable; look further per call
+        log.info("no message in the last {pages} pages of {room_id}",
+                 pages=self._max_message_pages, room_id=room_id)
+        return None
+
+    async def send_message(
+        self,
+        token: str,
+        room_id: str,
+        content: Mapping[str, Any],
+        txn_id: str,
+        event_type: str = "m.room.message",
+    ) -> str:
+        """Send an event; retrying with the same ``txn_id`` never duplicates it.  Returns the event id."""
+        return parse_send(
+            await self.request(api.send_event(token, room_id, event_type, txn_id, content))
+        )
+
+    async def create_room(self, token: str, **fields: Any) -> str:
+        return parse_create_room(await self.request(api.create_room(token, **fields)))
+
+    async def invite(self, token: str, room_id: str, user_id: str) -> None:
+        await self.request(api.invite(token, room_id, user_id))
+
+    async def sync(
+        self,
+        token: str,
+        *,
+        since: str | None = None,
+        timeout_ms: int = 0,
+        filter: str | Mapping[str, Any] | None = None,
+    ) -> SyncResponse:
+        return parse_sync(
+            await self.request(api.sync(token, since=since, timeout_ms=timeout_ms, filter=filter))
+        )
+
+    async def close(self) -> None:
+        await self.transport.close()

@@ -1,0 +1,313 @@
+"""An in-memory fake homeserver for unit tests of anything built on the Matrix layer.
+
+`FakeHomeserver` is a small `twisted.web` resource that plays the parts of
+Synapse the gateway uses (UIA registration with ``m.login.dummy`` + session,
+password login, tokens, createRoom with room-version-12 style ids, aliases,
+invite/join, idempotent send, filtered ``/messages`` that can return empty
+chunks, whoami, logout).  Tests can queue scripted answers (429, 502 pages...)
+and make requests hang.  `stub_transport` wires it to a `MatrixTransport`
+through `treq.testing.StubTreq`: no sockets, everything synchronous.
+
+It is a test double, not a homeserver: integration tests use a real Synapse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Coroutine, TypeVar, cast
+from urllib.parse import parse_qs, unquote
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from comatrix.matrix.transport import HttpClientLike, MatrixTransport
+
+T = TypeVar("T")
+
+__all__ = [
+    "FakeHomeserver", "RecordedRequest", "ScriptedAnswer", "result_of", "run", "stub_transport",
+]
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    uri: bytes  # as received, still percent-encoded
+    path: tuple[str, ...]  # decoded segments
+    query: dict[str, list[str]]
+    headers: dict[bytes, list[bytes]]
+    body: Any
+
+
+@dataclass
+class ScriptedAnswer:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Reply(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+def _err(status: int, errcode: str, error: str, **extra: Any) -> _Reply:
+    return _Reply(status, {"errcode": errcode, "error": error, **extra})
+
+
+class FakeHomeserver(Resource):
+    """A tiny Synapse look-alike.  Inspect ``requests``; script with `script`."""
+
+    isLeaf = True
+
+    def __init__(self, server_name: str = "test.local", scan_window: int = 3) -> None:
+        super().__init__()
+        self.server_name = server_name
+        #: How many raw timeline events one /messages call examines; with a
+        #: types filter this yields empty chunks that are not the end, as Synapse does.
+        self.scan_window = scan_window
+        self.requests: list[RecordedRequest] = []
+        self.passwords: dict[str, str] = {}
+        self.tokens: dict[str, tuple[str, str]] = {}  # token -> (user_id, device_id)
+        self.soft_logged_out: set[str] = set()
+        self.rooms: dict[str, list[dict[str, Any]]] = {}
+        self.members: dict[str, set[str]] = {}
+        self.aliases: dict[str, str] = {}
+        self.uia_sessions: set[str] = set()
+        self.txns: dict[tuple[str, str, str, str], str] = {}
+        self.hanging: list[Request] = []
+        self._scripts: list[tuple[str, tuple[str, ...], ScriptedAnswer | None]] = []
+        self._counter = itertools.count(1)
+        self._ts = itertools.count(1_700_000_000_000, 1000)
+
+    # -- test controls ------------------------------------------------------
+
+    def script(self, method: str, path_prefix: tuple[str, ...], answer: ScriptedAnswer | None) -> None:
+        """Answer the next ``method`` request whose path starts with ``path_prefix`` with
+        ``answer`` (None: never answer; the request hangs in ``hanging``)."""
+        self._scripts.append((method, path_prefix, answer))
+
+    def add_user(self, localpart: str, password: str) -> str:
+        user_id = f"@{localpart}:{self.server_name}"
+        self.passwords[user_id] = password
+        return user_id
+
+    def issue_token(self, user_id: str, device_id: str | None = None) -> tuple[str, str]:
+        n = next(self._counter)
+        device = device_id or f"DEV{n}"
+        token = f"syt_{hashlib.sha256(f'{user_id}{n}'.encode()).hexdigest()[:24]}_{n}"
+        self.tokens[token] = (user_id, device)
+        return token, device
+
+    def add_event(self, room_id: str, sender: str, event_type: str, content: dict[str, Any],
+                  state_key: str | None = None) -> str:
+        event_id = f"${hashlib.sha256(str(next(self._counter)).encode()).hexdigest()[:43]}"
+        event: dict[str, Any] = {
+            "event_id": event_id, "type": event_type, "sender": sender,
+            "origin_server_ts": next(self._ts), "content": content, "room_id": room_id,
+            "unsigned": {"age": 1},
+        }
+        if state_key is not None:
+            event["state_key"] = state_key
+        self.rooms.setdefault(room_id, []).append(event)
+        return event_id
+
+    def new_room(self, creator: str, alias_local: str | None = None) -> str:
+        # Room version 12 style: '!' + 43 chars, no ':server' part.
+        room_id = "!" + hashlib.sha256(str(next(self._counter)).encode()).hexdigest()[:43]
+        self.rooms[room_id] = []
+        self.members[room_id] = {creator}
+        self.add_event(room_id, creator, "m.room.create", {"room_version": "12"}, "")
+        self.add_event(room_id, creator, "m.room.member", {"membership": "join"}, creator)
+        if alias_local:
+            self.aliases[f"#{alias_local}:{self.server_name}"] = room_id
+        return room_id
+
+    def calls(self, *path_suffix: str) -> list[RecordedRequest]:
+        """Recorded requests whose path after ``/_matrix/client/v3`` starts with ``path_suffix``."""
+        n = len(path_suffix)
+        return [r for r in self.requests if r.path[3:3 + n] == path_suffix]
+
+    # -- twisted.web ------------------------------------------------------------
+
+    def render(self, request: Request) -> bytes | int:
+        raw_path = (request.path or b"").decode("ascii")
+        segments = tuple(unquote(s) for s in raw_path.split("/")[1:])
+        query = parse_qs((request.uri or b"").partition(b"?")[2].decode("ascii"),
+                         keep_blank_values=True)
+        method = (request.method or b"").decode("ascii")
+        raw_body = request.content.read() if request.content is not None else b""
+        try:
+            body = json.loads(raw_body) if raw_body else None
+        except ValueError:
+            body = raw_body
+        self.requests.append(RecordedRequest(
+            method, request.uri or b"", segments, query,
+            {k: list(v) for k, v in request.requestHeaders.getAllRawHeaders()}, body,
+        ))
+        for i, (m, prefix, answer) in enumerate(self._scripts):
+            if m == method and segments[: len(prefix)] == prefix:
+                del self._scripts[i]
+                if answer is None:
+                    self.hanging.append(request)
+                    return NOT_DONE_YET
+                request.setResponseCode(answer.status)
+                for k, v in answer.headers.items():
+                    request.setHeader(k, v)
+                return answer.body
+        try:
+            status, reply = 200, self._dispatch(method, segments, query, request, body)
+        except _Reply as r:
+            status, reply = r.status, r.body
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(reply).encode("utf-8")
+
+    def _auth(self, request: Request) -> tuple[str, str, str]:
+        header = request.getHeader(b"Authorization")
+        if header is None:
+            raise _err(401, "M_MISSING_TOKEN", "Missing access token.")
+        token = header.decode("ascii").removeprefix("Bearer ")
+        if token not in self.tokens:
+            raise _err(401, "M_UNKNOWN_TOKEN", "Unrecognised access token.",
+                       soft_logout=token in self.soft_logged_out)
+        user_id, device = self.tokens[token]
+        return token, user_id, device
+
+    def _dispatch(self, method: str, path: tuple[str, ...], query: dict[str, list[str]],
+                  request: Request, body: Any) -> dict[str, Any]:
+        if path == ("_matrix", "client", "versions"):
+            return {"versions": ["v1.11", "v1.12"], "unstable_features": {}}
+        if path[:3] != ("_matrix", "client", "v3"):
+            raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+        route = path[3:]
+        body = body if isinstance(body, dict) else {}
+        if route == ("register",) and method == "POST":
+            return self._register(body)
+        if route == ("login",) and method == "POST":
+            ident = body.get("identifier", {})
+            user = ident.get("user", "")
+            user_id = user if user.startswith("@") else f"@{user}:{self.server_name}"
+            if self.passwords.get(user_id) != body.get("password"):
+                raise _err(403, "M_FORBIDDEN", "Invalid username or password")
+            token, device = self.issue_token(user_id, body.get("device_id"))
+            return {"user_id": user_id, "access_token": token, "device_id": device}
+        if route[:2] == ("directory", "room") and method == "GET":
+            room_id = self.aliases.get(route[2])
+            if room_id is None:
+                raise _err(404, "M_NOT_FOUND", f"Room alias {route[2]} not found")
+            return {"room_id": room_id, "servers": [self.server_name]}
+        token, user_id, device = self._auth(request)
+        if route == ("logout",) and method == "POST":
+            del self.tokens[token]
+            return {}
+        if route == ("account", "whoami"):
+            return {"user_id": user_id, "device_id": device}
+        if route == ("createRoom",) and method == "POST":
+            room_id = self.new_room(user_id, body.get("room_alias_name"))
+            for invitee in body.get("invite", []):
+                self.add_event(room_id, user_id, "m.room.member", {"membership": "invite"}, invitee)
+            return {"room_id": room_id}
+        if route[:1] == ("join",) and method == "POST":
+            room_id = self.aliases.get(route[1], route[1])
+            if room_id not in self.rooms:
+                raise _err(404, "M_NOT_FOUND", "No known servers")
+            self.members[room_id].add(user_id)
+            self.add_event(room_id, user_id, "m.room.member", {"membership": "join"}, user_id)
+            return {"room_id": room_id}
+        if route[:1] == ("rooms",) and len(route) >= 3:
+            return self._room(method, route[1], route[2:], query, user_id, token, device, body)
+        raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+    def _register(self, body: dict[str, Any]) -> dict[str, Any]:
+        auth = body.get("auth")
+        if not isinstance(auth, dict) or auth.get("session") not in self.uia_sessions:
+            session = f"sess{next(self._counter)}"
+            self.uia_sessions.add(session)
+            raise _Reply(401, {"session": session, "params": {},
+                               "flows": [{"stages": ["m.login.dummy"]}]})
+        if auth.get("type") != "m.login.dummy":
+            raise _err(400, "M_UNRECOGNIZED", "Unknown auth type")
+        self.uia_sessions.discard(auth["session"])
+        user_id = f"@{body.get('username')}:{self.server_name}"
+        if user_id in self.passwords:
+            raise _err(400, "M_USER_IN_USE", "User ID already taken.")
+        self.passwords[user_id] = body.get("password", "")
+        if body.get("inhibit_login"):
+            return {"user_id": user_id}
+        token, device = self.issue_token(user_id, body.get("device_id"))
+        return {"user_id": user_id, "access_token": token, "device_id": device}
+
+    def _room(self, method: str, room_id: str, rest: tuple[str, ...], query: dict[str, list[str]],
+              user_id: str, token: str, device: str, body: dict[str, Any]) -> dict[str, Any]:
+        if room_id not in self.rooms:
+            raise _err(404, "M_NOT_FOUND", "Unknown room")
+        if rest == ("invite",) and method == "POST":
+            self.add_event(room_id, user_id, "m.room.member", {"membership": "invite"},
+                           body["user_id"])
+            return {}
+        if user_id not in self.members[room_id]:
+            raise _err(403, "M_FORBIDDEN", f"User {user_id} not in room {room_id}")
+        if rest[0] == "send" and len(rest) == 3 and method == "PUT":
+            key = (device, room_id, rest[1], rest[2])
+            if key not in self.txns:
+                self.txns[key] = self.add_event(room_id, user_id, rest[1], body)
+            return {"event_id": self.txns[key]}
+        if rest == ("messages",) and method == "GET":
+            return self._messages(room_id, query)
+        raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+    def _messages(self, room_id: str, query: dict[str, list[str]]) -> dict[str, Any]:
+        timeline = self.rooms[room_id]
+        limit = int(query.get("limit", ["10"])[0])
+        types = None
+        if "filter" in query:
+            types = json.loads(query["filter"][0]).get("types")
+        start = int(query["from"][0][1:]) if "from" in query else len(timeline)
+        chunk: list[dict[str, Any]] = []
+        pos = start
+        scanned = 0
+        while pos > 0 and len(chunk) < limit and scanned < self.scan_window:
+            pos -= 1
+            scanned += 1
+            event = timeline[pos]
+            if types is None or event["type"] in types:
+                chunk.append(event)
+        reply: dict[str, Any] = {"chunk": chunk, "start": f"t{start}"}
+        if pos > 0:
+            reply["end"] = f"t{pos}"
+        return reply
+
+
+def stub_transport(resource: Resource, reactor: Any, *, timeout: float = 10.0) -> tuple[MatrixTransport, StubTreq]:
+    """A `MatrixTransport` whose HTTP goes to ``resource`` in memory; timers run on ``reactor``."""
+    stub = StubTreq(resource)
+    transport = MatrixTransport(
+        "https://hs.test.local", reactor=reactor, timeout=timeout,
+        http_client=cast(HttpClientLike, stub),
+    )
+    return transport, stub
+
+
+def result_of(d: "Deferred[T]") -> T:
+    """The result of an already-fired Deferred; re-raises its failure; fails if unfired."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    if not out:
+        raise AssertionError("Deferred has not fired")
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return cast(T, out[0])
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that completes synchronously (StubTreq) and return its result."""
+    return result_of(ensureDeferred(coro))

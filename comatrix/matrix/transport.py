@@ -1,0 +1,321 @@
+"""The thin network layer: one treq client sending `MatrixRequest` values.
+
+This is the only module of CoMatrix that imports treq.  It adds the bearer
+token header, encodes the JSON body, enforces one deadline over connect +
+request + whole response, and turns every outcome into either
+``(status, json_object)`` for 2xx or one of the typed errors of
+`comatrix.matrix.errors`.
+
+Rate limits: a 429 becomes a `MatrixError` whose ``retry_after`` comes from
+``Retry-After`` (first) or ``retry_after_ms``.  The transport deliberately does
+not sleep and retry: a constrained device is waiting for its CoAP answer, and
+the gateway tells it when to come back (4.29 with Max-Age) instead of holding
+the exchange (and a connection) open past the device's own timeouts.
+
+Redirects are not followed, so the Authorization header can only ever reach the
+configured homeserver.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol as TypingProtocol, cast
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.protocol import Protocol, connectionDone
+
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    PartialDownloadError,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from treq.client import HTTPClient
+
+from comatrix.logs import get_logger
+from comatrix.matrix.api import SECRET_KEYS, MatrixRequest
+from comatrix.matrix.errors import (
+    HomeserverTimeout,
+    HomeserverUnreachable,
+    InvalidResponse,
+    MatrixError,
+)
+
+__all__ = ["HttpClientLike", "MatrixTransport", "DEFAULT_MAX_RESPONSE_BYTES"]
+
+log = get_logger(__name__)
+
+#: Large enough for a busy /sync, small enough that a broken server cannot exhaust memory.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+_USER_AGENT = b"CoMatrix/0.1 (CoAP gateway)"
+
+# Failures meaning "no usable connection to the homeserver".
+_UNREACHABLE = (
+    ierror.ConnectError,  # refused, DNS lookup, no route, ConnectingCancelled...
+    ierror.ConnectionLost,
+    ierror.ConnectionDone,
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    PartialDownloadError,
+)
+
+
+class HttpClientLike(TypingProtocol):
+    """What the transport needs from treq: the ``request`` of `treq.client.HTTPClient`."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> "Deferred[Any]": ...
+
+
+def _secrets_of(req: MatrixRequest) -> list[str]:
+    secrets: list[str] = []
+    if req.access_token:
+        secrets.append(req.access_token)
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in SECRET_KEYS and isinstance(v, str):
+                    secrets.append(v)
+                else:
+                    walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(req.body)
+    return secrets
+
+
+class _BodyCollector(Protocol):
+    """Collects a response body up to a size limit; cancelling it aborts the connection."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.finished: Deferred[bytes] = Deferred(lambda _d: self.abort())
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        stop = getattr(transport, "abortConnection", None) or getattr(
+            transport, "stopProducing", None
+        )
+        if stop is not None:
+            stop()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.abort()
+            self.finished.errback(
+                Failure(InvalidResponse(f"response body larger than {self._limit} bytes"))
+            )
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self._parts))
+        else:
+            self.finished.errback(reason)
+
+
+class MatrixTransport:
+    """Sends `MatrixRequest` values to one homeserver over a persistent connection pool."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        reactor: Any = None,
+        timeout: float = 10.0,
+        max_connections_per_host: int = 8,
+        http_client: HttpClientLike | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError("homeserver base URL must start with http:// or https://")
+        if "?" in base_url or "#" in base_url:
+            raise ValueError("homeserver base URL must not have a query or fragment")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._reactor = reactor
+        self._max_response_bytes = max_response_bytes
+        self._pool: HTTPConnectionPool | None = None
+        if http_client is None:
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = max_connections_per_host
+            agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+            http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent)))
+        self._client: HttpClientLike = http_client
+
+    def request(self, req: MatrixRequest) -> "Deferred[tuple[int, dict[str, Any]]]":
+        """Send ``req``; fire with ``(status, json_object)`` on 2xx, else fail typed.
+
+        Failures: `MatrixError` (non-2xx), `HomeserverUnreachable`,
+        `HomeserverTimeout`, `InvalidResponse`.
+        """
+        url = req.url(self.base_url)
+        headers = Headers({b"Accept": [b"application/json"], b"User-Agent": [_USER_AGENT]})
+        if req.access_token is not None:
+            try:
+                token = _token_bytes(req.access_token)
+            except ValueError as e:
+                return fail(e)
+            headers.setRawHeaders(b"Authorization", [b"Bearer " + token])
+        data: bytes | None = None
+        if req.body is not None:
+            data = json.dumps(req.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+        elif req.method in ("POST", "PUT"):
+            data = b"{}"
+            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+
+        secrets = _secrets_of(req)
+        started = self._reactor.seconds()
+        timed_out = False
+        # Log the path template only: segments may be user-chosen but never secret.
+        where = f"{req.method} /{'/'.join(req.path)}"
+
+        d: Deferred[Any] = self._client.request(
+            req.method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            unbuffered=True,
+        )
+
+        def on_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            d.cancel()
+
+        # An IDelayedCall; typed Any because mypy cannot see zope interfaces.
+        timer: Any = self._reactor.callLater(self.timeout, on_timeout)
+
+        def read(response: Any) -> "Deferred[tuple[int, dict[str, Any]]]":
+            collector = _BodyCollector(self._max_response_bytes)
+            response.deliverBody(collector)
+            return collector.finished.addCallback(
+                lambda raw: self._interpret(response, raw, secrets, where)
+            )
+
+        def stop_timer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        def translate(failure: Failure) -> Failure:
+            elapsed = self._reactor.seconds() - started
+            if failure.check(MatrixError, InvalidResponse, HomeserverTimeout, HomeserverUnreachable):
+                return failure
+            if not timed_out and _cancelled(failure):
+                # The caller cancelled (e.g. shutdown): not a homeserver problem.
+                return Failure(CancelledError())
+            if timed_out or failure.check(ierror.TimeoutError):
+                log.info("{where}: no answer within {timeout} s", where=where, timeout=self.timeout)
+                return Failure(HomeserverTimeout(f"homeserver gave no answer within {self.timeout:g} s"))
+            if failure.check(*_UNREACHABLE):
+                reason = _describe(failure)
+                log.warn("{where}: homeserver unreachable after {elapsed:.3f} s: {reason}",
+                         where=where, elapsed=elapsed, reason=reason)
+                return Failure(HomeserverUnreachable(f"homeserver unreachable: {reason}"))
+            return failure
+
+        d.addCallback(read)
+        d.addBoth(stop_timer)
+        d.addErrback(translate)
+        return d
+
+    def _interpret(
+        self, response: Any, raw: bytes, secrets: list[str], where: str
+    ) -> tuple[int, dict[str, Any]]:
+        status = int(response.code)
+        body = _decode_json(raw)
+        if 200 <= status < 300:
+            if body is None:
+                if status == 204 or not raw.strip():
+                    return status, {}
+                log.warn("{where}: {status} answer is not a JSON object", where=where, status=status)
+                raise InvalidResponse(f"HTTP {status} answer is not a JSON object")
+            log.debug("{where} -> {status}", where=where, status=status)
+            return status, body
+        retry_after = response.headers.getRawHeaders(b"Retry-After")
+        err = MatrixError.from_response(
+            status,
+            body,
+            retry_after_header=retry_after[0].decode("latin-1") if retry_after else None,
+            now=self._reactor.seconds(),
+            secrets=secrets,
+            fallback_message="" if body is not None else f"non-JSON HTTP {status} answer",
+        )
+        if status == 429:
+            log.info("{where}: rate limited: {error}", where=where, error=str(err))
+        elif status >= 500:
+            log.warn("{where}: homeserver error: {error}", where=where, error=str(err))
+        else:
+            log.debug("{where}: {error}", where=where, error=str(err))
+        raise err
+
+    def close(self) -> "Deferred[None]":
+        """Close the idle pooled connections (graceful shutdown)."""
+        if self._pool is None:
+            return succeed(None)
+        return cast("Deferred[None]", self._pool.closeCachedConnections())
+
+
+def _token_bytes(token: str) -> bytes:
+    # A header injection attempt or a garbled token must not reach the wire; the
+    # message must not echo the token either.
+    if not token or any(c <= " " or c > "~" for c in token):
+        raise ValueError("access token contains characters not allowed in a header")
+    return token.encode("ascii")
+
+
+def _decode_json(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _inner_failures(failure: Failure) -> list[Failure]:
+    inner = getattr(failure.value, "reasons", None)
+    return [f for f in inner if isinstance(f, Failure)] if isinstance(inner, list) else []
+
+
+def _cancelled(failure: Failure) -> bool:
+    return bool(failure.check(CancelledError, ierror.ConnectingCancelledError)) or any(
+        f.check(CancelledError) for f in _inner_failures(failure)
+    )
+
+
+def _describe(failure: Failure) -> str:
+    """A short, secret-free reason: the exception class names, inner ones first."""
+    names = [type(f.value).__name__ for f in _inner_failures(failure)]
+    names.append(type(failure.value).__name__)
+    return "/".join(dict.fromkeys(names))

@@ -1,0 +1,260 @@
+"""Unit tests of MatrixTransport against an in-memory fake homeserver (StubTreq), plus
+one real-socket test for a refused connection on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+
+from comatrix.matrix import api
+from comatrix.matrix.errors import (
+    HomeserverTimeout,
+    HomeserverUnreachable,
+    InvalidResponse,
+    MatrixError,
+)
+from comatrix.matrix.testing import FakeHomeserver, ScriptedAnswer, result_of, stub_transport
+from comatrix.matrix.transport import MatrixTransport
+
+PASSWORD = "pa55-word-SECRET"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def hs() -> FakeHomeserver:
+    return FakeHomeserver()
+
+
+def test_success_returns_status_and_json(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    status, body = result_of(transport.request(api.versions()))
+    assert status == 200 and "v1.11" in body["versions"]
+    assert not clock.getDelayedCalls()  # the deadline timer was cancelled
+
+
+def test_token_goes_in_bearer_header_only(hs: FakeHomeserver, clock: Clock) -> None:
+    user = hs.add_user("alice", PASSWORD)
+    token, _ = hs.issue_token(user)
+    transport, _ = stub_transport(hs, clock)
+    _, body = result_of(transport.request(api.whoami(token)))
+    assert body["user_id"] == user
+    seen = hs.requests[-1]
+    assert seen.headers[b"Authorization"] == [b"Bearer " + token.encode()]
+    assert token.encode() not in seen.uri
+
+
+def test_json_body_and_percent_encoded_path(hs: FakeHomeserver, clock: Clock) -> None:
+    user = hs.add_user("alice", PASSWORD)
+    token, _ = hs.issue_token(user)
+    room = hs.new_room(user)
+    transport, _ = stub_transport(hs, clock)
+    txn = "t/1?#!:ü"
+    result_of(transport.request(api.send_event(token, room, "m.room.message", txn,
+                                               {"msgtype": "m.text", "body": "grüße"})))
+    seen = hs.requests[-1]
+    assert seen.method == "PUT"
+    assert seen.path[3:] == ("rooms", room, "send", "m.room.message", txn)
+    assert seen.uri.startswith(b"/_matrix/client/v3/rooms/%21")
+    assert b"t%2F1%3F%23%21%3A%C3%BC" in seen.uri
+    assert seen.headers[b"Content-Type"] == [b"application/json"]
+    assert seen.body == {"msgtype": "m.text", "body": "grüße"}
+
+
+def test_bodyless_post_sends_empty_json_object(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    hs.script("POST", ("x",), ScriptedAnswer(200, b"{}"))
+    assert result_of(transport.request(api.generic("POST", ["x"]))) == (200, {})
+    assert hs.requests[-1].body == {}
+
+
+def test_429_retry_after_header(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    hs.script("GET", ("_matrix",), ScriptedAnswer(
+        429, json.dumps({"errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests",
+                         "retry_after_ms": 9000}).encode(), {"Retry-After": "3"}))
+    with pytest.raises(MatrixError) as info:
+        result_of(transport.request(api.versions()))
+    err = info.value
+    assert (err.http_status, err.errcode, err.retry_after) == (429, "M_LIMIT_EXCEEDED", 3.0)
+    # Not retried inside the transport: the device is told when to come back.
+    assert len(hs.requests) == 1 and not clock.getDelayedCalls()
+
+
+def test_429_retry_after_ms_only(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    hs.script("GET", ("_matrix",), ScriptedAnswer(
+        429, b'{"errcode":"M_LIMIT_EXCEEDED","error":"slow down","retry_after_ms":1500}'))
+    with pytest.raises(MatrixError) as info:
+        result_of(transport.request(api.versions()))
+    assert info.value.retry_after == 1.5
+
+
+def test_401_unknown_token_soft_logout(hs: FakeHomeserver, clock: Clock) -> None:
+    stale = "syt_c3RhbGU_StAlEtOkEn_000"
+    hs.soft_logged_out.add(stale)
+    transport, _ = stub_transport(hs, clock)
+    with pytest.raises(MatrixError) as info:
+        result_of(transport.request(api.whoami(stale)))
+    err = info.value
+    assert (err.http_status, err.errcode, err.soft_logout) == (401, "M_UNKNOWN_TOKEN", True)
+    assert stale not in str(err) and stale not in repr(err)
+
+
+def test_non_json_502_page_is_matrix_error_without_errcode(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    page = b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>"
+    hs.script("GET", ("_matrix",), ScriptedAnswer(502, page, {"Content-Type": "text/html"}))
+    with pytest.raises(MatrixError) as info:
+        result_of(transport.request(api.versions()))
+    assert info.value.http_status == 502 and info.value.errcode is None
+    assert "<html>" not in str(info.value)
+
+
+@pytest.mark.parametrize("payload", [b"<html>ok</html>", b"[1, 2]", b"\xff\xfe", b'{"a": '])
+def test_2xx_that_is_not_a_json_object_is_invalid(hs: FakeHomeserver, clock: Clock,
+                                                   payload: bytes) -> None:
+    transport, _ = stub_transport(hs, clock)
+    hs.script("GET", ("_matrix",), ScriptedAnswer(200, payload))
+    with pytest.raises(InvalidResponse):
+        result_of(transport.request(api.versions()))
+
+
+def test_oversized_body_is_invalid(hs: FakeHomeserver, clock: Clock) -> None:
+    transport = MatrixTransport("https://hs", reactor=clock, max_response_bytes=100,
+                                http_client=stub_transport(hs, clock)[1])  # type: ignore[arg-type]
+    hs.script("GET", ("_matrix",), ScriptedAnswer(200, b'{"pad": "' + b"x" * 500 + b'"}'))
+    with pytest.raises(InvalidResponse):
+        result_of(transport.request(api.versions()))
+
+
+def test_redirect_is_not_followed(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    hs.script("GET", ("_matrix",), ScriptedAnswer(
+        302, b"", {"Location": "https://evil.example/_matrix/client/v3/account/whoami"}))
+    with pytest.raises(MatrixError) as info:
+        result_of(transport.request(api.whoami("syt_x_y_z")))
+    assert info.value.http_status == 302
+    assert len(hs.requests) == 1
+
+
+def test_bad_token_characters_fail_without_echo(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    evil = "abc\r\nX-Injected: 1"
+    with pytest.raises(ValueError) as info:
+        result_of(transport.request(api.whoami(evil)))
+    assert evil not in str(info.value)
+    assert hs.requests == []
+
+
+def fired(d: "Deferred[Any]") -> list[object]:
+    """A list that gets the Deferred's result when it fires (without consuming it)."""
+    seen: list[object] = []
+
+    def record(result: object) -> object:
+        seen.append(result)
+        return result
+
+    d.addBoth(record)
+    return seen
+
+
+def test_timeout_before_headers(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock, timeout=5.0)
+    hs.script("GET", ("_matrix",), None)  # never answers
+    d = transport.request(api.versions())
+    done = fired(d)
+    clock.advance(4.9)
+    assert not done
+    clock.advance(0.2)
+    with pytest.raises(HomeserverTimeout):
+        result_of(d)
+    assert len(hs.hanging) == 1
+
+
+def test_timeout_covers_the_whole_body(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, stub = stub_transport(hs, clock, timeout=5.0)
+    hs.script("GET", ("_matrix",), None)
+    d = transport.request(api.versions())
+    done = fired(d)
+    hanging = hs.hanging[0]
+    hanging.setHeader(b"Content-Length", b"100")
+    hanging.write(b'{"versions": [')  # headers and part of the body, then silence
+    stub.flush()
+    assert not done
+    clock.advance(5.0)
+    with pytest.raises(HomeserverTimeout):
+        result_of(d)
+
+
+def test_caller_cancel_is_not_reported_as_homeserver_failure(hs: FakeHomeserver,
+                                                            clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    hs.script("GET", ("_matrix",), None)
+    d = transport.request(api.versions())
+    d.cancel()
+    with pytest.raises(CancelledError):
+        result_of(d)
+    assert not clock.getDelayedCalls()
+
+
+def test_close_without_own_pool(hs: FakeHomeserver, clock: Clock) -> None:
+    transport, _ = stub_transport(hs, clock)
+    assert result_of(transport.close()) is None
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "hs.local:8008", "http://x/?q=1"])
+def test_rejects_bad_base_url(url: str) -> None:
+    with pytest.raises(ValueError):
+        MatrixTransport(url, reactor=Clock())
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_connection_is_unreachable() -> None:
+    # A bound socket that never listens: connecting to it is refused at once.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        transport = MatrixTransport(f"http://127.0.0.1:{port}", timeout=10.0)
+        try:
+            with pytest.raises(HomeserverUnreachable) as info:
+                await transport.request(api.login_password("alice", PASSWORD))
+            assert PASSWORD not in str(info.value)
+        finally:
+            await transport.close()
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_pool_round_trip_on_loopback() -> None:
+    from twisted.internet import reactor as global_reactor
+    from twisted.web.server import Site
+
+    reactor: Any = global_reactor  # zope interfaces are opaque to mypy without its plugin
+
+    hs = FakeHomeserver()
+    user = hs.add_user("alice", PASSWORD)
+    token, _ = hs.issue_token(user)
+    port = reactor.listenTCP(0, Site(hs), interface="127.0.0.1")
+    transport = MatrixTransport(f"http://127.0.0.1:{port.getHost().port}", timeout=10.0)
+    try:
+        for _ in range(3):  # several requests over the persistent pool
+            status, body = await transport.request(api.whoami(token))
+            assert (status, body["user_id"]) == (200, user)
+        with pytest.raises(MatrixError) as info:
+            await transport.request(api.whoami("syt_bm9ib2R5_UnKnOwN_000"))
+        assert info.value.errcode == "M_UNKNOWN_TOKEN"
+    finally:
+        await transport.close()
+        await port.stopListening()
