@@ -15,7 +15,8 @@ from comatrix.errors import error_response
 from comatrix.interfaces import IResourcePlugin, PluginContext
 from comatrix.plugins import accounts, clock, rooms
 from comatrix.resources import ResourcePlugin
-from support.fake_homeserver import FakeHomeserver
+from comatrix.matrix.client import MatrixClient
+from comatrix.matrix.testing import FakeHomeserver, stub_transport
 
 REPO = Path(__file__).resolve().parents[2]
 BUILTIN_NAMES = {"register", "login", "logout", "join", "getmsg", "send", "time"}
@@ -23,7 +24,8 @@ BUILTIN_NAMES = {"register", "login", "logout", "join", "getmsg", "send", "time"
 
 def make_context() -> PluginContext:
     config = build_config()
-    matrix = FakeHomeserver().matrix_client()
+    transport, _ = stub_transport(FakeHomeserver(), reactor=None)
+    matrix = MatrixClient(transport)
     return PluginContext(config=config, matrix=matrix, credentials=Credentials((), matrix), state={},
                          reactor=None)
 

@@ -1,0 +1,110 @@
+"""Shared pytest fixtures: a real Synapse, the gateway as a subprocess, and the secret sweep.
+
+Fixtures:
+
+* ``synapse`` (session): one real Synapse on a free 127.0.0.1 port, SQLite in a temp dir.
+  Use ``with synapse.stopped(): ...`` to make it unreachable for a while.
+* ``synapse_user`` (function): a factory, ``synapse_user(prefix="user") -> MatrixUser``.
+* ``gateway`` (session): one ``twistd comatrix`` subprocess pointed at ``synapse``.
+* ``make_gateway`` (function): ``make_gateway(**GatewayProcess options, start=True)`` for
+  tests that need their own config, plugin dir, address or a failing start; every
+  gateway it made is stopped at teardown.
+
+Secret sweep: every password/token the helpers create or see goes into
+:mod:`support.secrets`, every gateway log file too. Each gateway fixture checks its own
+logs when torn down (an error attributed to the test that used it), and
+``pytest_sessionfinish`` sweeps all logs once more after every fixture is torn down and
+fails the run if anything leaked. A hook rather than a last-running test module: it
+runs whatever subset, order or ``-k`` selection was used, and after the session-scoped
+gateway has stopped and written its final log lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from support.gateway import GatewayProcess
+from support.secrets import leaks, log_files
+from support.synapse import MatrixUser, SynapseServer
+
+
+@pytest.fixture(scope="session")
+def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseServer]:
+    server = SynapseServer(tmp_path_factory.mktemp("synapse"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def synapse_user(synapse: SynapseServer) -> Callable[..., MatrixUser]:
+    """Factory for fresh users with random names: ``synapse_user(prefix="user")``."""
+    return synapse.make_user
+
+
+def _fail_on_leaks(gateways: list[GatewayProcess]) -> None:
+    found = leaks([p for gw in gateways for p in (gw.log_path, gw.output_path)])
+    if found:
+        pytest.fail(
+            "secrets found in gateway logs:\n" + "\n".join(f"  {leak}" for leak in found),
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway"))
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+    _fail_on_leaks([gw])
+
+
+@pytest.fixture
+def make_gateway(
+    synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., GatewayProcess]]:
+    made: list[GatewayProcess] = []
+
+    def make(*, start: bool = True, **options: Any) -> GatewayProcess:
+        homeserver = options.pop("homeserver", synapse.base_url)
+        workdir = options.pop("workdir", None) or tmp_path_factory.mktemp("gw")
+        gw = GatewayProcess(homeserver, Path(workdir), **options)
+        made.append(gw)
+        if start:
+            gw.start()
+        return gw
+
+    try:
+        yield make
+    finally:
+        for gw in made:
+            gw.stop()
+    _fail_on_leaks(made)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    found = leaks()
+    if not found:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"SECRET LEAK: {leak}" for leak in found]
+    if reporter is not None:
+        reporter.section("secrets in gateway logs", sep="!", red=True, bold=True)
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        print("\n".join(lines))
+    # Only ever make the status worse (interrupted/internal errors keep theirs).
+    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
