@@ -46,6 +46,45 @@ class DeviceCredentials:
         return address.version == self.network.version and address in self.network
 
 
+#: What identifies a device for its rate limit (``[limits] device_key``).
+DEVICE_KEYS = ("address", "token")
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitSettings:
+    """The ``[limits]`` table (used by `comatrix.ratelimit`).  A rate of 0 turns that limit off."""
+
+    #: Requests per second one device may send upstream, sustained, and its burst.
+    device_rate: float = 10.0
+    device_burst: int = 20
+    #: What identifies a device: its source address, or its access token (option 256)
+    #: when it sends one (the address otherwise).
+    device_key: str = "address"
+    #: Requests per second all devices together may send upstream, and the burst.
+    global_rate: float = 100.0
+    global_burst: int = 200
+    #: Devices whose buckets are remembered (least recently seen forgotten first).
+    max_devices: int = 4096
+    #: Homeserver calls in flight at once; further calls queue (FIFO).
+    max_upstream: int = 16
+    #: Calls that may wait for a slot; beyond this, 5.03 at once.
+    upstream_queue: int = 256
+    #: Longest a call waits in the queue before it is answered 5.03, seconds.
+    queue_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.device_rate < 0 or self.global_rate < 0:
+            raise ValueError("rates must not be negative")
+        if self.device_burst < 1 or self.global_burst < 1:
+            raise ValueError("bursts must be at least 1")
+        if self.device_key not in DEVICE_KEYS:
+            raise ValueError("device_key must be 'address' or 'token'")
+        if self.max_devices < 1 or self.max_upstream < 1 or self.upstream_queue < 0:
+            raise ValueError("max_devices and max_upstream must be >= 1, upstream_queue >= 0")
+        if self.queue_timeout <= 0:
+            raise ValueError("queue_timeout must be positive")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     ip: str = "::"
@@ -68,6 +107,7 @@ class Config:
     interface_wait: float = 60.0
     alias_cache_ttl: float = 300.0
     coap: CoapSettings = CoapSettings()
+    limits: LimitSettings = LimitSettings()
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -156,6 +196,8 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     kwargs["homeserver"] = homeserver.rstrip("/")
     if "coap" in values:
         kwargs["coap"] = _coap_settings(values["coap"])
+    if "limits" in values:
+        kwargs["limits"] = _limit_settings(values["limits"])
     if "plugins" in values:
         tables = values["plugins"]
         if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
@@ -182,6 +224,34 @@ def _coap_settings(table: Any) -> CoapSettings:
         default = getattr(CoapSettings(), key)
         settings[key] = type(default)(value)
     return CoapSettings(**settings)
+
+
+_LIMIT_KEYS = {field.name for field in dataclasses.fields(LimitSettings)}
+
+
+def _limit_settings(table: Any) -> LimitSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[limits] must be a table")
+    unknown = sorted(set(table) - _LIMIT_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown [limits] key(s): {', '.join(unknown)}")
+    settings: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(LimitSettings(), key)
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"limits.{key} must be a string")
+            settings[key] = value
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"limits.{key} must be a non-negative number")
+        if isinstance(default, int) and value != int(value):
+            raise ConfigError(f"limits.{key} must be an integer")
+        settings[key] = type(default)(value)
+    try:
+        return LimitSettings(**settings)
+    except ValueError as exc:
+        raise ConfigError(f"[limits]: {exc}") from None
 
 
 def _devices(entries: Any, where: str) -> list[DeviceCredentials]:

@@ -22,7 +22,7 @@ import comatrix.plugins
 from comatrix.logs import get_logger
 from comatrix.coap.errors import ErrorAdapter
 from comatrix.coap.server import Site
-from comatrix.interfaces import IResourcePlugin, PluginContext
+from comatrix.interfaces import IMultiPathPlugin, IResourcePlugin, PluginContext
 
 log = get_logger(__name__)
 
@@ -94,24 +94,31 @@ def discover(plugin_dirs: Iterable[str] = (), disabled: Iterable[str] = ()) -> l
     return selected
 
 
+def plugin_paths(plugin: IResourcePlugin) -> list[tuple[str, ...]]:
+    """Every path a plugin serves: ``path``, or ``paths`` for multi-path plugins."""
+    if IMultiPathPlugin.providedBy(plugin):
+        return [tuple(path) for path in plugin.paths]
+    return [tuple(plugin.path)]
+
+
 def check_plugins(plugins: Sequence[IResourcePlugin]) -> None:
     names: dict[str, IResourcePlugin] = {}
     paths: dict[tuple[str, ...], IResourcePlugin] = {}
     for plugin in plugins:
-        verifyObject(IResourcePlugin, plugin)
+        verifyObject(IMultiPathPlugin if IMultiPathPlugin.providedBy(plugin) else IResourcePlugin, plugin)
         if not isinstance(plugin.name, str) or not plugin.name:
             raise PluginError(f"plugin {plugin!r} has no name")
-        path = tuple(plugin.path)
-        if not path or not all(isinstance(segment, str) and segment for segment in path):
-            raise PluginError(f"plugin {plugin.name}: path must be non-empty text segments")
-        if path[0] == ".well-known":
-            raise PluginError(f"plugin {plugin.name}: /.well-known is reserved")
         if plugin.name in names:
             raise PluginError(f"two plugins are named {plugin.name}")
-        if path in paths:
-            raise PluginError(f"plugins {paths[path].name} and {plugin.name} both serve /{'/'.join(path)}")
         names[plugin.name] = plugin
-        paths[path] = plugin
+        for path in plugin_paths(plugin):
+            if not path or not all(isinstance(segment, str) and segment for segment in path):
+                raise PluginError(f"plugin {plugin.name}: path must be non-empty text segments")
+            if path[0] == ".well-known":
+                raise PluginError(f"plugin {plugin.name}: /.well-known is reserved")
+            if path in paths:
+                raise PluginError(f"plugins {paths[path].name} and {plugin.name} both serve /{'/'.join(path)}")
+            paths[path] = plugin
 
 
 def build_site(plugins: Sequence[IResourcePlugin], context: PluginContext,
@@ -120,5 +127,12 @@ def build_site(plugins: Sequence[IResourcePlugin], context: PluginContext,
     check_plugins(plugins)
     site = Site(error_adapter)
     for plugin in plugins:
-        site.put(tuple(plugin.path), plugin.build(context))
+        if IMultiPathPlugin.providedBy(plugin):
+            routes = dict((tuple(path), resource) for path, resource in plugin.build_routes(context))
+            if set(routes) != set(plugin_paths(plugin)):
+                raise PluginError(f"plugin {plugin.name}: build_routes does not match its paths")
+            for path, resource in routes.items():
+                site.put(path, resource)
+        else:
+            site.put(tuple(plugin.path), plugin.build(context))
     return site

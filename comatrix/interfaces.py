@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from comatrix.config import Config
     from comatrix.credentials import Credentials
     from comatrix.matrix.client import MatrixClient
+    from comatrix.store import Store
 
 
 class IResourcePlugin(Interface):
@@ -50,6 +51,21 @@ class IResourcePlugin(Interface):
         """Return the resource (a comatrix.coap.CoapResource) for this gateway instance."""
 
 
+class IMultiPathPlugin(IResourcePlugin):
+    """A plugin that serves several paths, e.g. a whole protocol (MSC3079's path codes).
+
+    ``path`` is its main path (listed in ``/.well-known/core``); ``paths`` lists
+    every path it serves, ``path`` included, so clashes are found before anything
+    is built; `build_routes` builds the resources.  Disabling the plugin by name
+    removes all of its paths.
+    """
+
+    paths = Attribute("Every Uri-Path (tuple of str) this plugin serves, the main `path` included.")
+
+    def build_routes(context: "PluginContext") -> Any:
+        """Return an iterable of (path, resource) pairs, one for each of `paths`."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PluginContext:
     """What a plugin may use: the config, the Matrix client, device credentials, state, the reactor."""
@@ -60,3 +76,5 @@ class PluginContext:
     #: Per-gateway scratch space shared by plugins (plugin name -> anything); persistent state comes later.
     state: dict[str, Any]
     reactor: Any
+    #: The gateway's persistent state (SQLite under ``state_dir``); None in hand-built contexts.
+    store: "Store | None" = None

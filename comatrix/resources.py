@@ -11,19 +11,23 @@ object that ``twisted.plugin.getPlugins`` finds.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, TypeVar
 
+from twisted.internet import defer
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from comatrix.coap.errors import BadRequest, UnsupportedContentFormat
 from comatrix.coap.message import Request, Response
-from comatrix.coap.numbers import Code, ContentFormat
+from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.codec import cbor
 from comatrix.codec.msc3079 import MatrixPath, UnknownPath, keys_to_names, parse_matrix_path
 from comatrix.interfaces import IResourcePlugin, PluginContext
 from comatrix.matrix.errors import MatrixError
+
+if TYPE_CHECKING:
+    from comatrix.ratelimit import Admission
 
 T = TypeVar("T")
 
@@ -48,6 +52,14 @@ class ResourcePlugin:
         return self.resource_class(context)
 
 
+def _strict_utf8(raw: bytes | None) -> bool:
+    try:
+        (raw or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def cbor_response(value: Any, code: Code = Code.CONTENT) -> Response:
     return Response(code=code, payload=cbor.encode(value), content_format=ContentFormat.CBOR)
 
@@ -57,11 +69,23 @@ class MatrixResource(CoapResource):
 
     #: MSC3079 path codes this resource accepts in a Proxy-Uri (empty: no Proxy-Uri allowed).
     proxy_codes: frozenset[str] = frozenset()
+    #: Rate limits, set by the gateway (`comatrix.ratelimit.install`); None: unlimited.
+    admission: "Admission | None" = None
 
     def __init__(self, context: PluginContext) -> None:
         super().__init__()
         self.context = context
         self.matrix = context.matrix
+
+    def render(self, request: Request) -> "defer.Deferred[Response]":
+        # Observe registrations are exempt: the CoAP layer re-renders them for
+        # notifications, which the gateway triggers, not the device.
+        if self.admission is not None and not (request.observe == 0 and self.link.obs):
+            try:
+                self.admission.check(request)
+            except Exception:
+                return defer.fail()
+        return super().render(request)
 
     # -- request decoding -------------------------------------------------------------
 
@@ -77,6 +101,8 @@ class MatrixResource(CoapResource):
         proxy_uri = request.proxy_uri
         if proxy_uri is None:
             return None
+        if "\ufffd" in proxy_uri and not _strict_utf8(request.option(OptionNumber.PROXY_URI)):
+            raise BadRequest("Proxy-Uri not UTF-8")
         try:
             path = parse_matrix_path(proxy_uri)
         except UnknownPath as exc:
@@ -91,6 +117,8 @@ class MatrixResource(CoapResource):
         room: Any = None
         if path is not None:
             room = path.params.get("roomId") or path.params.get("roomIdOrAlias")
+            if isinstance(room, str) and "\ufffd" in room:
+                raise BadRequest("room not UTF-8")  # percent-encoded bytes that are not UTF-8
         if room is None and body is not None:
             for key in ("room_id", "room", "room_alias"):
                 if body.get(key) is not None:
@@ -98,6 +126,8 @@ class MatrixResource(CoapResource):
                     break
         if room is None:
             room = request.query_params().get("room")
+            if room is not None and "\ufffd" in room:
+                raise BadRequest("room not UTF-8")  # percent-encoded bytes that are not UTF-8
         if room is None:
             raise BadRequest("missing room_id")
         if not isinstance(room, str) or not room:

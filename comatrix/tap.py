@@ -31,8 +31,9 @@ from comatrix.discovery import PluginError, build_site, discover
 from comatrix.errors import error_response
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.client import MatrixClient
-from comatrix.matrix.transport import MatrixTransport
+from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
+from comatrix.store import Store
 
 log = get_logger("comatrix")
 
@@ -172,12 +173,16 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         plugins = discover(config.plugin_dirs, config.disabled_plugins)
     except PluginError as exc:
         raise SystemExit(f"comatrix: {exc}") from None
-    transport = MatrixTransport(config.homeserver, reactor=reactor, timeout=config.request_timeout,
-                                max_connections_per_host=config.max_connections)
+    limits = config.limits
+    limiter = UpstreamLimiter(limits.max_upstream, limits.upstream_queue, limits.queue_timeout, reactor)
+    transport = LimitedTransport(config.homeserver, limiter=limiter, reactor=reactor,
+                                 timeout=config.request_timeout,
+                                 max_connections_per_host=config.max_connections)
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
     context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix),
-                            state={}, reactor=reactor)
+                            state={}, reactor=reactor, store=Store.for_state_dir(config.state_dir, reactor))
     site = build_site(plugins, context, error_response)
+    install(site, Admission(limits, reactor))
     server = CoapServer(site, config.coap_settings(), reactor=reactor,
                         understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
                         on_response=_log_request)

@@ -41,7 +41,9 @@ class LinkAttributes:
 class ObserverNotifier(Protocol):
     """What serves a resource (a `comatrix.coap.server.Site`) and can notify its observers."""
 
-    def notify(self, resource: "CoapResource") -> None: ...
+    def notify(self, resource: "CoapResource", only: Callable[[Request], bool] | None = None) -> None: ...
+
+    def observer_requests(self, resource: "CoapResource") -> list[Request]: ...
 
 
 class CoapResource(txresource.CoAPResource):  # type: ignore[misc]
@@ -64,10 +66,14 @@ class CoapResource(txresource.CoAPResource):  # type: ignore[misc]
                                        Code.PATCH, Code.IPATCH)
                      if getattr(self, f"render_{code.name}", None) is not None)
 
-    def notify_observers(self) -> None:
-        """The state changed: every observer gets a notification (this resource re-rendered)."""
+    def notify_observers(self, only: Callable[[Request], bool] | None = None) -> None:
+        """The state changed: every observer (or those whose request ``only`` accepts) is notified."""
         for site in self._coap_sites:
-            site.notify(self)
+            site.notify(self, only)
+
+    def observer_requests(self) -> list[Request]:
+        """The registration requests of the current observers of this resource."""
+        return [request for site in self._coap_sites for request in site.observer_requests(self)]
 
     def render(self, request: Request) -> "defer.Deferred[Response]":  # type: ignore[override]
         """Dispatch to ``render_<METHOD>``; always returns a Deferred (sync errors become failures)."""

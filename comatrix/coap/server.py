@@ -17,7 +17,15 @@ listed in facts §7.  What it guarantees:
   txThings' module globals.
 
 `Site` is the routing table (path tuple → `CoapResource`) and serves
-``/.well-known/core``.
+``/.well-known/core``.  A resource put with ``subtree=True`` (or whose
+``subtree`` attribute is true) also serves every path below its own, unless a
+longer registered path matches; ``Request.path`` stays the full path.
+
+``Site.notify`` pushes to all observers of a resource or to those whose
+registration request ``only`` accepts, as NON or (``confirmable``) CON
+notifications; the returned Deferred fires with how many were delivered
+(acknowledged, for CON).  A resource may define ``observer_removed(request)``
+to learn that an observation ended (deregistration, RST, give-up, error).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.base import DelayedCall
@@ -125,14 +133,22 @@ class Site:
     def __init__(self, error_adapter: ErrorAdapter = default_error_adapter) -> None:
         self.error_adapter = error_adapter
         self._resources: dict[tuple[str, ...], Any] = {}
+        self._subtrees: set[tuple[str, ...]] = set()
         self._well_known = WellKnownCore(self.resources)
         self._servers: list[CoapServer] = []
 
-    def put(self, path: tuple[str, ...], resource: Any) -> None:
+    def put(self, path: tuple[str, ...], resource: Any, *, subtree: bool | None = None) -> None:
+        """Serve ``resource`` at ``path``; with ``subtree`` (default: ``resource.subtree``) below it too."""
         path = tuple(path)
         if any(not isinstance(segment, str) for segment in path):
             raise TypeError("path segments must be str")
         self._resources[path] = resource
+        if subtree is None:
+            subtree = bool(getattr(resource, "subtree", False))
+        if subtree:
+            self._subtrees.add(path)
+        else:
+            self._subtrees.discard(path)
         sites = getattr(resource, "_coap_sites", ())
         if self not in sites:
             resource._coap_sites = sites + (self,)
@@ -142,17 +158,29 @@ class Site:
         return list(self._resources.items())
 
     def resolve(self, path: tuple[str, ...]) -> Any:
+        """The resource at ``path``, else the one serving the longest subtree prefix of it."""
         resource = self._resources.get(path)
-        if resource is None:
-            if path == WELL_KNOWN_CORE:
-                return self._well_known
-            raise NotFound("not found")
-        return resource
+        if resource is not None:
+            return resource
+        if path == WELL_KNOWN_CORE:
+            return self._well_known
+        if self._subtrees:
+            for length in range(len(path) - 1, 0, -1):
+                if path[:length] in self._subtrees:
+                    return self._resources[path[:length]]
+        raise NotFound("not found")
 
-    def notify(self, resource: Any) -> None:
-        """Called by ``CoapResource.notify_observers``."""
-        for server in self._servers:
-            server.notify(resource)
+    def notify(self, resource: Any, only: Callable[[Request], bool] | None = None, *,
+               confirmable: bool = False) -> "defer.Deferred[int]":
+        """Called by ``CoapResource.notify_observers``; ``only`` selects observations by request.
+
+        Fires with the number of notifications delivered (see `CoapServer.notify`).
+        """
+        return _total(server.notify(resource, only, confirmable=confirmable) for server in self._servers)
+
+    def observer_requests(self, resource: Any) -> list[Request]:
+        """The registration requests of every observation of ``resource`` on this site."""
+        return [request for server in self._servers for request in server.observer_requests(resource)]
 
     def _attach(self, server: "CoapServer") -> None:
         self._servers.append(server)
@@ -184,7 +212,8 @@ class _Incoming:
 class _Outgoing:
     """A CON message we sent (separate response or notification) awaiting ACK/RST."""
 
-    __slots__ = ("addr", "mid", "build", "data", "attempts", "timeout", "timer", "observer", "active")
+    __slots__ = ("addr", "mid", "build", "data", "attempts", "timeout", "timer", "observer", "active",
+                 "delivered")
 
     def __init__(self, addr: Address, build: Callable[[int], bytes], observer: "_Observer | None") -> None:
         self.addr = addr
@@ -196,6 +225,13 @@ class _Outgoing:
         self.timer: DelayedCall | None = None
         self.observer = observer
         self.active = False
+        #: Fired with 1 when acknowledged, 0 when given up or reset (notifications only).
+        self.delivered: list[defer.Deferred[int]] = []
+
+    def settle(self, count: int) -> None:
+        waiters, self.delivered = self.delivered, []
+        for waiter in waiters:
+            waiter.callback(count)
 
 
 class _Observer:
@@ -269,12 +305,31 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return len(self._observers)
         return len(self._observers_by_resource.get(resource, ()))
 
-    def notify(self, resource: Any) -> None:
-        """Re-render ``resource`` with each observer's original request and send notifications."""
+    def observer_requests(self, resource: Any) -> list[Request]:
+        """The registration request of each current observer of ``resource``."""
+        return [observer.request for observer in self._observers_by_resource.get(resource, {}).values()]
+
+    def notify(self, resource: Any, only: Callable[[Request], bool] | None = None, *,
+               confirmable: bool = False) -> "defer.Deferred[int]":
+        """Re-render ``resource`` with each observer's original request and send notifications.
+
+        ``only`` limits the notification to observations whose registration request it
+        accepts: for representations that depend on the request (FETCH bodies, queries).
+        ``confirmable`` sends CON notifications whatever ``con_notification_interval`` says.
+        The Deferred fires with the number delivered (sent, for NON; acknowledged, for
+        CON); it never fails.
+        """
+        waits: list[defer.Deferred[int]] = []
         for observer in list(self._observers_by_resource.get(resource, {}).values()):
+            if only is not None and not only(observer.request):
+                continue
+            delivered: defer.Deferred[int] = defer.Deferred()
+            waits.append(delivered)
             deferred = defer.maybeDeferred(resource.render, observer.request)
             deferred.addCallbacks(self._notification_rendered, self._notification_failed,
-                                  callbackArgs=(observer,), errbackArgs=(observer,))
+                                  callbackArgs=(observer, confirmable, delivered),
+                                  errbackArgs=(observer, confirmable, delivered))
+        return _total(waits)
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -303,6 +358,10 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         for outgoing in list(self._outgoing.values()):
             if outgoing.timer is not None and outgoing.timer.active():
                 outgoing.timer.cancel()
+            outgoing.settle(0)
+        for queue in self._queued.values():
+            for outgoing in queue:
+                outgoing.settle(0)
         self._outgoing.clear()
         self._queued.clear()
         self._busy.clear()
@@ -391,6 +450,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if outgoing.attempts >= self.settings.max_retransmit:
             log.debug("Gave up on {peer} after {n} retransmissions", peer=outgoing.addr, n=outgoing.attempts)
             self._outgoing_done(outgoing)
+            outgoing.settle(0)
             if outgoing.observer is not None:
                 self._remove_observer(outgoing.observer)
             return
@@ -428,11 +488,13 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             if outgoing.observer is not None:
                 outgoing.observer.last_con = self.reactor.seconds()
             self._outgoing_done(outgoing)
+            outgoing.settle(1)
 
     def _reset(self, addr: Address, mid: int) -> None:
         outgoing = self._outgoing.get((addr, mid))
         if outgoing is not None:
             self._outgoing_done(outgoing)
+            outgoing.settle(0)
             if outgoing.observer is not None:
                 self._remove_observer(outgoing.observer)
             return
@@ -558,7 +620,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if accept is not None and resource.link.ct and accept not in resource.link.ct:
             self._complete(incoming, NotAcceptable("content-format").to_response())
             return
-        if request.observe is not None and request.method == Code.GET:
+        if request.observe is not None and request.method in (Code.GET, Code.FETCH):  # RFC 8132 §2.4
             if request.observe == 1:
                 observer = self._observers.get((incoming.addr, request.token))
                 if observer is not None:
@@ -805,17 +867,29 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             if not by_resource:
                 del self._observers_by_resource[observer.resource]
         log.debug("Observer {peer} removed", peer=observer.addr)
+        hook = getattr(observer.resource, "observer_removed", None)
+        if hook is not None:
+            try:
+                hook(observer.request)
+            except Exception:
+                log.failure("observer_removed hook raised")
 
-    def _notification_rendered(self, result: Any, observer: _Observer) -> None:
+    def _notification_rendered(self, result: Any, observer: _Observer, confirmable: bool = False,
+                               delivered: "defer.Deferred[int] | None" = None) -> None:
         if not isinstance(result, Response):
             result = self._adapt(Failure(TypeError(f"resource returned {type(result).__name__}, not Response")))
-        self._send_notification(observer, result)
+        self._send_notification(observer, result, confirmable, delivered)
 
-    def _notification_failed(self, failure: Failure, observer: _Observer) -> None:
-        self._send_notification(observer, self._adapt(failure))
+    def _notification_failed(self, failure: Failure, observer: _Observer, confirmable: bool = False,
+                             delivered: "defer.Deferred[int] | None" = None) -> None:
+        self._send_notification(observer, self._adapt(failure), confirmable, delivered)
 
-    def _send_notification(self, observer: _Observer, response: Response) -> None:
+    def _send_notification(self, observer: _Observer, response: Response, confirmable: bool = False,
+                           delivered: "defer.Deferred[int] | None" = None) -> None:
+        if delivered is None:
+            delivered = defer.Deferred()
         if self._observers.get(observer.key) is not observer:
+            delivered.callback(0)
             return  # deregistered while rendering
         is_success = 64 <= response.code < 96
         options = self._response_options(response)
@@ -842,17 +916,28 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         now = self.reactor.seconds()
         pending = observer.con_out
         if pending is not None and is_success:
+            pending.delivered.append(delivered)
             self._resend_replaced(pending, build)
             return
-        if is_success and now - observer.last_con < self.settings.con_notification_interval:
+        if (is_success and not confirmable
+                and now - observer.last_con < self.settings.con_notification_interval):
             mid = self._next_mid()
             self._non_notifications.put((observer.addr, mid), observer.key)
             self._write(wire.encode(NON, code, mid, token, options, payload), observer.addr)
+            delivered.callback(1)
             return
         outgoing = _Outgoing(observer.addr, build, observer if is_success else None)
         if is_success:
             observer.con_out = outgoing
+            outgoing.delivered.append(delivered)
+        else:
+            delivered.callback(0)  # an error notification ends the observation
         self._send_con(outgoing)
+
+
+def _total(waits: Iterable["defer.Deferred[int]"]) -> "defer.Deferred[int]":
+    """Fires with the sum of ``waits`` once all have fired."""
+    return defer.gatherResults(list(waits)).addCallback(sum)
 
 
 def listen_udp(server: CoapServer, host: str, port: int, reactor: Any = None) -> IListeningPort:

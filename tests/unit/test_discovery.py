@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet import task
 from zope.interface.verify import verifyObject
 
 from comatrix.coap.resource import CoapResource
@@ -13,21 +14,24 @@ from comatrix.credentials import Credentials
 from comatrix.discovery import PluginError, build_site, builtin_plugins, check_plugins, discover, dropin_plugins
 from comatrix.errors import error_response
 from comatrix.interfaces import IResourcePlugin, PluginContext
-from comatrix.plugins import accounts, clock, rooms
+from comatrix.plugins import accounts, clock, msc3079, rooms
 from comatrix.resources import ResourcePlugin
 from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.testing import FakeHomeserver, stub_transport
 
 REPO = Path(__file__).resolve().parents[2]
-BUILTIN_NAMES = {"register", "login", "logout", "join", "getmsg", "send", "time"}
+ORIGINAL = {"register", "login", "logout", "join", "getmsg", "send", "time"}
+COMPACT = {f"compact-{op}" for op in ("login", "logout", "join", "send", "messages", "time")}
+BUILTIN_NAMES = ORIGINAL | COMPACT | {"msc3079"}
 
 
 def make_context() -> PluginContext:
     config = build_config()
-    transport, _ = stub_transport(FakeHomeserver(), reactor=None)
-    matrix = MatrixClient(transport)
+    clock = task.Clock()
+    transport, _ = stub_transport(FakeHomeserver(), reactor=clock)
+    matrix = MatrixClient(transport, reactor=clock)
     return PluginContext(config=config, matrix=matrix, credentials=Credentials((), matrix), state={},
-                         reactor=None)
+                         reactor=clock)
 
 
 def test_builtins_are_found_and_honour_the_interface() -> None:
@@ -46,8 +50,21 @@ def test_site_from_an_explicit_list() -> None:
 
 
 def test_disabled_plugins_are_not_served() -> None:
-    names = {plugin.name for plugin in discover(disabled=["register", "nonexistent"])}
-    assert names == BUILTIN_NAMES - {"register"}
+    names = {plugin.name for plugin in discover(disabled=["register", "msc3079", "nonexistent"])}
+    assert names == BUILTIN_NAMES - {"register", "msc3079"}
+
+
+def test_multi_path_plugin_serves_all_its_paths() -> None:
+    site = build_site([msc3079.msc3079], make_context(), error_response)
+    served = {path for path, _ in site.resources()}
+    assert served == set(msc3079.msc3079.paths)
+    assert {("_matrix",), ("9",), ("7",), ("_matrix", "client", "v3", "sync")} <= served
+    assert len(served) > 50
+
+
+def test_multi_path_clash_is_refused() -> None:
+    with pytest.raises(PluginError, match="both serve /9"):
+        check_plugins([msc3079.msc3079, ResourcePlugin("nine", ("9",), clock.TimeResource)])
 
 
 def test_dropin_directory(tmp_path: Path) -> None:

@@ -1,0 +1,536 @@
+"""Gateway benchmarks: overhead against Synapse, throughput ceiling, memory.  Figures, not pass/fail.
+
+Everything runs on loopback, in one run, side by side:
+
+1. overhead -- p50/p99 latency of a message send through the gateway (CoAP, the
+   clean CBOR form ``{room_id, txn_id, body}``; the compact profile is pending)
+   versus the same send straight to Synapse over HTTP on a kept-alive
+   connection, with 1 and 16 concurrent senders (one user and room each);
+2. ceiling -- requests/s of the gateway forwarding sends to a stub homeserver
+   (a ``twisted.web`` server with canned Matrix answers, in a subprocess) versus
+   plain txThings answering a trivial resource (``bench/coap_throughput.py``'s
+   server and load generator);
+3. memory -- the gateway's RSS idle, after ``--requests`` forwarded requests,
+   and holding ``--observers`` Observe registrations on an observable resource
+   (``bench/plugins/bench_observable.py``).
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/gateway_perf.py                       # full counts
+    .venv/bin/python bench/gateway_perf.py --quick               # a smoke run
+    .venv/bin/python bench/gateway_perf.py --write docs/performance.rst
+
+The gateway runs as ``twistd comatrix`` (``--log-level warn``, rate limits off,
+``max_upstream = 64``, ``max_connections = 32``, ``max_observers`` raised).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.client
+import json
+import os
+import platform
+import secrets
+import selectors
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cbor2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+import coap_throughput  # noqa: E402  (bench/coap_throughput.py, another benchmark's server + load generator)
+
+TOKEN_OPTION = 256
+READY_TIMEOUT = 30.0
+STUB_TOKEN = "syt_bench_stub_token"
+STUB_ROOM = "!benchroom:bench.local"
+
+
+# --------------------------------------------------------------------------- stub homeserver
+
+
+def serve_stub(port: int) -> None:
+    """A twisted.web server with canned Matrix answers (subprocess entry point)."""
+    from twisted.internet import reactor
+    from twisted.web import resource, server
+
+    class Canned(resource.Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            request.setHeader(b"Content-Type", b"application/json")
+            path = request.path or b""
+            if b"/send/" in path:
+                return b'{"event_id":"$benchEventId0000000000000000000000000000000000"}'
+            if path.endswith(b"/versions"):
+                return b'{"versions":["v1.11"]}'
+            return b"{}"
+
+    site = server.Site(Canned())
+    site.noisy = False
+    listening: Any = reactor.listenTCP(port, site, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
+    print(f"READY {listening.getHost().port}", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def start_stub() -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-stub"], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("READY "):
+        proc.kill()
+        raise RuntimeError("stub homeserver did not start")
+    return proc, int(line.split()[1])
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+def gateway_config(max_observers: int) -> str:
+    return ("max_connections = 32\n"
+            f"[coap]\nmax_observers = {max_observers}\n"
+            "[limits]\ndevice_rate = 0\nglobal_rate = 0\nmax_upstream = 64\nupstream_queue = 1024\n")
+
+
+def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256) -> Any:
+    from support.gateway import GatewayProcess
+
+    gw = GatewayProcess(homeserver, workdir, config_text=gateway_config(max_observers), log_level="warn",
+                        plugin_dirs=[ROOT / "bench" / "plugins"])
+    gw.start()
+    return gw
+
+
+def rss_mib(pid: int) -> float:
+    return coap_throughput.vm_kib(pid, "VmRSS") / 1024
+
+
+# --------------------------------------------------------------------------- a blocking CoAP client
+
+
+def coap_datagram(mid: int, token: bytes, path: bytes, options: list[tuple[int, bytes]], payload: bytes,
+                  code: int = 2) -> bytes:
+    """CON request; ``options`` must have numbers > 11 (Uri-Path is added first)."""
+    out = struct.pack("!BBH", 0x40 | len(token), code, mid) + token
+    out += bytes([(11 << 4) | len(path)]) + path
+    last = 11
+    for number, value in sorted(options):
+        delta = number - last
+        last = number
+        head, ext = (delta, b"") if delta < 13 else ((13, bytes([delta - 13])) if delta < 269
+                                                       else (14, struct.pack("!H", delta - 269)))
+        length = len(value)
+        lhead, lext = (length, b"") if length < 13 else (13, bytes([length - 13]))
+        out += bytes([(head << 4) | lhead]) + ext + lext + value
+    return out + (b"\xff" + payload if payload else b"")
+
+
+class CoapSender:
+    """One device: sequential CON POST /send, waiting for each answer (separate responses handled)."""
+
+    def __init__(self, port: int, token: str, room_id: str) -> None:
+        self.port = port
+        self.token = token.encode()
+        self.room_id = room_id
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(2.0)
+        self.mid = secrets.randbits(16)
+
+    def send(self, n: int) -> float:
+        self.mid = (self.mid + 1) & 0xFFFF
+        token = secrets.token_bytes(4)
+        body = cbor2.dumps({"room_id": self.room_id, "txn_id": f"b{secrets.token_hex(6)}-{n}",
+                            "body": f"bench {n}"})
+        datagram = coap_datagram(self.mid, token, b"send", [(12, b"\x3c"), (TOKEN_OPTION, self.token)], body)
+        started = time.perf_counter()
+        self.sock.sendto(datagram, ("127.0.0.1", self.port))
+        for _ in range(1000):
+            try:
+                data = self.sock.recv(2048)
+            except socket.timeout:
+                self.sock.sendto(datagram, ("127.0.0.1", self.port))  # loopback loss is rare; retransmit
+                continue
+            mtype, code = (data[0] >> 4) & 3, data[1]
+            if mtype == 0:
+                self.sock.sendto(bytes([0x60, 0]) + data[2:4], ("127.0.0.1", self.port))
+            if code != 0 and data[4:4 + (data[0] & 0x0F)] == token:
+                if code != 0x44:
+                    raise RuntimeError(f"send answered {code >> 5}.{code & 31:02d}: {data[-40:]!r}")
+                return time.perf_counter() - started
+        raise RuntimeError("no answer")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class HttpSender:
+    """The same send straight to Synapse on one kept-alive HTTP/1.1 connection."""
+
+    def __init__(self, port: int, token: str, room_id: str) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.path = f"/_matrix/client/v3/rooms/{room_id}/send/m.room.message/"
+
+    def send(self, n: int) -> float:
+        body = json.dumps({"msgtype": "m.text", "body": f"bench {n}"})
+        started = time.perf_counter()
+        self.conn.request("PUT", self.path + f"h{secrets.token_hex(6)}-{n}", body=body, headers=self.headers)
+        response = self.conn.getresponse()
+        response.read()
+        elapsed = time.perf_counter() - started
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}")
+        return elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def run_senders(pairs: Sequence[tuple[Any, Any]], per_sender: int, warmup: int = 10
+                ) -> tuple[list[float], list[float]]:
+    """Each (direct, gateway) pair in its own thread alternates the two paths, ``per_sender``
+    sends on each; returns all latencies (seconds) of each path.
+
+    Alternating removes drift (Synapse gets slower as rooms grow, caches warm up)
+    from the comparison: both paths see the same homeserver state at the same time.
+    """
+    direct: list[list[float]] = [[] for _ in pairs]
+    gateway: list[list[float]] = [[] for _ in pairs]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(pairs))
+
+    def work(index: int) -> None:
+        http_sender, coap_sender = pairs[index]
+        try:
+            for n in range(warmup):
+                http_sender.send(-1 - n)
+                coap_sender.send(-1 - n)
+            barrier.wait()
+            for n in range(per_sender):
+                first, second = ((http_sender, direct), (coap_sender, gateway))[::1 if n % 2 else -1]
+                first[1][index].append(first[0].send(n))
+                second[1][index].append(second[0].send(n))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(pairs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [v for values in direct for v in values], [v for values in gateway for v in values]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+# --------------------------------------------------------------------------- the gateway's load generator
+
+
+class SendLoad(coap_throughput.LoadGenerator):
+    """coap_throughput's load generator, sending POST /send (clean form) and expecting 2.04."""
+
+    def __init__(self, port: int, total: int, inflight: int, token_base: int) -> None:
+        super().__init__(port, total, inflight, token_base)
+        self.body = cbor2.dumps({"room_id": STUB_ROOM, "body": "bench"})
+
+    def _send_next(self) -> None:
+        index = self.sent
+        self.sent += 1
+        sock_index = index % len(self.socks)
+        mid = (index // len(self.socks)) & 0xFFFF
+        token = (self.token_base + index) & 0xFFFFFFFF
+        datagram = coap_datagram(mid, struct.pack("!I", token), b"send",
+                                 [(12, b"\x3c"), (TOKEN_OPTION, STUB_TOKEN.encode())], self.body)
+        self.outstanding[token] = coap_throughput.Outstanding(sock_index, datagram, time.monotonic())
+        self.socks[sock_index].sendto(datagram, ("127.0.0.1", self.port))
+
+    def _on_datagram(self, sock_index: int, data: bytes) -> None:
+        if len(data) < 8:
+            self.bad += 1
+            return
+        mtype, tkl, code = (data[0] >> 4) & 3, data[0] & 0x0F, data[1]
+        if code == 0:
+            return
+        if mtype == 0:
+            self.socks[sock_index].sendto(bytes([0x60, 0]) + data[2:4], ("127.0.0.1", self.port))
+            self.separate += 1
+        (token,) = struct.unpack_from("!I", data, 4) if tkl == 4 else (None,)
+        if token not in self.outstanding:
+            return
+        if code != 0x44:
+            self.bad += 1
+        del self.outstanding[token]
+        self.done += 1
+
+
+def load(generator_class: Callable[..., Any], port: int, total: int, inflight: int) -> Any:
+    generator = generator_class(port, total, inflight, token_base=secrets.randbits(31))
+    try:
+        return generator.run()
+    finally:
+        generator.close()
+
+
+# --------------------------------------------------------------------------- observers
+
+
+def register_observers(port: int, count: int) -> int:
+    """``count`` Observe registrations (distinct tokens over a few sockets); how many were accepted."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(max(1, count // 200))]
+    accepted = 0
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(2.0)
+        for n in range(count):
+            sock = socks[n % len(socks)]
+            token = struct.pack("!I", n)
+            path = b"bench-observable"
+            # CON GET, Observe (6) = register (empty value), then Uri-Path (delta 5, 13 + 3 bytes).
+            datagram = (struct.pack("!BBH", 0x44, 1, n & 0xFFFF) + token + b"\x60"
+                        + bytes([(5 << 4) | 13, len(path) - 13]) + path)
+            sock.sendto(datagram, ("127.0.0.1", port))
+            data = sock.recv(2048)
+            if data[1] == 0x45 and _has_observe(data):
+                accepted += 1
+    finally:
+        for sock in socks:
+            sock.close()
+    return accepted
+
+
+def _has_observe(data: bytes) -> bool:
+    tkl = data[0] & 0x0F
+    pos, number = 4 + tkl, 0
+    while pos < len(data) and data[pos] != 0xFF:
+        delta, length = data[pos] >> 4, data[pos] & 0x0F
+        pos += 1
+        if delta == 13:
+            delta = data[pos] + 13
+            pos += 1
+        if length == 13:
+            length = data[pos] + 13
+            pos += 1
+        number += delta
+        if number == 6:
+            return True
+        pos += length
+    return False
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+@dataclasses.dataclass
+class Figures:
+    overhead: dict[int, dict[str, tuple[float, float, int]]] = dataclasses.field(default_factory=dict)
+    ceiling: dict[str, tuple[float, int, float]] = dataclasses.field(default_factory=dict)
+    memory: dict[str, float] = dataclasses.field(default_factory=dict)
+    observers_accepted: int = 0
+
+
+def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir: Path) -> None:
+    from support.synapse import SynapseServer
+
+    synapse = SynapseServer(workdir / "synapse")
+    synapse.start()
+    gw = None
+    try:
+        gw = start_gateway(synapse.base_url, workdir / "gw-synapse")
+        for concurrency, count in ((1, sends_single), (16, sends_each)):
+            users = [synapse.make_user("bench") for _ in range(concurrency)]
+            rooms = [synapse.create_room(user.access_token) for user in users]
+            row: dict[str, tuple[float, float, int]] = {}
+            pairs = [(HttpSender(synapse.port, user.access_token, room),
+                      CoapSender(gw.port, user.access_token, room)) for user, room in zip(users, rooms)]
+            try:
+                measured = run_senders(pairs, count)
+            finally:
+                for pair in pairs:
+                    for sender in pair:
+                        sender.close()
+            for name, values in zip(("direct", "gateway"), measured):
+                row[name] = (percentile(values, 50) * 1000, percentile(values, 99) * 1000, len(values))
+                print(f"  overhead  {concurrency:>2} sender(s)  {name:<8} p50 {row[name][0]:7.2f} ms  "
+                      f"p99 {row[name][1]:7.2f} ms  ({len(values)} sends)", flush=True)
+            figures.overhead[concurrency] = row
+    finally:
+        if gw is not None:
+            gw.stop()
+        synapse.stop()
+
+
+def bench_ceiling_and_memory(figures: Figures, requests: int, inflight: int, observers: int,
+                             workdir: Path) -> None:
+    stub, stub_port = start_stub()
+    gw = None
+    try:
+        gw = start_gateway(f"http://127.0.0.1:{stub_port}", workdir / "gw-stub", max_observers=observers + 16)
+        time.sleep(1.0)  # let the freshly started process settle before the idle reading
+        figures.memory["idle"] = rss_mib(gw.pid)
+        load(SendLoad, gw.port, 500, inflight)  # warm-up
+        cpu_before = coap_throughput.cpu_seconds(gw.pid)
+        result = load(SendLoad, gw.port, requests, inflight)
+        cpu = coap_throughput.cpu_seconds(gw.pid) - cpu_before
+        figures.ceiling["gateway"] = (requests / result.seconds, result.bad_responses, cpu / requests * 1e6)
+        figures.memory["after"] = rss_mib(gw.pid)
+        print(f"  ceiling   gateway -> stub    {requests / result.seconds:8.0f} req/s  "
+              f"(bad {result.bad_responses}, retx {result.retransmissions}, sep {result.separate_responses}, "
+              f"{cpu / requests * 1e6:.0f} us CPU/req)", flush=True)
+        figures.observers_accepted = register_observers(gw.port, observers)
+        figures.memory["observers"] = rss_mib(gw.pid)
+        figures.memory["peak"] = coap_throughput.vm_kib(gw.pid, "VmHWM") / 1024
+        print(f"  memory    idle {figures.memory['idle']:.1f} MB, after {requests} requests "
+              f"{figures.memory['after']:.1f} MB, with {figures.observers_accepted} observers "
+              f"{figures.memory['observers']:.1f} MB", flush=True)
+    finally:
+        if gw is not None:
+            gw.stop()
+        stub.terminate()
+        stub.wait(10)
+    proc, port = coap_throughput.start_server("txthings")
+    try:
+        load(coap_throughput.LoadGenerator, port, 500, inflight)
+        cpu_before = coap_throughput.cpu_seconds(proc.pid)
+        result = load(coap_throughput.LoadGenerator, port, requests, inflight)
+        cpu = coap_throughput.cpu_seconds(proc.pid) - cpu_before
+        figures.ceiling["txthings"] = (requests / result.seconds, result.bad_responses, cpu / requests * 1e6)
+        print(f"  ceiling   plain txThings     {requests / result.seconds:8.0f} req/s  "
+              f"({cpu / requests * 1e6:.0f} us CPU/req)", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def machine() -> dict[str, str]:
+    model = "?"
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        total_kib = int(meminfo.readline().split()[1])
+    import twisted
+    import treq
+    synapse_version = subprocess.run(
+        [str(ROOT / ".venv-synapse" / "bin" / "python"), "-c", "import synapse; print(synapse.__version__)"],
+        capture_output=True, text=True).stdout.strip() or "?"
+    return {"cpus": str(os.cpu_count()), "model": model, "ram": f"{total_kib / 1024 / 1024:.1f} GiB",
+            "kernel": platform.release(), "python": platform.python_version(),
+            "twisted": twisted.__version__, "treq": treq.__version__, "cbor2": _version("cbor2"),
+            "synapse": synapse_version}
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
+
+
+def report(figures: Figures, info: dict[str, str], command: str, requests: int, observers: int) -> str:
+    lines = []
+    lines.append(f"Machine: {info['cpus']} CPUs ({info['model']}), {info['ram']} RAM, Linux {info['kernel']}; "
+                 f"Python {info['python']}, Twisted {info['twisted']}, treq {info['treq']}, "
+                 f"cbor2 {info['cbor2']}, Synapse {info['synapse']} (SQLite).")
+    lines.append(f"Command: ``{command}``")
+    lines.append("")
+    lines.append("Overhead (message send, p50/p99 in ms)::")
+    lines.append("")
+    lines.append("    senders  path       p50 ms   p99 ms   sends   gateway/direct p50  p99   added p50")
+    for concurrency, row in sorted(figures.overhead.items()):
+        d, g = row["direct"], row["gateway"]
+        for name in ("direct", "gateway"):
+            p50, p99, n = row[name]
+            extra = (f"   {g[0] / d[0]:15.2f}  {g[1] / d[1]:5.2f}   {g[0] - d[0]:+6.2f} ms" if name == "gateway" else "")
+            lines.append(f"    {concurrency:>7}  {name:<8} {p50:8.2f} {p99:8.2f} {n:7}{extra}")
+    lines.append("")
+    lines.append("Ceiling (requests/s)::")
+    lines.append("")
+    for name, label in (("gateway", "gateway POST /send -> stub homeserver"),
+                        ("txthings", "plain txThings GET /hello")):
+        rate, bad, us = figures.ceiling[name]
+        lines.append(f"    {label:<40} {rate:8.0f} req/s  {us:5.0f} us server CPU/req  (bad answers: {bad})")
+    ratio = figures.ceiling["gateway"][0] / figures.ceiling["txthings"][0]
+    lines.append(f"    ratio gateway/txThings: {ratio:.2f}")
+    lines.append("")
+    lines.append("Memory (gateway RSS)::")
+    lines.append("")
+    mem = figures.memory
+    lines.append(f"    idle                              {mem['idle']:6.1f} MB")
+    lines.append(f"    after {requests:>7} forwarded sends     {mem['after']:6.1f} MB  "
+                 f"(growth {mem['after'] - mem['idle']:+.1f} MB)")
+    lines.append(f"    with {figures.observers_accepted:>5} observers              {mem['observers']:6.1f} MB  "
+                 f"(growth {mem['observers'] - mem['idle']:+.1f} MB, {observers} registrations sent)")
+    lines.append(f"    peak (VmHWM)                      {mem['peak']:6.1f} MB")
+    return "\n".join(lines)
+
+
+DOC_HEAD = """Performance
+===========
+
+Figures from ``bench/gateway_perf.py`` (loopback only; figures, not pass/fail).
+See ``bench/README.rst`` for what each part measures and how.  Goals from
+issue 6: the gateway adds <= 1 ms at p50; >= 80 % of plain txThings' request
+rate; idle RSS <= 60 MB and growth <= 20 MB.
+
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sends", type=int, default=1000, help="sends for the 1-sender overhead run")
+    parser.add_argument("--sends-each", type=int, default=100, help="sends per sender with 16 senders")
+    parser.add_argument("--requests", type=int, default=100_000, help="requests for the ceiling/memory run")
+    parser.add_argument("--inflight", type=int, default=32)
+    parser.add_argument("--observers", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
+    parser.add_argument("--skip-overhead", action="store_true", help="no Synapse part")
+    parser.add_argument("--write", metavar="RST", help="write the figures to this file (docs/performance.rst)")
+    parser.add_argument("--serve-stub", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_stub:
+        serve_stub(0)
+        return 0
+    if args.quick:
+        args.sends, args.sends_each, args.requests, args.observers = 100, 10, 5000, 200
+    command = "python bench/gateway_perf.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = machine()
+    figures = Figures()
+    with tempfile.TemporaryDirectory(prefix="comatrix-bench-") as tmp:
+        workdir = Path(tmp)
+        if not args.skip_overhead:
+            bench_overhead(figures, args.sends, args.sends_each, workdir)
+        bench_ceiling_and_memory(figures, args.requests, args.inflight, args.observers, workdir)
+    if args.skip_overhead:
+        figures.overhead = {}
+    text = report(figures, info, command.strip(), args.requests, args.observers) if figures.overhead else ""
+    print()
+    print(text)
+    if args.write:
+        Path(args.write).write_text(DOC_HEAD + text + "\n")
+        print(f"\nwritten to {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""``comatrix-device``: the reference device client, and the executable spec for firmware authors.
+
+It speaks the compact profile (``docs/protocol.rst``) by default and the
+original CoMatrix form (Proxy-Uri + option 256, full Matrix key names) with
+``--original``::
+
+    comatrix-device --gateway coap://[::1]:5683 login USER PASS
+    comatrix-device join '#lab:example.org'       # or a room id, or a configured name
+    comatrix-device send '#lab:example.org' 'hello'
+    comatrix-device getmsg '#lab:example.org'     # latest; --new: everything since the last seen
+    comatrix-device watch '#lab:example.org'      # Observe: print each new message
+    comatrix-device time
+    comatrix-device logout
+
+Its session handle, seq counter, room handles and cursors live in a small JSON
+state file (0600; ``--state FILE``, default ``$XDG_STATE_HOME/comatrix-device/state.json``).
+
+The CoAP side is a deliberately small hand-written UDP client (`UdpCoap`), not
+aiocoap: a firmware author should be able to read every byte it sends (2-byte
+tokens, only the options the spec names, RFC 7252 retransmission with the same
+Message ID, separate responses, Observe), tests and the wire-size bench need
+exactly those bytes, and the installed gateway package gains no dependency.
+It blocks (plain sockets); it is a command-line tool, never used on a reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import quote, unquote, urlsplit
+
+import cbor2
+
+from comatrix.coap import wire
+from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
+from comatrix.compact import codec
+from comatrix.compact.codec import PATHS, HandleRequest, JoinRequest, LoginRequest, Message, MessagesRequest, SendRequest
+
+__all__ = ["CoapResponseError", "CompactDevice", "DeviceState", "NoResponse", "OriginalDevice", "Reply",
+           "UdpCoap", "main"]
+
+#: MSC3079's access-token option, used by the original CoMatrix form.
+ACCESS_TOKEN_OPTION = 256
+DEFAULT_GATEWAY = "coap://[::1]:5683"
+#: What the original CoMatrix firmware put in front of the Proxy-Uri path (its homeserver URL).
+DEFAULT_PROXY_BASE = "http://[fd00::1]:8008"
+
+#: Longest wait the client accepts from a 4.29's Max-Age before retrying, seconds.
+MAX_RATE_LIMIT_WAIT = 5
+#: Called with ("up" | "down", datagram) for every datagram sent or received.
+Trace = Callable[[str, bytes], None]
+
+
+class NoResponse(Exception):
+    """Nothing (or nothing complete) came back within the retransmission window."""
+
+
+class CoapResponseError(Exception):
+    """The gateway answered with a 4.xx or 5.xx code."""
+
+    def __init__(self, reply: "Reply") -> None:
+        self.reply = reply
+        diagnostic = reply.payload.decode("utf-8", "replace") if reply.payload else ""
+        super().__init__(f"{reply.code_text} {diagnostic}".strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    code: int
+    options: tuple[tuple[int, bytes], ...]
+    payload: bytes
+    mtype: int
+
+    @property
+    def code_text(self) -> str:
+        return dotted(self.code)
+
+    @property
+    def ok(self) -> bool:
+        return 64 <= self.code < 96
+
+    def option(self, number: int) -> bytes | None:
+        for num, value in self.options:
+            if num == number:
+                return value
+        return None
+
+    def checked(self) -> "Reply":
+        if not self.ok:
+            raise CoapResponseError(self)
+        return self
+
+
+def _uint_option(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+class UdpCoap:
+    """A minimal, blocking CoAP-over-UDP client (RFC 7252 CON exchanges, RFC 7641 Observe)."""
+
+    ACK_TIMEOUT = 2.0
+    ACK_RANDOM_FACTOR = 1.5
+    MAX_RETRANSMIT = 4
+    #: How long to wait for a separate response after an empty ACK.
+    SEPARATE_TIMEOUT = 60.0
+
+    def __init__(self, gateway: str, *, trace: Trace | None = None, token_length: int = 2,
+                 ack_timeout: float | None = None, source: str | None = None) -> None:
+        parts = urlsplit(gateway)
+        if parts.scheme != "coap" or not parts.hostname:
+            raise ValueError("gateway must be a coap://host[:port] URI")
+        host = unquote(parts.hostname)
+        if "%" not in host and parts.netloc.find("%25") >= 0:  # urlsplit drops an IPv6 zone
+            host += "%" + unquote(parts.netloc.split("%25", 1)[1].split("]", 1)[0])
+        infos = socket.getaddrinfo(host, parts.port or 5683, type=socket.SOCK_DGRAM)
+        family, _, _, _, address = infos[0]
+        self.address: Any = address
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        if source is not None:  # a specific source address (tests: another device on loopback)
+            self.sock.bind((source, 0))
+        self.trace = trace
+        self.token_length = token_length
+        if ack_timeout is not None:
+            self.ACK_TIMEOUT = ack_timeout
+        self._mid = random.randrange(0x10000)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "UdpCoap":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- datagrams ------------------------------------------------------------------
+
+    def _next_mid(self) -> int:
+        self._mid = (self._mid + 1) & 0xFFFF
+        return self._mid
+
+    def _send(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace("up", data)
+        self.sock.sendto(data, self.address)
+
+    def _receive(self, deadline: float) -> wire.Datagram | None:
+        """The next well-formed datagram from the gateway before ``deadline``, else None."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                data, _ = self.sock.recvfrom(2048)
+            except socket.timeout:
+                return None
+            if self.trace is not None:
+                self.trace("down", data)
+            try:
+                return wire.decode(data)
+            except wire.FormatError:
+                continue
+
+    def _ack(self, message: wire.Datagram) -> None:
+        if message.mtype == MessageType.CON:
+            self._send(wire.empty(MessageType.ACK, message.mid))
+
+    @staticmethod
+    def build(mtype: int, code: int, mid: int, token: bytes, path: str, *, payload: bytes = b"",
+              content_format: int | None = None, observe: int | None = None,
+              options: Sequence[tuple[int, bytes]] = ()) -> bytes:
+        opts: list[tuple[int, bytes]] = []
+        if observe is not None:
+            opts.append((OptionNumber.OBSERVE, _uint_option(observe)))
+        opts += [(OptionNumber.URI_PATH, segment.encode("utf-8")) for segment in path.split("/") if segment]
+        if content_format is not None:
+            opts.append((OptionNumber.CONTENT_FORMAT, _uint_option(content_format)))
+        opts += list(options)
+        opts.sort(key=lambda option: option[0])
+        return wire.encode(mtype, code, mid, token, opts, payload)
+
+    # -- exchanges ------------------------------------------------------------------
+
+    def request(self, code: int, path: str, *, payload: bytes = b"", content_format: int | None = None,
+                observe: int | None = None, options: Sequence[tuple[int, bytes]] = ()) -> Reply:
+        """One confirmable request; the final response (piggy-backed or separate)."""
+        token = secrets.token_bytes(self.token_length)
+        reply, _ = self._exchange(code, path, token, payload, content_format, observe, options)
+        return reply
+
+    def _exchange(self, code: int, path: str, token: bytes, payload: bytes, content_format: int | None,
+                  observe: int | None, options: Sequence[tuple[int, bytes]]) -> tuple[Reply, int]:
+        mid = self._next_mid()
+        data = self.build(MessageType.CON, code, mid, token, path, payload=payload,
+                          content_format=content_format, observe=observe, options=options)
+        timeout = random.uniform(self.ACK_TIMEOUT, self.ACK_TIMEOUT * self.ACK_RANDOM_FACTOR)
+        acknowledged = False
+        for _attempt in range(self.MAX_RETRANSMIT + 1):
+            self._send(data)
+            deadline = time.monotonic() + timeout
+            while True:
+                message = self._receive(deadline)
+                if message is None:
+                    break
+                if message.mtype == MessageType.ACK and message.mid == mid:
+                    if message.code == Code.EMPTY:
+                        acknowledged = True  # separate response follows
+                        break
+                    return _reply(message), mid
+                if message.token == token and message.code != Code.EMPTY:
+                    self._ack(message)
+                    return _reply(message), mid
+                if message.mtype == MessageType.CON:  # not ours: reject
+                    self._send(wire.empty(MessageType.RST, message.mid))
+            if acknowledged:
+                break
+            timeout *= 2
+        if not acknowledged:
+            raise NoResponse(f"no answer to {Code(code).name} /{path}")
+        deadline = time.monotonic() + self.SEPARATE_TIMEOUT
+        while True:
+            message = self._receive(deadline)
+            if message is None:
+                raise NoResponse(f"no separate response to {Code(code).name} /{path}")
+            if message.token == token and message.code != Code.EMPTY:
+                self._ack(message)
+                return _reply(message), mid
+            if message.mtype == MessageType.CON:
+                self._send(wire.empty(MessageType.RST, message.mid))
+
+    def observe(self, code: int, path: str, *, payload: bytes = b"", content_format: int | None = None,
+                timeout: float | None = None) -> Iterator[Reply]:
+        """Register (Observe: 0); yields the first response, then each notification.
+
+        Stops after ``timeout`` seconds without a notification (None: never) or when
+        the gateway ends the observation (a response without Observe, or an error).
+        """
+        token = secrets.token_bytes(self.token_length)
+        first, _ = self._exchange(code, path, token, payload, content_format, 0, ())
+        yield first
+        if not first.ok or first.option(OptionNumber.OBSERVE) is None:
+            return
+        seen: set[int] = set()
+        while True:
+            deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+            message = self._receive(deadline)
+            if message is None:
+                return
+            if message.token != token or message.code == Code.EMPTY:
+                if message.mtype == MessageType.CON:
+                    self._send(wire.empty(MessageType.RST, message.mid))
+                continue
+            self._ack(message)
+            if message.mid in seen:
+                continue  # a retransmitted CON notification
+            seen.add(message.mid)
+            reply = _reply(message)
+            yield reply
+            if not reply.ok or reply.option(OptionNumber.OBSERVE) is None:
+                return
+
+
+def _reply(message: wire.Datagram) -> Reply:
+    return Reply(message.code, tuple(message.options), message.payload, message.mtype)
+
+
+# ---------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class DeviceState:
+    """What a device keeps between runs (firmware: in flash)."""
+
+    path: Path | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None) -> "DeviceState":
+        if path is None or not path.exists():
+            return cls(path, {})
+        return cls(path, json.loads(path.read_text()))
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.data.setdefault(name, {})
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.data, handle, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)
+
+
+def default_state_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "comatrix-device" / "state.json"
+
+
+# ---------------------------------------------------------------------- the compact profile
+
+
+class CompactDevice:
+    """The compact profile, operation by operation (what firmware does, in Python)."""
+
+    def __init__(self, coap: UdpCoap, state: DeviceState, *, retries: int = 2) -> None:
+        self.coap = coap
+        self.state = state
+        self.compact = state.section("compact")
+        self.retries = retries
+
+    def _request(self, code: int, op: str, payload: bytes = b"") -> Reply:
+        """One exchange; a 4.29 is retried after its Max-Age (RFC 8516), at most ``retries`` times."""
+        for attempt in range(self.retries + 1):
+            reply = self.coap.request(code, PATHS[op], payload=payload,
+                                      content_format=codec.CONTENT_FORMAT if payload else None)
+            max_age = reply.option(OptionNumber.MAX_AGE)
+            if reply.code != Code.TOO_MANY_REQUESTS or attempt == self.retries:
+                break
+            time.sleep(min(MAX_RATE_LIMIT_WAIT, int.from_bytes(max_age or b"\x01", "big")))
+        return reply.checked()
+
+    def _post(self, op: str, payload: bytes) -> Reply:
+        return self._request(Code.POST, op, payload)
+
+    @property
+    def handle(self) -> bytes:
+        value = self.compact.get("handle")
+        if not value:
+            raise SystemExit("comatrix-device: not logged in (run: login USER PASS)")
+        return bytes.fromhex(value)
+
+    def room_handle(self, room: str) -> int:
+        rooms = self.compact.get("rooms", {})
+        if room not in rooms:
+            raise SystemExit(f"comatrix-device: join {room} first")
+        return int(rooms[room])
+
+    def time(self) -> int:
+        return codec.decode_uint(self._request(Code.GET, "time").payload)
+
+    def login(self, user: str, password: str) -> bytes:
+        reply = self._post("login", LoginRequest(user, password).encode())
+        handle = codec.decode_handle(reply.payload)
+        self.compact.clear()
+        self.compact.update(handle=handle.hex(), rooms={}, cursors={})
+        # Seed the idempotency counter from the gateway clock: larger than any seq
+        # this device used before, as long as it sends at most one message a second.
+        self.compact["seq"] = self.time()
+        self.state.save()
+        return handle
+
+    def logout(self) -> None:
+        self._post("logout", HandleRequest(self.handle).encode())
+        self.compact.clear()
+        self.state.save()
+
+    def join(self, room: str) -> int:
+        reply = self._post("join", JoinRequest.for_room(self.handle, room).encode())
+        room_handle = codec.decode_uint(reply.payload)
+        self.compact.setdefault("rooms", {})[room] = room_handle
+        self.state.save()
+        return room_handle
+
+    def send(self, room: str, body: str) -> None:
+        """Send once: a retry after a lost answer reuses the seq, so Matrix keeps one event."""
+        seq = int(self.compact.get("seq", 0)) + 1
+        self.compact["seq"] = seq
+        self.state.save()  # a seq is never reused for another message, even after a crash
+        payload = SendRequest(self.handle, self.room_handle(room), seq, body).encode()
+        for attempt in range(self.retries + 1):
+            try:
+                self._post("send", payload)
+                return
+            except NoResponse:
+                if attempt == self.retries:
+                    raise
+
+    def _fetch(self, room: str, cursor: int | None) -> Message | None:
+        request = MessagesRequest(self.handle, self.room_handle(room), cursor)
+        reply = self._request(Code.FETCH, "messages", request.encode())
+        return self._seen(room, codec.decode_message(reply.payload))
+
+    def _seen(self, room: str, message: Message | None) -> Message | None:
+        if message is not None:
+            cursors = self.compact.setdefault("cursors", {})
+            cursors[room] = max(int(cursors.get(room, 0)), message.cursor)
+            self.state.save()
+        return message
+
+    def getmsg(self, room: str) -> Message | None:
+        """The latest message of the room (None if it has none)."""
+        return self._fetch(room, None)
+
+    def new_messages(self, room: str, limit: int = 100) -> list[Message]:
+        """Every message after the last one this device saw, oldest first (at most ``limit``)."""
+        found: list[Message] = []
+        cursor = self.compact.get("cursors", {}).get(room)
+        if cursor is None:
+            latest = self._fetch(room, None)
+            return [latest] if latest is not None else []
+        for _ in range(limit):
+            message = self._fetch(room, int(cursor))
+            if message is None:
+                break
+            found.append(message)
+            cursor = message.cursor
+        return found
+
+    def watch(self, room: str, *, count: int | None = None, timeout: float | None = None) -> Iterator[Message]:
+        """Observe the room: yields each new message, oldest first, filling gaps via cursors."""
+        request = MessagesRequest(self.handle, self.room_handle(room))
+        last = self.compact.get("cursors", {}).get(room)
+        delivered = 0
+        first = True
+        for reply in self.coap.observe(Code.FETCH, PATHS["messages"], payload=request.encode(),
+                                       content_format=codec.CONTENT_FORMAT, timeout=timeout):
+            reply.checked()
+            message = codec.decode_message(reply.payload)
+            if first:
+                first = False
+                if message is not None and last is None:
+                    self._seen(room, message)  # the current latest is the starting point
+                    last = message.cursor
+                    continue
+            if message is None or (last is not None and message.cursor <= int(last)):
+                continue
+            if last is not None and message.cursor > int(last) + 1:
+                # Notifications are NON: one may have been lost.  Catch up in order.
+                for missed in self.new_messages(room):
+                    if missed.cursor < message.cursor:
+                        delivered += 1
+                        yield missed
+                        if count is not None and delivered >= count:
+                            return
+            self._seen(room, message)
+            last = message.cursor
+            delivered += 1
+            yield message
+            if count is not None and delivered >= count:
+                return
+
+
+# ---------------------------------------------------------------------- the original CoMatrix form
+
+
+class OriginalDevice:
+    """The original CoMatrix wire format (Proxy-Uri with a MSC3079 path code, token in option 256)."""
+
+    def __init__(self, coap: UdpCoap, state: DeviceState, proxy_base: str = DEFAULT_PROXY_BASE) -> None:
+        self.coap = coap
+        self.state = state
+        self.original = state.section("original")
+        self.proxy_base = proxy_base.rstrip("/")
+
+    def _proxy(self, *segments: str) -> tuple[int, bytes]:
+        path = "/".join(quote(segment, safe="!:") for segment in segments)
+        return (OptionNumber.PROXY_URI, f"{self.proxy_base}/{path}".encode("utf-8"))
+
+    def _token(self) -> tuple[int, bytes]:
+        token = self.original.get("token")
+        if not token:
+            raise SystemExit("comatrix-device: not logged in (run: --original login USER PASS)")
+        return (ACCESS_TOKEN_OPTION, token.encode("ascii"))
+
+    def room_id(self, room: str) -> str:
+        return str(self.original.get("rooms", {}).get(room, room))
+
+    def time(self) -> int:
+        return int(self.coap.request(Code.GET, "time").checked().payload.decode("ascii"))
+
+    def login(self, user: str, password: str) -> None:
+        body = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user},
+                "password": password}
+        reply = self.coap.request(Code.POST, "login", payload=cbor2.dumps(body),
+                                  content_format=ContentFormat.CBOR, options=[self._proxy("1")]).checked()
+        self.original.clear()
+        self.original.update(token=cbor2.loads(reply.payload)["access_token"], rooms={}, seq=self.time())
+        self.state.save()
+
+    def logout(self) -> None:
+        self.coap.request(Code.POST, "logout", options=[self._token(), self._proxy("3")]).checked()
+        self.original.clear()
+        self.state.save()
+
+    def join(self, room: str) -> str:
+        reply = self.coap.request(Code.POST, "join", options=[self._token(), self._proxy("K", room)]).checked()
+        room_id = str(cbor2.loads(reply.payload)["room_id"])
+        self.original.setdefault("rooms", {})[room] = room_id
+        self.state.save()
+        return room_id
+
+    def send(self, room: str, body: str) -> str:
+        seq = int(self.original.get("seq", 0)) + 1
+        self.original["seq"] = seq
+        self.state.save()
+        reply = self.coap.request(
+            Code.POST, "send", payload=cbor2.dumps({"msgtype": "m.text", "body": body}),
+            content_format=ContentFormat.CBOR,
+            options=[self._token(), self._proxy("9", self.room_id(room), "m.room.message", str(seq))]).checked()
+        return str(cbor2.loads(reply.payload)["event_id"])
+
+    def getmsg(self, room: str) -> Message | None:
+        reply = self.coap.request(Code.GET, "getmsg", options=[self._token(), self._proxy("E", self.room_id(room))])
+        if reply.code == Code.NOT_FOUND:
+            return None
+        message = cbor2.loads(reply.checked().payload)
+        return Message(message["sender"], message["body"], int(message.get("origin_server_ts", 0)) // 1000, 0)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comatrix-device", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gateway", default=os.environ.get("COMATRIX_GATEWAY", DEFAULT_GATEWAY),
+                        help=f"gateway URI [default: $COMATRIX_GATEWAY or {DEFAULT_GATEWAY}]")
+    parser.add_argument("--state", type=Path, default=None, help="state file [default: %(default)s]")
+    parser.add_argument("--original", action="store_true", help="speak the original CoMatrix form")
+    parser.add_argument("--proxy-base", default=DEFAULT_PROXY_BASE,
+                        help="homeserver URL put in the original form's Proxy-Uri (the gateway ignores its host)")
+    parser.add_argument("--json", action="store_true", help="print messages as JSON lines")
+    commands = parser.add_subparsers(dest="command", required=True)
+    login = commands.add_parser("login", help="log in (password from the argument or $COMATRIX_PASSWORD)")
+    login.add_argument("user")
+    login.add_argument("password", nargs="?")
+    commands.add_parser("logout")
+    for name in ("join", "getmsg", "watch"):
+        command = commands.add_parser(name)
+        command.add_argument("room")
+        if name == "getmsg":
+            command.add_argument("--new", action="store_true", help="every message since the last one seen")
+        if name == "watch":
+            command.add_argument("--count", type=int, default=None, help="stop after N messages")
+            command.add_argument("--timeout", type=float, default=None, help="stop after S quiet seconds")
+    send = commands.add_parser("send")
+    send.add_argument("room")
+    send.add_argument("text")
+    commands.add_parser("time")
+    return parser
+
+
+def _show(message: Message, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(dataclasses.asdict(message)), flush=True)
+    else:
+        print(f"{message.sender}: {message.body}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    state = DeviceState.load(args.state or default_state_path())
+    try:
+        with UdpCoap(args.gateway) as coap:
+            return _run(args, coap, state)
+    except CoapResponseError as error:
+        print(f"comatrix-device: {error}", file=sys.stderr)
+        return 1
+    except NoResponse as error:
+        print(f"comatrix-device: {error}", file=sys.stderr)
+        return 3
+    except (OSError, ValueError, codec.CodecError) as error:
+        print(f"comatrix-device: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
+    command = args.command
+    device: CompactDevice | OriginalDevice
+    device = OriginalDevice(coap, state, args.proxy_base) if args.original else CompactDevice(coap, state)
+    if command == "login":
+        password = args.password or os.environ.get("COMATRIX_PASSWORD")
+        if not password:
+            print("comatrix-device: give a password (argument or $COMATRIX_PASSWORD)", file=sys.stderr)
+            return 2
+        device.login(args.user, password)
+    elif command == "logout":
+        device.logout()
+    elif command == "time":
+        print(device.time())
+    elif command == "join":
+        print(device.join(args.room))
+    elif command == "send":
+        device.send(args.room, args.text)
+    elif command == "getmsg":
+        if isinstance(device, CompactDevice) and args.new:
+            for message in device.new_messages(args.room):
+                _show(message, args.json)
+            return 0
+        latest = device.getmsg(args.room)
+        if latest is None:
+            print("comatrix-device: no message", file=sys.stderr)
+            return 1
+        _show(latest, args.json)
+    elif command == "watch":
+        if not isinstance(device, CompactDevice):
+            print("comatrix-device: the original form has no watch", file=sys.stderr)
+            return 2
+        for message in device.watch(args.room, count=args.count, timeout=args.timeout):
+            _show(message, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

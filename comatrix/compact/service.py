@@ -1,0 +1,330 @@
+"""The state behind the compact profile: sessions, room handles, message cursors, /sync loops.
+
+`CompactService` is shared by the compact resources of one gateway.  It knows
+Matrix (through `MatrixClient`) and the store, not CoAP: it raises the CoAP
+layer's error types only for the answers the profile defines (unknown session
+4.01, session used from another address 4.03, unknown room handle 4.04).
+
+Message cursors.  For each (session, room handle) the gateway numbers the
+room's ``m.room.message`` events 1, 2, 3, ... in homeserver order, walking the
+room forward from a Matrix pagination token it keeps (``after_token``).  A
+cursor is such a number; "messages since cursor N" is message N+1 (or the next
+kept one, a larger number telling the device it lost some).  Numbers are only
+ever assigned by that forward walk (`_advance`), under a per-timeline lock, so
+they are consecutive and in order whoever asks first: a FETCH, a join, or the
+session's /sync loop.
+
+Observe.  A session with at least one observation gets one ``/sync`` long-poll
+loop (`_SyncLoop`).  /sync is only the trigger: when a room the session has a
+handle for shows new messages, the timeline is advanced and every newly
+numbered message is handed to ``on_message`` (the resource pushes it to the
+observers of that room).  Another trigger -- an application-service
+transaction for many devices -- can later call `messages_arrived` the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+from typing import Any, Callable, Mapping
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from comatrix.coap.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from comatrix.coap.message import Peer
+from comatrix.compact.codec import HANDLE_SIZE
+from comatrix.logs import get_logger
+from comatrix.matrix import api
+from comatrix.matrix.client import MatrixClient
+from comatrix.matrix.errors import HomeserverTimeout, HomeserverUnreachable, InvalidResponse, MatrixError
+from comatrix.matrix.responses import Event, parse_messages
+from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
+
+log = get_logger(__name__)
+
+__all__ = ["CompactService", "Session", "handle_hash", "txn_id"]
+
+MESSAGE_TYPE = "m.room.message"
+#: Forward pages walked per advance before re-anchoring at the newest message (a visible gap).
+MAX_WALK_PAGES = 5
+WALK_PAGE_SIZE = 20
+#: The sync filter: only message events in joined rooms' timelines, nothing else.
+SYNC_FILTER: Mapping[str, Any] = {
+    "presence": {"types": []},
+    "account_data": {"types": []},
+    "room": {
+        "timeline": {"types": [MESSAGE_TYPE], "limit": 1},
+        "state": {"types": []},
+        "ephemeral": {"types": []},
+        "account_data": {"types": []},
+    },
+}
+SYNC_BACKOFF_MAX = 60.0
+
+Session = SessionRecord
+#: Called for each newly numbered message of a session's room: (session, room handle, message).
+MessageSink = Callable[[SessionRecord, int, StoredMessage], None]
+
+
+def handle_hash(handle: bytes) -> bytes:
+    return hashlib.sha256(handle).digest()
+
+
+def txn_id(session_id: int, seq: int) -> str:
+    """The Matrix transaction id of a compact send: a function of (session, seq) only.
+
+    A retry with the same seq therefore reuses the txnId and the homeserver
+    returns the first event instead of making a second one (facts §5).
+    """
+    return f"c{session_id}.{seq}"
+
+
+def _host(peer: Peer) -> str:
+    return peer.host
+
+
+def _usable(event: Event) -> bool:
+    return event.type == MESSAGE_TYPE and not event.is_state and not event.is_redacted
+
+
+@dataclasses.dataclass
+class _SyncLoop:
+    session: SessionRecord
+    deferred: "defer.Deferred[None] | None" = None
+    stopped: bool = False
+
+
+class CompactService:
+    """Sessions, rooms and timelines of the compact profile for one gateway."""
+
+    def __init__(self, matrix: MatrixClient, store: Store, reactor: Any, *,
+                 rooms: Mapping[str, str] | None = None, long_poll_seconds: float = 25.0) -> None:
+        self.matrix = matrix
+        self.store = store
+        self.reactor = reactor
+        #: Room names configured for joins (``[plugins.compact.rooms]``): name -> alias or room id.
+        self.configured_rooms = dict(rooms or {})
+        self.long_poll_ms = int(long_poll_seconds * 1000)
+        self.on_message: MessageSink | None = None
+        #: Returns whether a session still has observers (set by the messages resource).
+        self.is_observed: Callable[[SessionRecord], bool] = lambda session: False
+        self._locks: dict[tuple[int, int], defer.DeferredLock] = {}
+        self._loops: dict[int, _SyncLoop] = {}
+
+    # ------------------------------------------------------------------ sessions
+
+    async def login(self, user: str, password: str, peer: Peer) -> bytes:
+        """Log in to Matrix and open a session bound to ``peer``'s address; returns the handle."""
+        login = await self.matrix.login(user, password, initial_device_display_name="CoMatrix compact device")
+        handle = secrets.token_bytes(HANDLE_SIZE)
+        session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
+                                                     login.device_id, _host(peer), self.reactor.seconds())
+        log.info("Compact session {id} opened for {user} at {peer}", id=session_id, user=login.user_id,
+                 peer=_host(peer))
+        return handle
+
+    async def session(self, handle: bytes, peer: Peer) -> SessionRecord:
+        record = await self.store.session_by_handle(handle_hash(handle))
+        if record is None:
+            log.warn("Unknown compact session handle from {peer}", peer=str(peer))
+            raise Unauthorized("unknown session")
+        if record.peer_host != _host(peer):
+            log.warn("Compact session {id} used from {peer}, bound to another address",
+                     id=record.id, peer=str(peer))
+            raise Forbidden("session bound to another address")
+        return record
+
+    async def logout(self, session: SessionRecord) -> None:
+        """Revoke the handle and log the Matrix token out (an already dead token is fine)."""
+        self._stop_loop(session.id)
+        await self.store.delete_session(session.id)
+        for key in [key for key in self._locks if key[0] == session.id]:
+            del self._locks[key]
+        try:
+            await self.matrix.logout(session.access_token)
+        except MatrixError as error:
+            if error.http_status != 401:
+                raise
+        log.info("Compact session {id} closed", id=session.id)
+
+    # ------------------------------------------------------------------ rooms
+
+    def resolve_reference(self, room: str) -> str:
+        """A configured room name -> its alias or id; an alias or id as is; else 4.00."""
+        configured = self.configured_rooms.get(room)
+        if configured is not None:
+            return configured
+        if room[0] not in "!#":
+            raise BadRequest("unknown room name")
+        return room
+
+    async def join(self, session: SessionRecord, room: str) -> int:
+        room_id = await self.matrix.join(session.access_token, self.resolve_reference(room))
+        handle = await self.store.room_handle(session.id, room_id)
+        await self.advance(session, handle)  # anchors the timeline: cursors count from the join
+        return handle
+
+    async def room(self, session: SessionRecord, handle: int) -> RoomRecord:
+        record = await self.store.room(session.id, handle)
+        if record is None:
+            raise NotFound("unknown room handle")
+        return record
+
+    async def send(self, session: SessionRecord, handle: int, seq: int, body: str) -> str:
+        record = await self.room(session, handle)
+        content = {"msgtype": "m.text", "body": body}
+        return await self.matrix.send_message(session.access_token, record.room_id, content,
+                                              txn_id(session.id, seq))
+
+    # ------------------------------------------------------------------ messages
+
+    async def latest(self, session: SessionRecord, handle: int) -> StoredMessage | None:
+        await self.room(session, handle)
+        await self.advance(session, handle)
+        return await self.store.latest_message(session.id, handle)
+
+    async def since(self, session: SessionRecord, handle: int, cursor: int) -> StoredMessage | None:
+        """The first message after ``cursor`` (its cursor > cursor+1 if some fell out of the window)."""
+        record = await self.room(session, handle)
+        if cursor >= record.last_cursor:
+            await self.advance(session, handle)
+        return await self.store.message_at_or_after(session.id, handle, cursor + 1)
+
+    def _lock(self, session_id: int, handle: int) -> defer.DeferredLock:
+        key = (session_id, handle)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = defer.DeferredLock()
+        return lock
+
+    async def advance(self, session: SessionRecord, handle: int) -> list[StoredMessage]:
+        """Number the room's messages the gateway has not seen yet; returns them, oldest first."""
+        lock = self._lock(session.id, handle)
+        await lock.acquire()
+        try:
+            return await self._advance(session, handle)
+        finally:
+            lock.release()
+
+    async def _advance(self, session: SessionRecord, handle: int) -> list[StoredMessage]:
+        record = await self.room(session, handle)
+        token = session.access_token
+        cursor = record.last_cursor
+        fresh: list[StoredMessage] = []
+        if record.after_token is not None:
+            known = await self.store.known_event_ids(session.id, handle)
+            position: str | None = record.after_token
+            for _ in range(MAX_WALK_PAGES):
+                page = parse_messages(await self.matrix.request(api.last_messages(
+                    token, record.room_id, limit=WALK_PAGE_SIZE, from_token=position, dir="f")))
+                for event in page.events:
+                    if _usable(event) and event.event_id not in known:
+                        cursor += 1
+                        known.add(event.event_id)
+                        fresh.append(_stored(cursor, event))
+                if page.end is None or not page.events:
+                    break
+                position = page.end
+            else:
+                position = None
+            if position is not None:
+                await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
+                return fresh
+            log.info("Room handle {handle} of session {id} is far behind: re-anchoring",
+                     handle=handle, id=session.id)
+            fresh = []
+            cursor = record.last_cursor + 1  # a gap in the numbering: the device sees it lost messages
+        # First use (or re-anchoring): the newest message, and "now" as the position.
+        page = parse_messages(await self.matrix.request(api.last_messages(token, record.room_id, limit=1)))
+        latest = [event for event in page.events if _usable(event)]
+        if latest:
+            cursor += 1
+            fresh.append(_stored(cursor, latest[0]))
+        await self.store.advance_timeline(session.id, handle, fresh[-1:], cursor, page.start)
+        return fresh[-1:]
+
+    async def messages_arrived(self, session: SessionRecord, room_ids: set[str]) -> None:
+        """Something (the sync loop) saw new messages in ``room_ids``: number and push them."""
+        for record in await self.store.rooms(session.id):
+            if record.room_id in room_ids:
+                for message in await self.advance(session, record.handle):
+                    if self.on_message is not None:
+                        self.on_message(session, record.handle, message)
+
+    # ------------------------------------------------------------------ /sync loops
+
+    def watch(self, session: SessionRecord) -> None:
+        """Make sure ``session`` has its /sync loop running."""
+        loop = self._loops.get(session.id)
+        if loop is not None and not loop.stopped:
+            return
+        loop = self._loops[session.id] = _SyncLoop(session)
+        loop.deferred = defer.ensureDeferred(self._run(loop))
+        loop.deferred.addErrback(self._loop_failed, loop)
+
+    def watching(self, session_id: int) -> bool:
+        loop = self._loops.get(session_id)
+        return loop is not None and not loop.stopped
+
+    def _loop_failed(self, failure: Failure, loop: _SyncLoop) -> None:
+        loop.stopped = True
+        if not failure.check(defer.CancelledError):
+            log.failure("Sync loop of compact session {id} failed", failure, id=loop.session.id)
+
+    def _stop_loop(self, session_id: int) -> None:
+        loop = self._loops.pop(session_id, None)
+        if loop is not None:
+            loop.stopped = True
+            if loop.deferred is not None:
+                loop.deferred.cancel()
+
+    def stop(self) -> None:
+        for session_id in list(self._loops):
+            self._stop_loop(session_id)
+
+    async def _run(self, loop: _SyncLoop) -> None:
+        session = loop.session
+        since: str | None = None
+        backoff = 1.0
+        log.debug("Compact session {id}: sync loop started", id=session.id)
+        while not loop.stopped:
+            try:
+                sync = await self.matrix.sync(session.access_token, since=since, filter=SYNC_FILTER,
+                                              timeout_ms=0 if since is None else self.long_poll_ms)
+            except MatrixError as error:
+                if error.http_status == 401:
+                    log.info("Sync loop of compact session {id}: token refused, stopping", id=session.id)
+                    break
+                log.info("Sync loop of compact session {id}: {errcode}", id=session.id, errcode=error.errcode)
+                await task.deferLater(self.reactor, backoff, lambda: None)
+                backoff = min(SYNC_BACKOFF_MAX, backoff * 2)
+                continue
+            except (HomeserverUnreachable, HomeserverTimeout, InvalidResponse):
+                await task.deferLater(self.reactor, backoff, lambda: None)
+                backoff = min(SYNC_BACKOFF_MAX, backoff * 2)
+                continue
+            backoff = 1.0
+            joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
+            if since is None:
+                # Anything between the device's FETCH and this first position is caught up here.
+                rooms = {record.room_id for record in await self.store.rooms(session.id)}
+            else:
+                rooms = {room_id for room_id, room in joined.items()
+                         if isinstance(room, Mapping) and room.get("timeline", {}).get("events")}
+            since = sync.next_batch
+            if rooms:
+                await self.messages_arrived(session, rooms)
+            if not self.is_observed(session):
+                log.debug("Compact session {id} has no observers left: sync loop ends", id=session.id)
+                break
+        loop.stopped = True
+        if self._loops.get(session.id) is loop:
+            del self._loops[session.id]
+
+
+def _stored(cursor: int, event: Event) -> StoredMessage:
+    body = event.content.get("body")
+    return StoredMessage(cursor, event.event_id, event.sender, body if isinstance(body, str) else "",
+                         event.origin_server_ts)

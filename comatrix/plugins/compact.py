@@ -1,0 +1,197 @@
+"""The compact device profile's resources: ``/+ /- /x /w /v /z`` (``docs/protocol.rst``).
+
+One character per path, positional CBOR bodies, an 8-byte session handle
+instead of the access token, small room handles instead of room ids: every
+operation of a device fits one 802.15.4 frame.  The layouts live in
+`comatrix.compact.codec`, the state in `comatrix.compact.service`; this module
+only binds them to CoAP methods and codes.
+
+Settings (``[plugins.compact]`` in the config file)::
+
+    [plugins.compact.rooms]
+    lab = "#lab:example.org"     # a device may join "lab"
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from comatrix.coap.errors import UnsupportedContentFormat
+from comatrix.coap.message import Request, Response
+from comatrix.coap.numbers import Code
+from comatrix.coap.resource import CoapResource, LinkAttributes
+from comatrix.compact import codec
+from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, HandleRequest, JoinRequest,
+                                    LoginRequest, Message, MessagesRequest, SendRequest)
+from comatrix.compact.service import CompactService, handle_hash
+from comatrix.config import ConfigError
+from comatrix.interfaces import PluginContext
+from comatrix.resources import MatrixResource, ResourcePlugin
+from comatrix.store import SessionRecord, Store, StoredMessage
+
+#: Key of the shared `CompactService` in ``PluginContext.state``.
+STATE_KEY = "compact"
+SETTINGS_NAME = "compact"
+
+
+def compact_service(context: PluginContext) -> CompactService:
+    """The one `CompactService` of this gateway (made by whichever compact resource is built first)."""
+    service = context.state.get(STATE_KEY)
+    if isinstance(service, CompactService):
+        return service
+    settings = context.config.plugin_settings(SETTINGS_NAME)
+    rooms = settings.get("rooms", {})
+    if not isinstance(rooms, Mapping) or not all(
+            isinstance(name, str) and isinstance(target, str) and target[:1] in ("!", "#")
+            for name, target in rooms.items()):
+        raise ConfigError("[plugins.compact.rooms] maps names to room ids (!...) or aliases (#...)")
+    store = context.store if context.store is not None else Store.for_state_dir(
+        context.config.state_dir, context.reactor)
+    # The long-poll must end before the transport's own deadline.
+    long_poll = max(1.0, min(25.0, context.config.request_timeout - 2.0))
+    service = CompactService(context.matrix, store, context.reactor, rooms=rooms, long_poll_seconds=long_poll)
+    context.state[STATE_KEY] = service
+    add_trigger = getattr(context.reactor, "addSystemEventTrigger", None)
+    if add_trigger is not None:
+        add_trigger("before", "shutdown", service.stop)
+    return service
+
+
+def _link(op: str, title: str, *, obs: bool = False) -> LinkAttributes:
+    return LinkAttributes(rt=RESOURCE_TYPES[op], ct=(CONTENT_FORMAT,), title=title, obs=obs)
+
+
+def _cbor(payload: bytes, code: Code) -> Response:
+    return Response(code=code, payload=payload, content_format=CONTENT_FORMAT)
+
+
+class CompactResource(MatrixResource):
+    """Base of the compact resources: the shared service and the CBOR payload check."""
+
+    def __init__(self, context: PluginContext) -> None:
+        super().__init__(context)
+        self.service = compact_service(context)
+
+    @staticmethod
+    def payload(request: Request) -> bytes:
+        if request.content_format not in (None, CONTENT_FORMAT):
+            raise UnsupportedContentFormat("expected application/cbor (60)")
+        return request.payload
+
+
+class LoginResource(CompactResource):
+    link = _link("login", "Compact login: [user, password] -> session handle")
+
+    async def render_POST(self, request: Request) -> Response:
+        login = LoginRequest.decode(self.payload(request))
+        handle = await self.service.login(login.user, login.password, request.peer)
+        return _cbor(codec.encode_handle(handle), Code.CREATED)
+
+
+class LogoutResource(CompactResource):
+    link = _link("logout", "Compact logout: [handle]")
+
+    async def render_POST(self, request: Request) -> Response:
+        logout = HandleRequest.decode(self.payload(request))
+        session = await self.service.session(logout.handle, request.peer)
+        await self.service.logout(session)
+        return Response(code=Code.CHANGED)
+
+
+class JoinResource(CompactResource):
+    link = _link("join", "Compact join: [handle, room] -> room handle")
+
+    async def render_POST(self, request: Request) -> Response:
+        join = JoinRequest.decode(self.payload(request))
+        session = await self.service.session(join.handle, request.peer)
+        room_handle = await self.service.join(session, join.room_text())
+        return _cbor(codec.encode_uint(room_handle), Code.CHANGED)
+
+
+class SendResource(CompactResource):
+    link = _link("send", "Compact send: [handle, room, seq, body]")
+
+    async def render_POST(self, request: Request) -> Response:
+        send = SendRequest.decode(self.payload(request))
+        session = await self.service.session(send.handle, request.peer)
+        await self.service.send(session, send.room, send.seq, send.body)
+        return Response(code=Code.CHANGED)
+
+
+def _device_message(message: StoredMessage | None) -> bytes:
+    if message is None:
+        return codec.encode_message(None)
+    return codec.encode_message(Message(message.sender, message.body, message.ts // 1000, message.cursor))
+
+
+class MessagesResource(CompactResource):
+    """FETCH [handle, room(, cursor)]; observable: each new message of the room is pushed."""
+
+    link = _link("messages", "Compact messages: latest, or since a cursor; observable", obs=True)
+
+    def __init__(self, context: PluginContext) -> None:
+        super().__init__(context)
+        #: While a message is being pushed: (session handle hash, room handle, message).
+        self._pushing: tuple[bytes, int, StoredMessage] | None = None
+        self.service.on_message = self._push
+        self.service.is_observed = self._observed
+
+    def render_FETCH(self, request: Request) -> Any:
+        pushing = self._pushing
+        if pushing is not None and _selects(request, pushing[0], pushing[1]):
+            # A notification: the pushed message (rendered synchronously inside notify).
+            return _cbor(_device_message(pushing[2]), Code.CONTENT)
+        return self._fetch(request)
+
+    async def _fetch(self, request: Request) -> Response:
+        fetch = MessagesRequest.decode(self.payload(request))
+        session = await self.service.session(fetch.handle, request.peer)
+        if fetch.cursor is None:
+            message = await self.service.latest(session, fetch.room)
+        else:
+            message = await self.service.since(session, fetch.room, fetch.cursor)
+        if request.observe == 0:
+            # Started last, just before the response: the observation is registered
+            # before the loop's first /sync can possibly return.
+            self.service.watch(session)
+        return _cbor(_device_message(message), Code.CONTENT)
+
+    def _push(self, session: SessionRecord, room_handle: int, message: StoredMessage) -> None:
+        self._pushing = (session.handle_hash, room_handle, message)
+        try:
+            self.notify_observers(lambda request: _selects(request, session.handle_hash, room_handle))
+        finally:
+            self._pushing = None
+
+    def _observed(self, session: SessionRecord) -> bool:
+        return any(_selects(request, session.handle_hash, None) for request in self.observer_requests())
+
+
+def _selects(request: Request, wanted_hash: bytes, room_handle: int | None) -> bool:
+    """Whether an observation's registration request is for this session (and room)."""
+    try:
+        fetch = MessagesRequest.decode(request.payload)
+    except codec.CodecError:
+        return False
+    return handle_hash(fetch.handle) == wanted_hash and (room_handle is None or fetch.room == room_handle)
+
+
+class TimeResource(CoapResource):
+    """GET -> Unix seconds as a CBOR uint (seeds the device's seq counter)."""
+
+    link = _link("time", "Unix time (s), CBOR")
+
+    def __init__(self, context: PluginContext) -> None:
+        super().__init__()
+        self.reactor = context.reactor
+
+    def render_GET(self, request: Request) -> Response:
+        return _cbor(codec.encode_uint(int(self.reactor.seconds())), Code.CONTENT)
+
+
+compact_login = ResourcePlugin("compact-login", (PATHS["login"],), LoginResource)
+compact_logout = ResourcePlugin("compact-logout", (PATHS["logout"],), LogoutResource)
+compact_join = ResourcePlugin("compact-join", (PATHS["join"],), JoinResource)
+compact_send = ResourcePlugin("compact-send", (PATHS["send"],), SendResource)
+compact_messages = ResourcePlugin("compact-messages", (PATHS["messages"],), MessagesResource)
+compact_time = ResourcePlugin("compact-time", (PATHS["time"],), TimeResource)

@@ -1,0 +1,252 @@
+"""Overload protection for requests that go to the homeserver: rate limits and a concurrency cap.
+
+Two independent mechanisms, both configured in the ``[limits]`` table:
+
+* `Admission` -- token buckets, one per device (keyed by source address, or by
+  the device's access token when ``device_key = "token"``) plus one global
+  bucket.  A request that finds either bucket empty is answered 4.29 with
+  Max-Age = whole seconds until a token is available (RFC 8516), so one chatty
+  device cannot starve the others or get the gateway's users rate-limited by
+  the homeserver.  It is checked by `comatrix.resources.MatrixResource` before
+  a request is handled; local resources (``/time``, ``/.well-known/core``)
+  never see it.
+* `UpstreamLimiter` -- at most ``max_upstream`` homeserver calls at once; the
+  next ``upstream_queue`` wait in FIFO order (at most ``queue_timeout``
+  seconds), anything beyond is answered 5.03 with Max-Age at once.
+  `LimitedTransport` applies it to every call a `MatrixTransport` makes.
+
+State is bounded: per-device buckets live in an LRU table of ``max_devices``
+entries, and a bucket that has refilled completely is as good as a new one, so
+eviction never favours a device.  Time comes from the injected reactor only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections import OrderedDict, deque
+from typing import Any, Callable, TypeVar
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from comatrix.logs import get_logger
+from comatrix.coap.errors import ServiceUnavailable, TooManyRequests
+from comatrix.coap.message import Request
+from comatrix.config import LimitSettings
+from comatrix.credentials import token_from_request
+from comatrix.matrix.api import MatrixRequest
+from comatrix.matrix.transport import MatrixTransport
+
+__all__ = ["TokenBucket", "Admission", "UpstreamBusy", "UpstreamLimiter",
+           "LimitedTransport", "install"]
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+#: Max-Age of a 5.03 "upstream busy": the queue is full now, but it drains within a request timeout.
+BUSY_RETRY_AFTER = 2
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second; one request takes one token."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = max(self._stamp, now)
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is available (0: one is available now)."""
+        self._refill(now)
+        if self._tokens >= 1:
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self._tokens >= self.burst
+
+
+class Admission:
+    """Per-device and global token buckets for requests that would go upstream."""
+
+    def __init__(self, settings: LimitSettings, clock: Any) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._devices: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._global = (TokenBucket(settings.global_rate, settings.global_burst, clock.seconds())
+                        if settings.global_rate > 0 else None)
+
+    def device_key(self, request: Request) -> str:
+        """The bucket a request draws from.  Tokens are hashed: they must not sit in a table."""
+        if self.settings.device_key == "token":
+            try:
+                token = token_from_request(request)
+            except Exception:
+                token = None  # a malformed token is refused later, with its own 4.01
+            if token is not None:
+                return "t:" + hashlib.sha256(token.encode("ascii")).hexdigest()[:32]
+        # The port is left out: a sleepy device may come back from another source port.
+        return "a:" + request.peer.host
+
+    def _bucket(self, key: str, now: float) -> TokenBucket | None:
+        settings = self.settings
+        if settings.device_rate <= 0:
+            return None
+        bucket = self._devices.get(key)
+        if bucket is not None:
+            self._devices.move_to_end(key)
+            return bucket
+        bucket = TokenBucket(settings.device_rate, settings.device_burst, now)
+        self._devices[key] = bucket
+        while len(self._devices) > settings.max_devices:
+            self._devices.popitem(last=False)
+        return bucket
+
+    def check(self, request: Request) -> None:
+        """Take a token from the device's and the global bucket, or raise `TooManyRequests`.
+
+        Nothing is taken unless both have one, so a refused request costs no budget.
+        """
+        now = self._clock.seconds()
+        key = self.device_key(request)
+        device = self._bucket(key, now)
+        device_wait = device.wait(now) if device is not None else 0.0
+        global_wait = self._global.wait(now) if self._global is not None else 0.0
+        wait = max(device_wait, global_wait)
+        if wait > 0:
+            which = "device" if device_wait >= global_wait else "gateway"
+            log.info("Rate limit ({which}) for {peer}: retry in {wait:.2f} s", which=which,
+                     peer=str(request.peer), wait=wait)
+            raise TooManyRequests(f"{which} rate limit", retry_after=math.ceil(wait))
+        if device is not None:
+            device.take(now)
+        if self._global is not None:
+            self._global.take(now)
+
+    def tracked_devices(self) -> int:
+        return len(self._devices)
+
+
+class UpstreamBusy(ServiceUnavailable):
+    """Too many homeserver calls waiting already: answered 5.03 with Max-Age."""
+
+    def __init__(self, diagnostic: str = "upstream busy") -> None:
+        super().__init__(diagnostic, max_age=BUSY_RETRY_AFTER)
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    start: Callable[[], None]
+    deferred: "defer.Deferred[Any]"
+    timer: Any = None
+
+
+class UpstreamLimiter:
+    """At most ``max_active`` calls at once; ``max_queue`` more wait in FIFO order."""
+
+    def __init__(self, max_active: int, max_queue: int, queue_timeout: float, clock: Any) -> None:
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self._clock = clock
+        self._active = 0
+        self._queue: deque[_Waiter] = deque()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def run(self, call: Callable[[], "defer.Deferred[T]"]) -> "defer.Deferred[T]":
+        """``call()`` now or once a slot is free; fails with `UpstreamBusy` when it cannot wait."""
+        if self._active < self.max_active:
+            return self._start(call)
+        if len(self._queue) >= self.max_queue:
+            log.info("Upstream queue full ({queued} waiting): 5.03", queued=len(self._queue))
+            return defer.fail(UpstreamBusy())
+        result: defer.Deferred[T] = defer.Deferred(lambda d: self._cancelled(waiter))
+
+        def start() -> None:
+            self._start(call).chainDeferred(result)
+
+        waiter = _Waiter(start, result)
+        waiter.timer = self._clock.callLater(self.queue_timeout, self._expired, waiter)
+        self._queue.append(waiter)
+        return result
+
+    def _start(self, call: Callable[[], "defer.Deferred[T]"]) -> "defer.Deferred[T]":
+        self._active += 1
+        try:
+            d = call()
+        except BaseException:
+            d = defer.fail(Failure())
+        return d.addBoth(self._release)
+
+    def _release(self, result: Any) -> Any:
+        self._active -= 1
+        while self._queue and self._active < self.max_active:
+            waiter = self._queue.popleft()
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.start()
+        return result
+
+    def _expired(self, waiter: _Waiter) -> None:
+        waiter.timer = None
+        try:
+            self._queue.remove(waiter)
+        except ValueError:
+            return
+        log.info("Upstream call waited {timeout} s for a slot: 5.03", timeout=self.queue_timeout)
+        waiter.deferred.errback(UpstreamBusy("upstream busy (queue timeout)"))
+
+    def _cancelled(self, waiter: _Waiter) -> None:
+        if waiter in self._queue:
+            self._queue.remove(waiter)
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+
+
+class LimitedTransport(MatrixTransport):
+    """A `MatrixTransport` whose every call goes through an `UpstreamLimiter`.
+
+    The transport's own deadline starts when the call leaves the queue, so a
+    queued call can take up to ``queue_timeout + request_timeout`` in all.
+    """
+
+    def __init__(self, base_url: str, *, limiter: UpstreamLimiter, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        self.limiter = limiter
+
+    def request(self, req: MatrixRequest) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
+        return self.limiter.run(lambda: MatrixTransport.request(self, req))
+
+
+def install(site: Any, admission: Admission) -> int:
+    """Make every Matrix resource of ``site`` check ``admission``; returns how many."""
+    from comatrix.resources import MatrixResource
+
+    count = 0
+    for _path, resource in site.resources():
+        if isinstance(resource, MatrixResource):
+            resource.admission = admission
+            count += 1
+    return count

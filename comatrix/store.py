@@ -1,0 +1,238 @@
+"""Persistent gateway state in SQLite: compact-profile sessions, room handles and message cursors.
+
+The database lives at ``<state_dir>/comatrix.sqlite3`` (created 0600 in a 0700
+directory, because it holds Matrix access tokens); without a state directory it
+is in memory and dies with the process.  All SQL runs in the one thread of a
+``twisted.enterprise.adbapi`` pool (``cp_max=1``, so SQLite never sees two
+writers), never on the reactor thread; every method returns a Deferred or is a
+coroutine.
+
+What is kept, per compact session (see ``docs/protocol.rst``):
+
+* the session: SHA-256 of its handle (the handle itself is never stored), the
+  Matrix access token, user id, device id and the address it is bound to;
+* room handles: small integers, assigned in join order, per session;
+* per room handle, the message timeline position: the last cursor number the
+  gateway assigned and the Matrix pagination token just after that message;
+* the last `MESSAGES_KEPT` numbered messages of each room handle (sender, body,
+  time), so "messages since cursor N" is answered without losing any.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+from typing import Any, Iterable
+
+from twisted.enterprise import adbapi
+
+from comatrix.logs import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "RoomRecord", "SessionRecord", "Store", "StoredMessage"]
+
+DB_FILENAME = "comatrix.sqlite3"
+#: Numbered messages kept per (session, room handle); older cursors fall out of the window.
+MESSAGES_KEPT = 64
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS compact_sessions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        handle_hash BLOB NOT NULL UNIQUE,
+        access_token TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        device_id TEXT,
+        peer_host TEXT NOT NULL,
+        created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS compact_rooms (
+        session_id INTEGER NOT NULL,
+        handle INTEGER NOT NULL,
+        room_id TEXT NOT NULL,
+        last_cursor INTEGER NOT NULL DEFAULT 0,
+        after_token TEXT,
+        PRIMARY KEY (session_id, handle),
+        UNIQUE (session_id, room_id))""",
+    """CREATE TABLE IF NOT EXISTS compact_messages (
+        session_id INTEGER NOT NULL,
+        room_handle INTEGER NOT NULL,
+        cursor INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        body TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (session_id, room_handle, cursor))""",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRecord:
+    id: int
+    handle_hash: bytes = dataclasses.field(repr=False)
+    access_token: str = dataclasses.field(repr=False)
+    user_id: str
+    device_id: str | None
+    peer_host: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RoomRecord:
+    session_id: int
+    handle: int
+    room_id: str
+    last_cursor: int
+    after_token: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredMessage:
+    cursor: int
+    event_id: str
+    sender: str
+    body: str
+    ts: int  # origin_server_ts, milliseconds
+
+
+def _prepare_file(path: str) -> None:
+    """Create the directory (0700) and the database file (0600) before SQLite touches them."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+
+
+def _open_connection(connection: Any) -> None:
+    for statement in _SCHEMA:
+        connection.execute(statement)
+    connection.commit()
+
+
+class Store:
+    """The gateway's SQLite database behind a one-thread adbapi pool."""
+
+    def __init__(self, path: str | None = None, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.path = path
+        if path is not None:
+            _prepare_file(path)
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3", path if path is not None else ":memory:",
+            check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_open_connection,
+            cp_reactor=reactor)
+
+    @classmethod
+    def for_state_dir(cls, state_dir: str | None, reactor: Any = None) -> "Store":
+        """``<state_dir>/comatrix.sqlite3``, or an in-memory database without a state dir."""
+        return cls(os.path.join(state_dir, DB_FILENAME) if state_dir else None, reactor)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # ------------------------------------------------------------------ sessions
+
+    async def create_session(self, handle_hash: bytes, access_token: str, user_id: str,
+                             device_id: str | None, peer_host: str, now: float) -> int:
+        def insert(txn: Any) -> int:
+            txn.execute("INSERT INTO compact_sessions (handle_hash, access_token, user_id, device_id,"
+                        " peer_host, created) VALUES (?, ?, ?, ?, ?, ?)",
+                        (sqlite3.Binary(handle_hash), access_token, user_id, device_id, peer_host, now))
+            return int(txn.lastrowid)
+        return int(await self._pool.runInteraction(insert))
+
+    async def session_by_handle(self, handle_hash: bytes) -> SessionRecord | None:
+        rows = await self._pool.runQuery(
+            "SELECT id, handle_hash, access_token, user_id, device_id, peer_host FROM compact_sessions"
+            " WHERE handle_hash = ?", (sqlite3.Binary(handle_hash),))
+        if not rows:
+            return None
+        row = rows[0]
+        return SessionRecord(int(row[0]), bytes(row[1]), row[2], row[3], row[4], row[5])
+
+    async def delete_session(self, session_id: int) -> None:
+        def delete(txn: Any) -> None:
+            for table, column in (("compact_messages", "session_id"), ("compact_rooms", "session_id"),
+                                  ("compact_sessions", "id")):
+                txn.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
+        await self._pool.runInteraction(delete)
+
+    async def session_count(self) -> int:
+        rows = await self._pool.runQuery("SELECT COUNT(*) FROM compact_sessions")
+        return int(rows[0][0])
+
+    # ------------------------------------------------------------------ room handles
+
+    async def room_handle(self, session_id: int, room_id: str) -> int:
+        """The session's handle for ``room_id``; a new one (smallest unused is max+1, from 0) if none."""
+        def get_or_assign(txn: Any) -> int:
+            txn.execute("SELECT handle FROM compact_rooms WHERE session_id = ? AND room_id = ?",
+                        (session_id, room_id))
+            row = txn.fetchone()
+            if row is not None:
+                return int(row[0])
+            txn.execute("SELECT COALESCE(MAX(handle) + 1, 0) FROM compact_rooms WHERE session_id = ?",
+                        (session_id,))
+            handle = int(txn.fetchone()[0])
+            txn.execute("INSERT INTO compact_rooms (session_id, handle, room_id) VALUES (?, ?, ?)",
+                        (session_id, handle, room_id))
+            return handle
+        return int(await self._pool.runInteraction(get_or_assign))
+
+    async def room(self, session_id: int, handle: int) -> RoomRecord | None:
+        rows = await self._pool.runQuery(
+            "SELECT room_id, last_cursor, after_token FROM compact_rooms WHERE session_id = ? AND handle = ?",
+            (session_id, handle))
+        if not rows:
+            return None
+        return RoomRecord(session_id, handle, rows[0][0], int(rows[0][1]), rows[0][2])
+
+    async def rooms(self, session_id: int) -> list[RoomRecord]:
+        rows = await self._pool.runQuery(
+            "SELECT handle, room_id, last_cursor, after_token FROM compact_rooms WHERE session_id = ?"
+            " ORDER BY handle", (session_id,))
+        return [RoomRecord(session_id, int(r[0]), r[1], int(r[2]), r[3]) for r in rows]
+
+    # ------------------------------------------------------------------ timelines
+
+    async def advance_timeline(self, session_id: int, handle: int, messages: Iterable[StoredMessage],
+                               last_cursor: int, after_token: str | None,
+                               keep: int = MESSAGES_KEPT) -> None:
+        """Record newly numbered messages and the new position, in one transaction; prune the window."""
+        batch = list(messages)
+
+        def write(txn: Any) -> None:
+            txn.executemany(
+                "INSERT OR REPLACE INTO compact_messages (session_id, room_handle, cursor, event_id,"
+                " sender, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(session_id, handle, m.cursor, m.event_id, m.sender, m.body, m.ts) for m in batch])
+            txn.execute("UPDATE compact_rooms SET last_cursor = ?, after_token = ? WHERE session_id = ?"
+                        " AND handle = ?", (last_cursor, after_token, session_id, handle))
+            txn.execute("DELETE FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor <= ?",
+                        (session_id, handle, last_cursor - keep))
+        await self._pool.runInteraction(write)
+
+    async def message_at_or_after(self, session_id: int, handle: int, cursor: int) -> StoredMessage | None:
+        """The kept message with the smallest cursor >= ``cursor`` (a larger one means a gap)."""
+        rows = await self._pool.runQuery(
+            "SELECT cursor, event_id, sender, body, ts FROM compact_messages WHERE session_id = ? AND"
+            " room_handle = ? AND cursor >= ? ORDER BY cursor LIMIT 1", (session_id, handle, cursor))
+        return _message(rows[0]) if rows else None
+
+    async def latest_message(self, session_id: int, handle: int) -> StoredMessage | None:
+        rows = await self._pool.runQuery(
+            "SELECT cursor, event_id, sender, body, ts FROM compact_messages WHERE session_id = ? AND"
+            " room_handle = ? ORDER BY cursor DESC LIMIT 1", (session_id, handle))
+        return _message(rows[0]) if rows else None
+
+    async def known_event_ids(self, session_id: int, handle: int) -> set[str]:
+        rows = await self._pool.runQuery(
+            "SELECT event_id FROM compact_messages WHERE session_id = ? AND room_handle = ?",
+            (session_id, handle))
+        return {row[0] for row in rows}
+
+
+def _message(row: Any) -> StoredMessage:
+    return StoredMessage(int(row[0]), row[1], row[2], row[3], int(row[4]))

@@ -1,0 +1,567 @@
+"""Reliability against a real Synapse: exactly-once under loss, outages, restarts, overload, bad input.
+
+* 200 numbered sends through a lossy, reordering UDP relay (30% loss each way,
+  seeded) with retransmissions and retries (new Message ID, same txn_id): the
+  room holds exactly those 200 bodies, once each, in order.
+* Synapse stopped mid-run: 5.02 fast, local resources keep answering, the next
+  send after Synapse is back succeeds without restarting the gateway, and a
+  send retried across the outage is not duplicated.
+* A hanging upstream: 5.04 at the configured deadline for every waiting device,
+  the concurrency cap queues and then sheds (5.03) beyond its bound, /time answers.
+* The gateway restarted between a login and a send: the old token works, and a
+  send retried across the restart is not duplicated.
+* Bad input through the real gateway: 4.xx, and a counting TCP relay in front of
+  Synapse shows that not one connection was made for it.
+
+The CoAP client here is a small raw-socket one, so retransmission timing and
+Message IDs are under the test's control.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import secrets
+import selectors
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import cbor2
+import pytest
+
+from support.gateway import GatewayProcess
+from support.secrets import remember
+from support.synapse import SynapseServer
+
+pytestmark = pytest.mark.integration
+
+CBOR = 60
+TOKEN = 256
+CONTENT_FORMAT = 12
+MAX_AGE = 14
+URI_PATH = 11
+URI_QUERY = 15
+CON, NON, ACK, RST = 0, 1, 2, 3
+CODE_NAMES = {0x01: "GET", 0x02: "POST", 0x03: "PUT"}
+
+
+# --------------------------------------------------------------------------- a raw CoAP client
+
+
+def encode_options(options: list[tuple[int, bytes]]) -> bytes:
+    out = b""
+    previous = 0
+    for number, value in sorted(options, key=lambda item: item[0]):
+        delta, length = number - previous, len(value)
+        previous = number
+
+        def nibble(n: int) -> tuple[int, bytes]:
+            if n < 13:
+                return n, b""
+            if n < 269:
+                return 13, bytes([n - 13])
+            return 14, struct.pack("!H", n - 269)
+
+        d, dx = nibble(delta)
+        n, nx = nibble(length)
+        out += bytes([(d << 4) | n]) + dx + nx + value
+    return out
+
+
+@dataclass
+class Reply:
+    code: str
+    payload: bytes
+    options: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def option(self, number: int) -> bytes | None:
+        return next((value for num, value in self.options if num == number), None)
+
+    @property
+    def max_age(self) -> int | None:
+        raw = self.option(MAX_AGE)
+        return None if raw is None else int.from_bytes(raw, "big")
+
+    def cbor(self) -> Any:
+        return cbor2.loads(self.payload)
+
+
+def decode(data: bytes) -> tuple[int, int, int, bytes, list[tuple[int, bytes]], bytes]:
+    """(type, code, mid, token, options, payload) of a datagram."""
+    mtype, tkl = (data[0] >> 4) & 3, data[0] & 0x0F
+    code, mid = data[1], struct.unpack("!H", data[2:4])[0]
+    token, pos = data[4:4 + tkl], 4 + tkl
+    options: list[tuple[int, bytes]] = []
+    number = 0
+    while pos < len(data) and data[pos] != 0xFF:
+        delta, length = data[pos] >> 4, data[pos] & 0x0F
+        pos += 1
+        values = []
+        for nib in (delta, length):
+            if nib == 13:
+                values.append(data[pos] + 13)
+                pos += 1
+            elif nib == 14:
+                values.append(struct.unpack("!H", data[pos:pos + 2])[0] + 269)
+                pos += 2
+            else:
+                values.append(nib)
+        number += values[0]
+        options.append((number, data[pos:pos + values[1]]))
+        pos += values[1]
+    payload = data[pos + 1:] if pos < len(data) else b""
+    return mtype, code, mid, token, options, payload
+
+
+class NoAnswer(Exception):
+    pass
+
+
+class RawCoapClient:
+    """CON requests with retransmission (same MID); separate responses are acknowledged."""
+
+    def __init__(self, host: str, port: int, *, ack_timeout: float = 0.1, max_transmissions: int = 8) -> None:
+        self.server = (host, port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.ack_timeout = ack_timeout
+        self.max_transmissions = max_transmissions
+        self._mid = random.Random(port).randrange(0x10000)
+        self.transmissions = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def next_mid(self) -> int:
+        self._mid = (self._mid + 1) & 0xFFFF
+        return self._mid
+
+    def request(self, method: str, path: str, payload: bytes = b"", *,
+                options: Sequence[tuple[int, bytes]] = (),
+                content_format: int | None = None, wait: float = 30.0) -> Reply:
+        """One exchange: a fresh MID and token, retransmitted until answered; ``wait`` bounds
+        the wait for a separate response after an empty ACK."""
+        code = {"GET": 1, "POST": 2, "PUT": 3, "DELETE": 4}[method]
+        path, _, query = path.partition("?")
+        all_options = [(URI_PATH, segment.encode()) for segment in path.split("/") if segment]
+        all_options += [(URI_QUERY, item.encode()) for item in query.split("&") if item]
+        all_options += list(options)
+        if content_format is not None:
+            all_options.append((CONTENT_FORMAT, bytes([content_format]) if content_format else b""))
+        mid, token = self.next_mid(), secrets.token_bytes(4)
+        datagram = struct.pack("!BBH", 0x40 | len(token), code, mid) + token + encode_options(all_options)
+        if payload:
+            datagram += b"\xff" + payload
+        acked = False
+        sent = 0
+        deadline = time.monotonic() + wait
+        next_send = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if not acked and now >= next_send:
+                if sent >= self.max_transmissions:
+                    raise NoAnswer(f"{method} /{path}: no answer after {sent} transmissions")
+                self.sock.sendto(datagram, self.server)
+                sent += 1
+                self.transmissions += 1
+                next_send = now + self.ack_timeout
+            if acked and now >= deadline:
+                raise NoAnswer(f"{method} /{path}: no separate response within {wait} s")
+            self.sock.settimeout(max(0.001, (next_send if not acked else deadline) - now))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            mtype, rcode, rmid, rtoken, roptions, rpayload = decode(data)
+            if mtype == CON:  # a separate response (maybe a retransmission of one): acknowledge it
+                self.sock.sendto(struct.pack("!BBH", 0x60, 0, rmid), self.server)
+            if mtype == ACK and rmid == mid and rcode == 0:
+                acked = True
+                continue
+            if rtoken == token and rcode != 0 and mtype in (ACK, CON, NON):
+                return Reply(f"{rcode >> 5}.{rcode & 0x1F:02d}", rpayload, roptions)
+
+
+# --------------------------------------------------------------------------- relays
+
+
+class LossyRelay:
+    """A UDP proxy between one client and the gateway that drops and reorders datagrams.
+
+    Each direction drops ``loss`` of the datagrams (seeded RNG) and holds back
+    ``reorder`` of the survivors until the next datagram in that direction has
+    passed (or 50 ms have gone by).
+    """
+
+    HOLD = 0.05
+
+    def __init__(self, target: tuple[str, int], *, loss: float, reorder: float, seed: int) -> None:
+        self.target = target
+        self.loss, self.reorder = loss, reorder
+        self.random = random.Random(seed)
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.bind(("127.0.0.1", 0))
+        self.port = self.front.getsockname()[1]
+        self.client: tuple[str, int] | None = None
+        self.stats = {"forwarded": 0, "dropped": 0, "reordered": 0}
+        self._held: dict[str, tuple[bytes, float] | None] = {"up": None, "down": None}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lossy-relay", daemon=True)
+
+    def __enter__(self) -> "LossyRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.front.close()
+        self.back.close()
+
+    def _emit(self, direction: str, data: bytes) -> None:
+        if direction == "up":
+            self.back.sendto(data, self.target)
+        elif self.client is not None:
+            self.front.sendto(data, self.client)
+        self.stats["forwarded"] += 1
+
+    def _pass(self, direction: str, data: bytes) -> None:
+        if self.random.random() < self.loss:
+            self.stats["dropped"] += 1
+            return
+        held = self._held[direction]
+        if held is None and self.random.random() < self.reorder:
+            self._held[direction] = (data, time.monotonic())
+            self.stats["reordered"] += 1
+            return
+        self._emit(direction, data)
+        if held is not None:
+            self._held[direction] = None
+            self._emit(direction, held[0])  # the held one now arrives after a later one
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.front, selectors.EVENT_READ, "up")
+        selector.register(self.back, selectors.EVENT_READ, "down")
+        while not self._stop.is_set():
+            for key, _ in selector.select(timeout=0.01):
+                data, addr = key.fileobj.recvfrom(65536)  # type: ignore[union-attr]
+                if key.data == "up":
+                    self.client = addr
+                self._pass(key.data, data)
+            now = time.monotonic()
+            for direction, held in self._held.items():
+                if held is not None and now - held[1] > self.HOLD:
+                    self._held[direction] = None
+                    self._emit(direction, held[0])
+        selector.close()
+
+
+class CountingTcpRelay:
+    """A TCP relay in front of Synapse that counts connections and HTTP requests passing through."""
+
+    METHODS = (b"GET ", b"PUT ", b"POST ", b"DELETE ", b"HEAD ", b"OPTIONS ")
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcp-relay", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "CountingTcpRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ, None)
+        peers: dict[socket.socket, socket.socket] = {}
+        while not self._stop.is_set():
+            for key, _ in selector.select(timeout=0.05):
+                sock = key.fileobj
+                if sock is self.listener:
+                    client, _ = self.listener.accept()
+                    upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                    self.connections += 1
+                    peers[client], peers[upstream] = upstream, client
+                    selector.register(client, selectors.EVENT_READ, "client")
+                    selector.register(upstream, selectors.EVENT_READ, "upstream")
+                    continue
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    other = peers.pop(sock)
+                    peers.pop(other, None)
+                    for s in (sock, other):
+                        selector.unregister(s)
+                        s.close()
+                    continue
+                if key.data == "client" and data.startswith(self.METHODS):
+                    self.requests.append(data.split(b" HTTP/")[0][:200])
+                peers[sock].sendall(data)
+        for sock in peers:
+            sock.close()
+        selector.close()
+
+
+@pytest.fixture
+def hanging_homeserver() -> Iterator[str]:
+    """A TCP port that accepts connections (kernel backlog) and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def send_body(room_id: str, text: str, txn_id: str | None = None) -> bytes:
+    body: dict[str, Any] = {"room_id": room_id, "body": text}
+    if txn_id is not None:
+        body["txn_id"] = txn_id
+    return cbor2.dumps(body)
+
+
+def all_text_bodies(synapse: SynapseServer, token: str, room_id: str) -> list[str]:
+    """Every m.room.message body of the room, oldest first (paginating /messages forwards)."""
+    bodies: list[str] = []
+    path = f"/_matrix/client/v3/rooms/{urllib.parse.quote(room_id)}/messages"
+    query = {"dir": "f", "limit": "100", "filter": json.dumps({"types": ["m.room.message"]})}
+    for _ in range(100):
+        page = synapse.request("GET", path, token=token, query=query)
+        bodies += [event["content"]["body"] for event in page["chunk"]]
+        if "end" not in page or not page["chunk"] and page.get("end") == query.get("from"):
+            return bodies
+        query["from"] = page["end"]
+    raise AssertionError("room history did not end within 100 pages")
+
+
+def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+FAST_COAP = "[coap]\nack_timeout = 0.3\n"
+NO_LIMITS = "[limits]\ndevice_rate = 0\nglobal_rate = 0\n"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_exactly_once_in_order_through_a_lossy_reordering_link(make_gateway, synapse: SynapseServer,
+                                                               synapse_user) -> None:
+    device = synapse_user("lossy")
+    room_id = synapse.create_room(device.access_token)
+    gw = make_gateway(config_text=FAST_COAP + NO_LIMITS, log_level="info")
+    count = 200
+    outer_retries = 0
+    with LossyRelay(("127.0.0.1", gw.port), loss=0.3, reorder=0.1, seed=20240601) as relay:
+        client = RawCoapClient("127.0.0.1", relay.port, ack_timeout=0.1, max_transmissions=6)
+        try:
+            for n in range(count):
+                body = send_body(room_id, f"reading {n}", txn_id=f"lossy-{n}")
+                for attempt in range(20):
+                    try:
+                        # A new Message ID each attempt (a device that timed out and retries);
+                        # the txn_id is what makes the retry idempotent.
+                        reply = client.request("POST", "send", body, content_format=CBOR,
+                                               options=[(TOKEN, device.access_token.encode())], wait=5)
+                    except NoAnswer:
+                        outer_retries += 1
+                        continue
+                    assert reply.code == "2.04", (n, reply)
+                    break
+                else:
+                    raise AssertionError(f"message {n} never acknowledged")
+        finally:
+            client.close()
+        stats = relay.stats
+    assert stats["dropped"] > 0.2 * (stats["dropped"] + stats["forwarded"]), stats
+    assert stats["reordered"] > 0, stats
+    assert outer_retries > 0  # the new-MID retry path was exercised, not just retransmissions
+    assert all_text_bodies(synapse, device.access_token, room_id) == [f"reading {n}" for n in range(count)]
+
+
+def test_synapse_outage_mid_run_then_recovery_without_restart(make_gateway, synapse: SynapseServer,
+                                                              synapse_user) -> None:
+    device = synapse_user("outage")
+    room_id = synapse.create_room(device.access_token)
+    gw = make_gateway(config_text="request_timeout = 5\n")
+    client = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
+    auth = [(TOKEN, device.access_token.encode())]
+    try:
+        for n in range(3):  # keep-alive connections to Synapse are pooled by now
+            assert client.request("POST", "send", send_body(room_id, f"before {n}", f"o-{n}"),
+                                  content_format=CBOR, options=auth).code == "2.04"
+        with synapse.stopped():
+            for n in range(3, 6):
+                down = client.request("POST", "send", send_body(room_id, f"during {n}", f"o-{n}"),
+                                      content_format=CBOR, options=auth)
+                assert (down.code, down.payload) == ("5.02", b"homeserver unreachable")
+            assert client.request("GET", "time").code == "2.05"
+            assert client.request("GET", ".well-known/core").code == "2.05"
+        # Synapse is back; the gateway was not restarted.  The devices retry what failed.
+        assert gw.running
+        for n in range(3, 8):
+            text = f"during {n}" if n < 6 else f"after {n}"
+            back = client.request("POST", "send", send_body(room_id, text, f"o-{n}"),
+                                  content_format=CBOR, options=auth)
+            assert back.code == "2.04", back
+        # A retry of an already delivered message after the outage is not duplicated.
+        again = client.request("POST", "send", send_body(room_id, "before 2", "o-2"),
+                               content_format=CBOR, options=auth)
+        assert again.code == "2.04"
+    finally:
+        client.close()
+    expected = [f"before {n}" for n in range(3)] + [f"during {n}" for n in range(3, 6)] + ["after 6", "after 7"]
+    assert all_text_bodies(synapse, device.access_token, room_id) == expected
+
+
+def test_hanging_upstream_504_at_deadline_with_queue_and_shedding(make_gateway, hanging_homeserver: str) -> None:
+    deadline = 2.0
+    gw = make_gateway(homeserver=hanging_homeserver, extra_args=["--request-timeout", str(deadline)],
+                      config_text="[limits]\nmax_upstream = 2\nupstream_queue = 1\nqueue_timeout = 30\n")
+    results: dict[int, tuple[Reply, float]] = {}
+
+    def device(n: int) -> None:
+        client = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
+        started = time.monotonic()
+        try:
+            reply = client.request("POST", "send", send_body("!r:test.local", f"m{n}", f"h-{n}"),
+                                   content_format=CBOR, options=[(TOKEN, b"syt_hanging_test")], wait=20)
+            results[n] = (reply, time.monotonic() - started)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=device, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # arrival order: two calls go upstream, one queues, the fourth is shed
+    local = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
+    try:
+        assert local.request("GET", "time").code == "2.05"  # local resources answer meanwhile
+    finally:
+        local.close()
+    for thread in threads:
+        thread.join(30)
+    codes = sorted(reply.code for reply, _ in results.values())
+    assert codes == ["5.03", "5.04", "5.04", "5.04"], codes
+    shed = next(reply for reply, _ in results.values() if reply.code == "5.03")
+    assert shed.payload == b"upstream busy" and shed.max_age is not None and shed.max_age >= 1
+    for reply, elapsed in results.values():
+        if reply.code == "5.04":
+            assert reply.payload == b"homeserver timeout"
+            assert elapsed >= deadline - 0.1  # never before the deadline
+
+
+def test_gateway_restart_between_login_and_send(make_gateway, synapse: SynapseServer, synapse_user) -> None:
+    device = synapse_user("restart")
+    room_id = synapse.create_room(device.access_token)
+    gw = make_gateway()
+    client = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
+    try:
+        login = client.request("POST", "login", cbor2.dumps({"user": device.localpart,
+                                                             "password": device.password}),
+                               content_format=CBOR)
+        assert login.code == "2.04"
+        token = remember(login.cbor()["access_token"])
+        first = client.request("POST", "send", send_body(room_id, "before restart", "r-1"),
+                               content_format=CBOR, options=[(TOKEN, token.encode())])
+        assert first.code == "2.04"
+        gw.stop()
+        assert gw.exited_cleanly
+        gw.start()
+        after = client.request("POST", "send", send_body(room_id, "after restart", "r-2"),
+                               content_format=CBOR, options=[(TOKEN, token.encode())])
+        assert after.code == "2.04", after  # the session survived the restart
+        retried = client.request("POST", "send", send_body(room_id, "before restart", "r-1"),
+                                 content_format=CBOR, options=[(TOKEN, token.encode())])
+        assert retried.code == "2.04"
+        assert retried.cbor()["event_id"] == first.cbor()["event_id"]
+    finally:
+        client.close()
+    assert all_text_bodies(synapse, device.access_token, room_id) == ["before restart", "after restart"]
+
+
+BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
+    (dict(payload=b"\xa2\x67room_id", content_format=CBOR), "4.00"),            # truncated CBOR
+    (dict(payload=b"\xff\xff", content_format=CBOR), "4.00"),                    # not CBOR at all
+    (dict(payload=cbor2.dumps(["room_id", "body"]), content_format=CBOR), "4.00"),  # not a map
+    (dict(payload=cbor2.dumps({"body": "no room"}), content_format=CBOR), "4.00"),  # missing field
+    (dict(payload=cbor2.dumps({"room_id": "!r", "body": 2**70}), content_format=CBOR), "4.00"),
+    (dict(payload=cbor2.dumps({"room_id": "!" + "x" * 300, "body": "y"}), content_format=CBOR), "4.00"),
+    (dict(payload=b"\xa2\x67room_id\x62!r\x64body\x62\xc3\x28", content_format=CBOR), "4.00"),  # bad UTF-8
+    (dict(payload=b"\xa1\x64body" + b"\x81" * 500 + b"\x00", content_format=CBOR), "4.00"),  # deep
+    (dict(payload=cbor2.dumps({"room_id": "!r", "body": "y", "txn_id": "t" * 100}), content_format=CBOR),
+     "4.00"),                                                                   # oversized string
+    (dict(payload=b'{"room_id": "!r", "body": "json"}', content_format=50), "4.15"),
+    (dict(payload=cbor2.dumps({"room_id": "!r", "body": "x", "msgtype": ["m.text"]}), content_format=CBOR),
+     "4.00"),
+]
+
+
+def test_bad_input_through_the_gateway_never_reaches_synapse(make_gateway, synapse: SynapseServer,
+                                                             synapse_user) -> None:
+    device = synapse_user("badin")
+    room_id = synapse.create_room(device.access_token)
+    auth = [(TOKEN, device.access_token.encode())]
+    with CountingTcpRelay(synapse.port) as relay:
+        gw = make_gateway(homeserver=relay.url)
+        client = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
+        try:
+            for kwargs, code in BAD_INPUTS:
+                reply = client.request("POST", "send", options=auth, **kwargs)
+                assert reply.code == code, (kwargs, reply)
+                assert 0 < len(reply.payload) <= 64
+            for path, payload in (("join", cbor2.dumps({"room_id": 42})),
+                                  ("login", cbor2.dumps({"user": ["d"], "password": "p"})),
+                                  ("register", cbor2.dumps({"username": "u" * 300, "password": "p"})),
+                                  ("logout", b"\x9f\x9f")):
+                reply = client.request("POST", path, payload, content_format=CBOR, options=auth)
+                assert reply.code.startswith("4."), (path, reply)
+            bad_room = client.request("GET", "getmsg?room=%FF%FE", options=auth)
+            assert bad_room.code == "4.00"
+            assert (relay.connections, relay.requests) == (0, [])  # Synapse saw nothing
+            # The relay path works: a valid send goes through and is counted.
+            good = client.request("POST", "send", send_body(room_id, "valid", "bad-input-ok"),
+                                  content_format=CBOR, options=auth)
+            assert good.code == "2.04"
+            until(lambda: relay.requests != [], 5, "the relay saw the valid send")
+            assert relay.connections >= 1 and relay.requests[0].startswith(b"PUT /_matrix/client/v3/rooms/")
+        finally:
+            client.close()
+    assert "Traceback" not in gw.log_text()
+    assert all_text_bodies(synapse, device.access_token, room_id) == ["valid"]

@@ -1,0 +1,79 @@
+"""`comatrix.store.Store` on a real SQLite file and in memory (adbapi thread, real reactor)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest_twisted
+
+from comatrix.store import DB_FILENAME, Store, StoredMessage
+
+
+def _hash(n: int) -> bytes:
+    return hashlib.sha256(bytes([n])).digest()
+
+
+def _message(cursor: int) -> StoredMessage:
+    return StoredMessage(cursor, f"$event{cursor}", "@a:example.org", f"body {cursor}", 1_700_000_000_000 + cursor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_rooms_and_timelines_persist_in_a_0600_file(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    store = Store.for_state_dir(str(state_dir))
+    try:
+        path = state_dir / DB_FILENAME
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+        first = await store.create_session(_hash(1), "syt_secret_token", "@a:example.org", "DEV", "::1", 1.0)
+        second = await store.create_session(_hash(2), "syt_other", "@b:example.org", None, "10.0.0.2", 2.0)
+        assert first != second
+        assert await store.room_handle(first, "!r1") == 0
+        assert await store.room_handle(first, "!r2") == 1
+        assert await store.room_handle(first, "!r1") == 0  # stable
+        assert await store.room_handle(second, "!r2") == 0  # per session
+        await store.advance_timeline(first, 1, [_message(1), _message(2)], 2, "s100")
+    finally:
+        store.close()
+
+    reopened = Store.for_state_dir(str(state_dir))
+    try:
+        record = await reopened.session_by_handle(_hash(1))
+        assert record is not None and (record.id, record.user_id, record.device_id, record.peer_host) == (
+            first, "@a:example.org", "DEV", "::1")
+        assert record.access_token == "syt_secret_token" and "syt_secret" not in repr(record)
+        room = await reopened.room(first, 1)
+        assert room is not None and (room.room_id, room.last_cursor, room.after_token) == ("!r2", 2, "s100")
+        assert await reopened.message_at_or_after(first, 1, 2) == _message(2)
+        assert await reopened.latest_message(first, 1) == _message(2)
+        assert await reopened.known_event_ids(first, 1) == {"$event1", "$event2"}
+        assert [r.handle for r in await reopened.rooms(first)] == [0, 1]
+
+        await reopened.delete_session(first)
+        assert await reopened.session_by_handle(_hash(1)) is None
+        assert await reopened.room(first, 1) is None and await reopened.latest_message(first, 1) is None
+        assert await reopened.session_count() == 1
+    finally:
+        reopened.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_message_window_is_bounded_and_gaps_are_visible() -> None:
+    store = Store.for_state_dir(None)  # in memory
+    try:
+        session = await store.create_session(_hash(3), "tok", "@c:example.org", None, "::1", 0.0)
+        handle = await store.room_handle(session, "!room")
+        for cursor in range(1, 11):
+            await store.advance_timeline(session, handle, [_message(cursor)], cursor, f"t{cursor}", keep=4)
+        # Only cursors 7..10 are kept; asking for 3 gives 7: the device sees it lost 3..6.
+        kept = await store.message_at_or_after(session, handle, 3)
+        assert kept is not None and kept.cursor == 7
+        assert await store.message_at_or_after(session, handle, 11) is None
+        assert await store.room(session, 99) is None
+        assert await store.session_by_handle(_hash(4)) is None
+    finally:
+        store.close()
