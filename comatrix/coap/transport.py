@@ -52,6 +52,10 @@ def sockaddr(host: str, port: int) -> tuple[str, int] | tuple[str, int, int, int
     return (address, port, 0, scope)
 
 
+#: Largest UDP payload over IPv6 (65535 minus the 8-byte UDP header).
+MAX_DATAGRAM = 65527
+
+
 class ScopedUDPPort(udp.Port):  # type: ignore[misc]
     """A ``udp.Port`` whose addresses carry the IPv6 zone (``host%zone``)."""
 
@@ -124,7 +128,10 @@ def listen(protocol: DatagramProtocol, host: str, port: int, reactor: Any = None
         except OSError as exc:
             raise error.CannotListenError(host, port, exc)
     try:
-        listening = ScopedUDPPort(port, protocol, interface=host, reactor=reactor)
+        # Twisted reads at most 8 KiB by default and truncates the rest silently; read
+        # whole datagrams so an oversized request is answered 4.13, not "malformed".
+        listening = ScopedUDPPort(port, protocol, interface=host, reactor=reactor,
+                                  maxPacketSize=MAX_DATAGRAM)
     except error.InvalidAddressError as exc:
         raise error.CannotListenError(host, port, exc)
     listening.startListening()

@@ -98,3 +98,24 @@ def test_listen_udp_errors() -> None:
     with pytest.raises(error.CannotListenError):
         listen_udp(server, "192.0.2.77", 0)  # not a local address
 
+
+
+def oversized_exchange(target: tuple[str, int], size: int) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(10)
+        client.sendto(wire.encode(MessageType.CON, Code.GET, 4, b"y", [(11, b"who")], b"z" * size), target)
+        data, _ = client.recvfrom(2048)
+    return wire.decode(data).code
+
+
+@pytest_twisted.inlineCallbacks
+def test_datagram_larger_than_8k_is_read_whole_and_refused_413() -> Any:
+    site = Site()
+    site.put(("who",), Who())
+    server = CoapServer(site, reactor=reactor)
+    port: Any = listen_udp(server, "127.0.0.1", 0)
+    try:
+        code = yield threads.deferToThread(oversized_exchange, ("127.0.0.1", port.getHost().port), 20000)
+        assert code == Code.REQUEST_ENTITY_TOO_LARGE
+    finally:
+        yield defer.maybeDeferred(port.stopListening)
