@@ -33,9 +33,7 @@ import json
 import os
 import platform
 import secrets
-import selectors
 import socket
-import statistics
 import struct
 import subprocess
 import sys

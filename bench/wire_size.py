@@ -38,7 +38,6 @@ import cbor2  # noqa: E402
 from comatrix.client import CompactDevice, DeviceState, OriginalDevice, UdpCoap  # noqa: E402
 from comatrix.coap.numbers import Code, OptionNumber  # noqa: E402
 from comatrix.compact.codec import BUDGETS  # noqa: E402
-from support import free_port  # noqa: E402
 from support.gateway import GatewayProcess  # noqa: E402
 from support.synapse import SynapseServer  # noqa: E402
 

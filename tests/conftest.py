@@ -21,13 +21,14 @@ gateway has stopped and written its final log lines.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from support.gateway import GatewayProcess
-from support.secrets import leaks, log_files
+from support.secrets import leaks
 from support.synapse import MatrixUser, SynapseServer
 
 
@@ -90,6 +91,18 @@ def make_gateway(
         for gw in made:
             gw.stop()
     _fail_on_leaks(made)
+
+
+@pytest.fixture
+def hanging_homeserver() -> Iterator[str]:
+    """A homeserver URL whose TCP port accepts connections (kernel backlog) and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -21,7 +21,7 @@ transport and the ``/sync`` observation loops.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from twisted.internet import defer, task
 from twisted.internet.defer import CancelledError

@@ -16,7 +16,6 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from support import free_port
 from support.coap_clients import aiocoap_request, libcoap, libcoap_path
 from support.gateway import GatewayProcess
 from support.secrets import remember
@@ -108,16 +107,6 @@ def test_homeserver_down_is_502_and_recovers(gateway: GatewayProcess, synapse: S
     assert back.code == "2.04"
 
 
-@pytest.fixture
-def hanging_homeserver():
-    """A TCP port that accepts connections (kernel backlog) and never answers."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
 
 
 def test_hanging_homeserver_is_504_at_the_deadline(make_gateway, hanging_homeserver: str) -> None:

@@ -19,7 +19,6 @@ Message IDs are under the test's control.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import secrets
@@ -30,12 +29,11 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import cbor2
 import pytest
 
-from support.gateway import GatewayProcess
 from support.secrets import remember
 from support.synapse import SynapseServer
 
@@ -330,16 +328,6 @@ class CountingTcpRelay:
         selector.close()
 
 
-@pytest.fixture
-def hanging_homeserver() -> Iterator[str]:
-    """A TCP port that accepts connections (kernel backlog) and never answers."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -12,13 +12,14 @@ valid request that does reach the homeserver, so the properties are not hollow.
 
 from __future__ import annotations
 
+import support.world
+
 import contextlib
 from typing import Any, Iterator, cast
 
 import cbor2
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
-from twisted.internet import task
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
 from comatrix.coap import wire
@@ -26,13 +27,8 @@ from comatrix.coap.errors import encode_uint
 from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
 from comatrix.coap.testing import Harness
 from comatrix.codec.msc3079 import UnknownPath, parse_matrix_path
-from comatrix.config import build_config
-from comatrix.credentials import Credentials
 from comatrix.discovery import build_site
 from comatrix.errors import error_response
-from comatrix.interfaces import PluginContext
-from comatrix.matrix.client import MatrixClient
-from comatrix.matrix.testing import FakeHomeserver, stub_transport
 from comatrix.plugins import accounts, clock, rooms
 
 PLUGINS = [accounts.register, accounts.login, accounts.logout, rooms.join, rooms.getmsg, rooms.send,
@@ -44,22 +40,12 @@ EXAMPLES = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-class World:
-    """A fresh fake homeserver with user ``@d`` (password ``pw``), its token and a room; the gateway site."""
+class World(support.world.World):
+    """The shared fake world, served by a gateway site built from the built-in plugins."""
 
     def __init__(self) -> None:
-        self.homeserver = FakeHomeserver()
-        self.user_id = self.homeserver.add_user("d", "pw")
-        self.token, _ = self.homeserver.issue_token(self.user_id)
-        self.room = self.homeserver.new_room(self.user_id, alias_local="lab")
-        reactor = task.Clock()
-        reactor.advance(1_700_000_000)
-        transport, _ = stub_transport(self.homeserver, reactor)
-        matrix = MatrixClient(transport, reactor=reactor)
-        config = build_config({})
-        context = PluginContext(config=config, matrix=matrix, credentials=Credentials((), matrix),
-                                state={}, reactor=reactor)
-        self.harness = Harness(build_site(PLUGINS, context, error_response))
+        super().__init__()
+        self.harness = Harness(build_site(PLUGINS, self.context(), error_response))
 
     def request(self, method: Code, path: str, payload: bytes = b"", *, content_format: int | None = None,
                 token: bool = True, options: list[tuple[int, bytes]] | None = None,

@@ -6,45 +6,12 @@ from typing import Any
 
 import cbor2
 import pytest
-from twisted.internet import task
 
 from comatrix.coap.message import Peer, Request, Response
 from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
-from comatrix.config import build_config
-from comatrix.credentials import Credentials
 from comatrix.errors import error_response
-from comatrix.interfaces import PluginContext
-from comatrix.matrix.client import MatrixClient
-from comatrix.matrix.testing import FakeHomeserver, stub_transport
 from comatrix.plugins import accounts, clock, rooms
-
-
-class World:
-    """A fake homeserver with one user ``@d``, its token, and a room ``!r...`` aliased #lab."""
-
-    def __init__(self) -> None:
-        self.homeserver = FakeHomeserver()
-        self.user_id = self.homeserver.add_user("d", "pw")
-        self.token, _ = self.homeserver.issue_token(self.user_id)
-        self.room = self.homeserver.new_room(self.user_id, alias_local="lab")
-        self.alias = f"#lab:{self.homeserver.server_name}"
-
-    def context(self, devices: list[dict[str, Any]] | None = None) -> PluginContext:
-        config = build_config({"devices": devices or []})
-        reactor = task.Clock()
-        reactor.advance(1_700_000_000)
-        transport, _ = stub_transport(self.homeserver, reactor)
-        matrix = MatrixClient(transport, reactor=reactor)
-        return PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix),
-                             state={}, reactor=reactor)
-
-    @property
-    def auth(self) -> dict[int, tuple[bytes, ...]]:
-        return {256: (self.token.encode(),)}
-
-    def paths(self) -> list[tuple[str, ...]]:
-        """What was forwarded, as path segments after /_matrix/client/v3."""
-        return [request.path[3:] for request in self.homeserver.requests]
+from support.world import World
 
 
 @pytest.fixture
