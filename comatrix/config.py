@@ -147,16 +147,23 @@ def read_config_files(path: str | Path) -> dict[str, Any]:
 
 def build_config(file_values: Mapping[str, Any] | None = None,
                  cli_values: Mapping[str, Any] | None = None) -> Config:
-    """defaults < file < command line.  ``cli_values`` holds only options actually given."""
+    """defaults < file < command line.  ``cli_values`` holds only options actually given.
+
+    ``ip`` wins over ``interface`` when both end up set, except that an
+    ``interface`` given on the command line beats an ``ip`` from the file.
+    """
     values: dict[str, Any] = dict(file_values or {})
-    for key, value in (cli_values or {}).items():
-        if value is None:
-            continue
+    cli = {key: value for key, value in (cli_values or {}).items() if value is not None}
+    if "interface" in cli and "ip" not in cli:
+        values.pop("ip", None)
+    for key, value in cli.items():
         if key == "plugin_dirs":
             # Command-line plugin directories add to the configured ones.
             values[key] = list(values.get(key, [])) + list(value)
         else:
             values[key] = value
+    if "ip" in values:
+        values.pop("interface", None)
     return _from_mapping(values)
 
 

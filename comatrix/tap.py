@@ -100,10 +100,7 @@ class Options(usage.Options):
 
 def load_config(options: Options) -> Config:
     file_values = read_config_files(options["config"]) if options["config"] else {}
-    cli = options.cli_values()
-    if "ip" in cli:
-        file_values.pop("interface", None)  # an explicit address beats the configured interface
-    return build_config(file_values, cli)
+    return build_config(file_values, options.cli_values())
 
 
 class GatewayService(service.Service):

@@ -44,6 +44,12 @@ def test_conf_d_fragments_merge_in_lexical_order(tmp_path: Path) -> None:
     assert config.coap.max_observers == 10 and config.coap.dedup_capacity == 99
 
 
+def test_ip_wins_over_interface_but_cli_interface_beats_file_ip() -> None:
+    assert build_config({"ip": "::1", "interface": "lowpan0"}).interface is None
+    config = build_config({"ip": "::1"}, {"interface": "lowpan0"})
+    assert (config.interface, config.ip) == ("lowpan0", "::")
+
+
 def test_cli_ip_beats_configured_interface(tmp_path: Path) -> None:
     main = write(tmp_path / "comatrix.toml", 'interface = "lowpan0"\n')
     options = Options()
