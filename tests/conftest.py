@@ -70,6 +70,21 @@ def gateway(
     _fail_on_leaks([gw])
 
 
+@pytest.fixture(scope="session")
+def unlimited_gateway(
+    synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """A gateway with rate limits off, for tests that send bursts from one address."""
+    gw = GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("unlimited-gw"),
+                        config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n")
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+    _fail_on_leaks([gw])
+
+
 @pytest.fixture
 def make_gateway(
     synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory

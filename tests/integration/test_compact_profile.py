@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import cbor2
 import pytest
@@ -24,7 +24,7 @@ from comatrix.compact import codec
 from comatrix.compact.codec import BUDGETS, PATHS, SendRequest
 from support.coap_clients import libcoap
 from support.gateway import GatewayProcess
-from support.secrets import leaks, remember
+from support.secrets import remember
 from support.synapse import MatrixUser, SynapseServer
 
 pytestmark = pytest.mark.integration
@@ -75,17 +75,10 @@ def measured(recorder: Recorder, op: str, call: Callable[[], Any], adjust_down: 
 NO_LIMITS = "[limits]\ndevice_rate = 0\nglobal_rate = 0\n"
 
 
-@pytest.fixture(scope="module")
-def gateway(synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """This module's own gateway: compact profile, no rate limits, secret sweep at teardown."""
-    gw = GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("compact-gw"), config_text=NO_LIMITS)
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
-    found = leaks([gw.log_path, gw.output_path])
-    assert not found, [str(leak) for leak in found]
+@pytest.fixture
+def gateway(unlimited_gateway: GatewayProcess) -> GatewayProcess:
+    """These tests send bursts from one address: use the gateway with rate limits off."""
+    return unlimited_gateway
 
 
 def device_for(gateway: GatewayProcess, recorder: Recorder | None = None, **kwargs: Any) -> CompactDevice:

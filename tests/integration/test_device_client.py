@@ -14,29 +14,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
 from support import REPO_ROOT
 from support.gateway import GatewayProcess
-from support.secrets import leaks, remember
+from support.secrets import remember
 from support.synapse import MatrixUser, SynapseServer
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def gateway(synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("device-gw"),
-                        config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n")
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
-    found = leaks([gw.log_path, gw.output_path])
-    assert not found, [str(leak) for leak in found]
+@pytest.fixture
+def gateway(unlimited_gateway: GatewayProcess) -> GatewayProcess:
+    """These tests send bursts from one address: use the gateway with rate limits off."""
+    return unlimited_gateway
 
 
 def device_cli(gateway: GatewayProcess, state: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
