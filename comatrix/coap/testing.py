@@ -8,13 +8,29 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from comatrix.coap import wire
+from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, MessageType, OptionNumber
+from comatrix.coap.resource import CoapResource
 from comatrix.coap.server import CoapServer, CoapSettings, Site
 
 DEFAULT_PEER = ("2001:db8::1", 40000)
+
+
+class PendingResource(CoapResource):
+    """A GET resource whose answers wait in ``pending`` until the test fires them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[defer.Deferred[Response]] = []
+
+    def render_GET(self, request: Request) -> "defer.Deferred[Response]":
+        d: defer.Deferred[Response] = defer.Deferred()
+        self.pending.append(d)
+        return d
 
 
 class FakeDatagramTransport:

@@ -42,6 +42,20 @@ class Datagram(NamedTuple):
     payload: bytes
 
 
+
+def _extended(nibble: int, data: bytes, pos: int, what: str, mtype: int, mid: int) -> tuple[int, int]:
+    """An option delta or length nibble with its extended bytes (RFC 7252 §3.1) -> (value, new pos)."""
+    if nibble < 13:
+        return nibble, pos
+    if nibble == 15:
+        raise FormatError(f"option {what} 15 is reserved", mtype, mid)
+    extra = 1 if nibble == 13 else 2
+    if pos + extra > len(data):
+        raise FormatError(f"truncated option {what}", mtype, mid)
+    if extra == 1:
+        return data[pos] + 13, pos + 1
+    return ((data[pos] << 8) | data[pos + 1]) + 269, pos + 2
+
 def decode(data: bytes) -> Datagram:
     """Parse one datagram; raises `FormatError` for anything malformed."""
     size = len(data)
@@ -74,32 +88,8 @@ def decode(data: bytes) -> Datagram:
                 raise FormatError("payload marker without payload", mtype, mid)
             payload = data[pos:]
             break
-        delta = byte >> 4
-        length = byte & 0x0F
-        if delta == 13:
-            if pos + 1 > size:
-                raise FormatError("truncated option delta", mtype, mid)
-            delta = data[pos] + 13
-            pos += 1
-        elif delta == 14:
-            if pos + 2 > size:
-                raise FormatError("truncated option delta", mtype, mid)
-            delta = ((data[pos] << 8) | data[pos + 1]) + 269
-            pos += 2
-        elif delta == 15:
-            raise FormatError("option delta 15 is reserved", mtype, mid)
-        if length == 13:
-            if pos + 1 > size:
-                raise FormatError("truncated option length", mtype, mid)
-            length = data[pos] + 13
-            pos += 1
-        elif length == 14:
-            if pos + 2 > size:
-                raise FormatError("truncated option length", mtype, mid)
-            length = ((data[pos] << 8) | data[pos + 1]) + 269
-            pos += 2
-        elif length == 15:
-            raise FormatError("option length 15 is reserved", mtype, mid)
+        delta, pos = _extended(byte >> 4, data, pos, "delta", mtype, mid)
+        length, pos = _extended(byte & 0x0F, data, pos, "length", mtype, mid)
         end = pos + length
         if end > size:
             raise FormatError("truncated option value", mtype, mid)

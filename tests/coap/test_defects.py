@@ -18,7 +18,7 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.coap.server import CoapSettings, Site
-from comatrix.coap.testing import Harness, option
+from comatrix.coap.testing import PendingResource, Harness, option
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -63,15 +63,7 @@ class Echo(CoapResource):
         return Response(code=Code.CHANGED)
 
 
-class Slow(CoapResource):
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending: list[defer.Deferred[Response]] = []
-
-    def render_GET(self, request: Request) -> "defer.Deferred[Response]":
-        d: defer.Deferred[Response] = defer.Deferred()
-        self.pending.append(d)
-        return d
+Slow = PendingResource
 
 
 class Big(CoapResource):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
 
 from comatrix.coap import wire
 from comatrix.coap.blockwise import Block, etag_for
@@ -13,7 +12,7 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.coap.server import REQUEST_TAG, CoapSettings, Site
-from comatrix.coap.testing import Harness, option
+from comatrix.coap.testing import PendingResource, Harness, option
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -53,15 +52,7 @@ class Store(CoapResource):
         return Response(code=Code.CHANGED, payload=request.payload)
 
 
-class Deferring(CoapResource):
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending: list[defer.Deferred[Response]] = []
-
-    def render_GET(self, request: Request) -> "defer.Deferred[Response]":
-        d: defer.Deferred[Response] = defer.Deferred()
-        self.pending.append(d)
-        return d
+Deferring = PendingResource
 
 
 def make(settings: CoapSettings = CoapSettings(), **kwargs: Any) -> tuple[Harness, dict[str, CoapResource]]:
