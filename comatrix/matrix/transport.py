@@ -12,22 +12,36 @@ not sleep and retry: a constrained device is waiting for its CoAP answer, and
 the gateway tells it when to come back (4.29 with Max-Age) instead of holding
 the exchange (and a connection) open past the device's own timeouts.
 
-Redirects are not followed, so the Authorization header can only ever reach the
-configured homeserver.
+Redirects are not followed and the agent has one endpoint, the configured
+homeserver's, so the Authorization header can only ever reach it.  Cookies are
+refused: every device shares this client, so a cookie set in answer to one
+device must not ride along with another's requests.
+
+The agent, body producer and cookie jar handed to treq are chosen for a
+gateway that forwards thousands of small requests to one server: the endpoint
+is built once instead of per request, a body already in memory is written at
+once instead of through a Cooperator, and nothing is parsed for cookies.
 """
 
 from __future__ import annotations
 
 import json
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Protocol as TypingProtocol, cast
+
+from zope.interface import implementer
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     PartialDownloadError,
     RequestTransmissionFailed,
@@ -37,6 +51,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 
 from treq.client import HTTPClient
 
@@ -94,6 +109,56 @@ def _secrets_of(req: MatrixRequest) -> list[str]:
 
     walk(req.body)
     return secrets
+
+
+@implementer(IBodyProducer)
+class _BytesBody:
+    """A request body already in memory, written in one go."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class HomeserverOnly(ValueError):
+    """A request URL pointing anywhere but the configured homeserver (a bug, never sent)."""
+
+
+@implementer(IAgentEndpointFactory)
+class _HomeserverEndpoint:
+    """The agent's only endpoint: the configured homeserver, built once."""
+
+    def __init__(self, reactor: Any, base_url: str, connect_timeout: float) -> None:
+        base = URI.fromBytes(base_url.encode("ascii"))
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._where = (base.scheme, base.host, base.port)
+        self._endpoint: IStreamClientEndpoint | None = None
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if (uri.scheme, uri.host, uri.port) != self._where:
+            raise HomeserverOnly("request URL is not on the configured homeserver")
+        if self._endpoint is None:
+            scheme, host, port = self._where
+            endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, port,
+                                                               timeout=self._connect_timeout)
+            if scheme == b"https":
+                endpoint = wrapClientTLS(BrowserLikePolicyForHTTPS().creatorForNetloc(host, port), endpoint)
+            self._endpoint = endpoint
+        return self._endpoint
 
 
 class _BodyCollector(Protocol):
@@ -167,8 +232,11 @@ class MatrixTransport:
         if http_client is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = max_connections_per_host
-            agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
-            http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent)))
+            agent = Agent.usingEndpointFactory(
+                reactor, _HomeserverEndpoint(reactor, self.base_url, timeout), pool=self._pool)
+            no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+            http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent), cookiejar=cast(Any, no_cookies),
+                                                          data_to_body_producer=_BytesBody))
         self._client: HttpClientLike = http_client
 
     def request(self, req: MatrixRequest) -> "Deferred[tuple[int, dict[str, Any]]]":
@@ -178,22 +246,22 @@ class MatrixTransport:
         `HomeserverTimeout`, `InvalidResponse`.
         """
         url = req.url(self.base_url)
-        headers = Headers({b"Accept": [b"application/json"], b"User-Agent": [_USER_AGENT]})
+        raw_headers = {b"Accept": [b"application/json"], b"User-Agent": [_USER_AGENT]}
         if req.access_token is not None:
             try:
                 token = _token_bytes(req.access_token)
             except ValueError as e:
                 return fail(e)
-            headers.setRawHeaders(b"Authorization", [b"Bearer " + token])
+            raw_headers[b"Authorization"] = [b"Bearer " + token]
         data: bytes | None = None
         if req.body is not None:
             data = json.dumps(req.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+            raw_headers[b"Content-Type"] = [b"application/json"]
         elif req.method in ("POST", "PUT"):
             data = b"{}"
-            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+            raw_headers[b"Content-Type"] = [b"application/json"]
+        headers = Headers(raw_headers)
 
-        secrets = _secrets_of(req)
         started = self._reactor.seconds()
         timed_out = False
         # Log the path template only: segments may be user-chosen but never secret.
@@ -220,7 +288,7 @@ class MatrixTransport:
             collector = _BodyCollector(self._max_response_bytes)
             response.deliverBody(collector)
             return collector.finished.addCallback(
-                lambda raw: self._interpret(response, raw, secrets, where)
+                lambda raw: self._interpret(response, raw, req, where)
             )
 
         def stop_timer(result: Any) -> Any:
@@ -251,7 +319,7 @@ class MatrixTransport:
         return d
 
     def _interpret(
-        self, response: Any, raw: bytes, secrets: list[str], where: str
+        self, response: Any, raw: bytes, req: MatrixRequest, where: str
     ) -> tuple[int, dict[str, Any]]:
         status = int(response.code)
         body = _decode_json(raw)
@@ -269,7 +337,7 @@ class MatrixTransport:
             body,
             retry_after_header=retry_after[0].decode("latin-1") if retry_after else None,
             now=self._reactor.seconds(),
-            secrets=secrets,
+            secrets=_secrets_of(req),
             fallback_message="" if body is not None else f"non-JSON HTTP {status} answer",
         )
         if status == 429:

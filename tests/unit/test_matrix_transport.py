@@ -258,3 +258,50 @@ async def test_real_pool_round_trip_on_loopback() -> None:
     finally:
         await transport.close()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookies_from_the_homeserver_are_never_sent_back() -> None:
+    # Every device shares the transport: a cookie set for one must not ride along with another's request.
+    from twisted.internet import reactor as global_reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    reactor: Any = global_reactor
+    seen_cookies: list[Any] = []
+    seen_bodies: list[bytes] = []
+
+    class SetsCookies(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen_cookies.append(request.getHeader(b"cookie"))
+            seen_bodies.append(request.content.read())
+            request.addCookie(b"session", b"device-a", path=b"/")
+            request.setHeader(b"content-type", b"application/json")
+            return b"{}"
+
+    port = reactor.listenTCP(0, Site(SetsCookies()), interface="127.0.0.1")
+    transport = MatrixTransport(f"http://127.0.0.1:{port.getHost().port}", timeout=10.0)
+    try:
+        for txn in ("t1", "t2"):
+            await transport.request(api.send_event("tok", "!r:hs", "m.room.message", txn, {"body": "hi"}))
+    finally:
+        await transport.close()
+        await port.stopListening()
+    assert seen_cookies == [None, None]
+    assert [json.loads(body) for body in seen_bodies] == [{"body": "hi"}, {"body": "hi"}]
+
+
+def test_agent_only_reaches_the_configured_homeserver() -> None:
+    from twisted.internet import reactor
+    from twisted.web.client import URI
+
+    from comatrix.matrix.transport import HomeserverOnly, _HomeserverEndpoint
+
+    endpoints = _HomeserverEndpoint(reactor, "https://hs.example.org:8448/prefix", 5.0)
+    assert endpoints.endpointForURI(URI.fromBytes(b"https://hs.example.org:8448/_matrix/x")) is not None
+    for elsewhere in (b"https://evil.example.org:8448/_matrix/x", b"http://hs.example.org:8448/_matrix/x",
+                      b"https://hs.example.org/_matrix/x"):
+        with pytest.raises(HomeserverOnly):
+            endpoints.endpointForURI(URI.fromBytes(elsewhere))
