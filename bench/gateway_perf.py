@@ -2,17 +2,20 @@
 
 Everything runs on loopback, in one run, side by side:
 
-1. overhead -- p50/p99 latency of a message send through the gateway (CoAP, the
-   clean CBOR form ``{room_id, txn_id, body}``; the compact profile is pending)
+1. overhead -- p50/p99 latency of a message send through the gateway over CoAP,
+   in the compact profile (``/w``) and in the clean CBOR form (``/send``),
    versus the same send straight to Synapse over HTTP on a kept-alive
-   connection, with 1 and 16 concurrent senders (one user and room each);
+   connection, with 1 and 16 concurrent senders (one user and room each; the
+   three paths take turns);
 2. ceiling -- requests/s of the gateway forwarding sends to a stub homeserver
    (a ``twisted.web`` server with canned Matrix answers, in a subprocess) versus
    plain txThings answering a trivial resource (``bench/coap_throughput.py``'s
    server and load generator);
 3. memory -- the gateway's RSS idle, after ``--requests`` forwarded requests,
    and holding ``--observers`` Observe registrations on an observable resource
-   (``bench/plugins/bench_observable.py``).
+   (``bench/plugins/bench_observable.py``);
+4. push -- latency from a message reaching Synapse to the CoAP notification
+   reaching each of 100, then 1,000 observers (``bench/push_latency.py``).
 
 Usage (from the repository root)::
 
@@ -136,43 +139,79 @@ def coap_datagram(mid: int, token: bytes, path: bytes, options: list[tuple[int, 
     return out + (b"\xff" + payload if payload else b"")
 
 
-class CoapSender:
-    """One device: sequential CON POST /send, waiting for each answer (separate responses handled)."""
+def coap_exchange(sock: socket.socket, port: int, datagram: bytes, token: bytes) -> tuple[int, bytes]:
+    """Send one CON request and wait for its answer (ACKing a separate response); (code, payload)."""
+    sock.sendto(datagram, ("127.0.0.1", port))
+    for _ in range(1000):
+        try:
+            data = sock.recv(2048)
+        except socket.timeout:
+            sock.sendto(datagram, ("127.0.0.1", port))  # loopback loss is rare; retransmit
+            continue
+        mtype, code = (data[0] >> 4) & 3, data[1]
+        if mtype == 0:
+            sock.sendto(bytes([0x60, 0]) + data[2:4], ("127.0.0.1", port))
+        if code != 0 and data[4:4 + (data[0] & 0x0F)] == token:
+            marker = data.find(b"\xff", 4 + (data[0] & 0x0F))
+            return code, data[marker + 1:] if marker >= 0 else b""
+    raise RuntimeError("no answer")
 
-    def __init__(self, port: int, token: str, room_id: str) -> None:
+
+class _CoapDevice:
+    """A UDP socket of its own, like one device."""
+
+    def __init__(self, port: int) -> None:
         self.port = port
-        self.token = token.encode()
-        self.room_id = room_id
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(2.0)
         self.mid = secrets.randbits(16)
 
-    def send(self, n: int) -> float:
+    def post(self, path: bytes, options: list[tuple[int, bytes]], body: bytes, expected: int) -> bytes:
         self.mid = (self.mid + 1) & 0xFFFF
         token = secrets.token_bytes(4)
-        body = cbor2.dumps({"room_id": self.room_id, "txn_id": f"b{secrets.token_hex(6)}-{n}",
-                            "body": f"bench {n}"})
-        datagram = coap_datagram(self.mid, token, b"send", [(12, b"\x3c"), (TOKEN_OPTION, self.token)], body)
-        started = time.perf_counter()
-        self.sock.sendto(datagram, ("127.0.0.1", self.port))
-        for _ in range(1000):
-            try:
-                data = self.sock.recv(2048)
-            except socket.timeout:
-                self.sock.sendto(datagram, ("127.0.0.1", self.port))  # loopback loss is rare; retransmit
-                continue
-            mtype, code = (data[0] >> 4) & 3, data[1]
-            if mtype == 0:
-                self.sock.sendto(bytes([0x60, 0]) + data[2:4], ("127.0.0.1", self.port))
-            if code != 0 and data[4:4 + (data[0] & 0x0F)] == token:
-                if code != 0x44:
-                    raise RuntimeError(f"send answered {code >> 5}.{code & 31:02d}: {data[-40:]!r}")
-                return time.perf_counter() - started
-        raise RuntimeError("no answer")
+        code, payload = coap_exchange(self.sock, self.port,
+                                      coap_datagram(self.mid, token, path, [(12, b"\x3c")] + options, body),
+                                      token)
+        if code != expected:
+            raise RuntimeError(f"/{path.decode()} answered {code >> 5}.{code & 31:02d}: {payload[-40:]!r}")
+        return payload
 
     def close(self) -> None:
         self.sock.close()
+
+
+class CoapSender(_CoapDevice):
+    """One device using the clean CBOR form: CON POST /send with the token in option 256."""
+
+    def __init__(self, port: int, user: Any, room_id: str) -> None:
+        super().__init__(port)
+        self.token = user.access_token.encode()
+        self.room_id = room_id
+
+    def send(self, n: int) -> float:
+        body = cbor2.dumps({"room_id": self.room_id, "txn_id": f"b{secrets.token_hex(6)}-{n}",
+                            "body": f"bench {n}"})
+        started = time.perf_counter()
+        self.post(b"send", [(TOKEN_OPTION, self.token)], body, 0x44)
+        return time.perf_counter() - started
+
+
+class CompactSender(_CoapDevice):
+    """One device using the compact profile: logs in (``/+``) and joins (``/x``) once, then ``/w``."""
+
+    def __init__(self, port: int, user: Any, room_id: str) -> None:
+        super().__init__(port)
+        self.handle = cbor2.loads(self.post(b"+", [], cbor2.dumps([user.localpart, user.password]), 0x41))
+        self.room = cbor2.loads(self.post(b"x", [], cbor2.dumps([self.handle, room_id]), 0x44))
+        self.seq = int(time.time())  # what a device seeds from /z
+
+    def send(self, n: int) -> float:
+        self.seq += 1
+        body = cbor2.dumps([self.handle, self.room, self.seq, f"bench {n}"])
+        started = time.perf_counter()
+        self.post(b"w", [], body, 0x44)
+        return time.perf_counter() - started
 
 
 class HttpSender:
@@ -198,42 +237,46 @@ class HttpSender:
         self.conn.close()
 
 
-def run_senders(pairs: Sequence[tuple[Any, Any]], per_sender: int, warmup: int = 10
-                ) -> tuple[list[float], list[float]]:
-    """Each (direct, gateway) pair in its own thread alternates the two paths, ``per_sender``
-    sends on each; returns all latencies (seconds) of each path.
+def run_senders(groups: Sequence[Sequence[Any]], per_sender: int, warmup: int = 10) -> list[list[float]]:
+    """Each group of senders (one per path, same user and room) runs in its own thread and takes
+    the paths in turn, ``per_sender`` sends on each; returns all latencies (seconds) per path.
 
-    Alternating removes drift (Synapse gets slower as rooms grow, caches warm up)
-    from the comparison: both paths see the same homeserver state at the same time.
+    Taking turns removes drift (Synapse gets slower as rooms grow, caches warm up)
+    from the comparison: every path sees the same homeserver state at the same time.
+    The order rotates from one send to the next so no path always follows another.
     """
-    direct: list[list[float]] = [[] for _ in pairs]
-    gateway: list[list[float]] = [[] for _ in pairs]
+    paths = len(groups[0])
+    latencies: list[list[float]] = [[] for _ in range(paths)]
     errors: list[BaseException] = []
-    barrier = threading.Barrier(len(pairs))
+    barrier = threading.Barrier(len(groups))
+    lock = threading.Lock()
 
-    def work(index: int) -> None:
-        http_sender, coap_sender = pairs[index]
+    def work(group: Sequence[Any]) -> None:
+        mine: list[list[float]] = [[] for _ in range(paths)]
         try:
             for n in range(warmup):
-                http_sender.send(-1 - n)
-                coap_sender.send(-1 - n)
+                for sender in group:
+                    sender.send(-1 - n)
             barrier.wait()
             for n in range(per_sender):
-                first, second = ((http_sender, direct), (coap_sender, gateway))[::1 if n % 2 else -1]
-                first[1][index].append(first[0].send(n))
-                second[1][index].append(second[0].send(n))
+                for k in range(paths):
+                    path = (n + k) % paths
+                    mine[path].append(group[path].send(n))
         except BaseException as exc:  # reported below
             errors.append(exc)
             barrier.abort()
+        with lock:
+            for path in range(paths):
+                latencies[path].extend(mine[path])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(pairs))]
+    threads = [threading.Thread(target=work, args=(group,)) for group in groups]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return [v for values in direct for v in values], [v for values in gateway for v in values]
+    return latencies
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -250,6 +293,9 @@ class SendLoad(coap_throughput.LoadGenerator):
     def __init__(self, port: int, total: int, inflight: int, token_base: int) -> None:
         super().__init__(port, total, inflight, token_base)
         self.body = cbor2.dumps({"room_id": STUB_ROOM, "body": "bench"})
+        #: Response codes that were not 2.04, "c.dd" -> count (with a sample payload).
+        self.bad_codes: dict[str, int] = {}
+        self.bad_samples: dict[str, bytes] = {}
 
     def _send_next(self) -> None:
         index = self.sent
@@ -277,6 +323,9 @@ class SendLoad(coap_throughput.LoadGenerator):
             return
         if code != 0x44:
             self.bad += 1
+            name = f"{code >> 5}.{code & 31:02d}"
+            self.bad_codes[name] = self.bad_codes.get(name, 0) + 1
+            self.bad_samples.setdefault(name, data[-60:])
         del self.outstanding[token]
         self.done += 1
 
@@ -284,9 +333,12 @@ class SendLoad(coap_throughput.LoadGenerator):
 def load(generator_class: Callable[..., Any], port: int, total: int, inflight: int) -> Any:
     generator = generator_class(port, total, inflight, token_base=secrets.randbits(31))
     try:
-        return generator.run()
+        result = generator.run()
     finally:
         generator.close()
+    for name, count in sorted(getattr(generator, "bad_codes", {}).items()):
+        print(f"    {count} answers {name}, e.g. ...{generator.bad_samples[name]!r}", flush=True)
+    return result
 
 
 # --------------------------------------------------------------------------- observers
@@ -345,6 +397,10 @@ class Figures:
     ceiling: dict[str, tuple[float, int, float]] = dataclasses.field(default_factory=dict)
     memory: dict[str, float] = dataclasses.field(default_factory=dict)
     observers_accepted: int = 0
+    push: list[Any] = dataclasses.field(default_factory=list)
+
+
+OVERHEAD_PATHS = ("direct", "compact", "clean")
 
 
 def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir: Path) -> None:
@@ -359,15 +415,16 @@ def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir
             users = [synapse.make_user("bench") for _ in range(concurrency)]
             rooms = [synapse.create_room(user.access_token) for user in users]
             row: dict[str, tuple[float, float, int]] = {}
-            pairs = [(HttpSender(synapse.port, user.access_token, room),
-                      CoapSender(gw.port, user.access_token, room)) for user, room in zip(users, rooms)]
+            groups = [(HttpSender(synapse.port, user.access_token, room),
+                       CompactSender(gw.port, user, room),
+                       CoapSender(gw.port, user, room)) for user, room in zip(users, rooms)]
             try:
-                measured = run_senders(pairs, count)
+                measured = run_senders(groups, count)
             finally:
-                for pair in pairs:
-                    for sender in pair:
+                for group in groups:
+                    for sender in group:
                         sender.close()
-            for name, values in zip(("direct", "gateway"), measured):
+            for name, values in zip(OVERHEAD_PATHS, measured):
                 row[name] = (percentile(values, 50) * 1000, percentile(values, 99) * 1000, len(values))
                 print(f"  overhead  {concurrency:>2} sender(s)  {name:<8} p50 {row[name][0]:7.2f} ms  "
                       f"p99 {row[name][1]:7.2f} ms  ({len(values)} sends)", flush=True)
@@ -454,13 +511,17 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
     lines.append("")
     lines.append("Overhead (message send, p50/p99 in ms)::")
     lines.append("")
-    lines.append("    senders  path       p50 ms   p99 ms   sends   gateway/direct p50  p99   added p50")
+    lines.append("    senders  path       p50 ms   p99 ms   sends   path/direct p50  p99   added p50")
     for concurrency, row in sorted(figures.overhead.items()):
-        d, g = row["direct"], row["gateway"]
-        for name in ("direct", "gateway"):
+        d = row["direct"]
+        for name in OVERHEAD_PATHS:
             p50, p99, n = row[name]
-            extra = (f"   {g[0] / d[0]:15.2f}  {g[1] / d[1]:5.2f}   {g[0] - d[0]:+6.2f} ms" if name == "gateway" else "")
+            extra = "" if name == "direct" else \
+                f"   {p50 / d[0]:12.2f}  {p99 / d[1]:5.2f}   {p50 - d[0]:+6.2f} ms"
             lines.append(f"    {concurrency:>7}  {name:<8} {p50:8.2f} {p99:8.2f} {n:7}{extra}")
+    lines.append("")
+    lines.append("(direct: PUT straight to Synapse on a kept-alive connection; compact: CoAP ``/w``;")
+    lines.append("clean: CoAP ``/send`` with a CBOR map and the token in option 256.)")
     lines.append("")
     lines.append("Ceiling (requests/s)::")
     lines.append("")
@@ -480,18 +541,23 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
     lines.append(f"    with {figures.observers_accepted:>5} observers              {mem['observers']:6.1f} MB  "
                  f"(growth {mem['observers'] - mem['idle']:+.1f} MB, {observers} registrations sent)")
     lines.append(f"    peak (VmHWM)                      {mem['peak']:6.1f} MB")
+    if figures.push:
+        import push_latency  # imports this module: import late
+
+        lines.append("")
+        lines.append(push_latency.report(figures.push))
     return "\n".join(lines)
 
 
-DOC_HEAD = """Performance
-===========
+FIGURES_BEGIN = ".. figures: begin (written by bench/gateway_perf.py --write)"
+FIGURES_END = ".. figures: end"
 
-Figures from ``bench/gateway_perf.py`` (loopback only; figures, not pass/fail).
-See ``bench/README.rst`` for what each part measures and how.  Goals from
-issue 6: the gateway adds <= 1 ms at p50; >= 80 % of plain txThings' request
-rate; idle RSS <= 60 MB and growth <= 20 MB.
 
-"""
+def write_figures(path: Path, text: str) -> None:
+    """Replace the figures between the two marker comments of ``path``; the prose around stays."""
+    document = path.read_text()
+    begin, end = document.index(FIGURES_BEGIN), document.index(FIGURES_END)
+    path.write_text(document[:begin] + FIGURES_BEGIN + "\n\n" + text + "\n\n" + document[end:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,7 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--observers", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
-    parser.add_argument("--skip-overhead", action="store_true", help="no Synapse part")
+    parser.add_argument("--push-observers", type=int, nargs="*", default=[100, 1000],
+                        help="observer counts for the push benchmark (none: skip it)")
     parser.add_argument("--write", metavar="RST", help="write the figures to this file (docs/performance.rst)")
     parser.add_argument("--serve-stub", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -511,21 +578,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.quick:
         args.sends, args.sends_each, args.requests, args.observers = 100, 10, 5000, 200
+        args.push_observers = [10, 100]
     command = "python bench/gateway_perf.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine()
     figures = Figures()
     with tempfile.TemporaryDirectory(prefix="comatrix-bench-") as tmp:
         workdir = Path(tmp)
-        if not args.skip_overhead:
-            bench_overhead(figures, args.sends, args.sends_each, workdir)
+        bench_overhead(figures, args.sends, args.sends_each, workdir)
         bench_ceiling_and_memory(figures, args.requests, args.inflight, args.observers, workdir)
-    if args.skip_overhead:
-        figures.overhead = {}
-    text = report(figures, info, command.strip(), args.requests, args.observers) if figures.overhead else ""
+        if args.push_observers:
+            import push_latency  # imports this module: import late
+
+            figures.push = push_latency.run_push(args.push_observers, messages=5 if args.quick else None,
+                                                 workdir=workdir / "push")
+    text = report(figures, info, command.strip(), args.requests, args.observers)
     print()
     print(text)
     if args.write:
-        Path(args.write).write_text(DOC_HEAD + text + "\n")
+        write_figures(Path(args.write), text)
         print(f"\nwritten to {args.write}")
     return 0
 
