@@ -1,4 +1,4 @@
-"""Persistent gateway state in SQLite: compact-profile sessions, room handles and message cursors.
+"""Persistent gateway state in SQLite: compact sessions, room handles, message cursors, /sync resume points.
 
 The database lives at ``<state_dir>/comatrix.sqlite3`` (created 0600 in a 0700
 directory, because it holds Matrix access tokens); without a state directory it
@@ -16,6 +16,11 @@ What is kept, per compact session (see ``docs/protocol.rst``):
   gateway assigned and the Matrix pagination token just after that message;
 * the last `MESSAGES_KEPT` numbered messages of each room handle (sender, body,
   time), so "messages since cursor N" is answered without losing any.
+
+Per MSC3079 ``/sync`` observation (`comatrix.msc3079.resume`): the resume
+point, i.e. the ``next_batch`` of the last batch the client acknowledged, keyed
+by SHA-256 of the access token (never the token) and the CoAP token of the
+registration; at most `SYNC_POSITIONS_KEPT`, the least recently advanced go first.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ from comatrix.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "RoomRecord", "SessionRecord", "Store", "StoredMessage"]
+__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "SYNC_POSITIONS_KEPT", "RoomRecord", "SessionRecord", "Store",
+           "StoredMessage", "SyncPosition"]
 
 DB_FILENAME = "comatrix.sqlite3"
 #: Numbered messages kept per (session, room handle); older cursors fall out of the window.
 MESSAGES_KEPT = 64
+#: /sync resume points kept (one per observation: access token x CoAP token).
+SYNC_POSITIONS_KEPT = 4096
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS compact_sessions (
@@ -63,6 +71,13 @@ _SCHEMA = (
         body TEXT NOT NULL,
         ts INTEGER NOT NULL,
         PRIMARY KEY (session_id, room_handle, cursor))""",
+    """CREATE TABLE IF NOT EXISTS sync_positions (
+        token_hash BLOB NOT NULL,
+        observer BLOB NOT NULL,
+        registration BLOB NOT NULL,
+        position TEXT NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (token_hash, observer))""",
 )
 
 
@@ -92,6 +107,14 @@ class StoredMessage:
     sender: str
     body: str
     ts: int  # origin_server_ts, milliseconds
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncPosition:
+    """Where an observation got to: the registration it belongs to and the next ``since``."""
+
+    registration: bytes  # a fingerprint of the registration request, see comatrix.msc3079.resume
+    position: str
 
 
 def _prepare_file(path: str) -> None:
@@ -232,6 +255,38 @@ class Store:
             "SELECT event_id FROM compact_messages WHERE session_id = ? AND room_handle = ?",
             (session_id, handle))
         return {row[0] for row in rows}
+
+    # ------------------------------------------------------------------ /sync resume points
+
+    async def sync_position(self, token_hash: bytes, observer: bytes) -> SyncPosition | None:
+        rows = await self._pool.runQuery(
+            "SELECT registration, position FROM sync_positions WHERE token_hash = ? AND observer = ?",
+            (sqlite3.Binary(token_hash), sqlite3.Binary(observer)))
+        return SyncPosition(bytes(rows[0][0]), rows[0][1]) if rows else None
+
+    async def save_sync_position(self, token_hash: bytes, observer: bytes, position: SyncPosition, now: float,
+                                 keep: int = SYNC_POSITIONS_KEPT) -> None:
+        """Record ``position`` for the observation; beyond ``keep`` the least recently saved go."""
+        def write(txn: Any) -> None:
+            txn.execute("INSERT OR REPLACE INTO sync_positions (token_hash, observer, registration, position,"
+                        " updated) VALUES (?, ?, ?, ?, ?)",
+                        (sqlite3.Binary(token_hash), sqlite3.Binary(observer),
+                         sqlite3.Binary(position.registration), position.position, now))
+            txn.execute("SELECT COUNT(*) FROM sync_positions")
+            excess = int(txn.fetchone()[0]) - keep
+            if excess > 0:
+                txn.execute("DELETE FROM sync_positions WHERE rowid IN (SELECT rowid FROM sync_positions"
+                            " ORDER BY updated, rowid LIMIT ?)", (excess,))
+        await self._pool.runInteraction(write)
+
+    async def forget_sync_positions(self, token_hash: bytes, observer: bytes | None = None) -> None:
+        """Forget one observation's resume point, or (``observer`` None) every one of the token."""
+        if observer is None:
+            await self._pool.runOperation("DELETE FROM sync_positions WHERE token_hash = ?",
+                                          (sqlite3.Binary(token_hash),))
+        else:
+            await self._pool.runOperation("DELETE FROM sync_positions WHERE token_hash = ? AND observer = ?",
+                                          (sqlite3.Binary(token_hash), sqlite3.Binary(observer)))
 
 
 def _message(row: Any) -> StoredMessage:

@@ -20,26 +20,37 @@ handle for shows new messages, the timeline is advanced and every newly
 numbered message is handed to ``on_message`` (the resource pushes it to the
 observers of that room).  Another trigger -- an application-service
 transaction for many devices -- can later call `messages_arrived` the same way.
+
+The long-polls go through the gateway's uncapped long-poll pool
+(`comatrix.longpoll`), so watching devices never hold the slots of the upstream
+cap that sends and fetches need; a loop's first /sync catches up every room of
+the session.  Positions survive restarts without a sync token of their own:
+what a device relies on is the per-room walk position (``after_token``) and
+the numbering in the store, so a device that observes again after a gateway
+restart gets what arrived meanwhile, with the next cursors.  Homeserver
+trouble is waited out with jittered exponential back-off (`Backoff`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import secrets
 from typing import Any, Callable, Mapping
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from comatrix.coap.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from comatrix.coap.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
 from comatrix.coap.message import Peer
 from comatrix.compact.codec import HANDLE_SIZE
 from comatrix.logs import get_logger
+from comatrix.longpoll import DEADLINE_MARGIN, Backoff, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
 from comatrix.matrix.client import MatrixClient
-from comatrix.matrix.errors import HomeserverTimeout, HomeserverUnreachable, InvalidResponse, MatrixError
-from comatrix.matrix.responses import Event, parse_messages
+from comatrix.matrix.errors import HomeserverError, MatrixError
+from comatrix.matrix.responses import Event, SyncResponse, parse_messages, parse_sync
 from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
 
 log = get_logger(__name__)
@@ -61,7 +72,8 @@ SYNC_FILTER: Mapping[str, Any] = {
         "account_data": {"types": []},
     },
 }
-SYNC_BACKOFF_MAX = 60.0
+#: The long-poll timeout (s) the session loops ask the homeserver for.
+LONG_POLL_SECONDS = 25.0
 
 Session = SessionRecord
 #: Called for each newly numbered message of a session's room: (session, room handle, message).
@@ -100,13 +112,18 @@ class CompactService:
     """Sessions, rooms and timelines of the compact profile for one gateway."""
 
     def __init__(self, matrix: MatrixClient, store: Store, reactor: Any, *,
-                 rooms: Mapping[str, str] | None = None, long_poll_seconds: float = 25.0) -> None:
+                 rooms: Mapping[str, str] | None = None, long_poll_seconds: float = LONG_POLL_SECONDS,
+                 long_polls: LongPoller | None = None, jitter: Callable[[], float] = random.random) -> None:
+        """``long_polls``: the gateway's long-poll pool (without: /sync goes through ``matrix``)."""
         self.matrix = matrix
         self.store = store
         self.reactor = reactor
         #: Room names configured for joins (``[plugins.compact.rooms]``): name -> alias or room id.
         self.configured_rooms = dict(rooms or {})
         self.long_poll_ms = int(long_poll_seconds * 1000)
+        self.long_polls = long_polls if long_polls is not None else LongPoller(matrix.transport, reactor)
+        #: Random source of the loops' back-off jitter (tests make it deterministic).
+        self.jitter = jitter
         self.on_message: MessageSink | None = None
         #: Returns whether a session still has observers (set by the messages resource).
         self.is_observed: Callable[[SessionRecord], bool] = lambda session: False
@@ -249,7 +266,16 @@ class CompactService:
         """Something (the sync loop) saw new messages in ``room_ids``: number and push them."""
         for record in await self.store.rooms(session.id):
             if record.room_id in room_ids:
-                for message in await self.advance(session, record.handle):
+                try:
+                    fresh = await self.advance(session, record.handle)
+                except MatrixError as error:
+                    if error.http_status == 401 or is_transient(error):
+                        raise
+                    # E.g. the user left the room: it must not hold up the session's other rooms.
+                    log.info("Room handle {handle} of compact session {id} not readable: {error}",
+                             handle=record.handle, id=session.id, error=error.errcode or error.http_status)
+                    continue
+                for message in fresh:
                     if self.on_message is not None:
                         self.on_message(session, record.handle, message)
 
@@ -284,44 +310,54 @@ class CompactService:
         for session_id in list(self._loops):
             self._stop_loop(session_id)
 
+    async def _sync(self, session: SessionRecord, since: str | None) -> SyncResponse:
+        """One /sync of a session loop over the long-poll pool, with its own deadline."""
+        timeout_ms = 0 if since is None else self.long_poll_ms
+        req = api.sync(session.access_token, since=since, timeout_ms=timeout_ms, filter=SYNC_FILTER)
+        _status, body = await self.long_polls.request(req, timeout_ms / 1000.0 + DEADLINE_MARGIN)
+        return parse_sync(body)
+
     async def _run(self, loop: _SyncLoop) -> None:
         session = loop.session
         since: str | None = None
-        backoff = 1.0
+        backoff = Backoff(random=self.jitter)
         log.debug("Compact session {id}: sync loop started", id=session.id)
         while not loop.stopped:
             try:
-                sync = await self.matrix.sync(session.access_token, since=since, filter=SYNC_FILTER,
-                                              timeout_ms=0 if since is None else self.long_poll_ms)
-            except MatrixError as error:
-                if error.http_status == 401:
+                sync = await self._sync(session, since)
+                joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
+                if since is None:
+                    # Anything between the device's FETCH (or the trouble) and this position is caught up.
+                    rooms = {record.room_id for record in await self.store.rooms(session.id)}
+                else:
+                    rooms = {room_id for room_id, room in joined.items()
+                             if isinstance(room, Mapping) and room.get("timeline", {}).get("events")}
+                if rooms:
+                    await self.messages_arrived(session, rooms)
+                since = sync.next_batch
+            except (HomeserverError, ServiceUnavailable) as error:
+                if isinstance(error, MatrixError) and error.http_status == 401:
                     log.info("Sync loop of compact session {id}: token refused, stopping", id=session.id)
                     break
-                log.info("Sync loop of compact session {id}: {errcode}", id=session.id, errcode=error.errcode)
-                await task.deferLater(self.reactor, backoff, lambda: None)
-                backoff = min(SYNC_BACKOFF_MAX, backoff * 2)
+                # Keep the position (since): the next /sync sees the same news again.  A 5.03 is the
+                # upstream cap refusing the walk (overload): waited out like homeserver trouble.
+                delay = retry_delay(backoff, error) if isinstance(error, HomeserverError) else backoff.next()
+                log.info("Sync loop of compact session {id}: {error}; retrying in {delay:.1f} s",
+                         id=session.id, error=_describe(error), delay=delay)
+                await task.deferLater(self.reactor, delay, lambda: None)
                 continue
-            except (HomeserverUnreachable, HomeserverTimeout, InvalidResponse):
-                await task.deferLater(self.reactor, backoff, lambda: None)
-                backoff = min(SYNC_BACKOFF_MAX, backoff * 2)
-                continue
-            backoff = 1.0
-            joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
-            if since is None:
-                # Anything between the device's FETCH and this first position is caught up here.
-                rooms = {record.room_id for record in await self.store.rooms(session.id)}
-            else:
-                rooms = {room_id for room_id, room in joined.items()
-                         if isinstance(room, Mapping) and room.get("timeline", {}).get("events")}
-            since = sync.next_batch
-            if rooms:
-                await self.messages_arrived(session, rooms)
+            backoff.reset()
             if not self.is_observed(session):
                 log.debug("Compact session {id} has no observers left: sync loop ends", id=session.id)
                 break
         loop.stopped = True
         if self._loops.get(session.id) is loop:
             del self._loops[session.id]
+
+
+def _describe(error: Exception) -> str:
+    """A short, secret-free reason for the log (Matrix errors are redacted when built)."""
+    return str(error) if isinstance(error, MatrixError) else type(error).__name__
 
 
 def _stored(cursor: int, event: Event) -> StoredMessage:

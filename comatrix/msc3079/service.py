@@ -1,8 +1,9 @@
 """MSC3079 resources: Client-Server API pass-through over CoAP, ``/versions`` and ``/sync``.
 
 `Msc3079Service` is the per-gateway state every MSC3079 resource shares (kept
-in ``PluginContext.state["msc3079"]``): the sticky peer table, the long-poll
-transport and the ``/sync`` observation loops.
+in ``PluginContext.state["msc3079"]``): the sticky peer table, the ``/sync``
+observation loops and their resume points.  Every ``/sync`` goes through the
+gateway's uncapped long-poll pool (`comatrix.longpoll`), not the capped client.
 
 * `Msc3079Resource` serves a subtree (``/_matrix`` or one path code): the CoAP
   method becomes the same HTTP method, Uri-Query the query, the CBOR body
@@ -15,13 +16,19 @@ transport and the ``/sync`` observation loops.
   margin above it); GET with Observe registers a loop that long-polls from the
   last ``next_batch`` and pushes each non-empty answer as a CON notification,
   waiting for the acknowledgement before it asks the homeserver again, so no
-  batch is ever replaced by the next one before the client has it.
+  batch is ever replaced by the next one before the client has it.  Each
+  acknowledged batch moves the observation's resume point
+  (`comatrix.msc3079.resume`), so a re-registration -- also after a gateway
+  restart -- continues from there.  Homeserver trouble (no answer, 429, 5xx)
+  is waited out with jittered exponential back-off; other errors end the
+  observation with an error notification.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+import random
+from typing import Any, Callable, Mapping
 
 from twisted.internet import defer, task
 from twisted.internet.defer import CancelledError
@@ -37,10 +44,12 @@ from comatrix.codec.cbor import CodecError
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLES
 from comatrix.errors import matrix_error_response
 from comatrix.interfaces import PluginContext
+from comatrix.longpoll import Backoff, LongPoller, is_transient, long_poller, retry_delay
 from comatrix.matrix import api
-from comatrix.matrix.errors import HomeserverError, HomeserverTimeout, InvalidResponse, MatrixError
+from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
 from comatrix.matrix.transport import MatrixTransport
 from comatrix.msc3079.peers import PeerState, PeerTable
+from comatrix.msc3079.resume import ResumePoints, registration_fingerprint
 from comatrix.msc3079.translate import (KNOWN_KEY_TABLE, Target, json_from_request, keys_for_client,
                                         map_path, success_code, sync_is_empty, uses_integer_keys)
 from comatrix.resources import MatrixResource
@@ -86,7 +95,9 @@ class Msc3079Settings:
 class Msc3079Service:
     """State shared by every MSC3079 resource of one gateway."""
 
-    def __init__(self, context: PluginContext, *, long_poll: MatrixTransport | None = None) -> None:
+    def __init__(self, context: PluginContext, *, long_poll: MatrixTransport | None = None,
+                 jitter: Callable[[], float] = random.random) -> None:
+        """``long_poll``: a transport for /sync (tests); default: the gateway's long-poll pool."""
         self.context = context
         self.reactor = context.reactor
         self.transport = context.matrix.transport
@@ -94,7 +105,11 @@ class Msc3079Service:
                                         context.config.coap_settings().exchange_lifetime)
         self.peers = PeerTable(self.settings.max_peers, self.settings.sticky_idle_timeout,
                                self.reactor.seconds, sticky=self.settings.sticky)
-        self._long_poll = long_poll
+        self.long_polls: LongPoller = (LongPoller(long_poll, self.reactor) if long_poll is not None
+                                       else long_poller(context))
+        self.resumes = ResumePoints(context.store, self.reactor)
+        #: Random source of the loops' back-off jitter (tests make it deterministic).
+        self.jitter = jitter
         self.loops: dict[tuple[str, int, bytes], SyncLoop] = {}
         trigger = getattr(self.reactor, "addSystemEventTrigger", None)
         if trigger is not None:
@@ -107,21 +122,9 @@ class Msc3079Service:
             service = context.state["msc3079"] = cls(context)
         return service
 
-    @property
-    def long_poll(self) -> MatrixTransport:
-        """A transport of its own for /sync: long-polls must not hold the short calls' deadline or pool."""
-        if self._long_poll is None:
-            self._long_poll = MatrixTransport(
-                self.transport.base_url, reactor=self.reactor,
-                timeout=self.settings.max_long_poll + self.settings.http_margin)
-        return self._long_poll
-
-    def shutdown(self) -> "defer.Deferred[None]":
+    def shutdown(self) -> None:
         for loop in list(self.loops.values()):
             loop.stop()
-        if self._long_poll is not None:
-            return self._long_poll.close()
-        return defer.succeed(None)
 
     # -- one request ---------------------------------------------------------------------
 
@@ -164,6 +167,7 @@ class Msc3079Service:
         result = await send(token)
         if target.is_logout and token is not None:
             self.peers.forget_token(request.peer, token)
+            await self.resumes.forget(token)
         return result
 
     def sync(self, token: str | None, query: tuple[tuple[str, str], ...],
@@ -171,32 +175,12 @@ class Msc3079Service:
         """One /sync with ``timeout`` set to ``timeout_ms`` (capped) and an HTTP deadline above it."""
         timeout_ms = max(0, min(timeout_ms, int(self.settings.max_long_poll * 1000)))
         items = tuple((k, v) for k, v in query if k != "timeout") + (("timeout", str(timeout_ms)),)
-        d = self.long_poll.request(api.generic("GET", _SYNC_PATH, token, items))
-        return with_deadline(d, timeout_ms / 1000.0 + self.settings.http_margin, self.reactor)
+        return self.long_polls.request(api.generic("GET", _SYNC_PATH, token, items),
+                                       timeout_ms / 1000.0 + self.settings.http_margin)
 
 
 def token_sent(request: Request) -> bool:
     return request.option(ACCESS_TOKEN_OPTION) is not None
-
-
-def with_deadline(d: "defer.Deferred[Any]", seconds: float, reactor: Any) -> "defer.Deferred[Any]":
-    """``d``, cancelled after ``seconds`` and then failing with `HomeserverTimeout`."""
-    expired = []
-
-    def expire() -> None:
-        expired.append(True)
-        d.cancel()
-
-    timer = reactor.callLater(seconds, expire)
-
-    def done(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        if expired and isinstance(result, Failure) and result.check(CancelledError):
-            raise HomeserverTimeout(f"homeserver gave no answer within {seconds:g} s")
-        return result
-
-    return d.addBoth(done)
 
 
 def decode_body(request: Request) -> Any:
@@ -307,8 +291,10 @@ class SyncResource(MatrixResource):
             return loop.pending  # a notification the loop is pushing right now
         if request.observe == 0:
             return defer.ensureDeferred(self._register(request))
-        if request.observe == 1 and loop is not None:
-            loop.stop()
+        if request.observe == 1:
+            if loop is not None:
+                loop.stop()
+            return defer.ensureDeferred(self._deregister(request))
         return defer.ensureDeferred(self.long_poll(self.service, request))
 
     def observer_removed(self, request: Request) -> None:
@@ -328,20 +314,32 @@ class SyncResource(MatrixResource):
             return error_answer(error, version, wants_json(request))
         return encode(answer, Code.CONTENT, version, wants_json(request))
 
+    async def _deregister(self, request: Request) -> Response:
+        """Observe: 1 -- the client is done with this observation: its resume point goes too."""
+        state, _body, _version = self.service.prepare(request)
+        token = await self.service.sync_token(request, state)
+        if token is not None:
+            await self.service.resumes.forget(token, request.token)
+        return await self.long_poll(self.service, request)
+
     async def _register(self, request: Request) -> Response:
         service = self.service
         key = loop_key(request)
         old = service.loops.get(key)
         if old is not None:
-            old.stop()  # a re-registration replaces the loop (and resumes from its own since)
+            old.stop()  # a re-registration replaces the loop (and resumes from the acknowledged point)
         if len(service.loops) >= service.settings.max_sync_loops:
             raise ServiceUnavailable("too many sync observers", max_age=60)
         state, _body, version = service.prepare(request)
         as_json = wants_json(request)
         query = query_items(request)
         token = await service.sync_token(request, state)
+        registration = registration_fingerprint(query)
         try:
-            _status, answer = await service.sync(token, query, 0)
+            if token is not None and not _wants_full_state(query):
+                answer = await self._first_answer(request, token, query, registration)
+            else:
+                _status, answer = await service.sync(token, query, 0)
         except MatrixError as error:
             return error_answer(error, version, as_json)
         next_batch = answer.get("next_batch")
@@ -350,11 +348,42 @@ class SyncResource(MatrixResource):
         if len(service.loops) >= service.settings.max_sync_loops:
             raise ServiceUnavailable("too many sync observers", max_age=60)
         loop = SyncLoop(service, self, request, token, version, as_json, next_batch,
-                        tuple((k, v) for k, v in query if k not in ("since", "timeout", "full_state")))
+                        tuple((k, v) for k, v in query if k not in ("since", "timeout", "full_state")),
+                        registration)
         service.loops[key] = loop
         # Start once the CoAP layer has registered the observer with this answer.
         service.reactor.callLater(0, loop.start)
         return encode(answer, Code.CONTENT, version, as_json)
+
+    async def _first_answer(self, request: Request, token: str, query: tuple[tuple[str, str], ...],
+                      registration: bytes) -> dict[str, Any]:
+        """The registration answer: from the observation's resume point if it has one
+        (see `comatrix.msc3079.resume`), else as the request asks."""
+        service = self.service
+        resume = await service.resumes.resume_from(token, request.token, registration)
+        if resume is None:
+            _status, answer = await service.sync(token, query, 0)
+            return answer
+        log.info("sync observation of {peer} resumes from its last acknowledged batch", peer=str(request.peer))
+        try:
+            _status, answer = await service.sync(token, _with_since(query, resume), 0)
+        except MatrixError as error:
+            if error.http_status == 401 or is_transient(error):
+                raise
+            # The homeserver no longer knows that position: serve the request as it was asked.
+            log.info("resume point of {peer} refused ({error}); serving the registration as asked",
+                     peer=str(request.peer), error=error.errcode or error.http_status)
+            await service.resumes.forget(token, request.token)
+            _status, answer = await service.sync(token, query, 0)
+        return answer
+
+
+def _with_since(query: tuple[tuple[str, str], ...], since: str) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in query if k != "since") + (("since", since),)
+
+
+def _wants_full_state(query: tuple[tuple[str, str], ...]) -> bool:
+    return any(key == "full_state" and value.lower() == "true" for key, value in query)
 
 
 def _timeout_ms(query: tuple[tuple[str, str], ...]) -> int:
@@ -374,13 +403,9 @@ def loop_key(request: Request) -> tuple[str, int, bytes]:
 class SyncLoop:
     """Long-polls /sync for one Observe registration and pushes each batch as a CON notification."""
 
-    #: Back-off bounds (s) after homeserver trouble; Matrix errors end the loop instead.
-    MIN_BACKOFF = 1.0
-    MAX_BACKOFF = 60.0
-
     def __init__(self, service: Msc3079Service, resource: SyncResource, request: Request,
                  token: str | None, version: int, as_json: bool, since: str,
-                 query: tuple[tuple[str, str], ...]) -> None:
+                 query: tuple[tuple[str, str], ...], registration: bytes) -> None:
         self.service = service
         self.resource = resource
         self.request = request
@@ -389,6 +414,8 @@ class SyncLoop:
         self.as_json = as_json
         self.since = since
         self.query = query
+        #: Fingerprint of the registration request: the resume point belongs to it.
+        self.registration = registration
         self.pending: Response | None = None
         self.stopped = False
         self._waiting: defer.Deferred[Any] | None = None
@@ -425,36 +452,39 @@ class SyncLoop:
             self._waiting = None
 
     async def _run(self) -> None:
-        backoff = self.MIN_BACKOFF
-        query = self.query + (("since", self.since),)
+        backoff = Backoff(random=self.service.jitter)
         while not self.stopped:
             try:
                 _status, answer = await self._wait(self.service.sync(
-                    self._token, query, int(self.service.settings.observe_poll * 1000)))
+                    self._token, self.query + (("since", self.since),),
+                    int(self.service.settings.observe_poll * 1000)))
             except CancelledError:
                 return
-            except MatrixError as error:
-                log.info("sync observation of {peer} ends: {error}", peer=str(self.request.peer),
-                         error=error.errcode or error.http_status)
-                await self._push(error_answer(error, self.version, self.as_json))
-                return
             except HomeserverError as error:
-                log.info("sync observation of {peer}: {error}; retrying in {delay} s",
-                         peer=str(self.request.peer), error=type(error).__name__, delay=backoff)
+                if isinstance(error, MatrixError) and not is_transient(error):
+                    log.info("sync observation of {peer} ends: {error}", peer=str(self.request.peer),
+                             error=error.errcode or error.http_status)
+                    if error.http_status == 401 and self._token is not None:
+                        await self.service.resumes.forget(self._token)
+                    await self._push(error_answer(error, self.version, self.as_json))
+                    return
+                # Trouble to wait out; the loop keeps its position (since).
+                delay = retry_delay(backoff, error)
+                log.info("sync observation of {peer}: {error}; retrying in {delay:.1f} s",
+                         peer=str(self.request.peer), error=str(error) if isinstance(error, MatrixError)
+                         else type(error).__name__, delay=delay)
                 try:
-                    await self._wait(task.deferLater(self.service.reactor, backoff, lambda: None))
+                    await self._wait(task.deferLater(self.service.reactor, delay, lambda: None))
                 except CancelledError:
                     return
-                backoff = min(backoff * 2, self.MAX_BACKOFF)
                 continue
-            backoff = self.MIN_BACKOFF
+            backoff.reset()
             next_batch = answer.get("next_batch")
             if not isinstance(next_batch, str):
                 log.warn("/sync answer without next_batch; observation of {peer} ends",
                          peer=str(self.request.peer))
                 return
             self.since = next_batch
-            query = self.query + (("since", next_batch),)
             if sync_is_empty(answer):
                 continue
             try:
@@ -463,6 +493,9 @@ class SyncLoop:
                 return
             if not delivered:
                 return  # the observer is gone (RST, no ACK, deregistered)
+            if self._token is not None:
+                await self.service.resumes.delivered(self._token, self.request.token, self.registration,
+                                                     next_batch)
 
     async def _push(self, response: Response) -> int:
         """Notify this registration only, as CON; the number delivered (0 or 1)."""

@@ -26,6 +26,7 @@ from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, Handl
 from comatrix.compact.service import CompactService, handle_hash
 from comatrix.config import ConfigError
 from comatrix.interfaces import PluginContext
+from comatrix.longpoll import long_poller
 from comatrix.resources import MatrixResource, ResourcePlugin
 from comatrix.store import SessionRecord, Store, StoredMessage
 
@@ -47,9 +48,10 @@ def compact_service(context: PluginContext) -> CompactService:
         raise ConfigError("[plugins.compact.rooms] maps names to room ids (!...) or aliases (#...)")
     store = context.store if context.store is not None else Store.for_state_dir(
         context.config.state_dir, context.reactor)
-    # The long-poll must end before the transport's own deadline.
-    long_poll = max(1.0, min(25.0, context.config.request_timeout - 2.0))
-    service = CompactService(context.matrix, store, context.reactor, rooms=rooms, long_poll_seconds=long_poll)
+    # /sync long-polls use the gateway's uncapped long-poll pool (shared with MSC3079), each with
+    # its own deadline: watching devices must not hold the upstream cap's slots.
+    service = CompactService(context.matrix, store, context.reactor, rooms=rooms,
+                             long_polls=long_poller(context))
     context.state[STATE_KEY] = service
     add_trigger = getattr(context.reactor, "addSystemEventTrigger", None)
     if add_trigger is not None:
