@@ -17,6 +17,12 @@ What is kept, per compact session (see ``docs/protocol.rst``):
 * the last `MESSAGES_KEPT` numbered messages of each room handle (sender, body,
   time), so "messages since cursor N" is answered without losing any.
 
+Sessions and room records are also kept in a small in-memory read cache, so a
+device's send costs no database round trip once its session is known.  The
+store is the database's only writer, so the cache is written through: a
+write drops the records it changes, and a read that overlapped a write is
+not cached (``_generation``).
+
 Per MSC3079 ``/sync`` observation (`comatrix.msc3079.resume`): the resume
 point, i.e. the ``next_batch`` of the last batch the client acknowledged, keyed
 by SHA-256 of the access token (never the token) and the CoAP token of the
@@ -25,6 +31,7 @@ registration; at most `SYNC_POSITIONS_KEPT`, the least recently advanced go firs
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sqlite3
@@ -36,7 +43,7 @@ from comatrix.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "SYNC_POSITIONS_KEPT", "RoomRecord", "SessionRecord", "Store",
+__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "RECORDS_CACHED", "SYNC_POSITIONS_KEPT", "RoomRecord", "SessionRecord", "Store",
            "StoredMessage", "SyncPosition"]
 
 DB_FILENAME = "comatrix.sqlite3"
@@ -44,6 +51,8 @@ DB_FILENAME = "comatrix.sqlite3"
 MESSAGES_KEPT = 64
 #: /sync resume points kept (one per observation: access token x CoAP token).
 SYNC_POSITIONS_KEPT = 4096
+#: Session and room records kept in the read cache (each), least recently used go first.
+RECORDS_CACHED = 4096
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS compact_sessions (
@@ -146,6 +155,10 @@ class Store:
             "sqlite3", path if path is not None else ":memory:",
             check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_open_connection,
             cp_reactor=reactor)
+        self._sessions: collections.OrderedDict[bytes, SessionRecord] = collections.OrderedDict()
+        self._rooms: collections.OrderedDict[tuple[int, int], RoomRecord] = collections.OrderedDict()
+        #: Bumped after every write that changes cached records; a read that saw it change is not cached.
+        self._generation = 0
 
     @classmethod
     def for_state_dir(cls, state_dir: str | None, reactor: Any = None) -> "Store":
@@ -167,20 +180,34 @@ class Store:
         return int(await self._pool.runInteraction(insert))
 
     async def session_by_handle(self, handle_hash: bytes) -> SessionRecord | None:
+        cached = _cache_get(self._sessions, handle_hash)
+        if cached is not None:
+            return cached
+        generation = self._generation
         rows = await self._pool.runQuery(
             "SELECT id, handle_hash, access_token, user_id, device_id, peer_host FROM compact_sessions"
             " WHERE handle_hash = ?", (sqlite3.Binary(handle_hash),))
         if not rows:
             return None
         row = rows[0]
-        return SessionRecord(int(row[0]), bytes(row[1]), row[2], row[3], row[4], row[5])
+        record = SessionRecord(int(row[0]), bytes(row[1]), row[2], row[3], row[4], row[5])
+        if generation == self._generation:
+            _cache_put(self._sessions, handle_hash, record)
+        return record
 
     async def delete_session(self, session_id: int) -> None:
         def delete(txn: Any) -> None:
             for table, column in (("compact_messages", "session_id"), ("compact_rooms", "session_id"),
                                   ("compact_sessions", "id")):
                 txn.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
-        await self._pool.runInteraction(delete)
+        try:
+            await self._pool.runInteraction(delete)
+        finally:
+            self._generation += 1
+            for handle_hash in [key for key, record in self._sessions.items() if record.id == session_id]:
+                del self._sessions[handle_hash]
+            for room_key in [key for key in self._rooms if key[0] == session_id]:
+                del self._rooms[room_key]
 
     async def session_count(self) -> int:
         rows = await self._pool.runQuery("SELECT COUNT(*) FROM compact_sessions")
@@ -205,12 +232,19 @@ class Store:
         return int(await self._pool.runInteraction(get_or_assign))
 
     async def room(self, session_id: int, handle: int) -> RoomRecord | None:
+        cached = _cache_get(self._rooms, (session_id, handle))
+        if cached is not None:
+            return cached
+        generation = self._generation
         rows = await self._pool.runQuery(
             "SELECT room_id, last_cursor, after_token FROM compact_rooms WHERE session_id = ? AND handle = ?",
             (session_id, handle))
         if not rows:
             return None
-        return RoomRecord(session_id, handle, rows[0][0], int(rows[0][1]), rows[0][2])
+        record = RoomRecord(session_id, handle, rows[0][0], int(rows[0][1]), rows[0][2])
+        if generation == self._generation:
+            _cache_put(self._rooms, (session_id, handle), record)
+        return record
 
     async def rooms(self, session_id: int) -> list[RoomRecord]:
         rows = await self._pool.runQuery(
@@ -235,7 +269,11 @@ class Store:
                         " AND handle = ?", (last_cursor, after_token, session_id, handle))
             txn.execute("DELETE FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor <= ?",
                         (session_id, handle, last_cursor - keep))
-        await self._pool.runInteraction(write)
+        try:
+            await self._pool.runInteraction(write)
+        finally:
+            self._generation += 1
+            self._rooms.pop((session_id, handle), None)
 
     async def message_at_or_after(self, session_id: int, handle: int, cursor: int) -> StoredMessage | None:
         """The kept message with the smallest cursor >= ``cursor`` (a larger one means a gap)."""
@@ -287,6 +325,19 @@ class Store:
         else:
             await self._pool.runOperation("DELETE FROM sync_positions WHERE token_hash = ? AND observer = ?",
                                           (sqlite3.Binary(token_hash), sqlite3.Binary(observer)))
+
+
+def _cache_get(cache: "collections.OrderedDict[Any, Any]", key: Any) -> Any:
+    record = cache.get(key)
+    if record is not None:
+        cache.move_to_end(key)
+    return record
+
+
+def _cache_put(cache: "collections.OrderedDict[Any, Any]", key: Any, record: Any) -> None:
+    cache[key] = record
+    if len(cache) > RECORDS_CACHED:
+        cache.popitem(last=False)
 
 
 def _message(row: Any) -> StoredMessage:

@@ -14,6 +14,7 @@ Settings (``[plugins.compact]`` in the config file)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 from comatrix.coap.errors import UnsupportedContentFormat
@@ -133,8 +134,8 @@ class MessagesResource(CompactResource):
 
     def __init__(self, context: PluginContext) -> None:
         super().__init__(context)
-        #: While a message is being pushed: (session handle hash, room handle, message).
-        self._pushing: tuple[bytes, int, StoredMessage] | None = None
+        #: While a message is being pushed: (session handle hash, room handle, encoded message).
+        self._pushing: tuple[bytes, int, bytes] | None = None
         self.service.on_message = self._push
         self.service.is_observed = self._observed
 
@@ -142,7 +143,7 @@ class MessagesResource(CompactResource):
         pushing = self._pushing
         if pushing is not None and _selects(request, pushing[0], pushing[1]):
             # A notification: the pushed message (rendered synchronously inside notify).
-            return _cbor(_device_message(pushing[2]), Code.CONTENT)
+            return _cbor(pushing[2], Code.CONTENT)
         return self._fetch(request)
 
     async def _fetch(self, request: Request) -> Response:
@@ -159,7 +160,7 @@ class MessagesResource(CompactResource):
         return _cbor(_device_message(message), Code.CONTENT)
 
     def _push(self, session: SessionRecord, room_handle: int, message: StoredMessage) -> None:
-        self._pushing = (session.handle_hash, room_handle, message)
+        self._pushing = (session.handle_hash, room_handle, _device_message(message))
         try:
             self.notify_observers(lambda request: _selects(request, session.handle_hash, room_handle))
         finally:
@@ -171,11 +172,24 @@ class MessagesResource(CompactResource):
 
 def _selects(request: Request, wanted_hash: bytes, room_handle: int | None) -> bool:
     """Whether an observation's registration request is for this session (and room)."""
+    registration = _registration(request.payload)
+    return (registration is not None and registration[0] == wanted_hash
+            and (room_handle is None or registration[1] == room_handle))
+
+
+@functools.lru_cache(maxsize=1024)
+def _registration(payload: bytes) -> tuple[bytes, int] | None:
+    """(handle hash, room handle) of a registration's FETCH body, decoded once per distinct body.
+
+    A push tests every observation twice (``only`` and the render), and ``_observed``
+    after every /sync answer: with 1,000 observers, CBOR decoding and hashing was a
+    third of the gateway's time per notification.
+    """
     try:
-        fetch = MessagesRequest.decode(request.payload)
+        fetch = MessagesRequest.decode(payload)
     except codec.CodecError:
-        return False
-    return handle_hash(fetch.handle) == wanted_hash and (room_handle is None or fetch.room == room_handle)
+        return None
+    return handle_hash(fetch.handle), fetch.room
 
 
 class TimeResource(CoapResource):

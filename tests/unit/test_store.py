@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest_twisted
+from twisted.internet import defer
 
 from comatrix.store import DB_FILENAME, Store, StoredMessage
 
@@ -75,5 +76,67 @@ async def test_the_message_window_is_bounded_and_gaps_are_visible() -> None:
         assert await store.message_at_or_after(session, handle, 11) is None
         assert await store.room(session, 99) is None
         assert await store.session_by_handle(_hash(4)) is None
+    finally:
+        store.close()
+
+
+class _CountingQueries:
+    """Wraps the store's pool: counts the SELECTs that reach SQLite."""
+
+    def __init__(self, store: Store) -> None:
+        self.count = 0
+        self._run_query = store._pool.runQuery
+        store._pool.runQuery = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.count += 1
+        return self._run_query(*args, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_and_room_reads_are_cached_and_writes_are_seen() -> None:
+    store = Store()
+    try:
+        session = await store.create_session(_hash(1), "syt_token", "@a:example.org", "DEV", "::1", 1.0)
+        handle = await store.room_handle(session, "!r1")
+        queries = _CountingQueries(store)
+        for _ in range(3):
+            record = await store.session_by_handle(_hash(1))
+            assert record is not None and record.id == session
+            room = await store.room(session, handle)
+            assert room is not None and room.last_cursor == 0
+        assert queries.count == 2  # one per record; the repeats came from the cache
+
+        await store.advance_timeline(session, handle, [_message(1)], 1, "s1")
+        room = await store.room(session, handle)
+        assert room is not None and (room.last_cursor, room.after_token) == (1, "s1")
+
+        await store.delete_session(session)
+        assert await store.session_by_handle(_hash(1)) is None
+        assert await store.room(session, handle) is None
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_overlapping_a_write_is_not_cached() -> None:
+    store = Store()
+    try:
+        session = await store.create_session(_hash(1), "syt_token", "@a:example.org", "DEV", "::1", 1.0)
+        handle = await store.room_handle(session, "!r1")
+        # Both run in the store's one thread, in this order: the read sees the old row.
+        reading = defer.ensureDeferred(store.room(session, handle))
+        writing = defer.ensureDeferred(store.advance_timeline(session, handle, [_message(1)], 1, "s1"))
+        stale = await reading
+        await writing
+        assert stale is not None and stale.last_cursor in (0, 1)
+        room = await store.room(session, handle)
+        assert room is not None and room.last_cursor == 1
+
+        looking_up = defer.ensureDeferred(store.session_by_handle(_hash(1)))
+        deleting = defer.ensureDeferred(store.delete_session(session))
+        await looking_up
+        await deleting
+        assert await store.session_by_handle(_hash(1)) is None
     finally:
         store.close()
