@@ -26,7 +26,9 @@ It blocks (plain sockets); it is a command-line tool, never used on a reactor.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -35,7 +37,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Deque, Generator, Iterator, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
 import cbor2
@@ -112,6 +114,9 @@ class UdpCoap:
     MAX_RETRANSMIT = 4
     #: How long to wait for a separate response after an empty ACK.
     SEPARATE_TIMEOUT = 60.0
+    #: Notifications kept per observation while other exchanges run; beyond it the oldest
+    #: go (as if lost: the profile's cursors let a device notice and fetch them).
+    PENDING_NOTIFICATIONS = 64
 
     def __init__(self, gateway: str, *, trace: Trace | None = None, token_length: int = 2,
                  ack_timeout: float | None = None, source: str | None = None) -> None:
@@ -132,6 +137,9 @@ class UdpCoap:
         if ack_timeout is not None:
             self.ACK_TIMEOUT = ack_timeout
         self._mid = random.randrange(0x10000)
+        # Token of each live observation -> its notifications that arrived (and were
+        # ACKed) during another exchange, for `observe` to hand out next.
+        self._observations: dict[bytes, Deque[wire.Datagram]] = {}
 
     def close(self) -> None:
         self.sock.close()
@@ -174,6 +182,19 @@ class UdpCoap:
     def _ack(self, message: wire.Datagram) -> None:
         if message.mtype == MessageType.CON:
             self._send(wire.empty(MessageType.ACK, message.mid))
+
+    def _keep_notification(self, message: wire.Datagram) -> bool:
+        """Keep a notification of a live observation that arrived during another exchange.
+
+        Dropping it would lose the message until a later one reveals the gap, and
+        rejecting a CON one with RST would cancel the observation (RFC 7641 §3.6).
+        """
+        pending = self._observations.get(message.token)
+        if pending is None or message.code == Code.EMPTY:
+            return False
+        self._ack(message)
+        pending.append(message)
+        return True
 
     @staticmethod
     def build(mtype: int, code: int, mid: int, token: bytes, path: str, *, payload: bytes = b"",
@@ -220,6 +241,8 @@ class UdpCoap:
                 if message.token == token and message.code != Code.EMPTY:
                     self._ack(message)
                     return _reply(message), mid
+                if self._keep_notification(message):
+                    continue
                 if message.mtype == MessageType.CON:  # not ours: reject
                     self._send(wire.empty(MessageType.RST, message.mid))
             if acknowledged:
@@ -235,39 +258,52 @@ class UdpCoap:
             if message.token == token and message.code != Code.EMPTY:
                 self._ack(message)
                 return _reply(message), mid
+            if self._keep_notification(message):
+                continue
             if message.mtype == MessageType.CON:
                 self._send(wire.empty(MessageType.RST, message.mid))
 
     def observe(self, code: int, path: str, *, payload: bytes = b"", content_format: int | None = None,
-                timeout: float | None = None) -> Iterator[Reply]:
+                timeout: float | None = None) -> Generator[Reply, None, None]:
         """Register (Observe: 0); yields the first response, then each notification.
 
         Stops after ``timeout`` seconds without a notification (None: never) or when
         the gateway ends the observation (a response without Observe, or an error).
+        The caller may run other exchanges between two yields: notifications arriving
+        meanwhile are kept and yielded next, in the order they came.
         """
         token = secrets.token_bytes(self.token_length)
-        first, _ = self._exchange(code, path, token, payload, content_format, 0, ())
-        yield first
-        if not first.ok or first.option(OptionNumber.OBSERVE) is None:
-            return
-        seen: set[int] = set()
-        while True:
-            deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
-            message = self._receive(deadline)
-            if message is None:
+        pending: Deque[wire.Datagram] = collections.deque(maxlen=self.PENDING_NOTIFICATIONS)
+        self._observations[token] = pending
+        try:
+            first, _ = self._exchange(code, path, token, payload, content_format, 0, ())
+            yield first
+            if not first.ok or first.option(OptionNumber.OBSERVE) is None:
                 return
-            if message.token != token or message.code == Code.EMPTY:
-                if message.mtype == MessageType.CON:
-                    self._send(wire.empty(MessageType.RST, message.mid))
-                continue
-            self._ack(message)
-            if message.mid in seen:
-                continue  # a retransmitted CON notification
-            seen.add(message.mid)
-            reply = _reply(message)
-            yield reply
-            if not reply.ok or reply.option(OptionNumber.OBSERVE) is None:
-                return
+            seen: set[int] = set()
+            while True:
+                if pending:
+                    message = pending.popleft()  # ACKed when it was kept
+                else:
+                    deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+                    received = self._receive(deadline)
+                    if received is None:
+                        return
+                    message = received
+                    if message.token != token or message.code == Code.EMPTY:
+                        if not self._keep_notification(message) and message.mtype == MessageType.CON:
+                            self._send(wire.empty(MessageType.RST, message.mid))
+                        continue
+                    self._ack(message)
+                if message.mid in seen:
+                    continue  # a retransmitted CON notification
+                seen.add(message.mid)
+                reply = _reply(message)
+                yield reply
+                if not reply.ok or reply.option(OptionNumber.OBSERVE) is None:
+                    return
+        finally:
+            del self._observations[token]
 
 
 def _reply(message: wire.Datagram) -> Reply:
@@ -390,9 +426,13 @@ class CompactDevice:
                     raise
 
     def _fetch(self, room: str, cursor: int | None) -> Message | None:
+        return self._seen(room, self._fetch_unseen(room, cursor))
+
+    def _fetch_unseen(self, room: str, cursor: int | None) -> Message | None:
+        """``FETCH /v`` without recording the answer as seen (the caller does, once it is used)."""
         request = MessagesRequest(self.handle, self.room_handle(room), cursor)
         reply = self._request(Code.FETCH, "messages", request.encode())
-        return self._seen(room, codec.decode_message(reply.payload))
+        return codec.decode_message(reply.payload)
 
     def _seen(self, room: str, message: Message | None) -> Message | None:
         if message is not None:
@@ -420,38 +460,58 @@ class CompactDevice:
             cursor = message.cursor
         return found
 
-    def watch(self, room: str, *, count: int | None = None, timeout: float | None = None) -> Iterator[Message]:
-        """Observe the room: yields each new message, oldest first, filling gaps via cursors."""
-        request = MessagesRequest(self.handle, self.room_handle(room))
-        last = self.compact.get("cursors", {}).get(room)
-        delivered = 0
-        first = True
-        for reply in self.coap.observe(Code.FETCH, PATHS["messages"], payload=request.encode(),
-                                       content_format=codec.CONTENT_FORMAT, timeout=timeout):
-            reply.checked()
-            message = codec.decode_message(reply.payload)
-            if first:
-                first = False
-                if message is not None and last is None:
-                    self._seen(room, message)  # the current latest is the starting point
-                    last = message.cursor
-                    continue
-            if message is None or (last is not None and message.cursor <= int(last)):
-                continue
-            if last is not None and message.cursor > int(last) + 1:
-                # Notifications are NON: one may have been lost.  Catch up in order.
-                for missed in self.new_messages(room):
-                    if missed.cursor < message.cursor:
-                        delivered += 1
-                        yield missed
-                        if count is not None and delivered >= count:
-                            return
-            self._seen(room, message)
-            last = message.cursor
-            delivered += 1
-            yield message
-            if count is not None and delivered >= count:
+    def _catch_up(self, room: str, cursor: int) -> Iterator[Message]:
+        """Every message after ``cursor``, oldest first, fetched one by one until ``[]``."""
+        while True:
+            message = self._fetch_unseen(room, cursor)
+            if message is None or message.cursor <= cursor:  # caught up (or a gateway going backwards)
                 return
+            yield message
+            cursor = message.cursor
+
+    def watch(self, room: str, *, count: int | None = None, timeout: float | None = None) -> Iterator[Message]:
+        """Observe the room: yields each new message once, in cursor order, filling gaps via cursors.
+
+        A message is recorded as seen when it is yielded, not when it is fetched, so
+        a watch that stops (``count``) resumes after the last message it gave out.
+        """
+        request = MessagesRequest(self.handle, self.room_handle(room))
+        stored = self.compact.get("cursors", {}).get(room)
+        last: int | None = None if stored is None else int(stored)
+        delivered = 0
+        replies = self.coap.observe(Code.FETCH, PATHS["messages"], payload=request.encode(),
+                                    content_format=codec.CONTENT_FORMAT, timeout=timeout)
+        try:
+            for index, reply in enumerate(replies):
+                message = codec.decode_message(reply.checked().payload)
+                if message is None:
+                    continue
+                if last is None:
+                    if index == 0:  # no cursor yet: the current latest is the starting point
+                        self._seen(room, message)
+                        last = message.cursor
+                        continue
+                    batch: Iterator[Message] = iter([message])
+                elif message.cursor <= last:
+                    continue  # already yielded (e.g. fetched by a catch-up)
+                elif message.cursor == last + 1:
+                    batch = iter([message])
+                else:
+                    # Notifications are NON: some were lost.  Fetch from the last one
+                    # yielded until caught up (which may go beyond this one); whatever
+                    # is notified meanwhile is kept by `UdpCoap` and skipped here by cursor.
+                    batch = itertools.chain(self._catch_up(room, last), [message])
+                for new in batch:
+                    if last is not None and new.cursor <= last:
+                        continue
+                    self._seen(room, new)
+                    last = new.cursor
+                    delivered += 1
+                    yield new
+                    if count is not None and delivered >= count:
+                        return
+        finally:
+            replies.close()  # ends the observation's bookkeeping in `UdpCoap` now, not at garbage collection
 
 
 # ---------------------------------------------------------------------- the original CoMatrix form
