@@ -75,6 +75,13 @@ def serve_stub(port: int) -> None:
             path = request.path or b""
             if b"/send/" in path:
                 return b'{"event_id":"$benchEventId0000000000000000000000000000000000"}'
+            if path.endswith(b"/login"):
+                return ('{"access_token":"%s","user_id":"@bench:bench.local","device_id":"BENCH"}'
+                        % STUB_TOKEN).encode()
+            if b"/join/" in path:
+                return ('{"room_id":"%s"}' % STUB_ROOM).encode()
+            if path.endswith(b"/messages"):
+                return b'{"chunk":[],"start":"s0","end":"s0"}'
             if path.endswith(b"/versions"):
                 return b'{"versions":["v1.11"]}'
             return b"{}"
@@ -397,6 +404,8 @@ class Figures:
     ceiling: dict[str, tuple[float, int, float]] = dataclasses.field(default_factory=dict)
     memory: dict[str, float] = dataclasses.field(default_factory=dict)
     observers_accepted: int = 0
+    #: The same latency comparison against the stub homeserver: the gateway's own share.
+    overhead_stub: dict[str, tuple[float, float, int]] = dataclasses.field(default_factory=dict)
     push: list[Any] = dataclasses.field(default_factory=list)
 
 
@@ -435,14 +444,39 @@ def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir
         synapse.stop()
 
 
+def bench_stub_overhead(figures: Figures, stub_port: int, gateway_port: int, sends: int) -> None:
+    """One sender, the three paths in turn, against the stub: latency Synapse does not blur."""
+    user = StubUser()
+    group = (HttpSender(stub_port, STUB_TOKEN, STUB_ROOM), CompactSender(gateway_port, user, STUB_ROOM),
+             CoapSender(gateway_port, user, STUB_ROOM))
+    try:
+        measured = run_senders([group], sends, warmup=100)
+    finally:
+        for sender in group:
+            sender.close()
+    for name, values in zip(OVERHEAD_PATHS, measured):
+        figures.overhead_stub[name] = (percentile(values, 50) * 1000, percentile(values, 99) * 1000, len(values))
+        print(f"  overhead  stub homeserver  {name:<8} p50 {figures.overhead_stub[name][0]:7.3f} ms  "
+              f"p99 {figures.overhead_stub[name][1]:7.3f} ms", flush=True)
+
+
+@dataclasses.dataclass
+class StubUser:
+    """The stub homeserver's one user (it accepts any password)."""
+    localpart: str = "bench"
+    password: str = "stub"
+    access_token: str = STUB_TOKEN
+
+
 def bench_ceiling_and_memory(figures: Figures, requests: int, inflight: int, observers: int,
-                             workdir: Path) -> None:
+                             workdir: Path, latency_sends: int = 2000) -> None:
     stub, stub_port = start_stub()
     gw = None
     try:
         gw = start_gateway(f"http://127.0.0.1:{stub_port}", workdir / "gw-stub", max_observers=observers + 16)
         time.sleep(1.0)  # let the freshly started process settle before the idle reading
         figures.memory["idle"] = rss_mib(gw.pid)
+        bench_stub_overhead(figures, stub_port, gw.port, latency_sends)
         load(SendLoad, gw.port, 500, inflight)  # warm-up
         cpu_before = coap_throughput.cpu_seconds(gw.pid)
         result = load(SendLoad, gw.port, requests, inflight)
@@ -523,6 +557,16 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
     lines.append("(direct: PUT straight to Synapse on a kept-alive connection; compact: CoAP ``/w``;")
     lines.append("clean: CoAP ``/send`` with a CBOR map and the token in option 256.)")
     lines.append("")
+    if figures.overhead_stub:
+        lines.append("The same, one sender, against the stub homeserver (canned answers in ~0.2 ms)::")
+        lines.append("")
+        lines.append("    path       p50 ms   p99 ms   sends   added p50   added p99")
+        d = figures.overhead_stub["direct"]
+        for name in OVERHEAD_PATHS:
+            p50, p99, n = figures.overhead_stub[name]
+            extra = "" if name == "direct" else f"   {p50 - d[0]:+6.3f} ms  {p99 - d[1]:+6.3f} ms"
+            lines.append(f"    {name:<8} {p50:8.3f} {p99:8.3f} {n:7}{extra}")
+        lines.append("")
     lines.append("Ceiling (requests/s)::")
     lines.append("")
     for name, label in (("gateway", "gateway POST /send -> stub homeserver"),
@@ -585,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="comatrix-bench-") as tmp:
         workdir = Path(tmp)
         bench_overhead(figures, args.sends, args.sends_each, workdir)
-        bench_ceiling_and_memory(figures, args.requests, args.inflight, args.observers, workdir)
+        bench_ceiling_and_memory(figures, args.requests, args.inflight, args.observers, workdir,
+                                 latency_sends=args.sends * 2)
         if args.push_observers:
             import push_latency  # imports this module: import late
 
