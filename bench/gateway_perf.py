@@ -524,7 +524,7 @@ def machine() -> dict[str, str]:
     import treq
     synapse_version = subprocess.run(
         [str(ROOT / ".venv-synapse" / "bin" / "python"), "-c", "import synapse; print(synapse.__version__)"],
-        capture_output=True, text=True).stdout.strip() or "?"
+        capture_output=True, text=True, cwd="/").stdout.strip() or "?"  # not our checkout's git id
     return {"cpus": str(os.cpu_count()), "model": model, "ram": f"{total_kib / 1024 / 1024:.1f} GiB",
             "kernel": platform.release(), "python": platform.python_version(),
             "twisted": twisted.__version__, "treq": treq.__version__, "cbor2": _version("cbor2"),
@@ -558,7 +558,7 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
     lines.append("clean: CoAP ``/send`` with a CBOR map and the token in option 256.)")
     lines.append("")
     if figures.overhead_stub:
-        lines.append("The same, one sender, against the stub homeserver (canned answers in ~0.2 ms)::")
+        lines.append("The same, one sender, against the stub homeserver (direct = the stub's own time)::")
         lines.append("")
         lines.append("    path       p50 ms   p99 ms   sends   added p50   added p99")
         d = figures.overhead_stub["direct"]
