@@ -49,6 +49,9 @@ BACKOFF_CAP = 60.0
 DEADLINE_MARGIN = 10.0
 #: The long-poll transport's own deadline: only a backstop, every call has its own (`with_deadline`).
 TRANSPORT_BACKSTOP = 3600.0
+#: Idle long-poll connections kept for reuse: a loop's next /sync follows its last at once, so
+#: keeping one per loop (up to this) avoids a TCP (and TLS) handshake per long-poll.
+LONG_POLL_CONNECTIONS_KEPT = 64
 #: Key of the gateway's `LongPoller` in ``PluginContext.state``.
 STATE_KEY = "long-poll"
 
@@ -130,7 +133,8 @@ class LongPoller:
 
     @classmethod
     def for_homeserver(cls, base_url: str, reactor: Any) -> "LongPoller":
-        return cls(MatrixTransport(base_url, reactor=reactor, timeout=TRANSPORT_BACKSTOP), reactor)
+        return cls(MatrixTransport(base_url, reactor=reactor, timeout=TRANSPORT_BACKSTOP,
+                                   max_connections_per_host=LONG_POLL_CONNECTIONS_KEPT), reactor)
 
     def request(self, req: MatrixRequest, deadline: float) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
         """``req`` (a long-poll) sent at once; `HomeserverTimeout` after ``deadline`` seconds."""
