@@ -52,7 +52,7 @@ from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter
                                   default_error_adapter, encode_uint)
 from comatrix.coap.linkformat import WELL_KNOWN_CORE, WellKnownCore
 from comatrix.coap.message import Peer, Request, Response
-from comatrix.coap.numbers import Code, MessageType, OptionNumber
+from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
 
 log = get_logger(__name__)
 
@@ -84,7 +84,11 @@ _SINGLE_CRITICAL = (OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.A
                     OptionNumber.PROXY_SCHEME)
 #: Maximum value lengths of uint options we read (RFC 7252 §5.10, RFC 7959, RFC 7641).
 _UINT_MAX_LEN = {OptionNumber.CONTENT_FORMAT: 2, OptionNumber.ACCEPT: 2, OptionNumber.OBSERVE: 3,
-                 OptionNumber.SIZE1: 4, OptionNumber.SIZE2: 4, OptionNumber.URI_PORT: 2}
+                 OptionNumber.SIZE1: 4, OptionNumber.SIZE2: 4, OptionNumber.URI_PORT: 2,
+                 OptionNumber.NO_RESPONSE: 1}
+
+#: RFC 7967 No-Response bits: response class -> the bit that says "not interested".
+_NO_RESPONSE_BIT = {2: 0x02, 4: 0x08, 5: 0x10}
 
 _SEQ_MODULO = 1 << 24
 
@@ -190,7 +194,7 @@ class _Incoming:
     """One request being answered."""
 
     __slots__ = ("addr", "mid", "mtype", "token", "request", "received", "ack_timer", "empty_acked",
-                 "done", "block1", "block2", "size2_asked", "observe", "cache_key")
+                 "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested")
 
     def __init__(self, addr: Address, mid: int, mtype: int, token: bytes, received: float) -> None:
         self.addr = addr
@@ -207,6 +211,7 @@ class _Incoming:
         self.size2_asked = False
         self.observe: Any = None  # the resource when this GET may register an observer
         self.cache_key: tuple[Any, ...] | None = None
+        self.not_interested = 0  # RFC 7967 No-Response bitmap
 
 
 class _Outgoing:
@@ -582,6 +587,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         except ValueError as exc:
             raise BadOption(str(exc))
         incoming.size2_asked = OptionNumber.SIZE2 in options
+        # No-Response is ignored on an Observe registration: its answer says whether it took.
+        if uints[OptionNumber.NO_RESPONSE] and uints[OptionNumber.OBSERVE] is None:
+            incoming.not_interested = uints[OptionNumber.NO_RESPONSE] or 0
         request = Request(
             method=method, path=path, payload=message.payload, query=query,
             content_format=uints[OptionNumber.CONTENT_FORMAT], accept=uints[OptionNumber.ACCEPT],
@@ -819,6 +827,14 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
     def _send_response(self, incoming: _Incoming, code: int, options: list[wire.RawOption],
                        payload: bytes) -> None:
         token = incoming.token
+        if incoming.not_interested & _NO_RESPONSE_BIT.get(code >> 5, 0):
+            # RFC 7967: the device asked not to hear this class; a CON still needs its ACK.
+            log.debug("{code} to {peer} suppressed (No-Response)", code=dotted(code), peer=incoming.addr)
+            if incoming.mtype == CON and not incoming.empty_acked:
+                ack = wire.empty(ACK, incoming.mid)
+                self._dedup.replace((incoming.addr, incoming.mid), ack)
+                self._write(ack, incoming.addr)
+            return
         if incoming.mtype == CON and not incoming.empty_acked:
             data = wire.encode(ACK, code, incoming.mid, token, options, payload)
             self._dedup.replace((incoming.addr, incoming.mid), data)

@@ -453,3 +453,43 @@ def test_continue_carries_no_block2() -> None:
     [reply] = h.send(Code.PUT, ["store"], payload=b"x" * 16,
                      options=[(27, Block(0, True, 0).encode()), (23, Block(0, False, 0).encode())])
     assert reply.code == Code.CONTINUE and option(reply, 23) is None
+
+
+# ---------------------------------------------------------------- No-Response (RFC 7967)
+
+NOT_2XX, NOT_4XX = b"\x02", b"\x08"
+
+
+def test_no_response_non_send_gets_nothing_on_success_but_errors_still_arrive() -> None:
+    h, resources = make()
+    store: Store = resources["store"]  # type: ignore[assignment]
+    assert h.send(Code.POST, ["store"], mtype=NON, payload=b"21.5",
+                  options=[(OptionNumber.NO_RESPONSE, NOT_2XX)]) == []
+    assert store.requests[-1].payload == b"21.5"  # rendered, only the answer was left out
+    [error] = h.send(Code.POST, ["nowhere"], mtype=NON, options=[(OptionNumber.NO_RESPONSE, NOT_2XX)])
+    assert error.code == Code.NOT_FOUND
+    assert h.send(Code.POST, ["nowhere"], mtype=NON, options=[(OptionNumber.NO_RESPONSE, NOT_4XX)]) == []
+
+
+def test_no_response_con_still_gets_its_ack_once_and_again_for_a_duplicate() -> None:
+    h, resources = make()
+    data = wire.encode(CON, Code.POST, 77, b"n", [(11, b"store"), (OptionNumber.NO_RESPONSE, NOT_2XX)], b"x")
+    [ack] = h.send_raw(data)
+    assert (ack.mtype, ack.code, ack.mid, ack.payload) == (ACK, Code.EMPTY, 77, b"")
+    assert h.send_raw(data) == [ack]
+    assert len(resources["store"].requests) == 1  # type: ignore[attr-defined]
+
+
+def test_no_response_separate_answer_is_left_out_after_the_empty_ack() -> None:
+    h, resources = make()
+    assert h.send(Code.GET, ["slow"], token=b"s", options=[(OptionNumber.NO_RESPONSE, NOT_2XX)]) == []
+    [ack] = h.advance(0.1)
+    assert (ack.mtype, ack.code) == (ACK, Code.EMPTY)
+    resources["slow"].pending[0].callback(Response(payload=b"late"))  # type: ignore[attr-defined]
+    assert h.replies() == [] and h.advance(100) == []
+
+
+def test_no_response_is_ignored_on_an_observe_registration() -> None:
+    h, _ = make()
+    [reply] = h.send(Code.GET, ["counter"], options=[(OptionNumber.OBSERVE, b""), (OptionNumber.NO_RESPONSE, NOT_2XX)])
+    assert reply.code == Code.CONTENT and option(reply, OptionNumber.OBSERVE) is not None

@@ -85,6 +85,16 @@ def device_for(gateway: GatewayProcess, recorder: Recorder | None = None, **kwar
     return CompactDevice(UdpCoap(gateway.uri(), trace=recorder, **kwargs), DeviceState(None))
 
 
+def joined_device(gateway: GatewayProcess, synapse: SynapseServer) -> tuple[MatrixUser, CompactDevice, str]:
+    """A fresh sensor user, logged in through the gateway and joined to a room of its own."""
+    sensor = sensor_user(synapse)
+    device = device_for(gateway)
+    device.login(sensor.localpart, sensor.password)
+    room_id = synapse.create_room(sensor.access_token)
+    device.join(room_id)
+    return sensor, device, room_id
+
+
 def sensor_user(synapse: SynapseServer) -> MatrixUser:
     localpart = "sensor" + secrets.token_hex(1)  # "@sensorXX:test.local": 20 chars
     password = remember(secrets.token_urlsafe(12))
@@ -141,11 +151,7 @@ def test_every_operation_end_to_end_within_budget(gateway: GatewayProcess, synap
 
 
 def test_retry_with_the_same_seq_makes_one_event(gateway: GatewayProcess, synapse: SynapseServer) -> None:
-    sensor = sensor_user(synapse)
-    device = device_for(gateway)
-    device.login(sensor.localpart, sensor.password)
-    room_id = synapse.create_room(sensor.access_token)
-    device.join(room_id)
+    sensor, device, room_id = joined_device(gateway, synapse)
     # The same request as a new exchange (new MID and token: CoAP deduplication cannot help).
     payload = SendRequest(device.handle, 0, 77, "reading 42").encode()
     for _ in range(3):
@@ -267,3 +273,24 @@ def test_sessions_survive_a_gateway_restart(make_gateway: Callable[..., GatewayP
     with pytest.raises(CoapResponseError) as unknown_name:
         device.join("kitchen")
     assert unknown_name.value.reply.code_text == "4.00"
+
+
+def test_fire_and_forget_send_with_no_response_via_libcoap(gateway: GatewayProcess, synapse: SynapseServer) -> None:
+    # RFC 7967: a NON send with No-Response 2 gets nothing back on success -- no downlink at all --
+    # while an error still reaches the device.
+    from support.coap_clients import CoapNoResponse
+
+    sensor, device, room_id = joined_device(gateway, synapse)
+    no_success_answer = [(int(OptionNumber.NO_RESPONSE), b"\x02")]
+    payload = SendRequest(device.handle, 0, 501, "quiet reading").encode()
+    with pytest.raises(CoapNoResponse):
+        libcoap("post", gateway.uri(PATHS["send"]), payload=payload, content_format=60,
+                options=no_success_answer, non=True, timeout=2)
+    deadline = time.monotonic() + 10
+    while "quiet reading" not in [e["content"]["body"] for e in synapse.text_messages(sensor.access_token, room_id)]:
+        assert time.monotonic() < deadline, "the NON send never reached the room"
+        time.sleep(0.2)
+    unknown = SendRequest(b"\x00" * len(device.handle), 0, 502, "lost?").encode()
+    refused = libcoap("post", gateway.uri(PATHS["send"]), payload=unknown, content_format=60,
+                      options=no_success_answer, non=True, timeout=5)
+    assert refused.code == "4.01"
