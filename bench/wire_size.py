@@ -36,14 +36,15 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import cbor2  # noqa: E402
 
 from comatrix.client import CompactDevice, DeviceState, OriginalDevice, UdpCoap  # noqa: E402
-from comatrix.coap.numbers import Code, OptionNumber  # noqa: E402
-from comatrix.compact.codec import BUDGETS  # noqa: E402
+from comatrix.coap import wire  # noqa: E402
+from comatrix.coap.numbers import Code, MessageType, OptionNumber  # noqa: E402
+from comatrix.compact.codec import BUDGETS, SendRequest  # noqa: E402
 from support.gateway import GatewayProcess  # noqa: E402
 from support.synapse import SynapseServer  # noqa: E402
 
 FRAME_PAYLOAD = 80  # bytes of CoAP per IEEE 802.15.4 frame (facts §1)
 BODY20 = "temperature=21.5C ok"
-OPERATIONS = ("login", "join", "send", "getmsg", "notification", "logout", "time")
+OPERATIONS = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time")
 FORMS = ("compact", "original", "msc3079", "http")
 
 
@@ -264,6 +265,19 @@ def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write:
     bench.results[("login", "compact")].note = "login + GET /z (seeds seq)"
     bench.measure("join", "compact", lambda: device.join(room_id))
     bench.measure("send", "compact", lambda: device.send(room_id, BODY20))
+
+    def quiet_send() -> None:
+        """Fire-and-forget: NON with No-Response 0x02 (RFC 7967); nothing comes back on success."""
+        seq = int(device.compact.get("seq", 0)) + 1000
+        payload = SendRequest(device.handle, device.compact["rooms"][room_id], seq, BODY20).encode()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(wire.encode(MessageType.NON, Code.POST, 0x5157, b"\x51",
+                                    [(OptionNumber.URI_PATH, b"w"), (OptionNumber.CONTENT_FORMAT, b"\x3c"),
+                                     (OptionNumber.NO_RESPONSE, b"\x02")], payload),
+                        udp.front.getsockname())
+
+    bench.measure("send NON+NR", "compact", quiet_send, settle=1.0)
+    bench.results[("send NON+NR", "compact")].note = "NON, No-Response 0x02: no answer on success"
     bench.measure("getmsg", "compact", lambda: device.getmsg(room_id))
 
     # One Observe notification: the device watches, sensor01 posts the 20-char body over HTTP.
@@ -370,7 +384,7 @@ def _synapse_version() -> str:
         import subprocess
         python = REPO / ".venv-synapse" / "bin" / "python"
         out = subprocess.run([str(python), "-c", "import synapse; print(synapse.__version__)"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, cwd="/")  # not our git id
         return out.stdout.strip() or "?"
     except Exception:
         return "?"
