@@ -9,15 +9,18 @@ Message cursors.  For each (session, room handle) the gateway numbers the
 room's ``m.room.message`` events 1, 2, 3, ... in homeserver order, walking the
 room forward from a Matrix pagination token it keeps (``after_token``).  A
 cursor is such a number; "messages since cursor N" is message N+1 (or the next
-kept one, a larger number telling the device it lost some).  Numbers are only
-ever assigned by that forward walk (`_advance`), under a per-timeline lock, so
-they are consecutive and in order whoever asks first: a FETCH, a join, or the
-session's /sync loop.
+kept one, a larger number telling the device it lost some).  Numbers are
+assigned under a per-timeline lock, so they are consecutive and in order
+whoever asks first (a FETCH, a join, or the session's /sync loop), by the
+forward walk (`_advance`) or -- saving the walk's ``/messages`` round trips when
+a push is due -- from a /sync timeline that is known to hold everything new
+(`timeline_arrived`; its next_batch is then the walk position, which
+``/messages`` accepts as ``from``).
 
 Observe.  A session with at least one observation gets one ``/sync`` long-poll
-loop (`_SyncLoop`).  /sync is only the trigger: when a room the session has a
-handle for shows new messages, the timeline is advanced and every newly
-numbered message is handed to ``on_message`` (the resource pushes it to the
+loop (`_SyncLoop`).  When a room the session has a handle for shows new
+messages, they are numbered and every newly numbered message is handed to
+``on_message`` (the resource pushes it to the
 observers of that room).  Another trigger -- an application-service
 transaction for many devices -- can later call `messages_arrived` the same way.
 
@@ -37,7 +40,7 @@ import dataclasses
 import hashlib
 import random
 import secrets
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -49,8 +52,8 @@ from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
 from comatrix.matrix.client import MatrixClient
-from comatrix.matrix.errors import HomeserverError, MatrixError
-from comatrix.matrix.responses import Event, SyncResponse, parse_messages, parse_sync
+from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
+from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
 from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
 
 log = get_logger(__name__)
@@ -61,12 +64,15 @@ MESSAGE_TYPE = "m.room.message"
 #: Forward pages walked per advance before re-anchoring at the newest message (a visible gap).
 MAX_WALK_PAGES = 5
 WALK_PAGE_SIZE = 20
+#: Message events a /sync answer carries per room; more since the last /sync (``limited``)
+#: are numbered by the forward walk instead.
+SYNC_TIMELINE_LIMIT = 10
 #: The sync filter: only message events in joined rooms' timelines, nothing else.
 SYNC_FILTER: Mapping[str, Any] = {
     "presence": {"types": []},
     "account_data": {"types": []},
     "room": {
-        "timeline": {"types": [MESSAGE_TYPE], "limit": 1},
+        "timeline": {"types": [MESSAGE_TYPE], "limit": SYNC_TIMELINE_LIMIT},
         "state": {"types": []},
         "ephemeral": {"types": []},
         "account_data": {"types": []},
@@ -262,12 +268,53 @@ class CompactService:
         await self.store.advance_timeline(session.id, handle, fresh[-1:], cursor, page.start)
         return fresh[-1:]
 
-    async def messages_arrived(self, session: SessionRecord, room_ids: set[str]) -> None:
-        """Something (the sync loop) saw new messages in ``room_ids``: number and push them."""
+    async def timeline_arrived(self, session: SessionRecord, handle: int, events: Sequence[Event],
+                               position: str) -> list[StoredMessage]:
+        """Number the events of a complete /sync timeline; ``position`` (its next_batch) follows them.
+
+        Only for a room whose every message up to the /sync's ``since`` is numbered
+        (see `_run`): then these events are all that is new, and no ``/messages``
+        walk is needed.  Events a walk already numbered are skipped; if nothing was
+        new, the walk position stays where it is (it may already be past ``position``).
+        """
+        lock = self._lock(session.id, handle)
+        await lock.acquire()
+        try:
+            record = await self.room(session, handle)
+            if record.after_token is None:
+                return await self._advance(session, handle)
+            known = await self.store.known_event_ids(session.id, handle)
+            cursor = record.last_cursor
+            fresh: list[StoredMessage] = []
+            for event in events:
+                if _usable(event) and event.event_id not in known:
+                    cursor += 1
+                    known.add(event.event_id)
+                    fresh.append(_stored(cursor, event))
+            if fresh:
+                await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
+            log.debug("Room handle {handle} of compact session {id}: {count} numbered from /sync",
+                      handle=handle, id=session.id, count=len(fresh))
+            return fresh
+        finally:
+            lock.release()
+
+    async def messages_arrived(self, session: SessionRecord, room_ids: set[str],
+                               timelines: Mapping[str, tuple[Sequence[Event], str]] | None = None) -> None:
+        """Something (the sync loop) saw new messages in ``room_ids``: number and push them.
+
+        ``timelines``: rooms whose /sync timeline is complete, with its events and
+        next_batch (numbered from it); the other rooms are walked forward.
+        """
+        timelines = timelines or {}
         for record in await self.store.rooms(session.id):
             if record.room_id in room_ids:
+                timeline = timelines.get(record.room_id)
                 try:
-                    fresh = await self.advance(session, record.handle)
+                    if timeline is not None:
+                        fresh = await self.timeline_arrived(session, record.handle, *timeline)
+                    else:
+                        fresh = await self.advance(session, record.handle)
                 except MatrixError as error:
                     if error.http_status == 401 or is_transient(error):
                         raise
@@ -320,20 +367,32 @@ class CompactService:
     async def _run(self, loop: _SyncLoop) -> None:
         session = loop.session
         since: str | None = None
+        # Rooms whose every message up to ``since`` is numbered: a complete /sync timeline of
+        # one of them holds all that is new.  A room joins the set once a /sync of this loop
+        # has been handled for it (the first one walks every room forward).
+        caught_up: set[str] = set()
         backoff = Backoff(random=self.jitter)
         log.debug("Compact session {id}: sync loop started", id=session.id)
         while not loop.stopped:
             try:
                 sync = await self._sync(session, since)
                 joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
+                timelines: dict[str, tuple[Sequence[Event], str]] = {}
                 if since is None:
                     # Anything between the device's FETCH (or the trouble) and this position is caught up.
                     rooms = {record.room_id for record in await self.store.rooms(session.id)}
                 else:
-                    rooms = {room_id for room_id, room in joined.items()
-                             if isinstance(room, Mapping) and room.get("timeline", {}).get("events")}
+                    rooms = set()
+                    for room_id, room in joined.items():
+                        timeline = room.get("timeline") if isinstance(room, Mapping) else None
+                        if isinstance(timeline, Mapping) and timeline.get("events"):
+                            rooms.add(room_id)
+                            events = _complete_timeline(timeline) if room_id in caught_up else None
+                            if events is not None:
+                                timelines[room_id] = (events, sync.next_batch)
                 if rooms:
-                    await self.messages_arrived(session, rooms)
+                    await self.messages_arrived(session, rooms, timelines)
+                caught_up |= rooms
                 since = sync.next_batch
             except (HomeserverError, ServiceUnavailable) as error:
                 if isinstance(error, MatrixError) and error.http_status == 401:
@@ -353,6 +412,16 @@ class CompactService:
         loop.stopped = True
         if self._loops.get(session.id) is loop:
             del self._loops[session.id]
+
+
+def _complete_timeline(timeline: Mapping[str, Any]) -> list[Event] | None:
+    """The events of a /sync room timeline that holds everything since the last /sync, else None."""
+    if timeline.get("limited") is not False:  # limited, or a server that does not say: walk
+        return None
+    try:
+        return [parse_event(event) for event in timeline.get("events", ())]
+    except InvalidResponse:
+        return None
 
 
 def _describe(error: Exception) -> str:

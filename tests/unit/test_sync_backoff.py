@@ -167,7 +167,7 @@ def test_compact_sync_loop_does_not_skip_news_it_could_not_walk() -> None:
     upstream.outcomes = [{"next_batch": "s1"}, {"next_batch": "s2", **news}, {"next_batch": "s2", **news}]
     walked: list[set[str]] = []
 
-    async def messages_arrived(session: SessionRecord, rooms: set[str]) -> None:
+    async def messages_arrived(session: SessionRecord, rooms: set[str], timelines: Any = None) -> None:
         walked.append(rooms)
         if len(walked) == 1:
             raise HomeserverUnreachable("gone while walking")
