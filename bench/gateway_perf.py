@@ -523,8 +523,8 @@ def machine() -> dict[str, str]:
     import twisted
     import treq
     synapse_version = subprocess.run(
-        [str(ROOT / ".venv-synapse" / "bin" / "python"), "-c", "import synapse; print(synapse.__version__)"],
-        capture_output=True, text=True, cwd="/").stdout.strip() or "?"  # not our checkout's git id
+        [str(ROOT / ".venv-synapse" / "bin" / "python"), "-c", "import synapse; print(synapse.__version__.split()[0])"],
+        capture_output=True, text=True).stdout.strip() or "?"
     return {"cpus": str(os.cpu_count()), "model": model, "ram": f"{total_kib / 1024 / 1024:.1f} GiB",
             "kernel": platform.release(), "python": platform.python_version(),
             "twisted": twisted.__version__, "treq": treq.__version__, "cbor2": _version("cbor2"),

@@ -303,7 +303,7 @@ def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write:
     http_after = tcp.counters()
     bench.results[("notification", "http")] = Row(up=http_after[0] - http_before[0],
                                                   down=http_after[1] - http_before[1],
-                                                  note="the gateway's /sync + /messages")
+                                                  note="the gateway's /sync (+ /messages if walked)")
     bench.measure("logout", "compact", device.logout)
     udp.running = False
     table = render(bench.results, msc_note)
@@ -366,8 +366,8 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   option 257, integer keys; ``getmsg`` is ``/E/<room>?dir=b&limit=1&filter=...``.
   **http**: HTTP/1.1 bytes the gateway exchanged with Synapse for the original
   form's operation (one call each); for ``notification``, during the compact
-  notification (the session's ``/sync`` long-poll answer plus the forward
-  ``/messages`` page).
+  notification (the session's ``/sync`` long-poll answer, plus a forward
+  ``/messages`` page when the gateway had to walk the room).
 
 ::
 
@@ -383,8 +383,8 @@ def _synapse_version() -> str:
     try:
         import subprocess
         python = REPO / ".venv-synapse" / "bin" / "python"
-        out = subprocess.run([str(python), "-c", "import synapse; print(synapse.__version__)"],
-                             capture_output=True, text=True, timeout=30, cwd="/")  # not our git id
+        out = subprocess.run([str(python), "-c", "import synapse; print(synapse.__version__.split()[0])"],
+                             capture_output=True, text=True, timeout=30)
         return out.stdout.strip() or "?"
     except Exception:
         return "?"
