@@ -236,8 +236,11 @@ async def test_refused_connection_is_unreachable() -> None:
         sock.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 @pytest_twisted.ensureDeferred
-async def test_real_pool_round_trip_on_loopback() -> None:
+async def test_real_pool_round_trip_on_loopback(host: str) -> None:
+    # An IPv6 literal homeserver (a border router's neighbour) works too: treq alone would
+    # IDNA-encode "[::1]" on every request and fail.
     from twisted.internet import reactor as global_reactor
     from twisted.web.server import Site
 
@@ -246,8 +249,9 @@ async def test_real_pool_round_trip_on_loopback() -> None:
     hs = FakeHomeserver()
     user = hs.add_user("alice", PASSWORD)
     token, _ = hs.issue_token(user)
-    port = reactor.listenTCP(0, Site(hs), interface="127.0.0.1")
-    transport = MatrixTransport(f"http://127.0.0.1:{port.getHost().port}", timeout=10.0)
+    port = reactor.listenTCP(0, Site(hs), interface=host)
+    netloc = f"[{host}]" if ":" in host else host
+    transport = MatrixTransport(f"http://{netloc}:{port.getHost().port}", timeout=10.0)
     try:
         for _ in range(3):  # several requests over the persistent pool
             status, body = await transport.request(api.whoami(token))
@@ -305,3 +309,11 @@ def test_agent_only_reaches_the_configured_homeserver() -> None:
                       b"https://hs.example.org/_matrix/x"):
         with pytest.raises(HomeserverOnly):
             endpoints.endpointForURI(URI.fromBytes(elsewhere))
+
+
+def test_homeserver_url_is_a_uri_once() -> None:
+    from twisted.internet import reactor
+
+    assert MatrixTransport("https://bücher.example/matrix/", reactor=reactor).base_url == \
+        "https://xn--bcher-kva.example/matrix"
+    assert MatrixTransport("http://[fd00::1]:8008", reactor=reactor).base_url == "http://[fd00::1]:8008"
