@@ -26,7 +26,7 @@ once instead of through a Cooperator, and nothing is parsed for cookies.
 from __future__ import annotations
 
 import json
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from http.cookiejar import CookieJar
 from typing import Any, Protocol as TypingProtocol, cast
 
 from zope.interface import implementer
@@ -124,6 +124,19 @@ class _URI(EncodedURL):
 
     def to_uri(self) -> "_URI":
         return self
+
+
+class _NoCookies(CookieJar):
+    """A cookie jar that never takes a cookie and never sends one (and spends nothing on either)."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def set_cookie(self, cookie: Any) -> None:
+        pass
 
 
 @implementer(IBodyProducer)
@@ -249,8 +262,7 @@ class MatrixTransport:
             self._pool.maxPersistentPerHost = max_connections_per_host
             agent = Agent.usingEndpointFactory(
                 reactor, _HomeserverEndpoint(reactor, self.base_url, timeout), pool=self._pool)
-            no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-            http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent), cookiejar=cast(Any, no_cookies),
+            http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent), cookiejar=cast(Any, _NoCookies()),
                                                           data_to_body_producer=_BytesBody))
         self._client: HttpClientLike = http_client
 
