@@ -8,6 +8,7 @@ aliases, and the backwards paging that finds the latest message.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping
 
@@ -40,6 +41,8 @@ log = get_logger(__name__)
 
 #: Matrix identifiers are at most 255 bytes (spec, "Identifier Grammar").
 _MAX_ID_BYTES = 255
+#: Whitespace (Unicode's, as str.isspace) or a control character: never in a room reference.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def check_room_reference(room: str) -> str:
@@ -50,7 +53,7 @@ def check_room_reference(room: str) -> str:
     """
     if not isinstance(room, str) or len(room) < 2 or len(room.encode("utf-8")) > _MAX_ID_BYTES:
         raise InvalidRoomReference("room must be a room id (!...) or an alias (#name:server)")
-    if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in room):
+    if _SPACE_OR_CONTROL.search(room):
         raise InvalidRoomReference("room reference contains whitespace or control characters")
     if room[0] == "!":
         return room
