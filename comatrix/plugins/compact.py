@@ -98,6 +98,7 @@ class LogoutResource(CompactResource):
         logout = HandleRequest.decode(self.payload(request))
         session = await self.service.session(logout.handle, request.peer)
         await self.service.logout(session)
+        _registration.cache_clear()  # it holds registration bodies, and so handles: drop the revoked one
         return Response(code=Code.CHANGED)
 
 
