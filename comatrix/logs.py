@@ -10,18 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
-                            globalLogPublisher)
+from twisted.logger import LogLevel, Logger, globalLogPublisher
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
           "error": LogLevel.error, "critical": LogLevel.critical}
 
 _RANK = {level: rank for rank, level in enumerate(LEVELS.values())}
-_DEFAULT_LEVEL = "info"
-
-_predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[_DEFAULT_LEVEL])
-_observer = FilteringLogObserver(globalLogPublisher, [_predicate])
-_minimum_rank = _RANK[LEVELS[_DEFAULT_LEVEL]]
+_minimum_rank = _RANK[LEVELS["info"]]
 
 
 class _LevelledLogger(Logger):
@@ -34,12 +29,10 @@ class _LevelledLogger(Logger):
 
 
 def get_logger(namespace: str) -> Logger:
-    return _LevelledLogger(namespace=namespace, observer=_observer)
+    return _LevelledLogger(namespace=namespace, observer=globalLogPublisher)
 
 
 def set_level(level: str) -> None:
     """Set the minimum level of CoMatrix's own log events ("debug" ... "critical")."""
     global _minimum_rank
-    _predicate.setLogLevelForNamespace(None, LEVELS[level])  # type: ignore[arg-type]
-    _predicate.defaultLogLevel = LEVELS[level]
     _minimum_rank = _RANK[LEVELS[level]]
