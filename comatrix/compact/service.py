@@ -242,11 +242,7 @@ class CompactService:
             for _ in range(MAX_WALK_PAGES):
                 page = parse_messages(await self.matrix.request(api.last_messages(
                     token, record.room_id, limit=WALK_PAGE_SIZE, from_token=position, dir="f")))
-                for event in page.events:
-                    if _usable(event) and event.event_id not in known:
-                        cursor += 1
-                        known.add(event.event_id)
-                        fresh.append(_stored(cursor, event))
+                cursor = _number(page.events, known, cursor, fresh)
                 if page.end is None or not page.events:
                     break
                 position = page.end
@@ -284,13 +280,8 @@ class CompactService:
             if record.after_token is None:
                 return await self._advance(session, handle)
             known = await self.store.known_event_ids(session.id, handle)
-            cursor = record.last_cursor
             fresh: list[StoredMessage] = []
-            for event in events:
-                if _usable(event) and event.event_id not in known:
-                    cursor += 1
-                    known.add(event.event_id)
-                    fresh.append(_stored(cursor, event))
+            cursor = _number(events, known, record.last_cursor, fresh)
             if fresh:
                 await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
             log.debug("Room handle {handle} of compact session {id}: {count} numbered from /sync",
@@ -427,6 +418,16 @@ def _complete_timeline(timeline: Mapping[str, Any]) -> list[Event] | None:
 def _describe(error: Exception) -> str:
     """A short, secret-free reason for the log (Matrix errors are redacted when built)."""
     return str(error) if isinstance(error, MatrixError) else type(error).__name__
+
+
+def _number(events: Sequence[Event], known: set[str], cursor: int, fresh: list[StoredMessage]) -> int:
+    """Number the usable events not in ``known`` after ``cursor`` into ``fresh``; the last cursor."""
+    for event in events:
+        if _usable(event) and event.event_id not in known:
+            cursor += 1
+            known.add(event.event_id)
+            fresh.append(_stored(cursor, event))
+    return cursor
 
 
 def _stored(cursor: int, event: Event) -> StoredMessage:
