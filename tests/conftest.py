@@ -57,17 +57,21 @@ def _fail_on_leaks(gateways: list[GatewayProcess]) -> None:
         )
 
 
-@pytest.fixture(scope="session")
-def gateway(
-    synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway"))
+def _running(gw: GatewayProcess) -> Iterator[GatewayProcess]:
+    """Start ``gw`` for the fixture's lifetime; afterwards stop it and check its log for secrets."""
     gw.start()
     try:
         yield gw
     finally:
         gw.stop()
     _fail_on_leaks([gw])
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway")))
 
 
 @pytest.fixture(scope="session")
@@ -75,14 +79,8 @@ def unlimited_gateway(
     synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
     """A gateway with rate limits off, for tests that send bursts from one address."""
-    gw = GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("unlimited-gw"),
-                        config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n")
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
-    _fail_on_leaks([gw])
+    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("unlimited-gw"),
+                                       config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n"))
 
 
 @pytest.fixture

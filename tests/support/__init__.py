@@ -8,7 +8,9 @@ end-of-session log sweep would never see.
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 if __name__ != "support":
@@ -17,7 +19,7 @@ if __name__ != "support":
         "(a second copy would split the secret registry)"
     )
 
-__all__ = ["REPO_ROOT", "free_port"]
+__all__ = ["REPO_ROOT", "free_port", "terminate"]
 
 #: The repository root (``tests/support/__init__.py`` is two levels below it).
 REPO_ROOT: Path = Path(__file__).resolve().parents[2]
@@ -36,3 +38,15 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(family, kind) as probe:
         probe.bind(sockaddr)
         return int(probe.getsockname()[1])
+
+
+def terminate(proc: "subprocess.Popen[bytes]", timeout: float) -> int:
+    """SIGTERM, wait at most ``timeout`` s, then SIGKILL; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode

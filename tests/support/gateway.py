@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from support import REPO_ROOT, free_port
+from support import REPO_ROOT, free_port, terminate
 from support.secrets import remember_log_file
 
 __all__ = ["GatewayError", "GatewayProcess", "coap_probe"]
@@ -222,17 +222,9 @@ class GatewayProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait at most ``timeout`` s, SIGKILL if needed; the exit code (None if never started)."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return self.returncode
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        self.returncode = proc.returncode
+        self.returncode = terminate(self._proc, timeout)
         return self.returncode
 
     @property

@@ -23,7 +23,6 @@ import hmac
 import json
 import os
 import secrets as _random
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from support import REPO_ROOT, free_port
+from support import REPO_ROOT, free_port, terminate
 from support.secrets import remember
 
 __all__ = [
@@ -337,16 +336,7 @@ class SynapseServer:
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait at most ``timeout`` s, then SIGKILL. Returns the exit code."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        return proc.returncode
+        return None if proc is None else terminate(proc, timeout)
 
     def restart(self, timeout: float = 60.0) -> None:
         self.stop()
