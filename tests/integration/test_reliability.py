@@ -13,8 +13,8 @@
 * Bad input through the real gateway: 4.xx, and a counting TCP relay in front of
   Synapse shows that not one connection was made for it.
 
-The CoAP client here is a small raw-socket one, so retransmission timing and
-Message IDs are under the test's control.
+The CoAP client here is a small raw-socket one (on the project's wire codec), so
+retransmission timing and Message IDs are under the test's control.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import random
 import secrets
 import selectors
 import socket
-import struct
 import threading
 import time
 import urllib.parse
@@ -34,6 +33,8 @@ from typing import Any, Callable, Sequence
 import cbor2
 import pytest
 
+from comatrix.coap import wire
+from comatrix.coap.numbers import MessageType
 from support.secrets import remember
 from support.synapse import SynapseServer
 
@@ -52,26 +53,6 @@ CODE_NAMES = {0x01: "GET", 0x02: "POST", 0x03: "PUT"}
 # --------------------------------------------------------------------------- a raw CoAP client
 
 
-def encode_options(options: list[tuple[int, bytes]]) -> bytes:
-    out = b""
-    previous = 0
-    for number, value in sorted(options, key=lambda item: item[0]):
-        delta, length = number - previous, len(value)
-        previous = number
-
-        def nibble(n: int) -> tuple[int, bytes]:
-            if n < 13:
-                return n, b""
-            if n < 269:
-                return 13, bytes([n - 13])
-            return 14, struct.pack("!H", n - 269)
-
-        d, dx = nibble(delta)
-        n, nx = nibble(length)
-        out += bytes([(d << 4) | n]) + dx + nx + value
-    return out
-
-
 @dataclass
 class Reply:
     code: str
@@ -88,33 +69,6 @@ class Reply:
 
     def cbor(self) -> Any:
         return cbor2.loads(self.payload)
-
-
-def decode(data: bytes) -> tuple[int, int, int, bytes, list[tuple[int, bytes]], bytes]:
-    """(type, code, mid, token, options, payload) of a datagram."""
-    mtype, tkl = (data[0] >> 4) & 3, data[0] & 0x0F
-    code, mid = data[1], struct.unpack("!H", data[2:4])[0]
-    token, pos = data[4:4 + tkl], 4 + tkl
-    options: list[tuple[int, bytes]] = []
-    number = 0
-    while pos < len(data) and data[pos] != 0xFF:
-        delta, length = data[pos] >> 4, data[pos] & 0x0F
-        pos += 1
-        values = []
-        for nib in (delta, length):
-            if nib == 13:
-                values.append(data[pos] + 13)
-                pos += 1
-            elif nib == 14:
-                values.append(struct.unpack("!H", data[pos:pos + 2])[0] + 269)
-                pos += 2
-            else:
-                values.append(nib)
-        number += values[0]
-        options.append((number, data[pos:pos + values[1]]))
-        pos += values[1]
-    payload = data[pos + 1:] if pos < len(data) else b""
-    return mtype, code, mid, token, options, payload
 
 
 class NoAnswer(Exception):
@@ -153,9 +107,7 @@ class RawCoapClient:
         if content_format is not None:
             all_options.append((CONTENT_FORMAT, bytes([content_format]) if content_format else b""))
         mid, token = self.next_mid(), secrets.token_bytes(4)
-        datagram = struct.pack("!BBH", 0x40 | len(token), code, mid) + token + encode_options(all_options)
-        if payload:
-            datagram += b"\xff" + payload
+        datagram = wire.encode(CON, code, mid, token, all_options, payload)
         acked = False
         sent = 0
         deadline = time.monotonic() + wait
@@ -176,9 +128,9 @@ class RawCoapClient:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 continue
-            mtype, rcode, rmid, rtoken, roptions, rpayload = decode(data)
+            mtype, rcode, rmid, rtoken, roptions, rpayload = wire.decode(data)
             if mtype == CON:  # a separate response (maybe a retransmission of one): acknowledge it
-                self.sock.sendto(struct.pack("!BBH", 0x60, 0, rmid), self.server)
+                self.sock.sendto(wire.empty(MessageType.ACK, rmid), self.server)
             if mtype == ACK and rmid == mid and rcode == 0:
                 acked = True
                 continue
