@@ -157,13 +157,21 @@ class LoadGenerator:
         for sock in self.socks:
             sock.close()
 
+    def build(self, mid: int, token: int) -> bytes:
+        """The request datagram (a subclass sends another request)."""
+        return build_request(mid, token)
+
+    def answered_well(self, code: int, data: bytes) -> bool:
+        """Whether an answer is the expected one (a subclass expects another)."""
+        return code == 0x45 and data.endswith(b"\xff" + PAYLOAD)
+
     def _send_next(self) -> None:
         index = self.sent
         self.sent += 1
         sock_index = index % len(self.socks)
         mid = (index // len(self.socks)) & 0xFFFF
         token = (self.token_base + index) & 0xFFFFFFFF
-        datagram = build_request(mid, token)
+        datagram = self.build(mid, token)
         self.outstanding[token] = Outstanding(sock_index, datagram, time.monotonic())
         self.socks[sock_index].sendto(datagram, ("127.0.0.1", self.port))
 
@@ -185,7 +193,7 @@ class LoadGenerator:
         (token,) = struct.unpack_from("!I", data, 4)
         if token not in self.outstanding:
             return  # a duplicate answer to a retransmission
-        if code != 0x45 or not data.endswith(b"\xff" + PAYLOAD):
+        if not self.answered_well(code, data):
             self.bad += 1
         del self.outstanding[token]
         self.done += 1

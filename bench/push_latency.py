@@ -78,6 +78,7 @@ for _entry in (str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT)):
         sys.path.insert(0, _entry)
 
 import gateway_perf  # noqa: E402  (bench/gateway_perf.py: the benchmark gateway config, percentile, machine)
+from comatrix.coap import wire  # noqa: E402
 from comatrix.coap.numbers import Code, MessageType, OptionNumber  # noqa: E402
 from comatrix.compact.codec import CONTENT_FORMAT, PATHS  # noqa: E402
 
@@ -102,81 +103,6 @@ _OBSERVE, _URI_PATH, _CONTENT_FORMAT = (int(OptionNumber.OBSERVE), int(OptionNum
 
 def default_messages(observers: int) -> int:
     return 20 if observers <= 100 else 10
-
-
-# --------------------------------------------------------------------------- a tiny CoAP codec
-
-
-def encode_request(mtype: int, code: int, mid: int, token: bytes, options: Sequence[tuple[int, bytes]],
-                   payload: bytes) -> bytes:
-    """One CoAP message (RFC 7252 §3); ``options`` in any order, values already encoded."""
-    out = bytearray(struct.pack("!BBH", 0x40 | (mtype << 4) | len(token), code, mid))
-    out += token
-    last = 0
-    for number, value in sorted(options, key=lambda option: option[0]):
-        delta, last = number - last, number
-        length = len(value)
-        head = bytearray([0])
-        for shift, field in ((4, delta), (0, length)):
-            if field < 13:
-                head[0] |= field << shift
-            elif field < 269:
-                head[0] |= 13 << shift
-                head.append(field - 13)
-            else:
-                head[0] |= 14 << shift
-                head += struct.pack("!H", field - 269)
-        out += head + value
-    if payload:
-        out += b"\xff" + payload
-    return bytes(out)
-
-
-def empty_ack(mid: int) -> bytes:
-    return struct.pack("!BBH", 0x40 | (_ACK << 4), _EMPTY, mid)
-
-
-@dataclasses.dataclass(frozen=True)
-class Incoming:
-    mtype: int
-    code: int
-    mid: int
-    token: bytes
-    observe: bool
-    payload: bytes
-
-
-def decode(data: bytes) -> Incoming | None:
-    """The parts of a datagram the bench needs; None if it is not well-formed CoAP."""
-    if len(data) < 4 or data[0] >> 6 != 1:
-        return None
-    tkl = data[0] & 0x0F
-    if tkl > 8 or len(data) < 4 + tkl:
-        return None
-    pos, number, observe = 4 + tkl, 0, False
-    while pos < len(data) and data[pos] != 0xFF:
-        byte = data[pos]
-        pos += 1
-        fields = []
-        for nibble in (byte >> 4, byte & 0x0F):
-            if nibble == 13:
-                nibble = data[pos] + 13
-                pos += 1
-            elif nibble == 14:
-                nibble = struct.unpack_from("!H", data, pos)[0] + 269
-                pos += 2
-            elif nibble == 15:
-                return None
-            fields.append(nibble)
-        number += fields[0]
-        if number == _OBSERVE:
-            observe = True
-        pos += fields[1]
-    payload = data[pos + 1:] if pos < len(data) else b""
-    if pos > len(data):
-        return None
-    return Incoming((data[0] >> 4) & 3, data[1], struct.unpack_from("!H", data, 2)[0], data[4:4 + tkl],
-                    observe, payload)
 
 
 def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
@@ -240,7 +166,7 @@ class Fleet:
             observer.sock.close()
         self.selector.close()
 
-    def poll(self, timeout: float, handle: Callable[[Observer, Incoming, float], None]) -> None:
+    def poll(self, timeout: float, handle: Callable[[Observer, wire.Datagram, float], None]) -> None:
         """Read every datagram ready within ``timeout`` s; ``handle(observer, message, arrival)``."""
         for key, _ in self.selector.select(max(0.0, timeout)):
             observer: Observer = key.data
@@ -252,11 +178,12 @@ class Fleet:
                 except ConnectionRefusedError:  # an ICMP error for an earlier datagram
                     continue
                 arrival = _kernel_time(ancillary) or time.time()
-                message = decode(data)
-                if message is None:
+                try:
+                    message = wire.decode(data)
+                except wire.FormatError:
                     continue
                 if message.mtype == _CON:
-                    observer.sock.sendto(empty_ack(message.mid), self.gateway)
+                    observer.sock.sendto(wire.empty(MessageType.ACK, message.mid), self.gateway)
                 handle(observer, message, arrival)
 
     # registration
@@ -270,7 +197,7 @@ class Fleet:
         pending: dict[int, Observer] = {}
         deadline = time.monotonic() + timeout
 
-        def on_message(observer: Observer, message: Incoming, arrival: float) -> None:
+        def on_message(observer: Observer, message: wire.Datagram, arrival: float) -> None:
             if observer.state != "pending":
                 return
             if message.mtype == _ACK and message.code == _EMPTY and message.mid == observer.mid:
@@ -279,7 +206,8 @@ class Fleet:
             if message.token != observer.token or message.code == _EMPTY:
                 return
             if message.code == _CONTENT:
-                observer.state = "registered" if message.observe else "rejected"
+                observe = any(number == _OBSERVE for number, _ in message.options)
+                observer.state = "registered" if observe else "rejected"
             else:
                 observer.state = "failed"
                 self.errors.append(f"registration answered {message.code >> 5}.{message.code & 31:02d} "
@@ -297,7 +225,7 @@ class Fleet:
                 return
             while queue and len(pending) < window:
                 observer = queue.popleft()
-                observer.datagram = encode_request(_CON, _FETCH, observer.mid, observer.token, options, payload)
+                observer.datagram = wire.encode(_CON, _FETCH, observer.mid, observer.token, options, payload)
                 observer.state = "pending"
                 observer.sent_at = now
                 pending[observer.index] = observer
@@ -420,7 +348,7 @@ def measure_count(synapse: Any, device_user: Any, sender_user: Any, observers: i
         counting = [False]
         duplicates = [0]
 
-        def on_message(observer: Observer, message: Incoming, arrival: float) -> None:
+        def on_message(observer: Observer, message: wire.Datagram, arrival: float) -> None:
             if message.code != _CONTENT or message.mtype not in (_CON, _NON) or message.token != observer.token:
                 return  # a late registration answer (ACK), an empty message, an error
             if counting[0]:
