@@ -452,12 +452,9 @@ class CompactDevice:
         if cursor is None:
             latest = self._fetch(room, None)
             return [latest] if latest is not None else []
-        for _ in range(limit):
-            message = self._fetch(room, int(cursor))
-            if message is None:
-                break
+        for message in itertools.islice(self._catch_up(room, int(cursor)), limit):
+            self._seen(room, message)
             found.append(message)
-            cursor = message.cursor
         return found
 
     def _catch_up(self, room: str, cursor: int) -> Iterator[Message]:
