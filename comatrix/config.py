@@ -11,7 +11,9 @@ same ``[[devices]]`` tables.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -35,6 +37,17 @@ class DeviceCredentials:
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     access_token: str | None = dataclasses.field(default=None, repr=False)
+    #: The Matrix device the gateway logs in as for ``user``: the same one at every
+    #: login, so Matrix's per-device txnId scope spans gateway restarts and the
+    #: account does not gain a device per restart.  Derived when not configured.
+    device_id: str | None = None
+
+    @property
+    def login_device_id(self) -> str:
+        if self.device_id:
+            return self.device_id
+        seed = f"{self.user}\0{self.network}".encode("utf-8")
+        return "COMATRIX" + hashlib.sha256(seed).hexdigest()[:12].upper()
 
     def matches(self, host: str) -> bool:
         try:
@@ -261,6 +274,10 @@ def _limit_settings(table: Any) -> LimitSettings:
         raise ConfigError(f"[limits]: {exc}") from None
 
 
+#: Device ids the gateway asks the homeserver for: short, and safe in a URL path and a log line.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: devices must be an array of tables ([[devices]])")
@@ -269,7 +286,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token"})
+        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         try:
@@ -279,11 +296,15 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         token, user, password = entry.get("access_token"), entry.get("user"), entry.get("password")
         if not token and not (user and password):
             raise ConfigError(f"{label}: give access_token, or user and password")
-        for key, value in (("access_token", token), ("user", user), ("password", password)):
+        device_id = entry.get("device_id")
+        for key, value in (("access_token", token), ("user", user), ("password", password),
+                           ("device_id", device_id)):
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{label}: {key} must be a string")
+        if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
+            raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
-                                         access_token=token))
+                                         access_token=token, device_id=device_id))
     return devices
 
 

@@ -4,6 +4,10 @@ A device may send its own token (CoAP option 256, raw or ``Bearer ...``).  A
 device that sends none acts with the credentials configured for its source
 address (longest matching prefix): a fixed access token, or a user/password the
 gateway logs in with once and keeps.  No token and no matching entry -> 4.01.
+
+Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
+Matrix scopes send txnIds to the device, so a device retrying a send with the same
+txn id after a gateway restart still gets the original event, not a second one.
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ class Credentials:
     async def _do_login(self, device: DeviceCredentials) -> str:
         assert device.user is not None and device.password is not None
         log.info("Logging in configured device credentials for {user}", user=device.user)
-        session = await self._matrix.login(device.user, device.password)
+        session = await self._matrix.login(device.user, device.password, device_id=device.login_device_id,
+                                           initial_device_display_name="CoMatrix gateway")
         self._tokens[id(device)] = session.access_token
         return session.access_token
 

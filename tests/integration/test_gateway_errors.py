@@ -159,6 +159,33 @@ def test_device_credentials_from_config(make_gateway, synapse: SynapseServer, sy
     assert (latest["sender"], latest["content"]["body"]) == (device.user_id, "no token sent")
 
 
+def test_configured_device_retry_across_a_restart_is_not_duplicated(make_gateway, synapse: SynapseServer,
+                                                                     synapse_user, tmp_path: Path) -> None:
+    device = synapse_user("dev")
+    room_id = synapse.create_room(device.access_token)
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text(f'[[devices]]\naddress = "127.0.0.0/8"\nuser = "{device.user_id}"\n'
+                           f'password = "{device.password}"\n')
+    credentials.chmod(0o640)
+    gw = make_gateway(config_text=f'credentials_file = "{credentials}"\n')
+    body = send_body(room_id, "reading 17", txn_id="dev-17")
+    first = libcoap("post", gw.uri("send"), content_format=CBOR, payload=body)
+    assert first.code == "2.04"
+    gw.stop()
+    gw.start()
+    # The device never heard the answer and retries the same send after the restart:
+    # the gateway logs in again, as the same Matrix device, so the txn id still holds.
+    retried = libcoap("post", gw.uri("send"), content_format=CBOR, payload=body)
+    assert retried.code == "2.04"
+    assert cbor2.loads(retried.payload)["event_id"] == cbor2.loads(first.payload)["event_id"]
+    bodies = [event["content"]["body"] for event in synapse.text_messages(device.access_token, room_id)]
+    assert bodies == ["reading 17"]
+    devices = synapse.request("GET", "/_matrix/client/v3/devices", token=device.access_token)["devices"]
+    gateway_devices = [d for d in devices if d["device_id"].startswith("COMATRIX")]
+    assert len(gateway_devices) == 1, devices  # one device for the entry, not one per restart
+    assert gateway_devices[0]["display_name"] == "CoMatrix gateway"
+
+
 def test_dropin_plugin_is_served(make_gateway, synapse: SynapseServer, synapse_user, tmp_path: Path) -> None:
     device = synapse_user("dev")
     room_id = synapse.create_room(device.access_token)

@@ -67,6 +67,8 @@ def test_cli_ip_beats_configured_interface(tmp_path: Path) -> None:
     ("[coap]\nnope = 1", r"unknown \[coap\] key"),
     ('[[devices]]\naddress = "not an address"\naccess_token = "t"', "address"),
     ('[[devices]]\naddress = "::1"', "access_token"),
+    ('[[devices]]\naddress = "::1"\nuser = "u"\npassword = "p"\ndevice_id = "a/b"', "device_id"),
+    ('[[devices]]\naddress = "::1"\nuser = "u"\npassword = "p"\ndevice_id = 7', "device_id"),
 ])
 def test_invalid_values_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path / "c.toml", text + "\n")
@@ -99,6 +101,18 @@ def test_ipv4_device_matches_v4_mapped_peer() -> None:
     config = build_config({"devices": [{"address": "192.0.2.0/24", "access_token": "t"}]})
     assert config.devices[0].network == ipaddress.ip_network("192.0.2.0/24")
     assert config.devices[0].matches("::ffff:192.0.2.7")
+
+
+def test_each_device_entry_logs_in_as_one_stable_matrix_device() -> None:
+    entries = [{"address": "fe80::/64", "user": "@s:example.org", "password": "p"},
+               {"address": "fd00::/64", "user": "@s:example.org", "password": "p"},
+               {"address": "fd01::/64", "user": "@s:example.org", "password": "p", "device_id": "KITCHEN"}]
+    first, second, named = build_config({"devices": entries}).devices
+    again = build_config({"devices": entries}).devices[0]
+    assert first.login_device_id == again.login_device_id  # the same device after a restart
+    assert first.login_device_id.startswith("COMATRIX") and len(first.login_device_id) == 20
+    assert first.login_device_id != second.login_device_id  # one device per entry
+    assert named.login_device_id == "KITCHEN"
 
 
 def test_plugin_settings_are_passed_through() -> None:
