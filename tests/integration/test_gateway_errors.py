@@ -19,7 +19,7 @@ import pytest
 from support.coap_clients import aiocoap_request, libcoap, libcoap_path
 from support.gateway import GatewayProcess
 from support.secrets import remember
-from support.synapse import SynapseServer
+from support.synapse import MatrixUser, SynapseServer
 
 pytestmark = pytest.mark.integration
 
@@ -145,14 +145,20 @@ def test_sigterm_answers_in_flight_requests_with_503(make_gateway, hanging_homes
     assert "Server Shut Down" in gw.log_text()
 
 
-def test_device_credentials_from_config(make_gateway, synapse: SynapseServer, synapse_user, tmp_path: Path) -> None:
+def configured_device_gateway(make_gateway, synapse: SynapseServer, synapse_user,
+                              tmp_path: Path) -> tuple[MatrixUser, str, GatewayProcess]:
+    """A user with a room of its own, and a gateway holding its password for 127.0.0.0/8."""
     device = synapse_user("dev")
     room_id = synapse.create_room(device.access_token)
     credentials = tmp_path / "credentials.toml"
     credentials.write_text(f'[[devices]]\naddress = "127.0.0.0/8"\nuser = "{device.user_id}"\n'
                            f'password = "{device.password}"\n')
     credentials.chmod(0o640)
-    gw = make_gateway(config_text=f'credentials_file = "{credentials}"\n')
+    return device, room_id, make_gateway(config_text=f'credentials_file = "{credentials}"\n')
+
+
+def test_device_credentials_from_config(make_gateway, synapse: SynapseServer, synapse_user, tmp_path: Path) -> None:
+    device, room_id, gw = configured_device_gateway(make_gateway, synapse, synapse_user, tmp_path)
     answer = libcoap("post", gw.uri("send"), content_format=CBOR, payload=send_body(room_id, "no token sent"))
     assert answer.code == "2.04"
     latest = synapse.text_messages(device.access_token, room_id, limit=1)[0]
@@ -161,13 +167,7 @@ def test_device_credentials_from_config(make_gateway, synapse: SynapseServer, sy
 
 def test_configured_device_retry_across_a_restart_is_not_duplicated(make_gateway, synapse: SynapseServer,
                                                                      synapse_user, tmp_path: Path) -> None:
-    device = synapse_user("dev")
-    room_id = synapse.create_room(device.access_token)
-    credentials = tmp_path / "credentials.toml"
-    credentials.write_text(f'[[devices]]\naddress = "127.0.0.0/8"\nuser = "{device.user_id}"\n'
-                           f'password = "{device.password}"\n')
-    credentials.chmod(0o640)
-    gw = make_gateway(config_text=f'credentials_file = "{credentials}"\n')
+    device, room_id, gw = configured_device_gateway(make_gateway, synapse, synapse_user, tmp_path)
     body = send_body(room_id, "reading 17", txn_id="dev-17")
     first = libcoap("post", gw.uri("send"), content_format=CBOR, payload=body)
     assert first.code == "2.04"
