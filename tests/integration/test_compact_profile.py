@@ -270,13 +270,21 @@ def test_sessions_survive_a_gateway_restart(make_gateway: Callable[..., GatewayP
     device.login(sensor.localpart, sensor.password)
     assert device.join("lab") == 0
     device.send("lab", "before restart")
+    # The same send again, byte for byte, as a device that never heard the answer
+    # retries it after the restart (same seq, new CoAP message id and token).
+    unheard = SendRequest(device.handle, device.room_handle("lab"), int(device.compact["seq"]),
+                          "before restart").encode()
     database = gw.state_dir / "comatrix.sqlite3"
     assert database.stat().st_mode & 0o777 == 0o600
     gw.stop()
     gw.start()
+    retried = device.coap.request(Code.POST, PATHS["send"], payload=unheard, content_format=60)
+    assert retried.code_text == "2.04"
     device.send("lab", "after restart")
     got = device.getmsg("lab")
     assert got is not None and got.body == "after restart"
+    bodies = [event["content"]["body"] for event in synapse.text_messages(sensor.access_token, room_id)]
+    assert bodies == ["after restart", "before restart"]  # newest first, each once
     with pytest.raises(CoapResponseError) as unknown_name:
         device.join("kitchen")
     assert unknown_name.value.reply.code_text == "4.00"
