@@ -113,6 +113,9 @@ class Config:
     #: Deadline for one homeserver call (connect + answer), seconds.  Below the
     #: CoAP EXCHANGE_LIFETIME so a device always gets an answer.
     request_timeout: float = 10.0
+    #: Seconds for the TCP connection to the homeserver (within ``request_timeout``).
+    #: A homeserver that does not take the connection in time is down: 5.02, not 5.04.
+    connect_timeout: float = 5.0
     max_connections: int = 8
     #: Seconds to let in-flight requests finish on SIGTERM before answering 5.03.
     shutdown_grace: float = 5.0
@@ -199,7 +202,7 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         if not 0 <= port <= 65535:
             raise ConfigError("port must be between 0 and 65535")
         kwargs["port"] = port
-    for key in ("request_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
+    for key in ("request_timeout", "connect_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
         if key in values:
             number = _number(values, key)
             if number <= 0:
@@ -228,7 +231,18 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     if credentials_file:
         devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
     kwargs["devices"] = tuple(devices)
-    return Config(**kwargs)
+    config = Config(**kwargs)
+    _check_deadlines(config)
+    return config
+
+
+def _check_deadlines(config: Config) -> None:
+    """A device must get its answer while its CoAP exchange is still alive."""
+    longest = config.request_timeout + config.limits.queue_timeout
+    lifetime = config.coap.exchange_lifetime
+    if longest >= lifetime:
+        raise ConfigError(f"request_timeout + [limits] queue_timeout ({longest:g} s) must stay below "
+                          f"the CoAP EXCHANGE_LIFETIME of the [coap] settings ({lifetime:g} s)")
 
 
 def _coap_settings(table: Any) -> CoapSettings:

@@ -173,8 +173,11 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     limits = config.limits
     limiter = UpstreamLimiter(limits.max_upstream, limits.upstream_queue, limits.queue_timeout, reactor)
     transport = LimitedTransport(config.homeserver, limiter=limiter, reactor=reactor,
-                                 timeout=config.request_timeout,
+                                 timeout=config.request_timeout, connect_timeout=config.connect_timeout,
                                  max_connections_per_host=config.max_connections)
+    if config.state_dir is None:
+        log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "
+                 "and are lost when the gateway stops")
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
     context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix),
                             state={}, reactor=reactor, store=Store.for_state_dir(config.state_dir, reactor))

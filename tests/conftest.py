@@ -118,6 +118,24 @@ def hanging_homeserver() -> Iterator[str]:
         listener.close()
 
 
+@pytest.fixture
+def connectionless_homeserver() -> Iterator[str]:
+    """A homeserver URL whose TCP port takes no new connection (its accept queue is full).
+
+    The kernel drops further SYNs, so a connect hangs as to a host that is down or
+    blackholed -- on loopback, without touching any route.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=5)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        filler.close()
+        listener.close()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     found = leaks()

@@ -6,6 +6,11 @@ request + whole response, and turns every outcome into either
 ``(status, json_object)`` for 2xx or one of the typed errors of
 `comatrix.matrix.errors`.
 
+Deadlines: a connection the homeserver does not take within ``connect_timeout``
+means it is down (`HomeserverUnreachable`, 5.02 for the device); an answer that
+does not arrive within ``timeout`` of the call means it is slow
+(`HomeserverTimeout`, 5.04).
+
 Rate limits: a 429 becomes a `MatrixError` whose ``retry_after`` comes from
 ``Retry-After`` (first) or ``retry_after_ms``.  The transport deliberately does
 not sleep and retry: a constrained device is waiting for its CoAP answer, and
@@ -238,6 +243,7 @@ class MatrixTransport:
         *,
         reactor: Any = None,
         timeout: float = 10.0,
+        connect_timeout: float | None = None,
         max_connections_per_host: int = 8,
         http_client: HttpClientLike | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -246,14 +252,15 @@ class MatrixTransport:
             raise ValueError("homeserver base URL must start with http:// or https://")
         if "?" in base_url or "#" in base_url:
             raise ValueError("homeserver base URL must not have a query or fragment")
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
+            raise ValueError("timeout and connect_timeout must be positive")
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.base_url = _base_uri(base_url.rstrip("/"))
         self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else min(connect_timeout, timeout)
         self._reactor = reactor
         self._max_response_bytes = max_response_bytes
         self._pool: HTTPConnectionPool | None = None
@@ -261,7 +268,7 @@ class MatrixTransport:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = max_connections_per_host
             agent = Agent.usingEndpointFactory(
-                reactor, _HomeserverEndpoint(reactor, self.base_url, timeout), pool=self._pool)
+                reactor, _HomeserverEndpoint(reactor, self.base_url, self.connect_timeout), pool=self._pool)
             http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent), cookiejar=cast(Any, _NoCookies()),
                                                           data_to_body_producer=_BytesBody))
         self._client: HttpClientLike = http_client
@@ -330,9 +337,15 @@ class MatrixTransport:
             if not timed_out and _cancelled(failure):
                 # The caller cancelled (e.g. shutdown): not a homeserver problem.
                 return Failure(CancelledError())
-            if timed_out or failure.check(ierror.TimeoutError):
+            if timed_out:
                 log.info("{where}: no answer within {timeout} s", where=where, timeout=self.timeout)
                 return Failure(HomeserverTimeout(f"homeserver gave no answer within {self.timeout:g} s"))
+            if failure.check(ierror.TimeoutError):
+                # Only the connection attempt has a timeout of its own: nobody took the call.
+                log.warn("{where}: homeserver took no connection within {timeout} s",
+                         where=where, timeout=self.connect_timeout)
+                return Failure(HomeserverUnreachable(
+                    f"homeserver took no connection within {self.connect_timeout:g} s"))
             if failure.check(*_UNREACHABLE):
                 reason = _describe(failure)
                 log.warn("{where}: homeserver unreachable after {elapsed:.3f} s: {reason}",

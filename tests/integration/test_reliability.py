@@ -35,6 +35,7 @@ import pytest
 
 from comatrix.coap import wire
 from comatrix.coap.numbers import MessageType
+from comatrix.compact.codec import PATHS
 from support.secrets import remember
 from support.synapse import SynapseServer
 
@@ -368,11 +369,13 @@ def test_synapse_outage_mid_run_then_recovery_without_restart(make_gateway, syna
                                   content_format=CBOR, options=auth).code == "2.04"
         with synapse.stopped():
             for n in range(3, 6):
+                started = time.monotonic()
                 down = client.request("POST", "send", send_body(room_id, f"during {n}", f"o-{n}"),
                                       content_format=CBOR, options=auth)
                 assert (down.code, down.payload) == ("5.02", b"homeserver unreachable")
-            assert client.request("GET", "time").code == "2.05"
-            assert client.request("GET", ".well-known/core").code == "2.05"
+                # Refused at once: well inside the connect timeout, far from the 5 s deadline.
+                assert time.monotonic() - started < 1.0
+            assert_local_resources_answer(client)
         # Synapse is back; the gateway was not restarted.  The devices retry what failed.
         assert gw.running
         for n in range(3, 8):
@@ -412,7 +415,7 @@ def test_hanging_upstream_504_at_deadline_with_queue_and_shedding(make_gateway, 
         time.sleep(0.05)  # arrival order: two calls go upstream, one queues, the fourth is shed
     local = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
     try:
-        assert local.request("GET", "time").code == "2.05"  # local resources answer meanwhile
+        assert_local_resources_answer(local)  # while every upstream slot hangs
     finally:
         local.close()
     for thread in threads:
@@ -421,10 +424,40 @@ def test_hanging_upstream_504_at_deadline_with_queue_and_shedding(make_gateway, 
     assert codes == ["5.03", "5.04", "5.04", "5.04"], codes
     shed = next(reply for reply, _ in results.values() if reply.code == "5.03")
     assert shed.payload == b"upstream busy" and shed.max_age is not None and shed.max_age >= 1
-    for reply, elapsed in results.values():
-        if reply.code == "5.04":
-            assert reply.payload == b"homeserver timeout"
-            assert elapsed >= deadline - 0.1  # never before the deadline
+    timed_out = sorted(elapsed for reply, elapsed in results.values() if reply.code == "5.04")
+    assert all(reply.payload == b"homeserver timeout" for reply, _ in results.values() if reply.code == "5.04")
+    assert timed_out[0] >= deadline - 0.1  # never before the deadline
+    # The two calls that went upstream end at the deadline; the queued one waited for a
+    # slot (one deadline) and then had its own.
+    assert timed_out[1] <= deadline + 1.0, timed_out
+    assert 2 * deadline - 0.1 <= timed_out[2] <= 2 * deadline + 1.0, timed_out
+
+
+def test_homeserver_taking_no_connection_is_502_within_the_connect_timeout(
+        make_gateway, connectionless_homeserver: str) -> None:
+    # A homeserver host that is down (SYNs unanswered) is "down", not "slow": 5.02 when the
+    # connect timeout expires, well before the request deadline.
+    gw = make_gateway(homeserver=connectionless_homeserver,
+                      config_text="request_timeout = 8\nconnect_timeout = 1\n")
+    client = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
+    try:
+        started = time.monotonic()
+        reply = client.request("POST", "send", send_body("!r:test.local", "m", "c-1"),
+                               content_format=CBOR, options=[(TOKEN, b"syt_blackholed_test")], wait=20)
+        elapsed = time.monotonic() - started
+        assert (reply.code, reply.payload) == ("5.02", b"homeserver unreachable")
+        assert 0.9 <= elapsed <= 3.0, elapsed
+        assert_local_resources_answer(client)
+    finally:
+        client.close()
+
+
+def assert_local_resources_answer(client: RawCoapClient) -> None:
+    """``/time``, the compact ``/z`` and ``/.well-known/core`` need no homeserver: they always answer."""
+    assert client.request("GET", "time").code == "2.05"
+    assert client.request("GET", PATHS["time"]).code == "2.05"
+    core = client.request("GET", ".well-known/core")
+    assert core.code == "2.05" and core.payload.startswith(b"</")  # its first block
 
 
 def test_gateway_restart_between_login_and_send(make_gateway, synapse: SynapseServer, synapse_user) -> None:

@@ -67,6 +67,9 @@ def test_cli_ip_beats_configured_interface(tmp_path: Path) -> None:
     ("[coap]\nnope = 1", r"unknown \[coap\] key"),
     ('[[devices]]\naddress = "not an address"\naccess_token = "t"', "address"),
     ('[[devices]]\naddress = "::1"', "access_token"),
+    ("connect_timeout = 0", "connect_timeout"),
+    ("request_timeout = 200\n[limits]\nqueue_timeout = 60", "EXCHANGE_LIFETIME"),
+    ("request_timeout = 195\n[coap]\nack_timeout = 0.5\nmax_retransmit = 0", "EXCHANGE_LIFETIME"),
     ('[[devices]]\naddress = "::1"\nuser = "u"\npassword = "p"\ndevice_id = "a/b"', "device_id"),
     ('[[devices]]\naddress = "::1"\nuser = "u"\npassword = "p"\ndevice_id = 7', "device_id"),
 ])
@@ -119,3 +122,33 @@ def test_plugin_settings_are_passed_through() -> None:
     config = build_config({"plugins": {"sensor": {"room": "#s:example.org"}}})
     assert config.plugin_settings("sensor") == {"room": "#s:example.org"}
     assert config.plugin_settings("other") == {}
+
+
+def test_deadlines_within_the_default_exchange_lifetime_are_accepted() -> None:
+    config = build_config({"request_timeout": 195, "connect_timeout": 3})
+    assert (config.request_timeout, config.connect_timeout) == (195, 3)
+    assert config.request_timeout + config.limits.queue_timeout < config.coap.exchange_lifetime
+
+
+@pytest.mark.parametrize("with_state_dir", [False, True])
+def test_a_gateway_without_state_dir_warns_that_its_state_is_volatile(tmp_path: Path,
+                                                                     with_state_dir: bool) -> None:
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from comatrix.tap import makeService
+
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    args = ["--ip", "127.0.0.1", "--port", "0", "--homeserver", "http://127.0.0.1:9"]
+    if with_state_dir:
+        args += ["--state-dir", str(tmp_path)]
+    options = Options()
+    options.parseOptions(args)
+    try:
+        gateway = makeService(options)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    gateway.port.stopListening()  # type: ignore[attr-defined]
+    warned = [e for e in events if e.get("log_level") == LogLevel.warn
+              and "No state_dir" in str(e.get("log_format"))]
+    assert len(warned) == (0 if with_state_dir else 1)

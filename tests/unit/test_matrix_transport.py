@@ -236,6 +236,27 @@ async def test_refused_connection_is_unreachable() -> None:
         sock.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_connection_not_taken_in_time_is_unreachable_not_slow(connectionless_homeserver: str) -> None:
+    from twisted.internet import reactor
+
+    transport = MatrixTransport(connectionless_homeserver, timeout=10.0, connect_timeout=0.5)
+    started = reactor.seconds()  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(HomeserverUnreachable, match="no connection within 0.5 s"):
+            await transport.request(api.login_password("alice", PASSWORD))
+    finally:
+        await transport.close()
+    assert 0.4 < reactor.seconds() - started < 5  # type: ignore[attr-defined]  # the connect deadline, not 10 s
+
+
+def test_connect_timeout_never_exceeds_the_request_deadline() -> None:
+    assert MatrixTransport("http://hs", reactor=Clock(), timeout=2.0, connect_timeout=5.0).connect_timeout == 2.0
+    assert MatrixTransport("http://hs", reactor=Clock(), timeout=2.0).connect_timeout == 2.0
+    with pytest.raises(ValueError):
+        MatrixTransport("http://hs", reactor=Clock(), connect_timeout=0)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 @pytest_twisted.ensureDeferred
 async def test_real_pool_round_trip_on_loopback(host: str) -> None:
