@@ -49,6 +49,8 @@ def synapse_user(synapse: SynapseServer) -> Callable[..., MatrixUser]:
 
 
 def _fail_on_leaks(gateways: list[GatewayProcess]) -> None:
+    for gw in gateways:
+        gw.remember_stored_tokens()
     found = leaks([p for gw in gateways for p in (gw.log_path, gw.output_path)])
     if found:
         pytest.fail(

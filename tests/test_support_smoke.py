@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import cbor2
 import pytest
+import pytest_twisted
 
 from support import free_port
 from support.coap_clients import (
@@ -381,3 +382,17 @@ def test_synapse_stop_and_restart_keeps_port_and_data(
             synapse.whoami(dave.access_token)
     assert synapse.base_url == url
     assert synapse.whoami(dave.access_token) == dave.user_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_the_gateway_keeps_in_its_store_are_swept(tmp_path: Path) -> None:
+    from comatrix.store import Store
+
+    gw = GatewayProcess("http://127.0.0.1:9", tmp_path)
+    token = "syt_c3RvcmVk_" + secrets.token_urlsafe(16)
+    store = Store.for_state_dir(str(gw.state_dir))
+    await store.create_session(b"\x01" * 32, token, "@s:test.local", "DEV", "127.0.0.1", 0.0)
+    store.close()
+    assert token not in all_secrets()
+    assert gw.remember_stored_tokens() == 1
+    assert token in all_secrets()

@@ -13,10 +13,12 @@ nothing but the stdlib, so it cannot be fooled by a client library quirk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets as _random
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import time
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import Sequence
 
 from support import REPO_ROOT, free_port, terminate
-from support.secrets import remember_log_file
+from comatrix.store import DB_FILENAME
+from support.secrets import remember_if_plausible, remember_log_file
 
 __all__ = ["GatewayError", "GatewayProcess", "coap_probe"]
 
@@ -239,6 +242,20 @@ class GatewayProcess:
     def signal(self, signum: int) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signum)
+
+    def remember_stored_tokens(self) -> int:
+        """Register the Matrix tokens the gateway keeps in its store as secrets; how many.
+
+        A compact login hands the device a short handle while the gateway keeps the
+        session's access token: the test never sees that token, so without this the
+        sweep could not find it in a log.
+        """
+        database = self.state_dir / DB_FILENAME
+        if not database.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            tokens = [row[0] for row in db.execute("SELECT access_token FROM compact_sessions")]
+        return sum(1 for token in tokens if remember_if_plausible(token))
 
     # -- logs --------------------------------------------------------------------
 
