@@ -79,10 +79,11 @@ class NoAnswer(Exception):
 class RawCoapClient:
     """CON requests with retransmission (same MID); separate responses are acknowledged."""
 
-    def __init__(self, host: str, port: int, *, ack_timeout: float = 0.1, max_transmissions: int = 8) -> None:
+    def __init__(self, host: str, port: int, *, ack_timeout: float = 0.1, max_transmissions: int = 8,
+                 source: str = "127.0.0.1") -> None:
         self.server = (host, port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((source, 0))
         self.ack_timeout = ack_timeout
         self.max_transmissions = max_transmissions
         self._mid = random.Random(port).randrange(0x10000)
@@ -458,6 +459,32 @@ def assert_local_resources_answer(client: RawCoapClient) -> None:
     assert client.request("GET", PATHS["time"]).code == "2.05"
     core = client.request("GET", ".well-known/core")
     assert core.code == "2.05" and core.payload.startswith(b"</")  # its first block
+
+
+def test_a_chatty_device_is_held_to_its_rate_while_another_is_served(make_gateway, synapse: SynapseServer,
+                                                                     synapse_user) -> None:
+    device = synapse_user("chatty")
+    room_id = synapse.create_room(device.access_token)
+    gw = make_gateway(config_text="[limits]\ndevice_rate = 0.5\ndevice_burst = 3\n")
+    auth = [(TOKEN, device.access_token.encode())]
+    chatty = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
+    quiet = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5, source="127.0.0.2")
+    try:
+        codes = [chatty.request("POST", "send", send_body(room_id, f"chatty {n}", f"c-{n}"),
+                                content_format=CBOR, options=auth) for n in range(5)]
+        assert [reply.code for reply in codes] == ["2.04"] * 3 + ["4.29"] * 2
+        limited = codes[-1]
+        assert limited.max_age is not None and 1 <= limited.max_age <= 3  # 0.5/s: a token in 2 s
+        # The burst of one address does not touch another's bucket.
+        assert quiet.request("POST", "send", send_body(room_id, "quiet 0", "q-0"),
+                             content_format=CBOR, options=auth).code == "2.04"
+        assert chatty.request("GET", "time").code == "2.05"  # local resources are never limited
+    finally:
+        chatty.close()
+        quiet.close()
+    # Nothing refused reached the room; what was sent arrived once.
+    assert all_text_bodies(synapse, device.access_token, room_id) == ["chatty 0", "chatty 1", "chatty 2",
+                                                                    "quiet 0"]
 
 
 def test_gateway_restart_between_login_and_send(make_gateway, synapse: SynapseServer, synapse_user) -> None:

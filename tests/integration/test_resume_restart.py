@@ -4,6 +4,9 @@
   stopped, messages are sent over HTTP while it is down, the gateway starts
   again and the device observes again: it gets exactly what arrived during
   the outage, with the next cursors, and is then pushed the next message.
+* Compact profile, Synapse outage: the session's /sync loop fails, backs off and
+  keeps its position; once Synapse is back the next message is pushed to the
+  same observation, with the next cursor, and the gateway never restarted.
 * MSC3079: a client observes ``/7`` and acknowledges a pushed batch; the
   gateway restarts while a message is sent over HTTP; the client repeats its
   registration (same request, same CoAP token, same port): the answer holds
@@ -124,6 +127,30 @@ def test_compact_watch_after_a_gateway_restart_gets_what_arrived_meanwhile(
     assert [m.body for m in received] == ["during the outage 1", "during the outage 2", "after the restart"]
     assert [m.cursor for m in received] == [first.cursor + 1, first.cursor + 2, first.cursor + 3]
     assert all(m.sender == owner.user_id for m in received)
+
+
+def test_compact_watch_survives_a_synapse_outage_without_a_gateway_restart(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser]) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor, owner = synapse_user("watcher"), synapse_user("owner")
+    room_id = owner_room_with(synapse, owner, sensor)
+    device = CompactDevice(UdpCoap(gw.uri()), DeviceState(None))
+    device.login(sensor.localpart, sensor.password)
+    device.join(room_id)
+
+    watcher = Watcher(device, room_id, count=2)
+    synapse.send_text(owner.access_token, room_id, "before the outage")
+    wait_for(lambda: len(watcher.received) == 1 or bool(watcher.errors), "the first push")
+    with synapse.stopped():
+        # The session's /sync loop fails, backs off and keeps its position; the
+        # observation stays registered.
+        wait_for(lambda: "retrying in" in gw.log_text(), "the sync loop to fail and back off")
+    synapse.send_text(owner.access_token, room_id, "after the outage")
+    received = watcher.join()
+    assert [m.body for m in received] == ["before the outage", "after the outage"]
+    assert received[1].cursor == received[0].cursor + 1
+    assert gw.running
 
 
 # -- MSC3079 ---------------------------------------------------------------------------------

@@ -254,6 +254,10 @@ class GatewayProcess:
         if not database.exists():
             return 0
         with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            # The schema is created with the store's first connection: a gateway that never
+            # needed its store has an empty file.
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'compact_sessions'").fetchone():
+                return 0
             tokens = [row[0] for row in db.execute("SELECT access_token FROM compact_sessions")]
         return sum(1 for token in tokens if remember_if_plausible(token))
 
