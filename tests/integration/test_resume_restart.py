@@ -98,15 +98,22 @@ class Watcher:
         return self.received
 
 
-def test_compact_watch_after_a_gateway_restart_gets_what_arrived_meanwhile(
-        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
-        synapse_user: Callable[..., MatrixUser]) -> None:
+def compact_member(make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+                   synapse_user: Callable[..., MatrixUser]) -> tuple[GatewayProcess, MatrixUser, str, CompactDevice]:
+    """A gateway, a room's owner and the room, and a compact device logged in and joined to it."""
     gw = make_gateway(config_text=NO_LIMITS)
     sensor, owner = synapse_user("watcher"), synapse_user("owner")
     room_id = owner_room_with(synapse, owner, sensor)
     device = CompactDevice(UdpCoap(gw.uri()), DeviceState(None))
     device.login(sensor.localpart, sensor.password)
     device.join(room_id)
+    return gw, owner, room_id, device
+
+
+def test_compact_watch_after_a_gateway_restart_gets_what_arrived_meanwhile(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser]) -> None:
+    gw, owner, room_id, device = compact_member(make_gateway, synapse, synapse_user)
 
     watcher = Watcher(device, room_id, count=1)
     synapse.send_text(owner.access_token, room_id, "before the restart")
@@ -132,12 +139,7 @@ def test_compact_watch_after_a_gateway_restart_gets_what_arrived_meanwhile(
 def test_compact_watch_survives_a_synapse_outage_without_a_gateway_restart(
         make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
         synapse_user: Callable[..., MatrixUser]) -> None:
-    gw = make_gateway(config_text=NO_LIMITS)
-    sensor, owner = synapse_user("watcher"), synapse_user("owner")
-    room_id = owner_room_with(synapse, owner, sensor)
-    device = CompactDevice(UdpCoap(gw.uri()), DeviceState(None))
-    device.login(sensor.localpart, sensor.password)
-    device.join(room_id)
+    gw, owner, room_id, device = compact_member(make_gateway, synapse, synapse_user)
 
     watcher = Watcher(device, room_id, count=2)
     synapse.send_text(owner.access_token, room_id, "before the outage")
