@@ -134,6 +134,10 @@ class GatewayTimeout(CoapError):
     code = Code.GATEWAY_TIMEOUT
 
 
+class ProxyingNotSupported(CoapError):
+    code = Code.PROXYING_NOT_SUPPORTED
+
+
 def encode_uint(value: int) -> bytes:
     """CoAP uint option encoding: big-endian, no leading zero bytes (0 -> b"")."""
     if value < 0:

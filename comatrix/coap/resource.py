@@ -2,7 +2,9 @@
 
 A resource subclasses `CoapResource`, sets its link-format attributes and
 implements ``render_GET``/``render_POST``/... taking a `Request` and returning a
-`Response` or a Deferred firing one.  Raising `CoapError` (or failing the
+`Response` or a Deferred firing one.  A request with Proxy-Uri or Proxy-Scheme
+is answered 5.05 (RFC 7252 §5.7.2: this server is no forward proxy) unless the
+resource sets ``accepts_proxy_uri`` and reads the option itself.  Raising `CoapError` (or failing the
 Deferred) is how a resource answers with an error; the CoAP layer guarantees the
 peer gets exactly one response either way.
 
@@ -19,9 +21,9 @@ from typing import Any, Awaitable, Callable, Protocol, Union
 from twisted.internet import defer
 from comatrix.coap._txthings import txresource
 
-from comatrix.coap.errors import MethodNotAllowed
+from comatrix.coap.errors import MethodNotAllowed, ProxyingNotSupported
 from comatrix.coap.message import Request, Response
-from comatrix.coap.numbers import Code
+from comatrix.coap.numbers import Code, OptionNumber
 
 RenderResult = Union[Response, "defer.Deferred[Response]", Awaitable[Response]]
 
@@ -50,6 +52,8 @@ class CoapResource(txresource.CoAPResource):  # type: ignore[misc]
     """A resource: link attributes plus ``render_<METHOD>(request) -> Response``."""
 
     link: LinkAttributes = LinkAttributes()
+    #: Whether this resource makes sense of Proxy-Uri/Proxy-Scheme (else: 5.05).
+    accepts_proxy_uri: bool = False
     #: Set by ``Site.put``: the sites serving this resource (for `notify_observers`).
     _coap_sites: tuple[ObserverNotifier, ...] = ()
 
@@ -80,6 +84,9 @@ class CoapResource(txresource.CoAPResource):  # type: ignore[misc]
         handler: Callable[[Request], Any] | None = getattr(self, f"render_{request.method.name}", None)
         if handler is None:
             return defer.fail(MethodNotAllowed(f"{request.method.name} not allowed"))
+        if not self.accepts_proxy_uri and (request.option(OptionNumber.PROXY_URI) is not None
+                                           or request.option(OptionNumber.PROXY_SCHEME) is not None):
+            return defer.fail(ProxyingNotSupported("proxying not supported"))
         return defer.maybeDeferred(_as_deferred, handler, request)
 
 

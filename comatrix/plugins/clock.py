@@ -16,6 +16,9 @@ from comatrix.resources import ResourcePlugin, cbor_response
 class TimeResource(CoapResource):
     link = LinkAttributes(rt="comatrix.time", ct=(ContentFormat.TEXT_PLAIN, ContentFormat.CBOR),
                           title="Unix time (s)")
+    #: Original CoMatrix clients may send their Proxy-Uri with every request; /time has
+    #: nothing to proxy and answers from the gateway's clock either way.
+    accepts_proxy_uri = True
 
     def __init__(self, context: PluginContext) -> None:
         super().__init__()

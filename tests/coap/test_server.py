@@ -156,6 +156,17 @@ def test_ping_gets_rst_and_responses_get_rst_or_silence() -> None:
     assert h.send_raw(bytes([0x80, 1, 0, 1])) == []  # version 2: silently ignored
 
 
+def test_proxy_options_get_5_05_unless_the_resource_takes_them() -> None:
+    harness, resources = make()
+    for proxy in [(OptionNumber.PROXY_URI, b"coap://other.example/store"), (OptionNumber.PROXY_SCHEME, b"coap")]:
+        [reply] = harness.send(Code.GET, ("store",), options=[proxy])
+        assert reply.code == Code.PROXYING_NOT_SUPPORTED
+    assert resources["store"].requests == []  # type: ignore[attr-defined]
+    resources["store"].accepts_proxy_uri = True
+    [reply] = harness.send(Code.GET, ("store",), options=[(OptionNumber.PROXY_URI, b"coap://x/y")])
+    assert reply.code == Code.CONTENT and len(resources["store"].requests) == 1  # type: ignore[attr-defined]
+
+
 def test_unknown_method_gets_4_05_and_missing_resource_4_04() -> None:
     h, _ = make()
     [reply] = h.send(9, ["counter"])

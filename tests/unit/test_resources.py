@@ -153,6 +153,9 @@ def test_time_text_and_cbor_and_406(world: World) -> None:
     cbor_answer = render(resource, req(Code.GET, accept=ContentFormat.CBOR))
     assert cbor2.loads(cbor_answer.payload) == 1700000000
     assert render(resource, req(Code.GET, accept=ContentFormat.JSON)).code == Code.NOT_ACCEPTABLE
+    # An original CoMatrix client's Proxy-Uri is harmless here: /time answers from the clock.
+    proxied = req(Code.GET, options={int(OptionNumber.PROXY_URI): (b"coap://[::1]/_matrix/client/r0/x",)})
+    assert render(resource, proxied).payload == b"1700000000"
 
 
 def test_wrong_method_is_405(world: World) -> None:
