@@ -32,9 +32,14 @@ def decode(payload: bytes) -> Any:
         raise CodecError("malformed CBOR") from None
     if stream.tell() != len(payload):
         raise CodecError("trailing bytes after CBOR item")
-    if _depth(value) > MAX_DEPTH:
+    if too_deep(value):
         raise CodecError("CBOR nested too deeply")
     return value
+
+
+def too_deep(value: Any) -> bool:
+    """Whether an already decoded body (CBOR, or JSON) nests deeper than `MAX_DEPTH`."""
+    return _depth(value) > MAX_DEPTH
 
 
 def decode_map(payload: bytes) -> dict[Any, Any]:

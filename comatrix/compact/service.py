@@ -80,6 +80,9 @@ SYNC_FILTER: Mapping[str, Any] = {
 }
 #: The long-poll timeout (s) the session loops ask the homeserver for.
 LONG_POLL_SECONDS = 25.0
+#: Largest room handle or cursor the store can hold (SQLite INTEGER is signed 64-bit).  The wire
+#: takes any uint below 2**64; nothing above this is ever assigned, and SQLite would refuse it.
+MAX_STORED_NUMBER = 2**63 - 1
 
 Session = SessionRecord
 #: Called for each newly numbered message of a session's room: (session, room handle, message).
@@ -190,7 +193,7 @@ class CompactService:
         return handle
 
     async def room(self, session: SessionRecord, handle: int) -> RoomRecord:
-        record = await self.store.room(session.id, handle)
+        record = await self.store.room(session.id, handle) if 0 <= handle <= MAX_STORED_NUMBER else None
         if record is None:
             raise NotFound("unknown room handle")
         return record
@@ -213,6 +216,8 @@ class CompactService:
         record = await self.room(session, handle)
         if cursor >= record.last_cursor:
             await self.advance(session, handle)
+        if cursor >= MAX_STORED_NUMBER:
+            return None  # no message is numbered beyond it
         return await self.store.message_at_or_after(session.id, handle, cursor + 1)
 
     def _lock(self, session_id: int, handle: int) -> defer.DeferredLock:

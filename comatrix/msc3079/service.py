@@ -189,10 +189,14 @@ def decode_body(request: Request) -> Any:
     if request.content_format == ContentFormat.JSON:
         try:
             value = json.loads(request.payload.decode("utf-8"))
+        except RecursionError:
+            raise CodecError("JSON nested too deeply") from None
         except (UnicodeDecodeError, ValueError):
             raise CodecError("malformed JSON") from None
         if not isinstance(value, dict):
             raise CodecError("body must be a JSON object")
+        if cbor.too_deep(value):  # the limit CBOR bodies have
+            raise CodecError("JSON nested too deeply")
         return value
     raise UnsupportedContentFormat("expected application/cbor (60)")
 

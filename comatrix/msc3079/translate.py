@@ -10,7 +10,11 @@ Keys: request bodies may use the integer keys of the table the client speaks
 (MSC3079 Appendix A); they are replaced by names at every nesting level, a
 string key winning over its integer form.  An integer key the table does not
 know cannot be expressed in JSON without changing its meaning (``"8"`` must
-stay literal), so it is refused, as are keys and values JSON cannot carry.
+stay literal), so it is refused, as are keys and values JSON cannot carry:
+byte strings, tags, non-finite numbers, text that is not Unicode (lone
+surrogates, which a JSON body can escape), and integers beyond ``±2**53``,
+which JSON peers parsing numbers as IEEE doubles would change (RFC 8259 §6;
+homeservers refuse them in events anyway: canonical JSON stops at 2**53 - 1).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from comatrix.codec.msc3079 import (KEY_TABLE_V1_REVERSE, KEY_TABLES, PATH_CODES
                                     keys_to_names, names_to_keys, parse_matrix_path)
 
 __all__ = ["Target", "map_path", "json_from_request", "uses_integer_keys", "keys_for_client",
-           "success_code", "KNOWN_KEY_TABLE", "CLIENT_API_VERSIONS", "sync_is_empty"]
+           "success_code", "KNOWN_KEY_TABLE", "CLIENT_API_VERSIONS", "MAX_JSON_INTEGER", "sync_is_empty"]
 
 #: The highest key-table version this gateway knows (tables only ever add keys).
 KNOWN_KEY_TABLE = max(KEY_TABLES)
 #: API versions accepted in full paths.
 CLIENT_API_VERSIONS = frozenset({"r0", "v3", "v1", "unstable"})
+#: Largest integer magnitude passed on in a JSON body: up to it, every integer is exact as a double.
+MAX_JSON_INTEGER = 2**53
 #: Endpoints that take no access token: a sticky token is not attached to them
 #: (Synapse reads a token on /register as an application service's).
 _NO_AUTH = frozenset({"versions", "login", "register"})
@@ -126,18 +132,36 @@ def _check_json(value: Any) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, int) and not isinstance(key, bool):
-                raise CodecError(f"unknown integer key {key}")
+                # A bignum key is not echoed: the diagnostic stays short (and str() would refuse it).
+                raise CodecError(f"unknown integer key {key}" if abs(key) <= MAX_JSON_INTEGER
+                                 else "unknown integer key")
             if not isinstance(key, str):
                 raise CodecError("map keys must be text or integers")
+            _check_text(key)
             _check_json(item)
     elif isinstance(value, list):
         for item in value:
             _check_json(item)
+    elif isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, bool) or value is None:
+        pass
+    elif isinstance(value, int):
+        if not -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+            raise CodecError("integer out of JSON range")
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise CodecError("non-finite number")
-    elif value is not None and not isinstance(value, (str, int, bool)):
+    else:
         raise CodecError("value not representable in JSON")
+
+
+def _check_text(text: str) -> None:
+    """Text must be UTF-8-encodable: a JSON body can escape lone surrogates (``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CodecError("text not valid Unicode") from None
 
 
 def keys_for_client(body: Any, version: int) -> Any:
