@@ -196,7 +196,8 @@ class FakeHomeserver(Resource):
             ident = body.get("identifier", {})
             user = ident.get("user", "")
             user_id = user if user.startswith("@") else f"@{user}:{self.server_name}"
-            if self.passwords.get(user_id) != body.get("password"):
+            password = body.get("password")
+            if not isinstance(password, str) or self.passwords.get(user_id) != password:
                 raise _err(403, "M_FORBIDDEN", "Invalid username or password")
             token, device = self.issue_token(user_id, body.get("device_id"))
             return {"user_id": user_id, "access_token": token, "device_id": device}
