@@ -62,15 +62,31 @@ STUB_ROOM = "!benchroom:bench.local"
 # --------------------------------------------------------------------------- stub homeserver
 
 
-def serve_stub(port: int) -> None:
-    """A twisted.web server with canned Matrix answers (subprocess entry point)."""
+def serve_stub(port: int, delay: float = 0.0) -> None:
+    """A twisted.web server with canned Matrix answers (subprocess entry point).
+
+    With ``delay`` every answer is held back that long (a homeserver's own time,
+    spent idle here), so the gateway and the stub sleep between requests as they
+    do in front of Synapse.
+    """
     from twisted.internet import reactor
     from twisted.web import resource, server
 
     class Canned(resource.Resource):
         isLeaf = True
 
-        def render(self, request: Any) -> bytes:
+        def render(self, request: Any) -> Any:
+            if not delay:
+                return self.answer(request)
+
+            def finish() -> None:
+                request.write(self.answer(request))
+                request.finish()
+
+            reactor.callLater(delay, finish)  # type: ignore[attr-defined]
+            return server.NOT_DONE_YET
+
+        def answer(self, request: Any) -> bytes:
             request.setHeader(b"Content-Type", b"application/json")
             path = request.path or b""
             if b"/send/" in path:
@@ -93,8 +109,9 @@ def serve_stub(port: int) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-def start_stub() -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-stub"], stdout=subprocess.PIPE, text=True,
+def start_stub(delay_ms: float = 0.0) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-stub", "--stub-delay-ms", str(delay_ms)],
+                            stdout=subprocess.PIPE, text=True,
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -390,6 +407,10 @@ class Figures:
     observers_accepted: int = 0
     #: The same latency comparison against the stub homeserver: the gateway's own share.
     overhead_stub: dict[str, tuple[float, float, int]] = dataclasses.field(default_factory=dict)
+    #: Idle-gap control: stub answer delay (ms) -> (path -> (p50 ms, p99 ms, sends)), and
+    #: delay -> (gateway CPU us per forwarded send, stub CPU us per request).
+    idle_gap: dict[float, dict[str, tuple[float, float, int]]] = dataclasses.field(default_factory=dict)
+    idle_gap_cpu: dict[float, tuple[float, float]] = dataclasses.field(default_factory=dict)
     push: list[Any] = dataclasses.field(default_factory=list)
 
 
@@ -428,20 +449,57 @@ def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir
         synapse.stop()
 
 
-def bench_stub_overhead(figures: Figures, stub_port: int, gateway_port: int, sends: int) -> None:
-    """One sender, the three paths in turn, against the stub: latency Synapse does not blur."""
+def stub_latencies(stub: subprocess.Popen[str], stub_port: int, gateway: Any, sends: int,
+                   warmup: int = 100) -> tuple[dict[str, tuple[float, float, int]], tuple[float, float]]:
+    """One sender, the three paths in turn, against a stub: per path (p50 ms, p99 ms, sends), and
+    (gateway CPU us per forwarded send, stub CPU us per request) over the measured sends."""
     user = StubUser()
-    group = (HttpSender(stub_port, STUB_TOKEN, STUB_ROOM), CompactSender(gateway_port, user, STUB_ROOM),
-             CoapSender(gateway_port, user, STUB_ROOM))
+    group = (HttpSender(stub_port, STUB_TOKEN, STUB_ROOM), CompactSender(gateway.port, user, STUB_ROOM),
+             CoapSender(gateway.port, user, STUB_ROOM))
     try:
-        measured = run_senders([group], sends, warmup=100)
+        run_senders([group], 0, warmup=warmup)
+        gateway_cpu, stub_cpu = coap_throughput.cpu_seconds(gateway.pid), coap_throughput.cpu_seconds(stub.pid)
+        measured = run_senders([group], sends, warmup=0)
+        gateway_cpu = coap_throughput.cpu_seconds(gateway.pid) - gateway_cpu
+        stub_cpu = coap_throughput.cpu_seconds(stub.pid) - stub_cpu
     finally:
         for sender in group:
             sender.close()
-    for name, values in zip(OVERHEAD_PATHS, measured):
-        figures.overhead_stub[name] = (percentile(values, 50) * 1000, percentile(values, 99) * 1000, len(values))
-        print(f"  overhead  stub homeserver  {name:<8} p50 {figures.overhead_stub[name][0]:7.3f} ms  "
-              f"p99 {figures.overhead_stub[name][1]:7.3f} ms", flush=True)
+    row = {name: (percentile(values, 50) * 1000, percentile(values, 99) * 1000, len(values))
+           for name, values in zip(OVERHEAD_PATHS, measured)}
+    forwarded = sum(len(values) for values in measured[1:])
+    return row, (gateway_cpu / forwarded * 1e6, stub_cpu / sum(len(values) for values in measured) * 1e6)
+
+
+def bench_stub_overhead(figures: Figures, stub: subprocess.Popen[str], stub_port: int, gateway: Any,
+                        sends: int) -> None:
+    """One sender, the three paths in turn, against the stub: latency Synapse does not blur."""
+    figures.overhead_stub, figures.idle_gap_cpu[0.0] = stub_latencies(stub, stub_port, gateway, sends)
+    for name, (p50, p99, _n) in figures.overhead_stub.items():
+        print(f"  overhead  stub homeserver  {name:<8} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms", flush=True)
+
+
+def bench_idle_gap(figures: Figures, delay_ms: float, sends: int, workdir: Path) -> None:
+    """The stub comparison again with every stub answer held back ``delay_ms`` (Synapse's time).
+
+    Nothing but the idle time between requests changes: what the gateway adds on top of
+    the at-once figures is what sleeping between requests costs a process on this machine.
+    """
+    stub, stub_port = start_stub(delay_ms)
+    gw = None
+    try:
+        gw = start_gateway(f"http://127.0.0.1:{stub_port}", workdir / "gw-slow-stub")
+        row, cpu = stub_latencies(stub, stub_port, gw, sends, warmup=20)
+    finally:
+        if gw is not None:
+            gw.stop()
+        stub.terminate()
+        stub.wait(10)
+    figures.idle_gap[delay_ms], figures.idle_gap_cpu[delay_ms] = row, cpu
+    for name, (p50, p99, _n) in row.items():
+        print(f"  idle gap  stub +{delay_ms:g} ms  {name:<8} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms", flush=True)
+    print(f"  idle gap  stub +{delay_ms:g} ms  gateway {cpu[0]:.0f} us CPU/send, stub {cpu[1]:.0f} us CPU/req",
+          flush=True)
 
 
 @dataclasses.dataclass
@@ -460,7 +518,7 @@ def bench_ceiling_and_memory(figures: Figures, requests: int, inflight: int, obs
         gw = start_gateway(f"http://127.0.0.1:{stub_port}", workdir / "gw-stub", max_observers=observers + 16)
         time.sleep(1.0)  # let the freshly started process settle before the idle reading
         figures.memory["idle"] = rss_mib(gw.pid)
-        bench_stub_overhead(figures, stub_port, gw.port, latency_sends)
+        bench_stub_overhead(figures, stub, stub_port, gw, latency_sends)
         load(SendLoad, gw.port, 500, inflight)  # warm-up
         cpu_before = coap_throughput.cpu_seconds(gw.pid)
         result = load(SendLoad, gw.port, requests, inflight)
@@ -551,6 +609,21 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
             extra = "" if name == "direct" else f"   {p50 - d[0]:+6.3f} ms  {p99 - d[1]:+6.3f} ms"
             lines.append(f"    {name:<8} {p50:8.3f} {p99:8.3f} {n:7}{extra}")
         lines.append("")
+    if figures.idle_gap:
+        lines.append("Idle-gap control (one sender, the stub again; it answers at once, or holds every")
+        lines.append("answer back as long as Synapse takes, so every process sleeps between requests)::")
+        lines.append("")
+        lines.append("    stub answers     path      p50 ms   added p50   gateway CPU/send   stub CPU/req")
+        rows = [(0.0, figures.overhead_stub)] + sorted(figures.idle_gap.items())
+        for delay, row in rows:
+            gateway_us, stub_us = figures.idle_gap_cpu[delay]
+            label = "at once" if not delay else f"after {delay:g} ms"
+            for name in OVERHEAD_PATHS:
+                p50 = row[name][0]
+                added = "" if name == "direct" else f"{p50 - row['direct'][0]:+8.3f} ms"
+                cpu = f"{gateway_us:10.0f} us   {stub_us:10.0f} us" if name == "direct" else ""
+                lines.append(f"    {label:<16} {name:<8} {p50:8.3f}   {added:<11}   {cpu}".rstrip())
+        lines.append("")
     lines.append("Ceiling (requests/s)::")
     lines.append("")
     for name, label in (("gateway", "gateway POST /send -> stub homeserver"),
@@ -599,10 +672,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--push-observers", type=int, nargs="*", default=[100, 1000],
                         help="observer counts for the push benchmark (none: skip it)")
     parser.add_argument("--write", metavar="RST", help="write the figures to this file (docs/performance.rst)")
+    parser.add_argument("--idle-gap-ms", type=float, default=18.0,
+                        help="stub answer delay for the idle-gap control, about Synapse's time per send (0: skip)")
     parser.add_argument("--serve-stub", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stub-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_stub:
-        serve_stub(0)
+        serve_stub(0, args.stub_delay_ms / 1000)
         return 0
     if args.quick:
         args.sends, args.sends_each, args.requests, args.observers = 100, 10, 5000, 200
@@ -615,6 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_overhead(figures, args.sends, args.sends_each, workdir)
         bench_ceiling_and_memory(figures, args.requests, args.inflight, args.observers, workdir,
                                  latency_sends=args.sends * 2)
+        if args.idle_gap_ms > 0:
+            bench_idle_gap(figures, args.idle_gap_ms, args.sends // 2, workdir)
         if args.push_observers:
             import push_latency  # imports this module: import late
 

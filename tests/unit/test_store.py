@@ -6,11 +6,13 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from comatrix.store import DB_FILENAME, Store, StoredMessage
+from comatrix.store import DB_FILENAME, Store, StoredMessage, SyncPosition
 
 
 def _hash(n: int) -> bytes:
@@ -140,3 +142,33 @@ async def test_a_read_overlapping_a_write_is_not_cached() -> None:
         assert await store.session_by_handle(_hash(1)) is None
     finally:
         store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_statement_runs_on_the_reactor_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every SQL statement the store executes is traced with the thread it ran on.
+    import threading
+
+    from comatrix import store as store_module
+
+    threads: set[int] = set()
+    open_connection = store_module._open_connection
+
+    def traced(connection: Any) -> None:
+        connection.set_trace_callback(lambda _statement: threads.add(threading.get_ident()))
+        open_connection(connection)
+
+    monkeypatch.setattr(store_module, "_open_connection", traced)
+    store = Store.for_state_dir(str(tmp_path))
+    try:
+        session = await store.create_session(_hash(9), "syt_thread_check", "@t:example.org", None, "::1", 1.0)
+        handle = await store.room_handle(session, "!r")
+        await store.advance_timeline(session, handle, [_message(1)], 1, "s1")
+        await store.save_sync_position(_hash(8), b"obs", SyncPosition(b"registration", "s1"), 1.0)
+        assert await store.sync_position(_hash(8), b"obs") is not None
+        assert await store.message_at_or_after(session, handle, 1) == _message(1)
+        await store.delete_session(session)
+    finally:
+        store.close()
+    assert threads, "no statement was traced"
+    assert threading.get_ident() not in threads  # the reactor (this test's) thread ran none
