@@ -2,11 +2,11 @@
 
 A resource subclasses `CoapResource`, sets its link-format attributes and
 implements ``render_GET``/``render_POST``/... taking a `Request` and returning a
-`Response` or a Deferred firing one.  A request with Proxy-Uri or Proxy-Scheme
-is answered 5.05 (RFC 7252 §5.7.2: this server is no forward proxy) unless the
-resource sets ``accepts_proxy_uri`` and reads the option itself.  Raising `CoapError` (or failing the
+`Response` or a Deferred firing one.  Raising `CoapError` (or failing the
 Deferred) is how a resource answers with an error; the CoAP layer guarantees the
-peer gets exactly one response either way.
+peer gets exactly one response either way.  A request with Proxy-Uri or
+Proxy-Scheme is answered 5.05 (RFC 7252 §5.7.2: this server is no forward
+proxy) unless the resource sets ``accepts_proxy_uri`` and reads the option itself.
 
 It subclasses txThings' ``CoAPResource`` so that it plugs into txThings' site
 tree, but rendering goes through `render` below, never through txThings'
