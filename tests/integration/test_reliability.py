@@ -2,12 +2,17 @@
 
 * 200 numbered sends through a lossy, reordering UDP relay (30% loss each way,
   seeded) with retransmissions and retries (new Message ID, same txn_id): the
-  room holds exactly those 200 bodies, once each, in order.
+  room holds exactly those 200 bodies, once each, in order.  The same for 100
+  compact ``/w`` sends of the reference device client (same seq on a retry).
 * Synapse stopped mid-run: 5.02 fast, local resources keep answering, the next
   send after Synapse is back succeeds without restarting the gateway, and a
   send retried across the outage is not duplicated.
 * A hanging upstream: 5.04 at the configured deadline for every waiting device,
-  the concurrency cap queues and then sheds (5.03) beyond its bound, /time answers.
+  the concurrency cap queues and then sheds (5.03) beyond its bound; /time, /z
+  and /.well-known/core answer meanwhile.  A homeserver that takes no TCP
+  connection: 5.02 when the connect timeout expires, long before the deadline.
+* A chatty device is held to its rate (4.29 with Max-Age) while a device at
+  another address is served.
 * The gateway restarted between a login and a send: the old token works, and a
   send retried across the restart is not duplicated.
 * Bad input through the real gateway: 4.xx, and a counting TCP relay in front of
@@ -33,6 +38,7 @@ from typing import Any, Callable, Sequence
 import cbor2
 import pytest
 
+from comatrix.client import CompactDevice, DeviceState, UdpCoap
 from comatrix.coap import wire
 from comatrix.coap.numbers import MessageType
 from comatrix.compact.codec import PATHS
@@ -165,6 +171,8 @@ class LossyRelay:
         self.client: tuple[str, int] | None = None
         #: Per direction ("up": to the gateway, "down": to the client): what happened to datagrams.
         self.stats = {way: {"forwarded": 0, "dropped": 0, "reordered": 0} for way in ("up", "down")}
+        #: Message IDs of the CON POST requests the client sent (before any loss).
+        self.posted_mids: set[bytes] = set()
         self._held: dict[str, tuple[bytes, float] | None] = {"up": None, "down": None}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lossy-relay", daemon=True)
@@ -209,6 +217,8 @@ class LossyRelay:
                 data, addr = key.fileobj.recvfrom(65536)  # type: ignore[union-attr]
                 if key.data == "up":
                     self.client = addr
+                    if len(data) >= 4 and data[0] >> 4 == 0x4 and data[1] == 0x02:  # v1 CON, POST
+                        self.posted_mids.add(data[2:4])
                 self._pass(key.data, data)
             now = time.monotonic()
             for direction, held in self._held.items():
@@ -357,6 +367,31 @@ def test_exactly_once_in_order_through_a_lossy_reordering_link(make_gateway, syn
         assert stats[way]["reordered"] > 0, stats
     assert outer_retries > 0  # the new-MID retry path was exercised, not just retransmissions
     assert all_text_bodies(synapse, device.access_token, room_id) == [f"reading {n}" for n in range(count)]
+
+
+def test_compact_sends_exactly_once_in_order_through_a_lossy_reordering_link(make_gateway, synapse: SynapseServer,
+                                                                             synapse_user) -> None:
+    # The same link, the device profile: the reference client's /w sends, CoAP retransmissions
+    # (same MID) and whole-exchange retries (new MID, same seq) through 30 % loss each way.
+    user = synapse_user("lossyc")
+    room_id = synapse.create_room(user.access_token)
+    gw = make_gateway(config_text=FAST_COAP + NO_LIMITS, log_level="info")
+    state = DeviceState(None)
+    with UdpCoap(gw.uri()) as direct:
+        setup = CompactDevice(direct, state)
+        setup.login(user.localpart, user.password)
+        setup.join(room_id)
+    count = 100
+    with LossyRelay(("127.0.0.1", gw.port), loss=0.3, reorder=0.1, seed=20261201) as relay:
+        with UdpCoap(f"coap://127.0.0.1:{relay.port}", ack_timeout=0.1) as lossy:
+            device = CompactDevice(lossy, state, retries=10)
+            for n in range(count):
+                device.send(room_id, f"compact {n}")
+        stats, mids = relay.stats, relay.posted_mids
+    for way in ("up", "down"):
+        assert stats[way]["dropped"] > 0.2 * (stats[way]["dropped"] + stats[way]["forwarded"]), stats
+    assert len(mids) > count  # some sends were retried as new exchanges, not only retransmitted
+    assert all_text_bodies(synapse, user.access_token, room_id) == [f"compact {n}" for n in range(count)]
 
 
 def test_synapse_outage_mid_run_then_recovery_without_restart(make_gateway, synapse: SynapseServer,
