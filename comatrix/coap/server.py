@@ -56,7 +56,7 @@ from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
 
 log = get_logger(__name__)
 
-__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "ResponseHook", "REQUEST_TAG"]
+__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "REQUEST_TAG"]
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -180,7 +180,7 @@ class Site:
 
         Fires with the number of notifications delivered (see `CoapServer.notify`).
         """
-        return _total(server.notify(resource, only, confirmable=confirmable) for server in self._servers)
+        return total_delivered(server.notify(resource, only, confirmable=confirmable) for server in self._servers)
 
     def observer_requests(self, resource: Any) -> list[Request]:
         """The registration requests of every observation of ``resource`` on this site."""
@@ -334,7 +334,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             deferred.addCallbacks(self._notification_rendered, self._notification_failed,
                                   callbackArgs=(observer, confirmable, delivered),
                                   errbackArgs=(observer, confirmable, delivered))
-        return _total(waits)
+        return total_delivered(waits)
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -951,9 +951,22 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._send_con(outgoing)
 
 
-def _total(waits: Iterable["defer.Deferred[int]"]) -> "defer.Deferred[int]":
-    """Fires with the sum of ``waits`` once all have fired."""
-    return defer.gatherResults(list(waits)).addCallback(sum)
+def total_delivered(waits: Iterable["defer.Deferred[int]"]) -> "defer.Deferred[int]":
+    """Fires with the sum of ``waits`` (delivery counts, which never fail) once all have fired.
+
+    Cancelling the result fails it with `CancelledError` and nothing else: the
+    deliveries it waits for go on (a CON notification is still retransmitted and
+    its observer kept or dropped by its ACK), and none of them is left holding an
+    unhandled failure.
+    """
+    outcome: defer.Deferred[int] = defer.Deferred()
+
+    def settle(result: Any) -> None:
+        if not outcome.called:  # cancelled meanwhile: the late result goes nowhere
+            outcome.callback(result)
+
+    defer.gatherResults(list(waits), consumeErrors=True).addCallback(sum).addBoth(settle)
+    return outcome
 
 
 def listen_udp(server: CoapServer, host: str, port: int, reactor: Any = None) -> IListeningPort:

@@ -39,6 +39,7 @@ from comatrix.coap.errors import BadRequest, ServiceUnavailable, UnsupportedCont
 from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
+from comatrix.coap.server import total_delivered
 from comatrix.codec import cbor
 from comatrix.codec.cbor import CodecError
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLES
@@ -512,5 +513,5 @@ class SyncLoop:
                 waits.append(site.notify(self.resource, lambda r: r is request, confirmable=True))
         finally:
             self.pending = None
-        counts = await self._wait(defer.gatherResults(waits))
-        return int(sum(counts))
+        # Cancelled by stop(): CancelledError, while the CON itself is left to finish.
+        return await self._wait(total_delivered(waits))

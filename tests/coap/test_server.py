@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
+from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 
 from comatrix.coap import wire
 from comatrix.coap.blockwise import Block, etag_for
@@ -422,6 +425,32 @@ def test_periodic_con_notification_and_ack_keeps_observer() -> None:
     h.send_raw(wire.empty(ACK, con.mid))
     counter.notify_observers()
     assert h.replies()[0].mtype == NON and h.server.observer_count() == 1
+
+
+def test_cancelling_a_wait_for_a_notification_leaves_its_delivery_alone() -> None:
+    # An MSC3079 sync loop that stops mid-push cancels its wait: the CON notification still
+    # completes, and no delivery Deferred is left with an unhandled failure (logged CRITICAL).
+    h, resources = make(CoapSettings(con_notification_interval=0.0))
+    counter: Counter = resources["counter"]  # type: ignore[assignment]
+    register(h)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        waiting = h.server.notify(counter, confirmable=True)
+        [con] = h.replies()
+        waiting.cancel()
+        outcome: list[Any] = []
+        waiting.addBoth(outcome.append)
+        [again] = h.advance(3.0)
+        assert (again.mtype, again.mid) == (CON, con.mid)  # still retransmitted
+        h.send_raw(wire.empty(ACK, con.mid))
+        del waiting
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(outcome) == 1 and outcome[0].check(defer.CancelledError)
+    assert h.server.observer_count() == 1
+    assert [e for e in events if e.get("log_failure") is not None] == []
 
 
 def test_newer_notification_replaces_pending_con() -> None:
