@@ -132,8 +132,10 @@ class LongPoller:
         self.reactor = reactor
 
     @classmethod
-    def for_homeserver(cls, base_url: str, reactor: Any) -> "LongPoller":
+    def for_homeserver(cls, base_url: str, reactor: Any, connect_timeout: float | None = None) -> "LongPoller":
+        """``connect_timeout``: the gateway's, so a host that is down is "unreachable" here too."""
         return cls(MatrixTransport(base_url, reactor=reactor, timeout=TRANSPORT_BACKSTOP,
+                                   connect_timeout=connect_timeout,
                                    max_connections_per_host=LONG_POLL_CONNECTIONS_KEPT), reactor)
 
     def request(self, req: MatrixRequest, deadline: float) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
@@ -149,7 +151,9 @@ def long_poller(context: PluginContext) -> LongPoller:
     poller = context.state.get(STATE_KEY)
     if isinstance(poller, LongPoller):
         return poller
-    poller = LongPoller.for_homeserver(context.matrix.transport.base_url, context.reactor)
+    transport = context.matrix.transport
+    poller = LongPoller.for_homeserver(transport.base_url, context.reactor,
+                                       getattr(transport, "connect_timeout", None))
     context.state[STATE_KEY] = poller
     trigger = getattr(context.reactor, "addSystemEventTrigger", None)
     if trigger is not None:

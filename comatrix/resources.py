@@ -76,8 +76,8 @@ class MatrixResource(CoapResource):
         super().__init__()
         self.context = context
         self.matrix = context.matrix
-        # The original CoMatrix form: `matrix_path` reads and checks the Proxy-Uri.
-        self.accepts_proxy_uri = bool(self.proxy_codes)
+        if self.proxy_codes:  # the original CoMatrix form: `matrix_path` reads and checks the Proxy-Uri
+            self.accepts_proxy_uri = True
 
     def render(self, request: Request) -> "defer.Deferred[Response]":
         # Observe registrations are exempt: the CoAP layer re-renders them for

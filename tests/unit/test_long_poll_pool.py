@@ -17,6 +17,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet import task
 
+import support.world
 from comatrix.coap.numbers import Code, OptionNumber
 from comatrix.coap.server import CoapSettings, Site
 from comatrix.coap.testing import Harness
@@ -129,3 +130,13 @@ def test_an_msc3079_sync_observation_does_not_block_a_send_with_max_upstream_1()
     assert world.bodies()[-1] == "sent while observing"
     world.context.state["msc3079"].shutdown()
     assert world.context.state["msc3079"].loops == {}
+
+
+def test_long_polls_connect_within_the_gateways_connect_timeout() -> None:
+    # A homeserver host that is down must show as "unreachable" to the sync loops too, after
+    # the gateway's connect timeout -- not after the long-poll transport's hour-long backstop.
+    context = support.world.World().context()
+    context.matrix.transport.connect_timeout = 1.5
+    poller = long_poller(context)
+    assert poller.transport.connect_timeout == 1.5
+    assert poller.transport.timeout > 1.5

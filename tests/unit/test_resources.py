@@ -169,3 +169,17 @@ def test_malformed_tokens_are_401_and_not_forwarded(world: World, raw: bytes) ->
     response = render(resource, req(Code.GET, options={256: (raw,)}, query=(f"room={world.room}",)))
     assert response.code == Code.UNAUTHORIZED
     assert world.homeserver.requests == []
+
+
+def test_a_plugin_resource_may_take_proxy_uri_itself(world: World) -> None:
+    from comatrix.resources import MatrixResource
+
+    class Forwarding(MatrixResource):
+        accepts_proxy_uri = True  # reads the Proxy-Uri itself; no original-form path codes
+
+        def render_GET(self, request: Request) -> Response:
+            return Response(payload=(request.proxy_uri or "").encode())
+
+    proxied = req(Code.GET, options={int(OptionNumber.PROXY_URI): (b"coap://elsewhere/x",)})
+    assert render(Forwarding(world.context()), proxied).payload == b"coap://elsewhere/x"
+    assert render(rooms.getmsg.build(world.context()), proxied).code == Code.BAD_REQUEST  # its own check
