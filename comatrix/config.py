@@ -110,11 +110,12 @@ class Config:
     credentials_file: str | None = None
     devices: tuple[DeviceCredentials, ...] = ()
     log_level: str = "info"
-    #: Deadline for one homeserver call (connect + answer), seconds.  Below the
-    #: CoAP EXCHANGE_LIFETIME so a device always gets an answer.
+    #: Deadline for one homeserver call (connect + answer), seconds.  With the
+    #: upstream queue's wait it stays below the CoAP EXCHANGE_LIFETIME.
     request_timeout: float = 10.0
-    #: Seconds for the TCP connection to the homeserver (within ``request_timeout``).
+    #: Seconds for the TCP connection to the homeserver, below ``request_timeout``.
     #: A homeserver that does not take the connection in time is down: 5.02, not 5.04.
+    #: When not configured: 5 s, or half of a shorter ``request_timeout``.
     connect_timeout: float = 5.0
     max_connections: int = 8
     #: Seconds to let in-flight requests finish on SIGTERM before answering 5.03.
@@ -231,18 +232,44 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     if credentials_file:
         devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
     kwargs["devices"] = tuple(devices)
+    if "connect_timeout" not in kwargs:
+        kwargs["connect_timeout"] = min(Config.connect_timeout,
+                                        kwargs.get("request_timeout", Config.request_timeout) / 2)
     config = Config(**kwargs)
     _check_deadlines(config)
+    _check_device_ids(config.devices)
     return config
 
 
 def _check_deadlines(config: Config) -> None:
-    """A device must get its answer while its CoAP exchange is still alive."""
+    """Deadlines that make sense together.
+
+    One homeserver call, queued and then sent, ends while the device's CoAP exchange
+    is still alive (a request that needs several calls in a row can take longer);
+    and a connection attempt gives up before the call's deadline, or a host that is
+    down would look merely slow (5.04 instead of 5.02).
+    """
     longest = config.request_timeout + config.limits.queue_timeout
     lifetime = config.coap.exchange_lifetime
     if longest >= lifetime:
         raise ConfigError(f"request_timeout + [limits] queue_timeout ({longest:g} s) must stay below "
                           f"the CoAP EXCHANGE_LIFETIME of the [coap] settings ({lifetime:g} s)")
+    if config.connect_timeout >= config.request_timeout:
+        raise ConfigError(f"connect_timeout ({config.connect_timeout:g} s) must be below "
+                          f"request_timeout ({config.request_timeout:g} s)")
+
+
+def _check_device_ids(devices: Iterable[DeviceCredentials]) -> None:
+    """Two entries logging in as one Matrix device would share its txnId scope (and tokens)."""
+    seen: set[tuple[str, str]] = set()
+    for device in devices:
+        if device.user is None or device.access_token:
+            continue
+        key = (device.user, device.login_device_id)
+        if key in seen:
+            raise ConfigError(f"devices: two entries log in as {device.user} with device_id "
+                              f"{device.login_device_id}; give each its own device_id")
+        seen.add(key)
 
 
 def _coap_settings(table: Any) -> CoapSettings:

@@ -68,6 +68,9 @@ def test_cli_ip_beats_configured_interface(tmp_path: Path) -> None:
     ('[[devices]]\naddress = "not an address"\naccess_token = "t"', "address"),
     ('[[devices]]\naddress = "::1"', "access_token"),
     ("connect_timeout = 0", "connect_timeout"),
+    ("request_timeout = 4\nconnect_timeout = 4", "connect_timeout"),
+    ('[[devices]]\naddress = "fe80::/64"\nuser = "u"\npassword = "p"\ndevice_id = "D"\n'
+     '[[devices]]\naddress = "fd00::/64"\nuser = "u"\npassword = "p"\ndevice_id = "D"', "device_id D"),
     ("request_timeout = 200\n[limits]\nqueue_timeout = 60", "EXCHANGE_LIFETIME"),
     ("request_timeout = 195\n[coap]\nack_timeout = 0.5\nmax_retransmit = 0", "EXCHANGE_LIFETIME"),
     ('[[devices]]\naddress = "::1"\nuser = "u"\npassword = "p"\ndevice_id = "a/b"', "device_id"),
@@ -152,3 +155,9 @@ def test_a_gateway_without_state_dir_warns_that_its_state_is_volatile(tmp_path: 
     warned = [e for e in events if e.get("log_level") == LogLevel.warn
               and "No state_dir" in str(e.get("log_format"))]
     assert len(warned) == (0 if with_state_dir else 1)
+
+
+def test_connect_timeout_defaults_below_a_short_request_timeout() -> None:
+    assert build_config({}).connect_timeout == 5.0
+    assert build_config({"request_timeout": 4}).connect_timeout == 2.0
+    assert build_config({"request_timeout": 4, "connect_timeout": 1}).connect_timeout == 1.0
