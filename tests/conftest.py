@@ -131,9 +131,15 @@ def connectionless_homeserver() -> Iterator[str]:
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     filler = socket.create_connection(listener.getsockname(), timeout=5)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
     try:
+        # The premise, checked: a further connection attempt is not taken.
+        with pytest.raises(socket.timeout):
+            probe.connect(listener.getsockname())
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
+        probe.close()
         filler.close()
         listener.close()
 

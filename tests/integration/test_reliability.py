@@ -412,7 +412,7 @@ def test_synapse_outage_mid_run_then_recovery_without_restart(make_gateway, syna
                                       content_format=CBOR, options=auth)
                 assert (down.code, down.payload) == ("5.02", b"homeserver unreachable")
                 # Refused at once: well inside the connect timeout, far from the 5 s deadline.
-                assert time.monotonic() - started < 1.0
+                assert time.monotonic() - started < 2.5
             assert_local_resources_answer(client)
         # Synapse is back; the gateway was not restarted.  The devices retry what failed.
         assert gw.running
@@ -435,7 +435,8 @@ def test_hanging_upstream_504_at_deadline_with_queue_and_shedding(make_gateway, 
     deadline = 2.0
     gw = make_gateway(homeserver=hanging_homeserver, extra_args=["--request-timeout", str(deadline)],
                       config_text="[limits]\nmax_upstream = 2\nupstream_queue = 1\nqueue_timeout = 30\n")
-    results: dict[int, tuple[Reply, float]] = {}
+    #: device -> (reply, when it was sent, when it was answered), monotonic seconds.
+    results: dict[int, tuple[Reply, float, float]] = {}
 
     def device(n: int) -> None:
         client = RawCoapClient("127.0.0.1", gw.port, ack_timeout=0.5)
@@ -443,7 +444,7 @@ def test_hanging_upstream_504_at_deadline_with_queue_and_shedding(make_gateway, 
         try:
             reply = client.request("POST", "send", send_body("!r:test.local", f"m{n}", f"h-{n}"),
                                    content_format=CBOR, options=[(TOKEN, b"syt_hanging_test")], wait=20)
-            results[n] = (reply, time.monotonic() - started)
+            results[n] = (reply, started, time.monotonic())
         finally:
             client.close()
 
@@ -458,17 +459,18 @@ def test_hanging_upstream_504_at_deadline_with_queue_and_shedding(make_gateway, 
         local.close()
     for thread in threads:
         thread.join(30)
-    codes = sorted(reply.code for reply, _ in results.values())
+    codes = sorted(reply.code for reply, _, _ in results.values())
     assert codes == ["5.03", "5.04", "5.04", "5.04"], codes
-    shed = next(reply for reply, _ in results.values() if reply.code == "5.03")
+    shed = next(reply for reply, _, _ in results.values() if reply.code == "5.03")
     assert shed.payload == b"upstream busy" and shed.max_age is not None and shed.max_age >= 1
-    timed_out = sorted(elapsed for reply, elapsed in results.values() if reply.code == "5.04")
-    assert all(reply.payload == b"homeserver timeout" for reply, _ in results.values() if reply.code == "5.04")
-    assert timed_out[0] >= deadline - 0.1  # never before the deadline
-    # The two calls that went upstream end at the deadline; the queued one waited for a
-    # slot (one deadline) and then had its own.
-    assert timed_out[1] <= deadline + 1.0, timed_out
-    assert 2 * deadline - 0.1 <= timed_out[2] <= 2 * deadline + 1.0, timed_out
+    timed_out = sorted((answered, sent) for reply, sent, answered in results.values() if reply.code == "5.04")
+    assert all(reply.payload == b"homeserver timeout" for reply, _, _ in results.values() if reply.code == "5.04")
+    (first_end, first_sent), (second_end, second_sent), (queued_end, _queued_sent) = timed_out
+    # The two calls that went upstream end at their deadline, never before it; the queued
+    # one waited for the first slot to free and then had a deadline of its own.
+    for end, sent in ((first_end, first_sent), (second_end, second_sent)):
+        assert deadline - 0.1 <= end - sent <= deadline + 1.0, timed_out
+    assert first_end + deadline - 0.1 <= queued_end <= first_end + deadline + 1.0, timed_out
 
 
 def test_homeserver_taking_no_connection_is_502_within_the_connect_timeout(

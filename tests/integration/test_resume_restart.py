@@ -62,7 +62,9 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT) ->
 class Watcher:
     """``CompactDevice.watch`` in a thread, with a hook telling when the registration was answered."""
 
-    def __init__(self, device: CompactDevice, room: str, count: int) -> None:
+    def __init__(self, device: CompactDevice, room: str, count: int, *, quiet_for: float = WAIT) -> None:
+        """``quiet_for``: longest time without a notification before the watch gives up."""
+        self.quiet_for = quiet_for
         self.received: list[Message] = []
         self.errors: list[BaseException] = []
         self.registered = threading.Event()
@@ -87,13 +89,13 @@ class Watcher:
 
     def _run(self, device: CompactDevice, room: str, count: int) -> None:
         try:
-            for message in device.watch(room, count=count, timeout=WAIT):
+            for message in device.watch(room, count=count, timeout=self.quiet_for):
                 self.received.append(message)
         except BaseException as exc:  # reported by the main thread
             self.errors.append(exc)
 
     def join(self) -> list[Message]:
-        self.thread.join(WAIT * 2)
+        self.thread.join(self.quiet_for * 2)
         assert not self.thread.is_alive() and not self.errors, self.errors
         return self.received
 
@@ -141,13 +143,15 @@ def test_compact_watch_survives_a_synapse_outage_without_a_gateway_restart(
         synapse_user: Callable[..., MatrixUser]) -> None:
     gw, owner, room_id, device = compact_member(make_gateway, synapse, synapse_user)
 
-    watcher = Watcher(device, room_id, count=2)
+    # Stopping and starting Synapse, then the loop's back-off (1, ~2, ~4 s...), pass without a push.
+    watcher = Watcher(device, room_id, count=2, quiet_for=60.0)
     synapse.send_text(owner.access_token, room_id, "before the outage")
     wait_for(lambda: len(watcher.received) == 1 or bool(watcher.errors), "the first push")
     with synapse.stopped():
         # The session's /sync loop fails, backs off and keeps its position; the
         # observation stays registered.
-        wait_for(lambda: "retrying in" in gw.log_text(), "the sync loop to fail and back off")
+        wait_for(lambda: "Sync loop of compact session" in gw.log_text() and "retrying in" in gw.log_text(),
+                 "the sync loop to fail and back off")
     synapse.send_text(owner.access_token, room_id, "after the outage")
     received = watcher.join()
     assert [m.body for m in received] == ["before the outage", "after the outage"]
