@@ -8,10 +8,14 @@ gateway logs in with once and keeps.  No token and no matching entry -> 4.01.
 Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
 Matrix scopes send txnIds to the device, so a device retrying a send with the same
 txn id after a gateway restart still gets the original event, not a second one.
+All the devices an entry covers (a prefix) are that one Matrix device, so a txn id
+one of them chooses is made its own with `address_scoped_txn_id`: two sensors that
+both seed their counters from ``/time`` must not swallow each other's messages.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Sequence
 
 from twisted.internet import defer
@@ -52,6 +56,19 @@ def token_from_request(request: Request) -> str | None:
     if not all("!" <= char <= "~" for char in token):
         raise Unauthorized("malformed token")  # it would not survive an HTTP header
     return token
+
+
+def address_scoped_txn_id(request: Request, txn_id: str) -> str:
+    """The Matrix txnId for a device-chosen ``txn_id``.
+
+    A device with a token of its own has its own Matrix device: its txn id is used
+    as it is.  One that sends no token acts through a ``[[devices]]`` entry shared
+    with every address the entry covers: its txn id gets a tag of its source address.
+    """
+    if request.option(ACCESS_TOKEN_OPTION) is not None:
+        return txn_id
+    tag = hashlib.sha256(request.peer.host.encode("utf-8")).hexdigest()[:10]
+    return f"{tag}.{txn_id}"
 
 
 class Credentials:

@@ -43,6 +43,7 @@ from comatrix.coap.server import total_delivered
 from comatrix.codec import cbor
 from comatrix.codec.cbor import CodecError
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLES
+from comatrix.credentials import address_scoped_txn_id
 from comatrix.errors import matrix_error_response
 from comatrix.interfaces import PluginContext
 from comatrix.longpoll import Backoff, LongPoller, is_transient, long_poller, retry_delay
@@ -52,7 +53,8 @@ from comatrix.matrix.transport import MatrixTransport
 from comatrix.msc3079.peers import PeerState, PeerTable
 from comatrix.msc3079.resume import ResumePoints, registration_fingerprint
 from comatrix.msc3079.translate import (KNOWN_KEY_TABLE, Target, json_from_request, keys_for_client,
-                                        map_path, success_code, sync_is_empty, uses_integer_keys)
+                                        map_path, success_code, sync_is_empty, uses_integer_keys,
+                                        with_txn_id)
 from comatrix.resources import MatrixResource
 
 __all__ = ["Msc3079Settings", "Msc3079Service", "Msc3079Resource", "SyncResource", "LOW_BANDWIDTH"]
@@ -158,6 +160,8 @@ class Msc3079Service:
             return self.transport.request(req)
 
         if token is None and target.takes_token and credentials.device_for(request.peer.host) is not None:
+            # A [[devices]] entry: one Matrix device for all its addresses, so this one's txnIds get its tag.
+            target = with_txn_id(target, lambda txn_id: address_scoped_txn_id(request, txn_id))
             token = await credentials.token_for(request)
             try:
                 return await send(token)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import quote
 
 from comatrix.coap.errors import BadRequest, NotFound
@@ -30,7 +30,7 @@ from comatrix.codec.cbor import CodecError
 from comatrix.codec.msc3079 import (KEY_TABLE_V1_REVERSE, KEY_TABLES, PATH_CODES, UnknownPath,
                                     keys_to_names, names_to_keys, parse_matrix_path)
 
-__all__ = ["Target", "map_path", "json_from_request", "uses_integer_keys", "keys_for_client",
+__all__ = ["Target", "map_path", "with_txn_id", "json_from_request", "uses_integer_keys", "keys_for_client",
            "success_code", "KNOWN_KEY_TABLE", "CLIENT_API_VERSIONS", "MAX_JSON_INTEGER", "sync_is_empty"]
 
 #: The highest key-table version this gateway knows (tables only ever add keys).
@@ -67,6 +67,15 @@ class Target:
     @property
     def takes_token(self) -> bool:
         return self.segments[2:3] != ("versions",) and self.segments[3:4] not in {(name,) for name in _NO_AUTH}
+
+
+def with_txn_id(target: Target, scope: Callable[[str], str]) -> Target:
+    """``target`` with its ``{txnId}`` path parameter passed through ``scope`` (if it has one)."""
+    if target.endpoint is None or "{txnId}" not in target.endpoint:
+        return target
+    index = len(target.segments) - len(target.endpoint) + target.endpoint.index("{txnId}")
+    segments = target.segments[:index] + (scope(target.segments[index]),) + target.segments[index + 1:]
+    return dataclasses.replace(target, segments=segments)
 
 
 def _joined(segments: tuple[str, ...]) -> str:

@@ -18,6 +18,7 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.codec import cbor
+from comatrix.credentials import address_scoped_txn_id
 from comatrix.resources import MatrixResource, ResourcePlugin, cbor_response
 
 #: Matrix's event size limit is 64 KiB; a device message is far smaller, keep a sane cap.
@@ -78,6 +79,8 @@ class SendResource(MatrixResource):
             txn_id = "cm" + secrets.token_urlsafe(12)
         elif len(txn_id) > MAX_TXN_ID:
             raise BadRequest("txn_id too long")
+        else:
+            txn_id = address_scoped_txn_id(request, txn_id)
         content = message_content(body)
 
         async def send(token: str) -> str:

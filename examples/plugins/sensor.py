@@ -20,6 +20,7 @@ import secrets
 
 from comatrix.coap import Code, ContentFormat, LinkAttributes, Request, Response
 from comatrix.coap.errors import BadRequest
+from comatrix.credentials import address_scoped_txn_id
 from comatrix.resources import MatrixResource, ResourcePlugin
 
 MAX_READINGS = 16
@@ -49,8 +50,10 @@ class SensorResource(MatrixResource):
             readings[name] = value if isinstance(value, int) else repr(value)
         text = " ".join(f"{name}={value}" for name, value in readings.items())
         content = {"msgtype": "m.notice", "body": text, "org.comatrix.readings": readings}
-        # The txn id is scoped by Matrix to the access token, so the peer need not be part of it.
-        txn_id = f"sensor-{seq}" if seq is not None else "sensor-" + secrets.token_urlsafe(12)
+        # Matrix scopes a txn id to the Matrix device; devices sharing a [[devices]] entry are
+        # one Matrix device, so the gateway's helper tags their txn ids with their address.
+        txn_id = (address_scoped_txn_id(request, f"sensor-{seq}") if seq is not None
+                  else "sensor-" + secrets.token_urlsafe(12))
 
         async def post(token: str) -> str:
             room_id = await self.matrix.resolve_room(token, room)

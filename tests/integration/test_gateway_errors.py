@@ -178,8 +178,13 @@ def test_configured_device_retry_across_a_restart_is_not_duplicated(make_gateway
     retried = libcoap("post", gw.uri("send"), content_format=CBOR, payload=body)
     assert retried.code == "2.04"
     assert cbor2.loads(retried.payload)["event_id"] == cbor2.loads(first.payload)["event_id"]
+    # Another sensor behind the same entry, with the same counter value: its own message.
+    other = libcoap("post", gw.uri("send"), content_format=CBOR, extra_args=["-a", "127.0.0.2"],
+                    payload=send_body(room_id, "other sensor 17", txn_id="dev-17"))
+    assert other.code == "2.04"
+    assert cbor2.loads(other.payload)["event_id"] != cbor2.loads(first.payload)["event_id"]
     bodies = [event["content"]["body"] for event in synapse.text_messages(device.access_token, room_id)]
-    assert bodies == ["reading 17"]
+    assert bodies == ["other sensor 17", "reading 17"]  # newest first, each once
     devices = synapse.request("GET", "/_matrix/client/v3/devices", token=device.access_token)["devices"]
     gateway_devices = [d for d in devices if d["device_id"].startswith("COMATRIX")]
     assert len(gateway_devices) == 1, devices  # one device for the entry, not one per restart

@@ -339,3 +339,20 @@ def test_sync_loops_are_bounded() -> None:
     assert len(s.service.loops) == 1 and s.h.server.observer_count() == 1
     s.service.shutdown()
     assert s.service.loops == {}
+
+
+def test_devices_sharing_a_configured_entry_get_txn_ids_of_their_own() -> None:
+    s = Setup(devices=[{"address": "2001:db8::/64", "user": "@d:hs", "password": "pw"}])
+    s.hs.answers[("POST", "/_matrix/client/v3/login")] = (
+        200, {"access_token": "syt_shared", "user_id": "@d:hs", "device_id": "COMATRIXD"}, {})
+    sent = []
+    for host in ("2001:db8::1", "2001:db8::2", "2001:db8::1"):
+        reply = s.send(Code.PUT, ("9", "!room", "m.room.message", "17"), {28: "m.text", 27: "hi"},
+                       peer=(host, 5683))
+        assert reply.code == Code.CHANGED
+        method, path, _query, _body, auth = s.hs.requests[-1]
+        assert (method, auth) == ("PUT", "Bearer syt_shared")
+        sent.append(path.rsplit("/", 1)[1])
+    # One Matrix device for the whole entry: each address's "17" is its own txn id, and the
+    # same address retrying keeps its own (Matrix then returns the first event).
+    assert sent[0] != sent[1] and sent[0] == sent[2] and all(txn.endswith(".17") for txn in sent)

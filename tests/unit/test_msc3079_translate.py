@@ -140,3 +140,20 @@ def test_sync_is_empty() -> None:
     assert not sync_is_empty({"next_batch": "s2", "rooms": {"join": {"!r": {}}}})
     assert not sync_is_empty({"next_batch": "s2", "to_device": {"events": [{}]}})
     assert not sync_is_empty({"next_batch": "s2", "device_lists": {"changed": ["@u:x"]}})
+
+
+def test_with_txn_id_rewrites_only_the_txn_id_parameter() -> None:
+    from comatrix.msc3079.translate import with_txn_id
+
+    def scope(txn: str) -> str:
+        return "tag." + txn
+
+    send = map_path(("9", "!r", "m.room.message", "t1"))
+    assert with_txn_id(send, scope).segments[-1] == "tag.t1"
+    assert with_txn_id(send, scope).segments[:-1] == send.segments[:-1]
+    full = map_path(("_matrix", "client", "v3", "rooms", "!r", "redact", "$e", "t2"))
+    assert with_txn_id(full, scope).segments[-2:] == ("$e", "tag.t2")
+    to_device = map_path(("c", "m.x", "t3"))
+    assert with_txn_id(to_device, scope).segments[-1] == "tag.t3"
+    no_txn = map_path(("K", "!r"))
+    assert with_txn_id(no_txn, scope) == no_txn

@@ -101,6 +101,29 @@ def test_configured_device_credentials_log_in_once(world: World) -> None:
     assert len(world.homeserver.calls("login")) == 1
 
 
+def test_devices_sharing_a_configured_entry_do_not_swallow_each_others_sends(world: World) -> None:
+    # Both sensors seed their counters from /time: the same txn_id from two addresses is two
+    # messages; the same one again from one address is a retry (one event).
+    devices = [{"address": "2001:db8::/64", "user": world.user_id, "password": "pw"}]
+    resource = rooms.send.build(world.context(devices))
+    event_ids = []
+    for host, text in (("2001:db8::1", "from one"), ("2001:db8::2", "from two"), ("2001:db8::1", "from one")):
+        body = {"room_id": world.room, "txn_id": "1700000001", "body": text}
+        response = render(resource, req(Code.POST, body, host=host))
+        assert response.code == Code.CHANGED
+        event_ids.append(cbor2.loads(response.payload)["event_id"])
+    assert event_ids[0] != event_ids[1] and event_ids[0] == event_ids[2]
+    bodies = [event["content"]["body"] for event in world.homeserver.rooms[world.room]
+              if event["type"] == "m.room.message"]
+    assert bodies == ["from one", "from two"]
+
+
+def test_a_device_with_its_own_token_keeps_its_txn_id_as_it_is(world: World) -> None:
+    resource = rooms.send.build(world.context())
+    render(resource, req(Code.POST, {"room_id": world.room, "txn_id": "t-own", "body": "x"}, options=world.auth))
+    assert any(key[-1] == "t-own" for key in world.homeserver.txns)
+
+
 def test_proxy_uri_for_another_operation_is_refused(world: World) -> None:
     resource = rooms.join.build(world.context())
     options = {**world.auth, OptionNumber.PROXY_URI: (b"/9/!r/t/1",)}
