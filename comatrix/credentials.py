@@ -8,6 +8,8 @@ gateway logs in with once and keeps.  No token and no matching entry -> 4.01.
 Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
 Matrix scopes send txnIds to the device, so a device retrying a send with the same
 txn id after a gateway restart still gets the original event, not a second one.
+With a store, the token of that login outlives the process: a restart reuses it,
+and only a token the homeserver refuses leads to a new login.
 All the devices an entry covers (a prefix) are that one Matrix device, so a txn id
 one of them chooses is made its own with `address_scoped_txn_id`: two sensors that
 both seed their counters from ``/time`` must not swallow each other's messages.
@@ -16,6 +18,7 @@ both seed their counters from ``/time`` must not swallow each other's messages.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import TYPE_CHECKING, Sequence
 
 from twisted.internet import defer
@@ -30,6 +33,7 @@ from comatrix.config import DeviceCredentials
 
 if TYPE_CHECKING:
     from comatrix.matrix.client import MatrixClient
+    from comatrix.store import Store
 
 log = get_logger(__name__)
 
@@ -74,11 +78,15 @@ def address_scoped_txn_id(request: Request, txn_id: str) -> str:
 class Credentials:
     """Resolves the access token for a request; logs configured devices in on demand."""
 
-    def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient") -> None:
+    def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient",
+                 store: "Store | None" = None) -> None:
         # Longest prefix first, so a single address beats the prefix it belongs to.
         self._devices = sorted(devices, key=lambda device: device.network.prefixlen, reverse=True)
         self._matrix = matrix
+        self._store = store
         self._tokens: dict[int, str] = {}
+        #: Per entry: the token the homeserver last refused (a kept copy of it is not reused).
+        self._refused: dict[int, str] = {}
         self._waiters: dict[int, list[defer.Deferred[str]]] = {}
 
     def device_for(self, host: str) -> DeviceCredentials | None:
@@ -106,6 +114,11 @@ class Credentials:
         key = id(device)
         if self._tokens.get(key) == token:
             del self._tokens[key]
+            self._refused[key] = token
+            if self._store is not None and device.user is not None:
+                forgotten = defer.ensureDeferred(
+                    self._store.forget_device_token(device.user, device.login_device_id, token))
+                forgotten.addErrback(lambda failure: log.failure("Could not drop a refused device token", failure))
             return True
         return False
 
@@ -131,9 +144,17 @@ class Credentials:
 
     async def _do_login(self, device: DeviceCredentials) -> str:
         assert device.user is not None and device.password is not None
+        key, device_id = id(device), device.login_device_id
+        if self._store is not None:
+            kept = await self._store.device_token(device.user, device_id)
+            if kept is not None and kept != self._refused.get(key):
+                self._tokens[key] = kept
+                return kept
         log.info("Logging in configured device credentials for {user}", user=device.user)
-        session = await self._matrix.login(device.user, device.password, device_id=device.login_device_id,
+        session = await self._matrix.login(device.user, device.password, device_id=device_id,
                                            initial_device_display_name="CoMatrix gateway")
-        self._tokens[id(device)] = session.access_token
+        self._tokens[key] = session.access_token
+        if self._store is not None:
+            await self._store.save_device_token(device.user, device_id, session.access_token, time.time())
         return session.access_token
 

@@ -27,6 +27,11 @@ Per MSC3079 ``/sync`` observation (`comatrix.msc3079.resume`): the resume
 point, i.e. the ``next_batch`` of the last batch the client acknowledged, keyed
 by SHA-256 of the access token (never the token) and the CoAP token of the
 registration; at most `SYNC_POSITIONS_KEPT`, the least recently advanced go first.
+
+Per ``[[devices]]`` entry the gateway logs in for (`comatrix.credentials`): the
+access token of that login, keyed by user and Matrix device id, so a restart
+reuses it instead of logging in again (a homeserver may keep every token of a
+re-used device id valid, and each login counts against its login rate limit).
 """
 
 from __future__ import annotations
@@ -87,6 +92,12 @@ _SCHEMA = (
         position TEXT NOT NULL,
         updated REAL NOT NULL,
         PRIMARY KEY (token_hash, observer))""",
+    """CREATE TABLE IF NOT EXISTS device_tokens (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        access_token TEXT NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (user_id, device_id))""",
 )
 
 
@@ -325,6 +336,26 @@ class Store:
         else:
             await self._pool.runOperation("DELETE FROM sync_positions WHERE token_hash = ? AND observer = ?",
                                           (sqlite3.Binary(token_hash), sqlite3.Binary(observer)))
+
+
+    # ------------------------------------------------------------------ configured devices
+
+    async def device_token(self, user_id: str, device_id: str) -> str | None:
+        """The token kept for the gateway's login as ``device_id`` of ``user_id``, if any."""
+        rows = await self._pool.runQuery(
+            "SELECT access_token FROM device_tokens WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+        return str(rows[0][0]) if rows else None
+
+    async def save_device_token(self, user_id: str, device_id: str, access_token: str, now: float) -> None:
+        await self._pool.runOperation(
+            "INSERT OR REPLACE INTO device_tokens (user_id, device_id, access_token, updated) VALUES (?, ?, ?, ?)",
+            (user_id, device_id, access_token, now))
+
+    async def forget_device_token(self, user_id: str, device_id: str, access_token: str) -> None:
+        """Drop the kept token, if it is still ``access_token`` (a newer one stays)."""
+        await self._pool.runOperation(
+            "DELETE FROM device_tokens WHERE user_id = ? AND device_id = ? AND access_token = ?",
+            (user_id, device_id, access_token))
 
 
 def _cache_get(cache: "collections.OrderedDict[Any, Any]", key: Any) -> Any:

@@ -179,8 +179,9 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "
                  "and are lost when the gateway stops")
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
-    context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix),
-                            state={}, reactor=reactor, store=Store.for_state_dir(config.state_dir, reactor))
+    store = Store.for_state_dir(config.state_dir, reactor)
+    context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix, store),
+                            state={}, reactor=reactor, store=store)
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
     server = CoapServer(site, config.coap_settings(), reactor=reactor,

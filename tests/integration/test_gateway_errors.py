@@ -189,6 +189,11 @@ def test_configured_device_retry_across_a_restart_is_not_duplicated(make_gateway
     gateway_devices = [d for d in devices if d["device_id"].startswith("COMATRIX")]
     assert len(gateway_devices) == 1, devices  # one device for the entry, not one per restart
     assert gateway_devices[0]["display_name"] == "CoMatrix gateway"
+    # The restarted gateway reused the token it kept in its store: one login in all.
+    log_text = gw.log_text()
+    assert log_text.count(" listening on ") == 2  # the log holds both runs
+    assert log_text.count("Logging in configured device credentials") == 1
+    assert gw.remember_stored_tokens() == 1
 
 
 def test_dropin_plugin_is_served(make_gateway, synapse: SynapseServer, synapse_user, tmp_path: Path) -> None:

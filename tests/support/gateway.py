@@ -247,18 +247,21 @@ class GatewayProcess:
         """Register the Matrix tokens the gateway keeps in its store as secrets; how many.
 
         A compact login hands the device a short handle while the gateway keeps the
-        session's access token: the test never sees that token, so without this the
-        sweep could not find it in a log.
+        session's access token, and a ``[[devices]]`` login's token never leaves the
+        gateway: the test sees neither, so without this the sweep could not find them
+        in a log.  (Tokens already dropped -- a compact logout -- are not seen here.)
         """
         database = self.state_dir / DB_FILENAME
         if not database.exists():
             return 0
+        tokens: list[str] = []
         with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
             # The schema is created with the store's first connection: a gateway that never
             # needed its store has an empty file.
-            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'compact_sessions'").fetchone():
-                return 0
-            tokens = [row[0] for row in db.execute("SELECT access_token FROM compact_sessions")]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table in ("compact_sessions", "device_tokens"):
+                if table in tables:
+                    tokens += [row[0] for row in db.execute(f"SELECT access_token FROM {table}")]
         return sum(1 for token in tokens if remember_if_plausible(token))
 
     # -- logs --------------------------------------------------------------------

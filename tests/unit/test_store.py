@@ -172,3 +172,21 @@ async def test_no_statement_runs_on_the_reactor_thread(tmp_path: Path, monkeypat
         store.close()
     assert threads, "no statement was traced"
     assert threading.get_ident() not in threads  # the reactor (this test's) thread ran none
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_tokens_are_kept_replaced_and_forgotten_only_when_still_current(tmp_path: Path) -> None:
+    store = Store.for_state_dir(str(tmp_path))
+    try:
+        assert await store.device_token("@s:hs", "COMATRIX1") is None
+        await store.save_device_token("@s:hs", "COMATRIX1", "syt_first_token", 1.0)
+        await store.save_device_token("@s:hs", "COMATRIX2", "syt_other_device", 1.0)
+        assert await store.device_token("@s:hs", "COMATRIX1") == "syt_first_token"
+        await store.save_device_token("@s:hs", "COMATRIX1", "syt_second_token", 2.0)
+        await store.forget_device_token("@s:hs", "COMATRIX1", "syt_first_token")  # stale: nothing happens
+        assert await store.device_token("@s:hs", "COMATRIX1") == "syt_second_token"
+        await store.forget_device_token("@s:hs", "COMATRIX1", "syt_second_token")
+        assert await store.device_token("@s:hs", "COMATRIX1") is None
+        assert await store.device_token("@s:hs", "COMATRIX2") == "syt_other_device"
+    finally:
+        store.close()

@@ -1,0 +1,70 @@
+"""`comatrix.credentials.Credentials` with a store: a configured device's login outlives a restart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from comatrix.coap.message import Peer, Request
+from comatrix.coap.numbers import Code
+from comatrix.credentials import Credentials
+from comatrix.matrix.testing import run
+from support.world import World
+
+HOST = "2001:db8::5"
+
+
+class KeptTokens:
+    """The three `comatrix.store.Store` methods `Credentials` uses, in a dict."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[tuple[str, str], str] = {}
+
+    async def device_token(self, user_id: str, device_id: str) -> str | None:
+        return self.tokens.get((user_id, device_id))
+
+    async def save_device_token(self, user_id: str, device_id: str, access_token: str, now: float) -> None:
+        self.tokens[(user_id, device_id)] = access_token
+
+    async def forget_device_token(self, user_id: str, device_id: str, access_token: str) -> None:
+        if self.tokens.get((user_id, device_id)) == access_token:
+            del self.tokens[(user_id, device_id)]
+
+
+def credentials(world: World, store: Any) -> Credentials:
+    context = world.context([{"address": "2001:db8::/64", "user": world.user_id, "password": "pw"}])
+    return Credentials(context.config.devices, context.matrix, store)
+
+
+def request() -> Request:
+    return Request(method=Code.POST, path=("send",), peer=Peer(HOST, 5683))
+
+
+def test_the_token_of_a_login_is_kept_and_reused_by_the_next_process() -> None:
+    world, store = World(), KeptTokens()
+    first = run(credentials(world, store).token_for(request()))
+    assert len(world.homeserver.calls("login")) == 1
+    assert list(store.tokens.values()) == [first]
+    # The gateway restarts: a new Credentials over the same store logs in no more.
+    assert run(credentials(world, store).token_for(request())) == first
+    assert len(world.homeserver.calls("login")) == 1
+
+
+def test_a_refused_token_is_dropped_and_replaced_by_a_new_login() -> None:
+    world, store = World(), KeptTokens()
+    creds = credentials(world, store)
+    old = run(creds.token_for(request()))
+    assert creds.forget(request(), old)  # the homeserver said 401
+    assert store.tokens == {}
+    new = run(creds.token_for(request()))
+    assert new != old and list(store.tokens.values()) == [new]
+    assert len(world.homeserver.calls("login")) == 2
+
+
+def test_a_kept_copy_of_the_refused_token_is_not_reused() -> None:
+    world, store = World(), KeptTokens()
+    creds = credentials(world, store)
+    old = run(creds.token_for(request()))
+    kept = dict(store.tokens)
+    assert creds.forget(request(), old)
+    store.tokens.update(kept)  # as if dropping it had not reached the database yet
+    assert run(creds.token_for(request())) != old
