@@ -112,15 +112,17 @@ class Credentials:
         if device is None or device.access_token or token_from_request(request) is not None:
             return False
         key = id(device)
-        if self._tokens.get(key) == token:
-            del self._tokens[key]
-            self._refused[key] = token
-            if self._store is not None and device.user is not None:
-                forgotten = defer.ensureDeferred(
-                    self._store.forget_device_token(device.user, device.login_device_id, token))
-                forgotten.addErrback(lambda failure: log.failure("Could not drop a refused device token", failure))
-            return True
-        return False
+        if self._tokens.get(key) != token:
+            # Another request that held the same token was refused first and has dropped it
+            # already: a retry (with the new login) is worth it for this one too.
+            return self._refused.get(key) == token
+        del self._tokens[key]
+        self._refused[key] = token
+        if self._store is not None and device.user is not None:
+            forgotten = defer.ensureDeferred(
+                self._store.forget_device_token(device.user, device.login_device_id, token))
+            forgotten.addErrback(lambda failure: log.failure("Could not drop a refused device token", failure))
+        return True
 
     async def _login(self, device: DeviceCredentials) -> str:
         key = id(device)
@@ -145,8 +147,14 @@ class Credentials:
     async def _do_login(self, device: DeviceCredentials) -> str:
         assert device.user is not None and device.password is not None
         key, device_id = id(device), device.login_device_id
+        # The store only spares logins: when it fails, the gateway logs in (and keeps the
+        # token in memory) as it would without one.
         if self._store is not None:
-            kept = await self._store.device_token(device.user, device_id)
+            try:
+                kept = await self._store.device_token(device.user, device_id)
+            except Exception:
+                log.failure("Could not read the kept token of a configured device; logging in")
+                kept = None
             if kept is not None and kept != self._refused.get(key):
                 self._tokens[key] = kept
                 return kept
@@ -155,6 +163,9 @@ class Credentials:
                                            initial_device_display_name="CoMatrix gateway")
         self._tokens[key] = session.access_token
         if self._store is not None:
-            await self._store.save_device_token(device.user, device_id, session.access_token, time.time())
+            try:
+                await self._store.save_device_token(device.user, device_id, session.access_token, time.time())
+            except Exception:
+                log.failure("Could not keep the token of a configured device; it lives in memory only")
         return session.access_token
 

@@ -68,3 +68,37 @@ def test_a_kept_copy_of_the_refused_token_is_not_reused() -> None:
     assert creds.forget(request(), old)
     store.tokens.update(kept)  # as if dropping it had not reached the database yet
     assert run(creds.token_for(request())) != old
+
+
+def test_a_second_request_refused_with_the_same_token_retries_too() -> None:
+    # After a restart two requests both used the kept token; it was revoked meanwhile.
+    world, store = World(), KeptTokens()
+    creds = credentials(world, store)
+    old = run(creds.token_for(request()))
+    assert creds.forget(request(), old)       # the first refusal drops it...
+    assert creds.forget(request(), old)       # ...and the second is worth a retry as well
+    assert not creds.forget(request(), "syt_never_ours_0000")
+
+
+class BrokenStore(KeptTokens):
+    async def device_token(self, user_id: str, device_id: str) -> str | None:
+        raise OSError("disk I/O error")
+
+    async def save_device_token(self, user_id: str, device_id: str, access_token: str, now: float) -> None:
+        raise OSError("database or disk is full")
+
+
+def test_a_failing_store_costs_a_login_not_the_request() -> None:
+    from twisted.logger import globalLogPublisher
+
+    world = World()
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        creds = credentials(world, BrokenStore())
+        token = run(creds.token_for(request()))
+        assert run(creds.token_for(request())) == token  # then from memory
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(world.homeserver.calls("login")) == 1
+    assert len([e for e in events if "log_failure" in e]) == 2  # read and save, each logged once
