@@ -89,6 +89,16 @@ class Credentials:
         self._refused: dict[int, str] = {}
         self._waiters: dict[int, list[defer.Deferred[str]]] = {}
 
+    async def drop_unconfigured_tokens(self) -> None:
+        """Forget kept tokens of logins no entry asks for any more (removed, or now a fixed token)."""
+        if self._store is None:
+            return
+        logins = [(device.user, device.login_device_id) for device in self._devices
+                  if device.user is not None and not device.access_token]
+        dropped = await self._store.keep_device_tokens_of(logins)
+        if dropped:
+            log.info("Dropped {count} kept token(s) of device entries no longer configured", count=dropped)
+
     def device_for(self, host: str) -> DeviceCredentials | None:
         for device in self._devices:
             if device.matches(host):

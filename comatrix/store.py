@@ -351,6 +351,17 @@ class Store:
             "INSERT OR REPLACE INTO device_tokens (user_id, device_id, access_token, updated) VALUES (?, ?, ?, ?)",
             (user_id, device_id, access_token, now))
 
+    async def keep_device_tokens_of(self, logins: Iterable[tuple[str, str]]) -> int:
+        """Drop the kept tokens of every (user, device id) not in ``logins``; how many went."""
+        wanted = set(logins)
+
+        def prune(txn: Any) -> int:
+            txn.execute("SELECT user_id, device_id FROM device_tokens")
+            stale = [tuple(row) for row in txn.fetchall() if tuple(row) not in wanted]
+            txn.executemany("DELETE FROM device_tokens WHERE user_id = ? AND device_id = ?", stale)
+            return len(stale)
+        return int(await self._pool.runInteraction(prune))
+
     async def forget_device_token(self, user_id: str, device_id: str, access_token: str) -> None:
         """Drop the kept token, if it is still ``access_token`` (a newer one stays)."""
         await self._pool.runOperation(

@@ -180,7 +180,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                  "and are lost when the gateway stops")
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
     store = Store.for_state_dir(config.state_dir, reactor)
-    context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix, store),
+    credentials = Credentials(config.devices, matrix, store)
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(credentials.drop_unconfigured_tokens()).addErrback(
+        lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure)))
+    context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store)
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))

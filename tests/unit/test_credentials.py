@@ -102,3 +102,21 @@ def test_a_failing_store_costs_a_login_not_the_request() -> None:
         globalLogPublisher.removeObserver(events.append)
     assert len(world.homeserver.calls("login")) == 1
     assert len([e for e in events if "log_failure" in e]) == 2  # read and save, each logged once
+
+
+class PruningStore(KeptTokens):
+    async def keep_device_tokens_of(self, logins: Any) -> int:
+        wanted = set(logins)
+        stale = [key for key in self.tokens if key not in wanted]
+        for key in stale:
+            del self.tokens[key]
+        return len(stale)
+
+
+def test_kept_tokens_of_removed_entries_are_dropped_at_start() -> None:
+    world, store = World(), PruningStore()
+    creds = credentials(world, store)
+    current = run(creds.token_for(request()))
+    store.tokens[("@s:hs", "REMOVED-ENTRY")] = "syt_left_over_0000"
+    run(creds.drop_unconfigured_tokens())
+    assert list(store.tokens.values()) == [current]

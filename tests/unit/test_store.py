@@ -190,3 +190,16 @@ async def test_device_tokens_are_kept_replaced_and_forgotten_only_when_still_cur
         assert await store.device_token("@s:hs", "COMATRIX2") == "syt_other_device"
     finally:
         store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_of_logins_no_longer_configured_are_dropped(tmp_path: Path) -> None:
+    store = Store.for_state_dir(str(tmp_path))
+    try:
+        await store.save_device_token("@s:hs", "KEPT", "syt_still_configured", 1.0)
+        await store.save_device_token("@s:hs", "GONE", "syt_entry_removed", 1.0)
+        assert await store.keep_device_tokens_of([("@s:hs", "KEPT"), ("@t:hs", "NEVER")]) == 1
+        assert await store.device_token("@s:hs", "KEPT") == "syt_still_configured"
+        assert await store.device_token("@s:hs", "GONE") is None
+    finally:
+        store.close()
