@@ -337,7 +337,6 @@ class Store:
             await self._pool.runOperation("DELETE FROM sync_positions WHERE token_hash = ? AND observer = ?",
                                           (sqlite3.Binary(token_hash), sqlite3.Binary(observer)))
 
-
     # ------------------------------------------------------------------ configured devices
 
     async def device_token(self, user_id: str, device_id: str) -> str | None:

@@ -107,11 +107,12 @@ class GatewayService(service.Service):
     """Owns the listening port, the CoAP server and the Matrix client; stops them gracefully."""
 
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
-                 matrix: MatrixClient) -> None:
+                 matrix: MatrixClient, credentials: Credentials) -> None:
         self.config = config
         self.server = server
         self.port = port
         self.matrix = matrix
+        self.credentials = credentials
 
     def startService(self) -> None:
         super().startService()
@@ -119,6 +120,8 @@ class GatewayService(service.Service):
         log.info("CoMatrix {version} listening on {host} port {port}, homeserver {homeserver}",
                  version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                  homeserver=self.config.homeserver)
+        defer.ensureDeferred(self.credentials.drop_unconfigured_tokens()).addErrback(
+            lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure))
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -181,8 +184,6 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
     store = Store.for_state_dir(config.state_dir, reactor)
     credentials = Credentials(config.devices, matrix, store)
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(credentials.drop_unconfigured_tokens()).addErrback(
-        lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure)))
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store)
     site = build_site(plugins, context, error_response)
@@ -196,4 +197,4 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     except CannotListenError as exc:
         reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
         raise SystemExit(f"comatrix: cannot listen on [{address}]:{config.port}: {reason}") from None
-    return GatewayService(config, server, port, matrix)
+    return GatewayService(config, server, port, matrix, credentials)
