@@ -23,6 +23,7 @@ from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.codec import cbor
 from comatrix.codec.msc3079 import MatrixPath, UnknownPath, keys_to_names, parse_matrix_path
+from comatrix.credentials import address_scoped_txn_id
 from comatrix.interfaces import IResourcePlugin, PluginContext
 from comatrix.matrix.errors import MatrixError
 
@@ -141,6 +142,11 @@ class MatrixResource(CoapResource):
         return room
 
     # -- acting on Matrix ---------------------------------------------------------------
+
+    @staticmethod
+    def device_txn_id(request: Request, txn_id: str) -> str:
+        """The Matrix txnId for an idempotency key the device chose (`address_scoped_txn_id`)."""
+        return address_scoped_txn_id(request, txn_id)
 
     async def with_token(self, request: Request, call: Callable[[str], Awaitable[T]]) -> T:
         """Run ``call(token)``; a gateway-held token the homeserver refused is renewed once."""

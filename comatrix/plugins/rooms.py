@@ -18,7 +18,6 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.codec import cbor
-from comatrix.credentials import address_scoped_txn_id
 from comatrix.resources import MatrixResource, ResourcePlugin, cbor_response
 
 #: Matrix's event size limit is 64 KiB; a device message is far smaller, keep a sane cap.
@@ -80,7 +79,7 @@ class SendResource(MatrixResource):
         elif len(txn_id) > MAX_TXN_ID:
             raise BadRequest("txn_id too long")
         else:
-            txn_id = address_scoped_txn_id(request, txn_id)
+            txn_id = self.device_txn_id(request, txn_id)
         content = message_content(body)
 
         async def send(token: str) -> str:

@@ -20,7 +20,6 @@ import secrets
 
 from comatrix.coap import Code, ContentFormat, LinkAttributes, Request, Response
 from comatrix.coap.errors import BadRequest
-from comatrix.credentials import address_scoped_txn_id
 from comatrix.resources import MatrixResource, ResourcePlugin
 
 MAX_READINGS = 16
@@ -50,9 +49,9 @@ class SensorResource(MatrixResource):
             readings[name] = value if isinstance(value, int) else repr(value)
         text = " ".join(f"{name}={value}" for name, value in readings.items())
         content = {"msgtype": "m.notice", "body": text, "org.comatrix.readings": readings}
-        # Matrix scopes a txn id to the Matrix device; devices sharing a [[devices]] entry are
-        # one Matrix device, so the gateway's helper tags their txn ids with their address.
-        txn_id = (address_scoped_txn_id(request, f"sensor-{seq}") if seq is not None
+        # A device-chosen key goes through device_txn_id: devices sharing a [[devices]] entry are
+        # one Matrix device, whose txn ids it tags with the device's address.
+        txn_id = (self.device_txn_id(request, f"sensor-{seq}") if seq is not None
                   else "sensor-" + secrets.token_urlsafe(12))
 
         async def post(token: str) -> str:
