@@ -6,7 +6,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
@@ -174,32 +174,33 @@ async def test_no_statement_runs_on_the_reactor_thread(tmp_path: Path, monkeypat
     assert threading.get_ident() not in threads  # the reactor (this test's) thread ran none
 
 
-@pytest_twisted.ensureDeferred
-async def test_device_tokens_are_kept_replaced_and_forgotten_only_when_still_current(tmp_path: Path) -> None:
-    store = Store.for_state_dir(str(tmp_path))
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store.for_state_dir(str(tmp_path))
     try:
-        assert await store.device_token("@s:hs", "COMATRIX1") is None
-        await store.save_device_token("@s:hs", "COMATRIX1", "syt_first_token", 1.0)
-        await store.save_device_token("@s:hs", "COMATRIX2", "syt_other_device", 1.0)
-        assert await store.device_token("@s:hs", "COMATRIX1") == "syt_first_token"
-        await store.save_device_token("@s:hs", "COMATRIX1", "syt_second_token", 2.0)
-        await store.forget_device_token("@s:hs", "COMATRIX1", "syt_first_token")  # stale: nothing happens
-        assert await store.device_token("@s:hs", "COMATRIX1") == "syt_second_token"
-        await store.forget_device_token("@s:hs", "COMATRIX1", "syt_second_token")
-        assert await store.device_token("@s:hs", "COMATRIX1") is None
-        assert await store.device_token("@s:hs", "COMATRIX2") == "syt_other_device"
+        yield opened
     finally:
-        store.close()
+        opened.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_tokens_of_logins_no_longer_configured_are_dropped(tmp_path: Path) -> None:
-    store = Store.for_state_dir(str(tmp_path))
-    try:
-        await store.save_device_token("@s:hs", "KEPT", "syt_still_configured", 1.0)
-        await store.save_device_token("@s:hs", "GONE", "syt_entry_removed", 1.0)
-        assert await store.keep_device_tokens_of([("@s:hs", "KEPT"), ("@t:hs", "NEVER")]) == 1
-        assert await store.device_token("@s:hs", "KEPT") == "syt_still_configured"
-        assert await store.device_token("@s:hs", "GONE") is None
-    finally:
-        store.close()
+async def test_device_tokens_are_kept_replaced_and_forgotten_only_when_still_current(store: Store) -> None:
+    assert await store.device_token("@s:hs", "COMATRIX1") is None
+    await store.save_device_token("@s:hs", "COMATRIX1", "syt_first_token", 1.0)
+    await store.save_device_token("@s:hs", "COMATRIX2", "syt_other_device", 1.0)
+    assert await store.device_token("@s:hs", "COMATRIX1") == "syt_first_token"
+    await store.save_device_token("@s:hs", "COMATRIX1", "syt_second_token", 2.0)
+    await store.forget_device_token("@s:hs", "COMATRIX1", "syt_first_token")  # stale: nothing happens
+    assert await store.device_token("@s:hs", "COMATRIX1") == "syt_second_token"
+    await store.forget_device_token("@s:hs", "COMATRIX1", "syt_second_token")
+    assert await store.device_token("@s:hs", "COMATRIX1") is None
+    assert await store.device_token("@s:hs", "COMATRIX2") == "syt_other_device"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_of_logins_no_longer_configured_are_dropped(store: Store) -> None:
+    await store.save_device_token("@s:hs", "KEPT", "syt_still_configured", 1.0)
+    await store.save_device_token("@s:hs", "GONE", "syt_entry_removed", 1.0)
+    assert await store.keep_device_tokens_of([("@s:hs", "KEPT"), ("@t:hs", "NEVER")]) == 1
+    assert await store.device_token("@s:hs", "KEPT") == "syt_still_configured"
+    assert await store.device_token("@s:hs", "GONE") is None
