@@ -36,6 +36,7 @@ from comatrix.coap.errors import ServiceUnavailable, TooManyRequests
 from comatrix.coap.message import Request
 from comatrix.config import LimitSettings
 from comatrix.credentials import token_from_request
+from comatrix.identity import device_of
 from comatrix.matrix.api import MatrixRequest
 from comatrix.matrix.transport import MatrixTransport
 
@@ -100,8 +101,7 @@ class Admission:
                 token = None  # a malformed token is refused later, with its own 4.01
             if token is not None:
                 return "t:" + hashlib.sha256(token.encode("ascii")).hexdigest()[:32]
-        # The port is left out: a sleepy device may come back from another source port.
-        return "a:" + request.peer.host
+        return device_of(request).key
 
     def _bucket(self, key: str, now: float) -> TokenBucket | None:
         settings = self.settings

@@ -24,6 +24,7 @@ from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.codec import cbor
 from comatrix.codec.msc3079 import MatrixPath, UnknownPath, keys_to_names, parse_matrix_path
 from comatrix.credentials import address_scoped_txn_id
+from comatrix.identity import acting_for
 from comatrix.interfaces import IResourcePlugin, PluginContext
 from comatrix.matrix.errors import MatrixError
 
@@ -88,7 +89,9 @@ class MatrixResource(CoapResource):
                 self.admission.check(request)
             except Exception:
                 return defer.fail()
-        return super().render(request)
+        # Everything the handler starts (homeserver calls included) acts for this device.
+        with acting_for(request):
+            return super().render(request)
 
     # -- request decoding -------------------------------------------------------------
 

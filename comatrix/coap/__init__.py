@@ -7,14 +7,14 @@ Nothing here knows about Matrix.  Upper layers use `Site`, `CoapServer`,
 
 from comatrix.coap import _txthings  # noqa: F401  (first: silences txThings' import warnings)
 from comatrix.coap.errors import CoapError, ErrorAdapter, default_error_adapter
-from comatrix.coap.message import Peer, Request, Response
+from comatrix.coap.message import Peer, Request, Response, Security
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.coap.server import CoapServer, CoapSettings, ResponseHook, Site, listen_udp
 
 __all__ = [
     "CoapError", "ErrorAdapter", "default_error_adapter",
-    "Peer", "Request", "Response",
+    "Peer", "Request", "Response", "Security",
     "Code", "ContentFormat", "MessageType", "OptionNumber",
     "CoapResource", "LinkAttributes",
     "CoapServer", "CoapSettings", "ResponseHook", "Site", "listen_udp",

@@ -14,6 +14,20 @@ from urllib.parse import unquote
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
 
 
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """How a request was protected on its way in; a plain CoAP request has none.
+
+    ``scheme`` names the protection (``"dtls"``, ``"oscore"``); ``identity`` is what
+    the peer proved it holds: a DTLS PSK identity, an OSCORE recipient id in hex,
+    an EDHOC credential id.  The CoAP layer only carries it; `comatrix.identity`
+    turns it into the device that asks.
+    """
+
+    scheme: str
+    identity: str
+
+
 class Peer(NamedTuple):
     """A UDP peer.  ``host`` keeps an IPv6 zone id (``fe80::1%lowpan0``)."""
 
@@ -40,6 +54,8 @@ class Request:
     message_type: MessageType = MessageType.CON
     #: Every option of the request by number, raw values in order of appearance.
     options: Mapping[int, tuple[bytes, ...]] = dataclasses.field(default_factory=dict)
+    #: The security context the request came through (None: plain, unprotected CoAP).
+    security: Security | None = None
 
     def option(self, number: int) -> bytes | None:
         """The first value of option ``number``, or None when absent."""
