@@ -284,7 +284,10 @@ def _coap_settings(table: Any) -> CoapSettings:
             raise ConfigError(f"coap.{key} must be a non-negative number")
         default = getattr(CoapSettings(), key)
         settings[key] = type(default)(value)
-    return CoapSettings(**settings)
+    try:
+        return CoapSettings(**settings)
+    except ValueError as exc:
+        raise ConfigError(f"[coap]: {exc}") from None
 
 
 _LIMIT_KEYS = {field.name for field in dataclasses.fields(LimitSettings)}

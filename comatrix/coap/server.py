@@ -31,6 +31,7 @@ to learn that an observation ended (deregistration, RST, give-up, error).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections import deque
 from typing import Any, Callable, Iterable
@@ -43,12 +44,13 @@ from twisted.python.failure import Failure
 
 from comatrix.logs import get_logger
 from comatrix.coap import transport, wire
+from comatrix.coap.amplification import ECHO, PeerGuard
 from comatrix.coap._txthings import txcoap
 from comatrix.coap.blockwise import MAX_SZX, Block, etag_for
 from comatrix.coap.cache import BoundedCache
 from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter, InternalServerError,
                                   MethodNotAllowed, NotAcceptable, NotFound, RequestEntityIncomplete,
-                                  RequestEntityTooLarge, ServiceUnavailable, decode_uint,
+                                  RequestEntityTooLarge, ServiceUnavailable, TooManyRequests, decode_uint,
                                   default_error_adapter, encode_uint)
 from comatrix.coap.linkformat import WELL_KNOWN_CORE, WellKnownCore
 from comatrix.coap.message import Peer, Request, Response
@@ -92,6 +94,14 @@ _NO_RESPONSE_BIT = {2: 0x02, 4: 0x08, 5: 0x10}
 
 _SEQ_MODULO = 1 << 24
 
+#: Methods whose effect must not be thrown away: their answers are never replaced by an Echo challenge
+#: after the fact, so a peer too small to pay for the smallest block-wise answer is challenged first.
+_UNSAFE = frozenset({Code.POST, Code.PUT, Code.DELETE, Code.PATCH, Code.IPATCH})
+#: Options of the smallest block-wise answer (Content-Format, ETag, Max-Age, Block2, Size2), sizes only.
+_SMALLEST_BLOCK_OPTIONS: tuple[wire.RawOption, ...] = (
+    (OptionNumber.ETAG, bytes(4)), (OptionNumber.CONTENT_FORMAT, bytes(1)), (OptionNumber.MAX_AGE, bytes(2)),
+    (OptionNumber.BLOCK2, bytes(3)), (OptionNumber.SIZE2, bytes(2)))
+
 
 @dataclasses.dataclass(frozen=True)
 class CoapSettings:
@@ -108,6 +118,13 @@ class CoapSettings:
     default_block_szx: int = 6          # our preferred Block2 size when the client does not ask (1024)
     blockwise_state_capacity: int = 256  # pending block-wise transfers kept
     con_notification_interval: float = 86400.0  # send a CON notification at least this often
+    # Amplification limit (RFC 9175 §2.4): until an address is verified, bytes sent <= factor x bytes received.
+    amplification_factor: float = 3.0
+    verified_lifetime: float = 3600.0   # seconds an address stays verified (Echo, ACK, security context)
+    echo_lifetime: float = 120.0        # seconds an Echo value we issued is accepted
+    peer_table_capacity: int = 4096     # addresses tracked (LRU)
+    discovery_rate: float = 2.0         # /.well-known/core (and injected discovery paths) per s per address
+    discovery_burst: int = 10
 
     def __post_init__(self) -> None:
         if not 0 <= self.default_block_szx <= MAX_SZX:
@@ -116,6 +133,12 @@ class CoapSettings:
             raise ValueError("nstart, dedup_capacity and blockwise_state_capacity must be >= 1")
         if self.ack_timeout <= 0 or self.ack_random_factor < 1 or self.empty_ack_delay < 0:
             raise ValueError("ack_timeout > 0, ack_random_factor >= 1 and empty_ack_delay >= 0 required")
+        if self.amplification_factor < 1 or self.peer_table_capacity < 1:
+            raise ValueError("amplification_factor >= 1 and peer_table_capacity >= 1 required")
+        if self.discovery_rate <= 0 or self.discovery_burst < 1:
+            raise ValueError("discovery_rate > 0 and discovery_burst >= 1 required")
+        if self.verified_lifetime <= 0 or self.echo_lifetime <= 0:
+            raise ValueError("verified_lifetime and echo_lifetime must be positive")
 
     @property
     def max_transmit_span(self) -> float:
@@ -269,7 +292,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, reactor: Any = None,
                  understood_options: frozenset[int] = frozenset(),
-                 on_response: ResponseHook | None = None) -> None:
+                 on_response: ResponseHook | None = None,
+                 discovery_paths: Iterable[tuple[str, ...]] = ()) -> None:
         super().__init__(site)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -283,6 +307,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._mid = self._random.randrange(0x10000)
         self._seq = 0
         clock = reactor.seconds
+        self._peers = PeerGuard(clock, factor=settings.amplification_factor,
+                                verified_lifetime=settings.verified_lifetime,
+                                echo_lifetime=settings.echo_lifetime, capacity=settings.peer_table_capacity,
+                                discovery_rate=settings.discovery_rate, discovery_burst=settings.discovery_burst)
+        #: Paths answered without credentials that are worth flooding: per-address rate-limited.
+        self._discovery_paths = frozenset(tuple(path) for path in discovery_paths) | {WELL_KNOWN_CORE}
         self._dedup: BoundedCache[tuple[Address, int], bytes | None] = BoundedCache(
             settings.dedup_capacity, settings.exchange_lifetime, clock)
         self._uploads: BoundedCache[tuple[Any, ...], _Upload] = BoundedCache(
@@ -336,6 +366,13 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                                   errbackArgs=(observer, confirmable, delivered))
         return total_delivered(waits)
 
+    def verify_peer(self, host: str) -> None:
+        """Treat ``host`` as verified (it proved it receives at its address some other way)."""
+        self._peers.verify(host)
+
+    def peer_verified(self, host: str) -> bool:
+        return self._peers.verified(host)
+
     def stop_accepting(self) -> None:
         self._accepting = False
 
@@ -378,6 +415,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
     # ------------------------------------------------------------------ message layer
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
+        self._peers.received(addr[0], len(data))
         try:
             message = wire.decode(data)
         except wire.FormatError as exc:
@@ -412,15 +450,23 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         elif mtype == ACK:
             self._acknowledged(addr, message.mid)
 
-    def _write(self, data: bytes, addr: Address) -> None:
+    def _write(self, data: bytes, addr: Address) -> bool:
+        """Send ``data`` unless that breaks ``addr``'s amplification limit (then False, nothing sent)."""
+        if not self._peers.spend(addr[0], len(data)):
+            log.debug("Not sending {size} bytes to unverified {peer}: amplification limit",
+                      size=len(data), peer=addr)
+            return False
         try:
             self.transport.write(data, addr)
         except Exception:
             log.warn("Could not send {size} bytes to {peer}", size=len(data), peer=addr)
+        return True
 
-    def _next_mid(self) -> int:
+    def _next_mid(self, addr: Address) -> int:
+        # Sequential per peer, but offset by a secret per address: an ACK that verifies an
+        # address (see PeerGuard) cannot be forged by reading our Message IDs to another peer.
         self._mid = (self._mid + 1) & 0xFFFF
-        return self._mid
+        return (self._mid + self._peers.mid_offset(addr[0])) & 0xFFFF
 
     # outgoing CON messages (separate responses and notifications), NSTART per peer
 
@@ -430,13 +476,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return
         self._busy[outgoing.addr] = self._busy.get(outgoing.addr, 0) + 1
         outgoing.active = True
-        outgoing.mid = self._next_mid()
+        outgoing.mid = self._next_mid(outgoing.addr)
         outgoing.data = outgoing.build(outgoing.mid)
         settings = self.settings
         outgoing.timeout = self._random.uniform(settings.ack_timeout,
                                                 settings.ack_timeout * settings.ack_random_factor)
         self._outgoing[(outgoing.addr, outgoing.mid)] = outgoing
-        self._write(outgoing.data, outgoing.addr)
+        if not self._write(outgoing.data, outgoing.addr):
+            self._give_up(outgoing)
+            return
         outgoing.timer = self.reactor.callLater(outgoing.timeout, self._retransmit, outgoing)
 
     def _resend_replaced(self, outgoing: _Outgoing, build: Callable[[int], bytes]) -> None:
@@ -445,7 +493,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if not outgoing.active:
             return  # still queued: it will be built fresh when sent
         self._outgoing.pop((outgoing.addr, outgoing.mid), None)
-        outgoing.mid = self._next_mid()
+        outgoing.mid = self._next_mid(outgoing.addr)
         outgoing.data = build(outgoing.mid)
         self._outgoing[(outgoing.addr, outgoing.mid)] = outgoing
         self._write(outgoing.data, outgoing.addr)
@@ -454,15 +502,23 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         outgoing.timer = None
         if outgoing.attempts >= self.settings.max_retransmit:
             log.debug("Gave up on {peer} after {n} retransmissions", peer=outgoing.addr, n=outgoing.attempts)
-            self._outgoing_done(outgoing)
-            outgoing.settle(0)
-            if outgoing.observer is not None:
-                self._remove_observer(outgoing.observer)
+            self._give_up(outgoing)
             return
         outgoing.attempts += 1
         outgoing.timeout *= 2
-        self._write(outgoing.data, outgoing.addr)
+        if not self._write(outgoing.data, outgoing.addr):
+            # A peer that never ACKs (a forged source?) gets no more than its budget.
+            log.debug("Stopped retransmitting to unverified {peer} after {n}", peer=outgoing.addr,
+                      n=outgoing.attempts - 1)
+            self._give_up(outgoing)
+            return
         outgoing.timer = self.reactor.callLater(outgoing.timeout, self._retransmit, outgoing)
+
+    def _give_up(self, outgoing: _Outgoing) -> None:
+        self._outgoing_done(outgoing)
+        outgoing.settle(0)
+        if outgoing.observer is not None:
+            self._remove_observer(outgoing.observer)
 
     def _outgoing_done(self, outgoing: _Outgoing) -> None:
         if not outgoing.active:
@@ -489,7 +545,10 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def _acknowledged(self, addr: Address, mid: int) -> None:
         outgoing = self._outgoing.get((addr, mid))
-        if outgoing is not None:
+        if outgoing is None:
+            self._peers.stray(addr[0])
+        else:
+            self._peers.acknowledged(addr[0])
             if outgoing.observer is not None:
                 outgoing.observer.last_con = self.reactor.seconds()
             self._outgoing_done(outgoing)
@@ -504,10 +563,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 self._remove_observer(outgoing.observer)
             return
         key = self._non_notifications.pop((addr, mid))
-        if key is not None:
-            observer = self._observers.get(key)
-            if observer is not None:
-                self._remove_observer(observer)
+        if key is None:
+            self._peers.stray(addr[0])
+            return
+        observer = self._observers.get(key)
+        if observer is not None:
+            self._remove_observer(observer)
 
     # ------------------------------------------------------------------ requests
 
@@ -532,7 +593,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return
         incoming.request = request
         try:
-            self._handle(incoming, request)
+            if not self._gate(incoming, request):
+                self._handle(incoming, request)
         except Exception:
             self._complete(incoming, self._adapt(Failure()))
 
@@ -641,6 +703,86 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if not incoming.done and incoming.mtype == CON:
             incoming.ack_timer = self.reactor.callLater(settings.empty_ack_delay, self._empty_ack, incoming)
 
+    # amplification limit and discovery rate (see comatrix.coap.amplification)
+
+    def _gate(self, incoming: _Incoming, request: Request) -> bool:
+        """Verification by Echo or security context, discovery rate, Echo challenge; True when answered."""
+        host = incoming.addr[0]
+        peers = self._peers
+        if request.security is not None:
+            peers.verify(host)
+        echo = request.option(ECHO)
+        if echo is not None and not peers.verified(host):
+            if not peers.echo_valid(host, echo):
+                log.debug("Stale or foreign Echo from {peer}: challenged again", peer=incoming.addr)
+                self._complete(incoming, self._challenge(host))
+                return True
+            peers.verify(host)
+        block2 = incoming.block2
+        first_block = block2 is None or block2.num == 0
+        if first_block and request.path in self._discovery_paths:
+            wait = peers.discovery_wait(host)
+            if wait > 0:
+                self._complete(incoming, TooManyRequests("discovery rate limit",
+                                                         retry_after=math.ceil(wait)).to_response())
+                return True
+        if (request.method in _UNSAFE and first_block
+                and (incoming.block1 is None or not incoming.block1.more)):
+            allowance = peers.allowance(host)
+            smallest = wire.encoded_size(incoming.token, _SMALLEST_BLOCK_OPTIONS, bytes(16))
+            if incoming.mtype == CON:
+                smallest += 4  # a possible empty ACK
+            if allowance is not None and allowance < smallest:
+                # Even the smallest block-wise answer would not fit: ask before acting.
+                log.debug("Echo challenge before {method} from unverified {peer}", method=request.method.name,
+                          peer=incoming.addr)
+                self._complete(incoming, self._challenge(host))
+                return True
+        return False
+
+    def _challenge(self, host: str) -> Response:
+        """4.01 with a fresh Echo value (RFC 9175 §2.3): small, and answered whatever the budget."""
+        return Response(code=Code.UNAUTHORIZED, extra_options=((ECHO, self._peers.echo_value(host)),))
+
+    def _fit(self, incoming: _Incoming, response: Response, base: list[wire.RawOption],
+             options: list[wire.RawOption], payload: bytes) -> tuple[Response, list[wire.RawOption], bytes] | None:
+        """``response`` made to fit an unverified peer's budget; None when it fits unchanged.
+
+        A success goes block-wise with the largest block (at most the one asked for) that fits;
+        later blocks come with their own requests, which bring their own budget.  An error loses its
+        diagnostic text.  What still does not fit becomes a 4.01 with Echo.
+        """
+        allowance = self._peers.allowance(incoming.addr[0])
+        token = incoming.token
+        if allowance is None or wire.encoded_size(token, options, payload) <= allowance:
+            return None
+        if 64 <= response.code < 96 and response.payload and response.code != Code.CONTINUE:
+            block = self._fitting_block(incoming, response, base, allowance)
+            if block is not None:
+                return response, block[0], block[1]
+        elif payload and wire.encoded_size(token, options, b"") <= allowance:
+            return response, options, b""
+        log.debug("{code} to unverified {peer} over the amplification limit: 4.01 with Echo",
+                  code=dotted(response.code), peer=incoming.addr)
+        challenge = self._challenge(incoming.addr[0])
+        return challenge, self._response_options(challenge), b""
+
+    def _fitting_block(self, incoming: _Incoming, response: Response, base: list[wire.RawOption],
+                       allowance: int) -> tuple[list[wire.RawOption], bytes] | None:
+        asked = incoming.block2
+        szx = min(asked.szx, MAX_SZX) if asked is not None else self.settings.default_block_szx
+        offset = asked.num * asked.size if asked is not None else 0
+        for candidate in range(szx, -1, -1):
+            # RFC 7959 §2.2: a server may answer with a smaller block; NUM then counts in that size.
+            block = Block(offset >> (4 + candidate), False, candidate)
+            sliced = self._block2_options(response, block, incoming.size2_asked, incoming.cache_key, candidate)
+            if isinstance(sliced, Response):
+                return None
+            options = base + sliced[0]
+            if wire.encoded_size(incoming.token, options, sliced[1]) <= allowance:
+                return options, sliced[1]
+        return None
+
     def _rendered(self, result: Any, incoming: _Incoming) -> None:
         if not isinstance(result, Response):
             failure = Failure(TypeError(f"resource returned {type(result).__name__}, not Response"))
@@ -664,6 +806,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         incoming.ack_timer = None
         if incoming.done:
             return
+        self._send_empty_ack(incoming)
+
+    def _send_empty_ack(self, incoming: _Incoming) -> None:
         incoming.empty_acked = True
         ack = wire.empty(ACK, incoming.mid)
         # A duplicate of this request now gets the empty ACK again (RFC 7252 §4.5).
@@ -792,18 +937,28 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         # Block2 applies to successful representations; an error is sent whole (sliced only if huge).
         block2 = incoming.block2 if is_success else None
         size2_asked = incoming.size2_asked and is_success
+        base = list(options)
         if response.code != Code.CONTINUE and (payload or block2 is not None or size2_asked):
             sliced = self._block2_options(response, block2, size2_asked,
                                           incoming.cache_key if is_success else None,
                                           self.settings.default_block_szx)
             if isinstance(sliced, Response):
                 response = sliced
-                options = self._response_options(response)
+                options = base = self._response_options(response)
                 payload = response.payload
             else:
                 options.extend(sliced[0])
                 payload = sliced[1]
-        self._send_response(incoming, response.code, options, payload)
+        fitted = self._fit(incoming, response, base, options, payload)
+        challenged = False
+        if fitted is not None:
+            challenged = fitted[0] is not response
+            response, options, payload = fitted
+            if challenged and resource is not None:
+                observer = self._observers.get((incoming.addr, incoming.token))
+                if observer is not None:
+                    self._remove_observer(observer)
+        self._send_response(incoming, response.code, options, payload, challenged)
         if request is not None and self.on_response is not None:
             try:
                 self.on_response(request, response, (self.reactor.seconds() - incoming.received) * 1000.0)
@@ -825,7 +980,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         return options
 
     def _send_response(self, incoming: _Incoming, code: int, options: list[wire.RawOption],
-                       payload: bytes) -> None:
+                       payload: bytes, challenge: bool = False) -> None:
         token = incoming.token
         if incoming.not_interested & _NO_RESPONSE_BIT.get(code >> 5, 0):
             # RFC 7967: the device asked not to hear this class; a CON still needs its ACK.
@@ -835,16 +990,27 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 self._dedup.replace((incoming.addr, incoming.mid), ack)
                 self._write(ack, incoming.addr)
             return
-        if incoming.mtype == CON and not incoming.empty_acked:
+        # A new observer whose address is not verified gets its first answer as CON: the ACK verifies it.
+        confirm = (incoming.observe is not None and (incoming.addr, token) in self._observers
+                   and self._peers.needs_confirmation(incoming.addr[0]))
+        if incoming.mtype == CON and not incoming.empty_acked and not confirm:
             data = wire.encode(ACK, code, incoming.mid, token, options, payload)
+            if not self._write(data, incoming.addr):
+                # Not even a 4.01 fits this peer's budget: reject the message (RFC 7252 §4.2), 4 bytes.
+                data = wire.empty(RST, incoming.mid)
+                self._write(data, incoming.addr)
             self._dedup.replace((incoming.addr, incoming.mid), data)
-            self._write(data, incoming.addr)
-        elif incoming.mtype == CON:
+        elif (incoming.mtype == CON or confirm) and not challenge:
+            if incoming.mtype == CON and not incoming.empty_acked:
+                self._send_empty_ack(incoming)
+
             def build(mid: int) -> bytes:
                 return wire.encode(CON, code, mid, token, options, payload)
             self._send_con(_Outgoing(incoming.addr, build, None))
         else:
-            self._write(wire.encode(NON, code, self._next_mid(), token, options, payload), incoming.addr)
+            # RFC 9175 §2.4: an Echo challenge is never a separate CON response (retransmissions).
+            data = wire.encode(NON, code, self._next_mid(incoming.addr), token, options, payload)
+            self._write(data, incoming.addr)
 
     def _idle_timeout(self) -> None:
         for incoming in list(self._pending):
@@ -935,9 +1101,11 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             pending.delivered.append(delivered)
             self._resend_replaced(pending, build)
             return
+        # An unverified observer gets CON notifications: its ACK verifies it, and a forged one costs a budget.
+        confirmable = confirmable or self._peers.needs_confirmation(observer.addr[0])
         if (is_success and not confirmable
                 and now - observer.last_con < self.settings.con_notification_interval):
-            mid = self._next_mid()
+            mid = self._next_mid(observer.addr)
             self._non_notifications.put((observer.addr, mid), observer.key)
             self._write(wire.encode(NON, code, mid, token, options, payload), observer.addr)
             delivered.callback(1)

@@ -50,9 +50,15 @@ class FakeDatagramTransport:
 
 
 class Harness:
-    """A `CoapServer` on a fake transport with a `Clock` as reactor."""
+    """A `CoapServer` on a fake transport with a `Clock` as reactor.
 
-    def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), **kwargs: Any) -> None:
+    Its peers count as verified (the amplification limit does not apply to them),
+    unless ``verify_peers=False``: then they are what a first-time peer is to the server.
+    """
+
+    def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, verify_peers: bool = True,
+                 **kwargs: Any) -> None:
+        self.verify_peers = verify_peers
         self.clock = Clock()
         self.site = site
         self.server = CoapServer(site, settings, reactor=self.clock, **kwargs)
@@ -66,6 +72,8 @@ class Harness:
         return self._mid
 
     def send_raw(self, data: bytes, peer: Any = DEFAULT_PEER) -> list[wire.Datagram]:
+        if self.verify_peers and not self.server.peer_verified(peer[0]):
+            self.server.verify_peer(peer[0])
         self.server.datagramReceived(data, peer)
         return self.replies()
 

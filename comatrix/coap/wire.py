@@ -110,6 +110,20 @@ def encode(mtype: int, code: int, mid: int, token: bytes = b"",
     return data
 
 
+def _extended_size(value: int) -> int:
+    return 0 if value < 13 else 1 if value < 269 else 2
+
+
+def encoded_size(token: bytes, options: Iterable[RawOption], payload: bytes) -> int:
+    """The length `encode` gives for these parts, computed without encoding."""
+    size = 4 + len(token) + (1 + len(payload) if payload else 0)
+    previous = 0
+    for number, value in sorted(options, key=lambda option: option[0]):
+        size += 1 + _extended_size(number - previous) + _extended_size(len(value)) + len(value)
+        previous = number
+    return size
+
+
 def empty(mtype: MessageType, mid: int) -> bytes:
     """An empty ACK or RST (4 bytes, no token)."""
     return bytes((0x40 | (mtype << 4), 0, mid >> 8, mid & 0xFF))
