@@ -31,6 +31,7 @@ from comatrix.discovery import PluginError, build_site, discover
 from comatrix.errors import error_response
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.client import MatrixClient
+from comatrix.msc3079.translate import VERSIONS_PATHS
 from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.store import Store
@@ -190,7 +191,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     install(site, Admission(limits, reactor))
     server = CoapServer(site, config.coap_settings(), reactor=reactor,
                         understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                        on_response=_log_request)
+                        on_response=_log_request, discovery_paths=VERSIONS_PATHS)
     address = resolve_listen_address(config)
     try:
         port = listen_udp(server, address, config.port, reactor=reactor)

@@ -82,6 +82,11 @@ def _joined(segments: tuple[str, ...]) -> str:
     return "/" + "/".join(quote(segment, safe="") for segment in segments)
 
 
+#: The CoAP paths of ``/versions`` (path code and full path): answered without a token, so the
+#: CoAP layer rate-limits them per address like ``/.well-known/core``.
+VERSIONS_PATHS: tuple[tuple[str, ...], ...] = (("0",), ("_matrix", "client", "versions"))
+
+
 def map_path(path: tuple[str, ...]) -> Target:
     """The homeserver target of a CoAP Uri-Path; `NotFound` / `BadRequest` otherwise."""
     if any(segment in ("", ".", "..") for segment in path):
