@@ -31,6 +31,7 @@ to learn that an observation ended (deregistration, RST, give-up, error).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import random
 from collections import deque
@@ -94,13 +95,9 @@ _NO_RESPONSE_BIT = {2: 0x02, 4: 0x08, 5: 0x10}
 
 _SEQ_MODULO = 1 << 24
 
-#: Methods whose effect must not be thrown away: their answers are never replaced by an Echo challenge
-#: after the fact, so a peer too small to pay for the smallest block-wise answer is challenged first.
+#: Methods whose effect already happened when their answer is replaced by an Echo challenge: the
+#: answer is kept for the repeat that carries the Echo value, instead of acting twice.
 _UNSAFE = frozenset({Code.POST, Code.PUT, Code.DELETE, Code.PATCH, Code.IPATCH})
-#: Options of the smallest block-wise answer (Content-Format, ETag, Max-Age, Block2, Size2), sizes only.
-_SMALLEST_BLOCK_OPTIONS: tuple[wire.RawOption, ...] = (
-    (OptionNumber.ETAG, bytes(4)), (OptionNumber.CONTENT_FORMAT, bytes(1)), (OptionNumber.MAX_AGE, bytes(2)),
-    (OptionNumber.BLOCK2, bytes(3)), (OptionNumber.SIZE2, bytes(2)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +310,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                                 discovery_rate=settings.discovery_rate, discovery_burst=settings.discovery_burst)
         #: Paths answered without credentials that are worth flooding: per-address rate-limited.
         self._discovery_paths = frozenset(tuple(path) for path in discovery_paths) | {WELL_KNOWN_CORE}
+        #: Answers of unsafe requests replaced by an Echo challenge, for the repeat with the Echo value.
+        self._challenged: BoundedCache[tuple[Any, ...], Response] = BoundedCache(
+            settings.blockwise_state_capacity, settings.echo_lifetime, clock)
         self._dedup: BoundedCache[tuple[Address, int], bytes | None] = BoundedCache(
             settings.dedup_capacity, settings.exchange_lifetime, clock)
         self._uploads: BoundedCache[tuple[Any, ...], _Upload] = BoundedCache(
@@ -718,6 +718,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 self._complete(incoming, self._challenge(host))
                 return True
             peers.verify(host)
+            if request.method in _UNSAFE:
+                kept = self._challenged.pop(self._challenged_key(incoming.addr, request))
+                if kept is not None:
+                    # The repeat of a request answered by a challenge after it acted: its own answer.
+                    self._complete(incoming, kept)
+                    return True
         block2 = incoming.block2
         first_block = block2 is None or block2.num == 0
         if first_block and request.path in self._discovery_paths:
@@ -726,19 +732,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 self._complete(incoming, TooManyRequests("discovery rate limit",
                                                          retry_after=math.ceil(wait)).to_response())
                 return True
-        if (request.method in _UNSAFE and first_block
-                and (incoming.block1 is None or not incoming.block1.more)):
-            allowance = peers.allowance(host)
-            smallest = wire.encoded_size(incoming.token, _SMALLEST_BLOCK_OPTIONS, bytes(16))
-            if incoming.mtype == CON:
-                smallest += 4  # a possible empty ACK
-            if allowance is not None and allowance < smallest:
-                # Even the smallest block-wise answer would not fit: ask before acting.
-                log.debug("Echo challenge before {method} from unverified {peer}", method=request.method.name,
-                          peer=incoming.addr)
-                self._complete(incoming, self._challenge(host))
-                return True
         return False
+
+    @staticmethod
+    def _challenged_key(addr: Address, request: Request) -> tuple[Any, ...]:
+        digest = hashlib.blake2s(request.payload, digest_size=8).digest()
+        return (addr, request.method, request.path, request.query, request.accept, digest)
 
     def _challenge(self, host: str) -> Response:
         """4.01 with a fresh Echo value (RFC 9175 §2.3): small, and answered whatever the budget."""
@@ -953,6 +952,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         challenged = False
         if fitted is not None:
             challenged = fitted[0] is not response
+            if challenged and request is not None and request.method in _UNSAFE:
+                self._challenged.put(self._challenged_key(incoming.addr, request), response)
             response, options, payload = fitted
             if challenged and resource is not None:
                 observer = self._observers.get((incoming.addr, incoming.token))

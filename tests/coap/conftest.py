@@ -156,6 +156,19 @@ class LiveServer:
         """Simulate loss: the next datagram the server sends for which ``matches`` holds is dropped."""
         self._lose.append(matches)
 
+    def verify(self, host: str | None = None) -> None:
+        """Count ``host`` (default: the bound address, which is the loopback client's) as verified.
+
+        Tests of other features use it to see a verified peer's behaviour, which the
+        amplification limit leaves unchanged; without it every peer starts unverified.
+        """
+        self.server.verify_peer(host or self.host)
+
+    def bytes_to(self, host: str) -> tuple[int, int]:
+        """(bytes received from, bytes sent to) ``host``, from the recorded datagrams."""
+        return (sum(len(d.data) for d in self.received if d.addr[0] == host),
+                sum(len(d.data) for d in self.sent if d.addr[0] == host))
+
     def uri(self, path: str = "", host: str | None = None) -> str:
         """``coap://`` URI of ``path`` on this server (``host`` overrides the bound address)."""
         host = host or self.host

@@ -7,6 +7,7 @@ behaviour the tests know exactly:
 ``/upload``    PUT/POST store the (Block1-reassembled) body and answer its SHA-256;
                GET returns what was stored; DELETE forgets it (``/upload2``: a second one)
 ``/download``  GET: `DOWNLOAD` (3 KB of binary data, served block-wise)
+``/e``         the same at a one-letter path: the smallest request for a large answer
 ``/counter``   observable GET: the decimal value of a counter the test bumps
                (``--tick`` bumps it periodically when run as a script)
 ``/bigcounter`` like ``/counter`` but 128 bytes (the value repeated): Observe + Block2
@@ -159,6 +160,7 @@ def build_site(clock: IReactorTime) -> tuple[Any, TestResources]:
     site.put(("upload",), resources.upload)
     site.put(("upload2",), resources.upload2)
     site.put(("download",), resources.download)
+    site.put(("e",), resources.download)
     site.put(("counter",), resources.counter)
     site.put(("bigcounter",), resources.bigcounter)
     site.put(("slow",), resources.slow)

@@ -179,12 +179,24 @@ def test_error_diagnostic_dropped_when_it_does_not_fit() -> None:
     assert reply.code == Code.BAD_REQUEST and reply.payload == b"" and t.ratio_ok(PEER[0])
 
 
-def test_unsafe_request_too_small_for_any_answer_is_challenged_before_it_acts() -> None:
+def test_unsafe_request_answered_by_a_challenge_acts_once_and_its_repeat_gets_the_answer() -> None:
+    t, resources = make()
+    [reply] = t.send(Code.POST, ["big"], token=b"")  # 8 bytes in: not even a 16-byte block fits
+    assert reply.code == Code.UNAUTHORIZED and resources["big"].renders == 1 and t.ratio_ok(PEER[0])
+    echo = option(reply, ECHO) or b""
+    [reply] = t.send(Code.POST, ["big"], token=b"\x02", options=[(ECHO, echo)])
+    assert (reply.code, reply.payload) == (Code.CHANGED, BODY[:300])
+    assert resources["big"].renders == 1  # the kept answer, not a second effect
+    [reply] = t.send(Code.POST, ["big"], token=b"\x03", options=[(ECHO, echo)])
+    assert reply.code == Code.CHANGED and resources["big"].renders == 2  # a new request acts again
+
+
+def test_kept_answer_is_only_for_the_same_request() -> None:
     t, resources = make()
     [reply] = t.send(Code.POST, ["big"], token=b"")
-    assert reply.code == Code.UNAUTHORIZED and resources["big"].renders == 0  # nothing happened
-    [reply] = t.send(Code.POST, ["big"], token=b"", options=[(ECHO, option(reply, ECHO) or b"")])
-    assert reply.code == Code.CHANGED and resources["big"].renders == 1
+    echo = option(reply, ECHO) or b""
+    [reply] = t.send(Code.POST, ["big"], token=b"", payload=b"other", options=[(ECHO, echo)])
+    assert reply.code == Code.CHANGED and resources["big"].renders == 2
 
 
 def test_unsafe_request_with_budget_for_a_block_acts_once_and_answers_blockwise() -> None:

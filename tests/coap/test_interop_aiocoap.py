@@ -103,6 +103,7 @@ async def test_separate_response(live_server: LiveServer) -> None:
 @pytest.mark.parametrize("size", sorted(BLOCK_SIZES))
 @pytest_twisted.ensureDeferred
 async def test_block2_download(live_server: LiveServer, size: int) -> None:
+    live_server.verify()  # a verified peer gets the block size it asks for
     async def body(context: aiocoap.Context) -> tuple[Any, bytes]:
         request = aiocoap.Message(code=an.GET, uri=live_server.uri("download"))
         request.opt.block2 = BlockOption.BlockwiseTuple(0, False, BLOCK_SIZES[size])
@@ -430,3 +431,50 @@ async def test_many_concurrent_separate_responses(live_server: LiveServer, mtype
         assert sum(1 for m in sent if m.mtype == an.CON and m.code == an.CONTENT) >= 20
     else:
         assert [m.mtype for m in sent] == [an.NON] * 20
+
+
+# --------------------------------------------------------------------------- amplification limit (unverified peer)
+
+
+def within_budget(live: LiveServer, host: str = "127.0.0.1") -> bool:
+    received, sent = live.bytes_to(host)
+    return 0 < sent <= 3 * received
+
+
+@pytest_twisted.ensureDeferred
+async def test_unverified_blockwise_download_within_budget(live_server: LiveServer) -> None:
+    async def body(context: aiocoap.Context) -> tuple[Any, bytes]:
+        response = await context.request(aiocoap.Message(code=an.GET, uri=live_server.uri("download"))).response
+        return response.code, response.payload
+
+    code, payload = await in_thread(run_aiocoap, body)
+    assert (code, payload) == (an.CONTENT, DOWNLOAD)
+    assert max(block2_sizes(live_server)) < 1024 and within_budget(live_server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unverified_cli_well_known_core_and_download_within_budget(live_server: LiveServer) -> None:
+    result = await run_command([aiocoap_client_path(), "--no-pretty-print", live_server.uri(".well-known/core")])
+    assert result.returncode == 0 and b"/download" in result.stdout
+    result = await run_command([aiocoap_client_path(), live_server.uri("download")])
+    assert result.returncode == 0 and result.stdout == DOWNLOAD
+    assert within_budget(live_server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_aiocoap_gets_the_echo_challenge_and_can_repeat_it(live_server: LiveServer) -> None:
+    """aiocoap 0.4.17 does not repeat a request after 4.01 + Echo itself (only OSCORE's recovery does).
+
+    The application sees the 4.01 with the Echo option and repeats with it.
+    """
+    async def body(context: aiocoap.Context) -> tuple[Any, Any, Any, bytes]:
+        first = await context.request(aiocoap.Message(code=an.GET, uri=live_server.uri("e"))).response
+        again = aiocoap.Message(code=an.GET, uri=live_server.uri("e"))
+        again.opt.echo = first.opt.echo
+        second = await context.request(again).response
+        return first.code, first.opt.echo, second.code, second.payload
+
+    first_code, echo, second_code, payload = await in_thread(run_aiocoap, body)
+    assert first_code == an.UNAUTHORIZED and echo is not None
+    assert (second_code, payload) == (an.CONTENT, DOWNLOAD)
+    assert live_server.server.peer_verified("127.0.0.1")

@@ -100,6 +100,7 @@ async def test_separate_response(live_server: LiveServer) -> None:
 @pytest.mark.parametrize("size", BLOCK_SIZES)
 @pytest_twisted.ensureDeferred
 async def test_block2_download(live_server: LiveServer, size: int, tmp_path: Any) -> None:
+    live_server.verify()  # a verified peer gets the block size it asks for
     target = tmp_path / "download.bin"
     result = await run_command(client("-b", str(size), "-o", str(target), live_server.uri("download")))
     assert result.returncode == 0, stderr_of(result)
@@ -146,6 +147,7 @@ async def test_block1_post_then_block2_get(live_server: LiveServer, size: int, t
 @pytest_twisted.ensureDeferred
 async def test_observe_deregister_with_observe_1(live_server: LiveServer, non: bool) -> None:
     """libcoap observes for OBSERVE_SECONDS, then deregisters with a GET carrying Observe=1."""
+    live_server.verify()  # an unverified observer's first answer is CON (see test_unverified_observer)
     counter = live_server.resources.counter
     args = client("-s", str(OBSERVE_SECONDS), "-w", live_server.uri("counter"))
     if non:
@@ -205,6 +207,7 @@ def mtype_code(data: bytes) -> tuple[int, int]:
 @pytest_twisted.ensureDeferred
 async def test_lost_ack_is_replayed_from_dedup(live_server: LiveServer) -> None:
     """The piggy-backed answer to a POST is lost; libcoap retransmits; the server replays, not re-executes."""
+    live_server.verify()  # the 64-byte answer whole, not block-wise as to an unverified peer
     live_server.lose_next(lambda data: mtype_code(data) == (int(an.ACK), int(an.CHANGED)))
     result = await run_command(client("-m", "post", "-e", "once", live_server.uri("upload")))
     assert result.returncode == 0, stderr_of(result)
@@ -292,3 +295,66 @@ async def test_observe_con_notifications_latest_state_wins(make_live_server: Any
     notifications = [m for m in live_server.decoded(live_server.sent) if m.opt.observe is not None][1:]
     assert notifications and all(m.mtype == an.CON for m in notifications)
     await poll(lambda: live_server.observer_count() == 0, "observer removed after Observe=1")
+
+
+# --------------------------------------------------------------------------- amplification limit (unverified peer)
+
+
+def within_budget(live: LiveServer, host: str = "127.0.0.1") -> bool:
+    received, sent = live.bytes_to(host)
+    return 0 < sent <= 3 * received
+
+
+@pytest_twisted.ensureDeferred
+async def test_unverified_large_download_is_blockwise_within_budget(live_server: LiveServer,
+                                                                    tmp_path: Any) -> None:
+    target = tmp_path / "download.bin"
+    result = await run_command(client("-o", str(target), live_server.uri("download")))
+    assert result.returncode == 0, stderr_of(result)
+    assert target.read_bytes() == DOWNLOAD
+    assert max(sizes(live_server, "block2", live_server.sent)) < 1024  # shrunk to fit
+    assert within_budget(live_server) and not live_server.server.peer_verified("127.0.0.1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unverified_well_known_core_within_budget(live_server: LiveServer) -> None:
+    result = await run_command(client(live_server.uri(".well-known/core")))
+    assert result.returncode == 0, stderr_of(result)
+    assert "/download" in stdout_of(result).decode()
+    assert within_budget(live_server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_libcoap_answers_an_echo_challenge(live_server: LiveServer, tmp_path: Any) -> None:
+    """GET /e: 7 bytes in cannot pay for even a 16-byte block; libcoap repeats with the Echo value."""
+    target = tmp_path / "e.bin"
+    result = await run_command(client("-o", str(target), live_server.uri("e")))
+    assert result.returncode == 0, stderr_of(result)
+    assert target.read_bytes() == DOWNLOAD
+    sent = live_server.decoded(live_server.sent)
+    assert sent[0].code == an.UNAUTHORIZED and sent[0].opt.echo is not None
+    repeated = live_server.decoded(live_server.received)[1]
+    assert repeated.opt.echo == sent[0].opt.echo
+    assert len(live_server.sent[0].data) <= 3 * len(live_server.received[0].data)
+    assert live_server.server.peer_verified("127.0.0.1")
+
+
+@pytest.mark.parametrize("non", [False, True], ids=["CON", "NON"])
+@pytest_twisted.ensureDeferred
+async def test_unverified_observer_is_verified_by_its_ack(live_server: LiveServer, non: bool) -> None:
+    """The first answer to an unverified observer is CON; libcoap's ACK verifies it; notifications flow."""
+    counter = live_server.resources.counter
+    args = client("-s", str(OBSERVE_SECONDS), "-w", live_server.uri("counter"))
+    if non:
+        args.insert(1, "-N")
+    done = run_command(args)
+    await poll(lambda: live_server.server.peer_verified("127.0.0.1"), "libcoap acknowledged the first answer")
+    assert live_server.observer_count(counter) == 1
+    for _ in range(2):
+        live_server.bump_counter()
+        await sleep(0.2)
+    result = await done
+    assert result.returncode == 0, stderr_of(result)
+    assert [int(line) for line in result.stdout.split()][:3] == [0, 1, 2]
+    first = [m for m in live_server.decoded(live_server.sent) if m.code == an.CONTENT][0]
+    assert first.mtype == an.CON and first.opt.observe is not None
