@@ -43,6 +43,8 @@ from urllib.parse import quote, unquote, urlsplit
 import cbor2
 
 from comatrix.coap import wire
+from comatrix.coap.amplification import ECHO
+from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
 from comatrix.compact.codec import PATHS, HandleRequest, JoinRequest, LoginRequest, Message, MessagesRequest, SendRequest
@@ -214,10 +216,44 @@ class UdpCoap:
 
     def request(self, code: int, path: str, *, payload: bytes = b"", content_format: int | None = None,
                 observe: int | None = None, options: Sequence[tuple[int, bytes]] = ()) -> Reply:
-        """One confirmable request; the final response (piggy-backed or separate)."""
+        """One confirmable request; the final response (piggy-backed or separate).
+
+        Until the gateway has verified this device's address, it keeps its answers
+        within 3x the request (RFC 9175 §2.4): a 4.01 with an Echo option is answered
+        by repeating the request with that Echo value, and an answer sent block-wise
+        (Block2) is completed with one request per block.
+        """
         token = secrets.token_bytes(self.token_length)
         reply, _ = self._exchange(code, path, token, payload, content_format, observe, options)
-        return reply
+        echo = reply.option(ECHO)
+        if reply.code == Code.UNAUTHORIZED and echo is not None:
+            options = (*options, (ECHO, echo))
+            reply, _ = self._exchange(code, path, secrets.token_bytes(self.token_length), payload,
+                                      content_format, observe, options)
+        return self._rest_of_blocks(code, path, payload, content_format, options, reply)
+
+    def _rest_of_blocks(self, code: int, path: str, payload: bytes, content_format: int | None,
+                        options: Sequence[tuple[int, bytes]], first: Reply) -> Reply:
+        """``first`` with the payload of every following Block2 block appended (RFC 7959)."""
+        raw = first.option(OptionNumber.BLOCK2)
+        if raw is None or not first.ok:
+            return first
+        block = Block.decode(raw)
+        body = first.payload
+        while block.more:
+            asked = Block(len(body) >> (4 + block.szx), False, block.szx)
+            following = [option for option in options if option[0] != OptionNumber.BLOCK2]
+            following.append((OptionNumber.BLOCK2, asked.encode()))
+            reply, _ = self._exchange(code, path, secrets.token_bytes(self.token_length), payload,
+                                      content_format, None, following)
+            raw = reply.option(OptionNumber.BLOCK2)
+            if not reply.ok or raw is None:
+                return reply
+            block = Block.decode(raw)
+            if block.offset != len(body):
+                raise NoResponse(f"block at {block.offset}, expected {len(body)}")
+            body += reply.payload
+        return dataclasses.replace(first, payload=body)
 
     def _exchange(self, code: int, path: str, token: bytes, payload: bytes, content_format: int | None,
                   observe: int | None, options: Sequence[tuple[int, bytes]]) -> tuple[Reply, int]:
@@ -277,6 +313,7 @@ class UdpCoap:
         self._observations[token] = pending
         try:
             first, _ = self._exchange(code, path, token, payload, content_format, 0, ())
+            first = self._rest_of_blocks(code, path, payload, content_format, (), first)
             yield first
             if not first.ok or first.option(OptionNumber.OBSERVE) is None:
                 return
