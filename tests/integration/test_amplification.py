@@ -61,6 +61,11 @@ def unauthenticated_requests() -> dict[str, bytes]:
             {"type": "m.login.password", "user": "nobody", "password": wrong})),
         "compact send, unknown handle": request(Code.POST, "w", cbor=True,
                                                 payload=cbor2.dumps([b"\0" * 8, 1, 1, "x"])),
+        "compact logout, unknown handle": request(Code.POST, "-", cbor=True, payload=cbor2.dumps([b"\0" * 8])),
+        "compact join, unknown handle": request(Code.POST, "x", cbor=True, payload=cbor2.dumps([b"\0" * 8, "!r"])),
+        "compact read, unknown handle": request(Code.FETCH, "v", cbor=True, payload=cbor2.dumps([b"\0" * 8, 0])),
+        "msc3079 register, bad body": request(Code.POST, "4", payload=b"\xff", cbor=True),
+        "msc3079 capabilities without token": request(Code.GET, "2"),
         "getmsg without token": request(Code.GET, "getmsg", query=["room=!r"]),
         "msc3079 sync without token": request(Code.GET, "7"),
         "unknown path": request(Code.GET, "nothing-here"),
@@ -149,20 +154,21 @@ def test_verified_peer_gets_the_unchanged_answer(make_gateway) -> None:
     assert versions is None or "org.matrix.msc3079.low_bandwidth" in str(versions)
 
 
-def test_discovery_paths_rate_limited_per_address(make_gateway) -> None:
+@pytest.mark.parametrize("path", [".well-known/core", "0", "_matrix/client/versions"])
+def test_discovery_paths_rate_limited_per_address(make_gateway, path: str) -> None:
     gw = make_gateway(config_text=FAST_COAP)
     codes = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.50", 0))
         for _ in range(14):
-            answer = exchange(sock, gw, request(Code.GET, ".well-known/core", token=b"\x01\x02\x03\x04"))
+            answer = exchange(sock, gw, request(Code.GET, path, token=b"\x01\x02\x03\x04"))
             codes.append(answer.code)
         assert Code.TOO_MANY_REQUESTS in codes
         limited = answer if answer.code == Code.TOO_MANY_REQUESTS else None
         assert limited is not None and any(n == OptionNumber.MAX_AGE for n, _ in limited.options)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
         other.bind(("127.0.0.51", 0))
-        assert exchange(other, gw, request(Code.GET, ".well-known/core", token=b"\x01\x02\x03\x04")).code \
+        assert exchange(other, gw, request(Code.GET, path, token=b"\x01\x02\x03\x04")).code \
             != Code.TOO_MANY_REQUESTS
 
 
