@@ -29,6 +29,7 @@ from comatrix.config import Config, ConfigError, build_config, read_config_files
 from comatrix.credentials import Credentials
 from comatrix.discovery import PluginError, build_site, discover
 from comatrix.errors import error_response
+from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.client import MatrixClient
 from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
@@ -139,6 +140,11 @@ def _log_request(request: Request, response: Response, elapsed_ms: float) -> Non
              ms=elapsed_ms)
 
 
+def device_key(request: Request) -> str:
+    """Whose share of the CoAP layer's observers and uploads a request counts against: its device."""
+    return device_of(request).key
+
+
 def resolve_listen_address(config: Config, clock: Any = time) -> str:
     """The address to bind: ``ip``, or the link-local address of ``interface`` once it is usable."""
     if not config.interface:
@@ -190,7 +196,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     install(site, Admission(limits, reactor))
     server = CoapServer(site, config.coap_settings(), reactor=reactor,
                         understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                        on_response=_log_request)
+                        on_response=_log_request, peer_key=device_key)
     address = resolve_listen_address(config)
     try:
         port = listen_udp(server, address, config.port, reactor=reactor)
