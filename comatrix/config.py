@@ -84,6 +84,12 @@ class LimitSettings:
     upstream_queue: int = 256
     #: Longest a call waits in the queue before it is answered 5.03, seconds.
     queue_timeout: float = 10.0
+    #: Live compact sessions (each a Matrix device) one device may hold (beyond: 4.29), and all
+    #: devices together (beyond: 5.03); refused before the homeserver login is made.
+    max_sessions_per_device: int = 4
+    max_sessions: int = 1024
+    #: Seconds a compact session may go unused before it is closed and its Matrix device logged out.
+    session_idle_timeout: float = 604800.0
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -96,6 +102,10 @@ class LimitSettings:
             raise ValueError("max_devices and max_upstream must be >= 1, upstream_queue >= 0")
         if self.queue_timeout <= 0:
             raise ValueError("queue_timeout must be positive")
+        if self.max_sessions_per_device < 1 or self.max_sessions < 1:
+            raise ValueError("max_sessions_per_device and max_sessions must be >= 1")
+        if self.session_idle_timeout <= 0:
+            raise ValueError("session_idle_timeout must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +294,10 @@ def _coap_settings(table: Any) -> CoapSettings:
             raise ConfigError(f"coap.{key} must be a non-negative number")
         default = getattr(CoapSettings(), key)
         settings[key] = type(default)(value)
-    return CoapSettings(**settings)
+    try:
+        return CoapSettings(**settings)
+    except ValueError as exc:
+        raise ConfigError(f"[coap]: {exc}") from None
 
 
 _LIMIT_KEYS = {field.name for field in dataclasses.fields(LimitSettings)}

@@ -80,9 +80,14 @@ def gateway(
 def unlimited_gateway(
     synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    """A gateway with rate limits off, for tests that send bursts from one address."""
+    """A gateway with rate limits off, for tests that send bursts from one address.
+
+    Those tests also log in to the compact profile many times from that one address
+    over the session: the per-device session cap is raised (it is tested on its own).
+    """
     yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("unlimited-gw"),
-                                       config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n"))
+                                       config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n"
+                                                   "max_sessions_per_device = 256\n"))
 
 
 @pytest.fixture

@@ -173,3 +173,22 @@ def test_connect_timeout_defaults_below_a_short_request_timeout() -> None:
     assert build_config({}).connect_timeout == 5.0
     assert build_config({"request_timeout": 4}).connect_timeout == 2.0
     assert build_config({"request_timeout": 4, "connect_timeout": 1}).connect_timeout == 1.0
+
+
+def test_per_device_shares_are_config_keys_and_validated() -> None:
+    config = build_config({"coap": {"max_observers_per_peer": 4, "max_uploads_per_peer": 2},
+                           "limits": {"max_sessions_per_device": 2, "max_sessions": 50,
+                                      "session_idle_timeout": 3600}})
+    assert (config.coap.max_observers_per_peer, config.coap.max_uploads_per_peer) == (4, 2)
+    limits = config.limits
+    assert (limits.max_sessions_per_device, limits.max_sessions, limits.session_idle_timeout) == (2, 50, 3600.0)
+    defaults = build_config()
+    assert defaults.coap.max_observers_per_peer < defaults.coap.max_observers
+    assert defaults.coap.max_uploads_per_peer < defaults.coap.blockwise_state_capacity
+    assert defaults.limits.max_sessions_per_device < defaults.limits.max_sessions
+    assert 0 < defaults.limits.session_idle_timeout <= 7 * 86400
+    for table, key, value in (("coap", "max_observers_per_peer", 0), ("coap", "max_uploads_per_peer", 0),
+                              ("limits", "max_sessions_per_device", 0), ("limits", "max_sessions", 0),
+                              ("limits", "session_idle_timeout", 0), ("limits", "max_sessions", 1.5)):
+        with pytest.raises(ConfigError, match=key):
+            build_config({table: {key: value}})
