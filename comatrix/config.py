@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from comatrix.coap.server import CoapSettings
+from comatrix.protection import SECURITY_MODES
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,9 @@ class Config:
     credentials_file: str | None = None
     devices: tuple[DeviceCredentials, ...] = ()
     log_level: str = "info"
+    #: Which requests need a security context (`comatrix.protection`): "required",
+    #: "optional" (plain CoAP too: unsafe on a radio) or "off".
+    security: str = "optional"
     #: Deadline for one homeserver call (connect + answer), seconds.  With the
     #: upstream queue's wait it stays below the CoAP EXCHANGE_LIFETIME.
     request_timeout: float = 10.0
@@ -198,6 +202,11 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         if level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         kwargs["log_level"] = level
+    if "security" in values:
+        mode = _string(values, "security").lower()
+        if mode not in SECURITY_MODES:
+            raise ConfigError(f"security must be one of {', '.join(SECURITY_MODES)}")
+        kwargs["security"] = mode
     if "port" in values:
         port = _integer(values, "port")
         if not 0 <= port <= 65535:

@@ -31,6 +31,7 @@ from comatrix.discovery import PluginError, build_site, discover
 from comatrix.errors import error_response
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.client import MatrixClient
+from comatrix.protection import SecurityPolicy
 from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.store import Store
@@ -57,6 +58,8 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for persistent state."],
         ["credentials-file", None, None, "TOML file with [[devices]] credentials (keep it 0640)."],
         ["request-timeout", None, None, "Seconds to wait for the homeserver [default: 10].", float],
+        ["security", None, None, "required, optional or off: whether plain CoAP may reach more than "
+         "/time and /.well-known/core [default: optional]."],
         ["log-level", None, None, "Minimum level of CoMatrix log lines: debug, info, warn, error "
          "[default: info]."],
     ]
@@ -90,6 +93,7 @@ class Options(usage.Options):
             "credentials_file": self["credentials-file"],
             "request_timeout": self["request-timeout"],
             "log_level": self["log-level"],
+            "security": self["security"],
         }
         if self["plugin_dirs"]:
             values["plugin_dirs"] = list(self["plugin_dirs"])
@@ -188,13 +192,15 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                             state={}, reactor=reactor, store=store)
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
+    policy = SecurityPolicy(config.security)
     server = CoapServer(site, config.coap_settings(), reactor=reactor,
                         understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                        on_response=_log_request)
+                        on_response=_log_request, guard=policy.check)
     address = resolve_listen_address(config)
     try:
         port = listen_udp(server, address, config.port, reactor=reactor)
     except CannotListenError as exc:
         reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
         raise SystemExit(f"comatrix: cannot listen on [{address}]:{config.port}: {reason}") from None
+    policy.announce(log)
     return GatewayService(config, server, port, matrix, credentials)

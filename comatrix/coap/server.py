@@ -56,7 +56,8 @@ from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
 
 log = get_logger(__name__)
 
-__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "REQUEST_TAG"]
+__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "RequestGuard",
+           "REQUEST_TAG"]
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -68,6 +69,10 @@ MAX_LATENCY = 100.0
 
 #: Called once per request when its final response is sent: (request, response, milliseconds).
 ResponseHook = Callable[[Request, Response, float], None]
+
+#: Called with each request before anything else is done with it (block-wise reassembly,
+#: routing); raising a `CoapError` answers the request with that error instead.
+RequestGuard = Callable[[Request], None]
 
 Address = tuple[str, int]
 
@@ -269,7 +274,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, reactor: Any = None,
                  understood_options: frozenset[int] = frozenset(),
-                 on_response: ResponseHook | None = None) -> None:
+                 on_response: ResponseHook | None = None, guard: RequestGuard | None = None) -> None:
         super().__init__(site)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -278,6 +283,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.settings = settings
         self.reactor = reactor
         self.on_response = on_response
+        self.guard = guard
         self._understood = _BUILTIN_UNDERSTOOD | frozenset(understood_options) | {REQUEST_TAG}
         self._random = random.Random()
         self._mid = self._random.randrange(0x10000)
@@ -603,6 +609,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if not self._accepting:
             self._complete(incoming, ServiceUnavailable("shutting down").to_response())
             return
+        if self.guard is not None:
+            try:
+                self.guard(request)
+            except CoapError as exc:
+                self._complete(incoming, exc.to_response())
+                return
         if incoming.block1 is not None:
             assembled = self._block1(incoming, request)
             if assembled is None:
