@@ -36,7 +36,7 @@ from comatrix.coap.errors import ServiceUnavailable, TooManyRequests
 from comatrix.coap.message import Request
 from comatrix.config import LimitSettings
 from comatrix.credentials import token_from_request
-from comatrix.identity import device_of
+from comatrix.identity import current_device, device_of
 from comatrix.matrix.api import MatrixRequest
 from comatrix.matrix.transport import MatrixTransport
 
@@ -229,7 +229,9 @@ class LimitedTransport(MatrixTransport):
     """A `MatrixTransport` whose every call goes through an `UpstreamLimiter`.
 
     The transport's own deadline starts when the call leaves the queue, so a
-    queued call can take up to ``queue_timeout + request_timeout`` in all.
+    queued call can take up to ``queue_timeout + request_timeout`` in all.  The
+    device a call is for is the one current when it is *requested*: a queued
+    call starts from another call's completion, in that call's context.
     """
 
     def __init__(self, base_url: str, *, limiter: UpstreamLimiter, **kwargs: Any) -> None:
@@ -237,7 +239,8 @@ class LimitedTransport(MatrixTransport):
         self.limiter = limiter
 
     def request(self, req: MatrixRequest) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
-        return self.limiter.run(lambda: MatrixTransport.request(self, req))
+        device = current_device()
+        return self.limiter.run(lambda: self.send(req, device))
 
 
 def install(site: Any, admission: Admission) -> int:
