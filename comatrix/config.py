@@ -85,6 +85,11 @@ class LimitSettings:
     upstream_queue: int = 256
     #: Longest a call waits in the queue before it is answered 5.03, seconds.
     queue_timeout: float = 10.0
+    #: Wrong-password logins one device may make within ``login_failure_window``
+    #: seconds; after that its logins are answered 4.29 by the gateway itself until
+    #: the oldest failure leaves the window (a successful login resets it).  0: off.
+    login_failures: int = 5
+    login_failure_window: float = 300.0
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -97,6 +102,8 @@ class LimitSettings:
             raise ValueError("max_devices and max_upstream must be >= 1, upstream_queue >= 0")
         if self.queue_timeout <= 0:
             raise ValueError("queue_timeout must be positive")
+        if self.login_failure_window <= 0:
+            raise ValueError("login_failure_window must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from comatrix.errors import error_response
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.client import MatrixClient
 from comatrix.protection import SecurityPolicy
-from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
+from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.store import Store
 
@@ -179,8 +179,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         raise SystemExit(f"comatrix: {exc}") from None
     limits = config.limits
     limiter = UpstreamLimiter(limits.max_upstream, limits.upstream_queue, limits.queue_timeout, reactor)
-    transport = LimitedTransport(config.homeserver, limiter=limiter, reactor=reactor,
-                                 timeout=config.request_timeout, connect_timeout=config.connect_timeout,
+    transport = LimitedTransport(config.homeserver, limiter=limiter, logins=FailedLogins(limits, reactor),
+                                 reactor=reactor, timeout=config.request_timeout, connect_timeout=config.connect_timeout,
                                  max_connections_per_host=config.max_connections)
     if config.state_dir is None:
         log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "

@@ -45,6 +45,7 @@ from comatrix.codec.cbor import CodecError
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLES
 from comatrix.credentials import address_scoped_txn_id
 from comatrix.errors import matrix_error_response
+from comatrix.identity import acting_as, device_of
 from comatrix.interfaces import PluginContext
 from comatrix.longpoll import Backoff, LongPoller, is_transient, long_poller, retry_delay
 from comatrix.matrix import api
@@ -425,6 +426,8 @@ class SyncLoop:
         self.query = query
         #: Fingerprint of the registration request: the resume point belongs to it.
         self.registration = registration
+        #: The device the homeserver is told each /sync is for (``X-Forwarded-For``).
+        self.device = device_of(request)
         self.pending: Response | None = None
         self.stopped = False
         self._waiting: defer.Deferred[Any] | None = None
@@ -436,7 +439,10 @@ class SyncLoop:
     def start(self) -> None:
         if self.stopped:
             return
-        defer.ensureDeferred(self._run()).addBoth(self._finished)
+        # Started by a timer, outside the registration's context: its /syncs are still for its device.
+        with acting_as(self.device):
+            running = defer.ensureDeferred(self._run())
+        running.addBoth(self._finished)
 
     def stop(self) -> None:
         if self.stopped:
