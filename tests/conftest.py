@@ -5,7 +5,8 @@ Fixtures:
 * ``synapse`` (session): one real Synapse on a free 127.0.0.1 port, SQLite in a temp dir.
   Use ``with synapse.stopped(): ...`` to make it unreachable for a while.
 * ``synapse_user`` (function): a factory, ``synapse_user(prefix="user") -> MatrixUser``.
-* ``gateway`` (session): one ``twistd comatrix`` subprocess pointed at ``synapse``.
+* ``gateway`` (session): one ``twistd comatrix`` subprocess pointed at ``synapse``, with
+  registration open (``--allow-registration``); other gateways keep it closed by default.
 * ``make_gateway`` (function): ``make_gateway(**GatewayProcess options, start=True)`` for
   tests that need their own config, plugin dir, address or a failing start; every
   gateway it made is stopped at teardown.
@@ -73,7 +74,9 @@ def _running(gw: GatewayProcess) -> Iterator[GatewayProcess]:
 def gateway(
     synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway")))
+    # Registration is open on this one: the device journeys register over CoAP.
+    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway"),
+                                       allow_registration=True))
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ def _optional_device_id(body: Mapping[str, Any]) -> str | None:
 class RegisterResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.register", ct=(ContentFormat.CBOR,), title="Register a Matrix user")
     proxy_codes = frozenset({"4"})
+    operation = "register"
 
     async def render_POST(self, request: Request) -> Response:
         self.matrix_path(request)
@@ -48,6 +49,7 @@ class RegisterResource(MatrixResource):
 class LoginResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.login", ct=(ContentFormat.CBOR,), title="Log in")
     proxy_codes = frozenset({"1"})
+    operation = "login"
 
     async def render_POST(self, request: Request) -> Response:
         self.matrix_path(request)
@@ -71,6 +73,7 @@ class LoginResource(MatrixResource):
 class LogoutResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.logout", title="Log out (invalidate the token)")
     proxy_codes = frozenset({"3"})
+    operation = "logout"
 
     async def render_POST(self, request: Request) -> Response:
         self.matrix_path(request)
