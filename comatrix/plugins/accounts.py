@@ -1,6 +1,7 @@
 """Account resources: ``/register``, ``/login``, ``/logout`` (original CoMatrix wire format).
 
-register: POST CBOR ``{username, password[, auth, device_id]}`` -> 2.04 ``{access_token, user_id, device_id}``
+register: POST CBOR ``{username, password[, auth, device_id]}`` -> 2.04 ``{access_token, user_id, device_id}``;
+          4.03 "registration closed" unless ``allow_registration`` (`comatrix.policy`)
 login:    POST CBOR ``{type, identifier: {type, user}, password}`` or ``{user, password}`` -> 2.04 same map
 logout:   POST with the token (option 256) -> 2.04, the token is dead afterwards
 """
