@@ -21,6 +21,7 @@ import pytest
 
 from support.coap_clients import libcoap
 from support.gateway import GatewayProcess
+from support.relays import CountingTcpRelay
 from support.secrets import remember
 from support.synapse import MatrixUser, SynapseServer
 
@@ -58,14 +59,17 @@ def post(gw: GatewayProcess, path: str, body: Any = None, options: Any = ()) -> 
 
 
 def test_registration_is_closed_by_default_on_every_path(make_gateway, synapse: SynapseServer) -> None:
-    gw = make_gateway()
     username = "closed" + secrets.token_hex(4)
     password = remember("pw-" + secrets.token_hex(10))
     before = register_calls(synapse)
-    for path, options, body in registration_forms(username, password):
-        answer = post(gw, path, body, options)
-        assert (answer.code, answer.payload) == ("4.03", b"registration closed"), (path, answer)
-    # Synapse saw no register request at all, and the name is still free.
+    with CountingTcpRelay(synapse.port) as relay:
+        gw = make_gateway(homeserver=relay.url)
+        for path, options, body in registration_forms(username, password):
+            answer = post(gw, path, body, options)
+            assert (answer.code, answer.payload) == ("4.03", b"registration closed"), (path, answer)
+        # Nothing reached Synapse: no request through the relay, no register call in its log,
+        # and the name is still free.
+        assert (relay.connections, relay.requests) == (0, [])
     assert register_calls(synapse) == before
     available = synapse.request("GET", "/_matrix/client/v3/register/available", query={"username": username})
     assert available == {"available": True}
