@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from comatrix.coap.server import CoapSettings
+from comatrix.policy import expand_allow
 from comatrix.protection import SECURITY_MODES
 
 
@@ -42,6 +43,9 @@ class DeviceCredentials:
     #: login, so Matrix's per-device txnId scope spans gateway restarts and the
     #: account does not gain a device per restart.  Derived when not configured.
     device_id: str | None = None
+    #: Operations beyond the device ones that devices acting through this entry may use
+    #: (the ``allow`` list, categories expanded; see `comatrix.policy`).
+    allow: frozenset[str] = frozenset()
 
     @property
     def login_device_id(self) -> str:
@@ -121,6 +125,9 @@ class Config:
     #: Which requests need a security context (`comatrix.protection`): "required",
     #: "optional" (plain CoAP too: unsafe on a radio) or "off".
     security: str = "optional"
+    #: Whether devices may create Matrix accounts through the gateway (an unsafe mode: anyone on
+    #: the link could).  Off, every way to register answers 4.03 (`comatrix.policy`).
+    allow_registration: bool = False
     #: Deadline for one homeserver call (connect + answer), seconds.  With the
     #: upstream queue's wait it stays below the CoAP EXCHANGE_LIFETIME.
     request_timeout: float = 10.0
@@ -225,6 +232,10 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
             if number <= 0:
                 raise ConfigError(f"{key} must be positive")
             kwargs[key] = number
+    if "allow_registration" in values:
+        if not isinstance(values["allow_registration"], bool):
+            raise ConfigError("allow_registration must be true or false")
+        kwargs["allow_registration"] = values["allow_registration"]
     if "max_connections" in values:
         kwargs["max_connections"] = _integer(values, "max_connections")
     for key in ("plugin_dirs", "disabled_plugins"):
@@ -343,7 +354,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id"})
+        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         try:
@@ -361,8 +372,18 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
             raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
-                                         access_token=token, device_id=device_id))
+                                         access_token=token, device_id=device_id,
+                                         allow=_allow(entry.get("allow", []), label)))
     return devices
+
+
+def _allow(names: Any, label: str) -> frozenset[str]:
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{label}: allow must be a list of operation or category names")
+    try:
+        return expand_allow(names)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: allow: {exc}") from None
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

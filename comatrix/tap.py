@@ -63,7 +63,9 @@ class Options(usage.Options):
         ["log-level", None, None, "Minimum level of CoMatrix log lines: debug, info, warn, error "
          "[default: info]."],
     ]
-    optFlags = [["version", "V", "Print the version and exit."]]
+    optFlags = [["version", "V", "Print the version and exit."],
+                ["allow-registration", None, "Let devices create Matrix accounts through the gateway "
+                 "(unsafe: anyone on the link could) [default: closed]."]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,6 +96,7 @@ class Options(usage.Options):
             "request_timeout": self["request-timeout"],
             "log_level": self["log-level"],
             "security": self["security"],
+            "allow_registration": True if self["allow-registration"] else None,
         }
         if self["plugin_dirs"]:
             values["plugin_dirs"] = list(self["plugin_dirs"])
@@ -124,6 +127,7 @@ class GatewayService(service.Service):
         log.info("CoMatrix {version} listening on {host} port {port}, homeserver {homeserver}",
                  version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                  homeserver=self.config.homeserver)
+        log_policy(self.config)
         defer.ensureDeferred(self.credentials.drop_unconfigured_tokens()).addErrback(
             lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure))
 
@@ -135,6 +139,19 @@ class GatewayService(service.Service):
         yield self.server.wait_idle(self.config.shutdown_grace)
         yield defer.maybeDeferred(self.port.stopListening)
         yield defer.ensureDeferred(self.matrix.close())
+
+
+def log_policy(config: Config) -> None:
+    """Say at start what devices may do beyond the safe defaults (`comatrix.policy`)."""
+    if config.allow_registration:
+        log.warn("Registration is OPEN (allow_registration): anyone who can reach the gateway can "
+                 "create Matrix accounts on {homeserver}", homeserver=config.homeserver)
+    else:
+        log.info("Registration is closed: every register path answers 4.03 (allow_registration = false)")
+    for device in config.devices:
+        if device.allow:
+            log.info("Devices in {network} may also use, with shared credentials: {operations}",
+                     network=str(device.network), operations=", ".join(sorted(device.allow)))
 
 
 def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:

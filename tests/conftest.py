@@ -8,7 +8,8 @@ Fixtures:
   with Synapse's own default rate limits (``rc_login`` etc.), for tests about rate limits.
   Its ``make_user`` registers through the admin API (not rate-limited).
 * ``synapse_user`` (function): a factory, ``synapse_user(prefix="user") -> MatrixUser``.
-* ``gateway`` (session): one ``twistd comatrix`` subprocess pointed at ``synapse``.
+* ``gateway`` (session): one ``twistd comatrix`` subprocess pointed at ``synapse``, with
+  registration open (``--allow-registration``); other gateways keep it closed by default.
 * ``make_gateway`` (function): ``make_gateway(**GatewayProcess options, start=True)`` for
   tests that need their own config, plugin dir, address or a failing start; every
   gateway it made is stopped at teardown.
@@ -87,7 +88,9 @@ def _running(gw: GatewayProcess) -> Iterator[GatewayProcess]:
 def gateway(
     synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway")))
+    # Registration is open on this one: the device journeys register over CoAP.
+    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway"),
+                                       allow_registration=True))
 
 
 @pytest.fixture(scope="session")
