@@ -32,7 +32,8 @@ from comatrix.errors import error_response
 from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.client import MatrixClient
-from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
+from comatrix.protection import SecurityPolicy
+from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.store import Store
 
@@ -58,10 +59,14 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for persistent state."],
         ["credentials-file", None, None, "TOML file with [[devices]] credentials (keep it 0640)."],
         ["request-timeout", None, None, "Seconds to wait for the homeserver [default: 10].", float],
+        ["security", None, None, "required, optional or off: whether plain CoAP may reach more than "
+         "/time and /.well-known/core [default: optional]."],
         ["log-level", None, None, "Minimum level of CoMatrix log lines: debug, info, warn, error "
          "[default: info]."],
     ]
-    optFlags = [["version", "V", "Print the version and exit."]]
+    optFlags = [["version", "V", "Print the version and exit."],
+                ["allow-registration", None, "Let devices create Matrix accounts through the gateway "
+                 "(unsafe: anyone on the link could) [default: closed]."]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +96,8 @@ class Options(usage.Options):
             "credentials_file": self["credentials-file"],
             "request_timeout": self["request-timeout"],
             "log_level": self["log-level"],
+            "security": self["security"],
+            "allow_registration": True if self["allow-registration"] else None,
         }
         if self["plugin_dirs"]:
             values["plugin_dirs"] = list(self["plugin_dirs"])
@@ -121,6 +128,7 @@ class GatewayService(service.Service):
         log.info("CoMatrix {version} listening on {host} port {port}, homeserver {homeserver}",
                  version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                  homeserver=self.config.homeserver)
+        log_policy(self.config)
         defer.ensureDeferred(self.credentials.drop_unconfigured_tokens()).addErrback(
             lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure))
 
@@ -132,6 +140,19 @@ class GatewayService(service.Service):
         yield self.server.wait_idle(self.config.shutdown_grace)
         yield defer.maybeDeferred(self.port.stopListening)
         yield defer.ensureDeferred(self.matrix.close())
+
+
+def log_policy(config: Config) -> None:
+    """Say at start what devices may do beyond the safe defaults (`comatrix.policy`)."""
+    if config.allow_registration:
+        log.warn("Registration is OPEN (allow_registration): anyone who can reach the gateway can "
+                 "create Matrix accounts on {homeserver}", homeserver=config.homeserver)
+    else:
+        log.info("Registration is closed: every register path answers 4.03 (allow_registration = false)")
+    for device in config.devices:
+        if device.allow:
+            log.info("Devices in {network} may also use, with shared credentials: {operations}",
+                     network=str(device.network), operations=", ".join(sorted(device.allow)))
 
 
 def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:
@@ -181,8 +202,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         raise SystemExit(f"comatrix: {exc}") from None
     limits = config.limits
     limiter = UpstreamLimiter(limits.max_upstream, limits.upstream_queue, limits.queue_timeout, reactor)
-    transport = LimitedTransport(config.homeserver, limiter=limiter, reactor=reactor,
-                                 timeout=config.request_timeout, connect_timeout=config.connect_timeout,
+    transport = LimitedTransport(config.homeserver, limiter=limiter, logins=FailedLogins(limits, reactor),
+                                 reactor=reactor, timeout=config.request_timeout, connect_timeout=config.connect_timeout,
                                  max_connections_per_host=config.max_connections)
     if config.state_dir is None:
         log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "
@@ -194,13 +215,15 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                             state={}, reactor=reactor, store=store)
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
+    policy = SecurityPolicy(config.security)
     server = CoapServer(site, config.coap_settings(), reactor=reactor,
                         understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                        on_response=_log_request, peer_key=device_key)
+                        on_response=_log_request, guard=policy.check, peer_key=device_key)
     address = resolve_listen_address(config)
     try:
         port = listen_udp(server, address, config.port, reactor=reactor)
     except CannotListenError as exc:
         reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
         raise SystemExit(f"comatrix: cannot listen on [{address}]:{config.port}: {reason}") from None
+    policy.announce(log)
     return GatewayService(config, server, port, matrix, credentials)

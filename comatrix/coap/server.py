@@ -62,8 +62,8 @@ from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
 
 log = get_logger(__name__)
 
-__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "REQUEST_TAG",
-           "PeerKey", "address_key"]
+__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "RequestGuard",
+           "REQUEST_TAG", "PeerKey", "address_key"]
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -75,6 +75,10 @@ MAX_LATENCY = 100.0
 
 #: Called once per request when its final response is sent: (request, response, milliseconds).
 ResponseHook = Callable[[Request, Response, float], None]
+
+#: Called with each request before anything else is done with it (block-wise reassembly,
+#: routing); raising a `CoapError` answers the request with that error instead.
+RequestGuard = Callable[[Request], None]
 
 Address = tuple[str, int]
 
@@ -290,7 +294,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, reactor: Any = None,
                  understood_options: frozenset[int] = frozenset(),
-                 on_response: ResponseHook | None = None, peer_key: PeerKey = address_key) -> None:
+                 on_response: ResponseHook | None = None, guard: RequestGuard | None = None,
+                 peer_key: PeerKey = address_key) -> None:
         """``peer_key``: whose share of observers and uploads a request counts against."""
         super().__init__(site)
         if reactor is None:
@@ -300,6 +305,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.settings = settings
         self.reactor = reactor
         self.on_response = on_response
+        self.guard = guard
         self.peer_key = peer_key
         self._understood = _BUILTIN_UNDERSTOOD | frozenset(understood_options) | {REQUEST_TAG}
         self._random = random.Random()
@@ -627,6 +633,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if not self._accepting:
             self._complete(incoming, ServiceUnavailable("shutting down").to_response())
             return
+        if self.guard is not None:
+            try:
+                self.guard(request)
+            except CoapError as exc:
+                self._complete(incoming, exc.to_response())
+                return
         if incoming.block1 is not None:
             assembled = self._block1(incoming, request)
             if assembled is None:

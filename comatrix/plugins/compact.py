@@ -78,6 +78,8 @@ def _cbor(payload: bytes, code: Code) -> Response:
 class CompactResource(MatrixResource):
     """Base of the compact resources: the shared service and the CBOR payload check."""
 
+    operation = "compact"  # sessions of the device's own login, never shared credentials
+
     def __init__(self, context: PluginContext) -> None:
         super().__init__(context)
         self.service = compact_service(context)
