@@ -35,6 +35,7 @@ from comatrix.matrix.testing import FakeHomeserver, result_of
 from comatrix.plugins import accounts, compact, msc3079
 from comatrix.plugins.compact import STATE_KEY as COMPACT_STATE
 from comatrix.ratelimit import FailedLogins, LimitedTransport, UpstreamLimiter, is_login
+from test_bad_input_profiles import MemoryStore
 
 ATTACKER, VICTIM = ("127.0.0.66", 40000), ("127.0.0.2", 40001)
 CBOR = [(OptionNumber.CONTENT_FORMAT, bytes([ContentFormat.CBOR]))]
@@ -57,8 +58,8 @@ class Gateway:
         config = build_config({})
         context = PluginContext(config=config, matrix=matrix, credentials=Credentials((), matrix),
                                 state={}, reactor=clock)
-        # Wrong compact logins never reach the store: the service needs none here.
-        context.state[COMPACT_STATE] = CompactService(matrix, None, clock)  # type: ignore[arg-type]
+        # A compact login asks the store first (the per-device session cap), then the homeserver.
+        context.state[COMPACT_STATE] = CompactService(matrix, MemoryStore(), clock)
         self.site.put(("login",), accounts.login.build(context))
         self.site.put(("+",), compact.compact_login.build(context))
         for path, resource in msc3079.msc3079.build_routes(context):
