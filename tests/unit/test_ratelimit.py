@@ -93,17 +93,35 @@ def test_refused_requests_cost_no_budget() -> None:
     admission.check(request())
 
 
-def test_global_limit_spans_devices() -> None:
+def test_global_limit_spans_devices_and_is_paid_by_the_first_homeserver_call() -> None:
     clock = task.Clock()
-    admission = Admission(LimitSettings(device_rate=100, device_burst=100, global_rate=1, global_burst=3),
+    admission = Admission(LimitSettings(device_rate=1, device_burst=1, global_rate=1, global_burst=3),
                           clock)
     for n in range(3):
-        admission.check(request(f"2001:db8::{n + 1}"))
-    error = refused(admission, request("2001:db8::99"))
-    assert error.diagnostic == "gateway rate limit" and error.max_age == 1
-    # A device refused by the global bucket kept its own token.
-    clock.advance(1.0)
+        ticket = admission.check(request(f"2001:db8::{n + 1}"))
+        ticket.pay()
+        ticket.pay()  # a request's further homeserver calls are free
+    last = admission.check(request("2001:db8::99"))  # admitted: its own bucket has a token
+    with pytest.raises(TooManyRequests) as info:
+        last.pay()
+    assert info.value.diagnostic == "gateway rate limit" and info.value.max_age == 1
+    # The device refused by the global bucket got its own token back (its burst is 1).
     admission.check(request("2001:db8::99"))
+    clock.advance(1.0)
+    admission.check(request("2001:db8::98")).pay()
+
+
+def test_a_request_that_never_reaches_the_homeserver_costs_no_global_token() -> None:
+    clock = task.Clock()
+    admission = Admission(LimitSettings(device_rate=1, device_burst=1, global_rate=0.001, global_burst=1),
+                          clock)
+    for n in range(100):
+        admission.check(request(f"10.1.0.{n + 1}")).close(None)  # answered (4.00, 4.01...) unpaid
+    ticket = admission.check(request("10.9.9.9"))
+    ticket.pay()  # the one global token is still there
+    closed = admission.check(request("10.9.9.8"))
+    closed.close(None)
+    closed.pay()  # work left running after the answer is not charged to the request
 
 
 def test_device_key_token_separates_devices_behind_one_address() -> None:
