@@ -94,6 +94,12 @@ class LimitSettings:
     #: the oldest failure leaves the window (a successful login resets it).  0: off.
     login_failures: int = 5
     login_failure_window: float = 300.0
+    #: Homeserver long-polls (``/sync``: plain MSC3079 long-polls, Observe loops, compact
+    #: watches) one device may hold at once; the next is answered 4.29 with Max-Age.
+    long_polls_per_device: int = 4
+    #: Long-polls all devices together may hold (each is one TCP connection to the
+    #: homeserver); capped at start to fit the process's open-file limit (`comatrix.longpoll`).
+    max_long_polls: int = 256
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -108,6 +114,8 @@ class LimitSettings:
             raise ValueError("queue_timeout must be positive")
         if self.login_failure_window <= 0:
             raise ValueError("login_failure_window must be positive")
+        if not 1 <= self.long_polls_per_device <= self.max_long_polls:
+            raise ValueError("long_polls_per_device must be between 1 and max_long_polls")
 
 
 @dataclasses.dataclass(frozen=True)
