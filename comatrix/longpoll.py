@@ -197,10 +197,11 @@ class LongPollQuota:
         """A slot for ``device`` (None: the gateway itself, bound by the total only), or 4.29 / 5.03."""
         key = device.key if device is not None else None
         if key is not None and self._held.get(key, 0) >= self.per_device:
-            log.info("Long-polls of {device}: all {n} of its share in use: 4.29", device=key, n=self.per_device)
+            # debug: a flood must not flood the log too (each request has its access-log line already)
+            log.debug("Long-polls of {device}: all {n} of its share in use: 4.29", device=key, n=self.per_device)
             raise TooManyRequests("too many long-polls of this device", retry_after=LONG_POLL_RETRY_AFTER)
         if self._in_use >= self.total:
-            log.warn("Long-polls: all {n} in use: 5.03", n=self.total)
+            log.info("Long-polls: all {n} in use: 5.03", n=self.total)
             raise ServiceUnavailable("too many long-polls", max_age=LONG_POLL_RETRY_AFTER)
         self._in_use += 1
         if key is not None:
@@ -227,7 +228,7 @@ class LongPollQuota:
             log.warn("[limits] max_long_polls = {asked} does not fit the open-file limit {limit}: "
                      "using {total}", asked=limits.max_long_polls, limit=open_files, total=total)
         log.info("Long-polls to the homeserver: at most {total} in all, {per} per device; open-file limit "
-                 "{limit}, of which {client} for the Matrix client and {reserve} reserved",
+                 "{limit} ({client} kept for the Matrix client, {reserve} reserved)",
                  total=total, per=min(limits.long_polls_per_device, total),
                  limit="unlimited" if open_files is None else open_files, client=client, reserve=FD_RESERVE)
         return cls(min(limits.long_polls_per_device, total), total)
