@@ -497,9 +497,24 @@ class SyncLoop:
         finally:
             self._waiting = None
 
+    def _observed(self) -> bool:
+        """Whether the CoAP layer still holds this registration (a resource on no site: assume so).
+
+        A registration the CoAP layer did not take (its observer cap) or dropped without
+        telling `SyncResource.observer_removed` must not keep long-polling -- and holding its
+        device's long-poll slot -- for nobody.
+        """
+        if not self.resource._coap_sites:
+            return True
+        return any(registered is self.request for registered in self.resource.observer_requests())
+
     async def _run(self) -> None:
         backoff = Backoff(random=self.service.jitter)
         while not self.stopped:
+            if not self._observed():
+                log.info("sync observation of {peer} is no longer registered: its loop ends",
+                         peer=str(self.request.peer))
+                return
             try:
                 _status, answer = await self._wait(self.service.sync(
                     self._token, self.query + (("since", self.since),),

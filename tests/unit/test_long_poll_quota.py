@@ -90,9 +90,9 @@ def test_config_keys_are_checked() -> None:
 class Msc3079Gateway:
     """The MSC3079 resources on a harness, their long-polls on an in-memory homeserver."""
 
-    def __init__(self, quota: LongPollQuota) -> None:
+    def __init__(self, quota: LongPollQuota, settings: CoapSettings = CoapSettings()) -> None:
         self.site = Site(error_response)
-        self.harness = Harness(self.site, CoapSettings(), understood_options=frozenset({256, 257}))
+        self.harness = Harness(self.site, settings, understood_options=frozenset({256, 257}))
         self.homeserver = FakeHomeserver()
         self.token, _ = self.homeserver.issue_token(self.homeserver.add_user("d", "pw"))
         transport, self.stub = stub_transport(self.homeserver, self.harness.clock, timeout=3600)
@@ -204,3 +204,14 @@ def test_a_compact_watch_holds_a_slot_of_the_device_that_started_it() -> None:
     assert quota.in_use == 2 and len(homeserver.hanging) == 2
     service.stop()
     assert quota.in_use == 0
+
+
+def test_an_observe_loop_the_coap_layer_did_not_register_gives_its_slot_back() -> None:
+    gateway = Msc3079Gateway(LongPollQuota(per_device=1, total=4), CoapSettings(max_observers=0))
+    gateway.homeserver.script("GET", SYNC, ScriptedAnswer(200, b'{"next_batch": "s0"}',
+                                                          {"Content-Type": "application/json"}))
+    gateway.harness.send(Code.GET, ("7",), token=b"\x42", peer=A,
+                         options=[(OptionNumber.OBSERVE, b""), (256, gateway.token.encode())])
+    gateway.harness.advance(0)  # the loop starts, finds no observation, and ends
+    assert gateway.quota.in_use == 0 and gateway.context.state["msc3079"].loops == {}
+    assert len(gateway.homeserver.calls("sync")) == 1  # the registration's own /sync, no long-poll after it
