@@ -176,6 +176,11 @@ class Lease:
             self.released = True
             self._quota._release(self.key)
 
+    def release_passing(self, result: Any) -> Any:
+        """`release`, as a Deferred callback that passes ``result`` on."""
+        self.release()
+        return result
+
 
 class LongPollQuota:
     """At most ``per_device`` long-polls per device and ``total`` in all (module docstring)."""
@@ -269,18 +274,11 @@ class LongPoller:
                 own = self.lease()
             except (TooManyRequests, ServiceUnavailable):
                 return defer.fail()
-            return self.request(req, deadline, own).addBoth(_releasing(own))
+            return self.request(req, deadline, own).addBoth(own.release_passing)
         return with_deadline(self.transport.request(req), deadline, self.reactor)
 
     def close(self) -> "defer.Deferred[None]":
         return self.transport.close()
-
-
-def _releasing(lease: Lease) -> Callable[[Any], Any]:
-    def release(result: Any) -> Any:
-        lease.release()
-        return result
-    return release
 
 
 def long_poller(context: PluginContext) -> LongPoller:
