@@ -31,6 +31,7 @@ from comatrix.discovery import PluginError, build_site, discover
 from comatrix.errors import error_response
 from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
+from comatrix.longpoll import long_poller
 from comatrix.matrix.client import MatrixClient
 from comatrix.protection import SecurityPolicy
 from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
@@ -115,12 +116,13 @@ class GatewayService(service.Service):
     """Owns the listening port, the CoAP server and the Matrix client; stops them gracefully."""
 
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
-                 matrix: MatrixClient, credentials: Credentials) -> None:
+                 matrix: MatrixClient, credentials: Credentials, store: Store | None = None) -> None:
         self.config = config
         self.server = server
         self.port = port
         self.matrix = matrix
         self.credentials = credentials
+        self.store = store
 
     def startService(self) -> None:
         super().startService()
@@ -129,6 +131,9 @@ class GatewayService(service.Service):
                  version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                  homeserver=self.config.homeserver)
         log_policy(self.config)
+        if self.store is not None:
+            # Its files are opened now, while descriptors are plenty, and kept (comatrix.store).
+            self.store.open().addErrback(lambda failure: log.failure("Could not open the store", failure))
         defer.ensureDeferred(self.credentials.drop_unconfigured_tokens()).addErrback(
             lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure))
 
@@ -213,6 +218,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     credentials = Credentials(config.devices, matrix, store)
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store)
+    long_poller(context)  # sized to the open-file limit now, and logged, whatever plugins use it
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
     policy = SecurityPolicy(config.security)
@@ -226,4 +232,4 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
         raise SystemExit(f"comatrix: cannot listen on [{address}]:{config.port}: {reason}") from None
     policy.announce(log)
-    return GatewayService(config, server, port, matrix, credentials)
+    return GatewayService(config, server, port, matrix, credentials, store)
