@@ -51,8 +51,9 @@ from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter
                                   RequestEntityTooLarge, ServiceUnavailable, decode_uint,
                                   default_error_adapter, encode_uint)
 from comatrix.coap.linkformat import WELL_KNOWN_CORE, WellKnownCore
-from comatrix.coap.message import Peer, Request, Response
+from comatrix.coap.message import Peer, Request, Response, Security
 from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
+from comatrix.coap.secured import MessageProtection, ProtectionUnavailable, Refused
 
 log = get_logger(__name__)
 
@@ -199,7 +200,8 @@ class _Incoming:
     """One request being answered."""
 
     __slots__ = ("addr", "mid", "mtype", "token", "request", "received", "ack_timer", "empty_acked",
-                 "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested")
+                 "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested",
+                 "security", "exchange")
 
     def __init__(self, addr: Address, mid: int, mtype: int, token: bytes, received: float) -> None:
         self.addr = addr
@@ -217,6 +219,8 @@ class _Incoming:
         self.observe: Any = None  # the resource when this GET may register an observer
         self.cache_key: tuple[Any, ...] | None = None
         self.not_interested = 0  # RFC 7967 No-Response bitmap
+        self.security: Security | None = None
+        self.exchange: Any = None  # set when the answer must be protected (see `MessageProtection`)
 
 
 class _Outgoing:
@@ -245,10 +249,10 @@ class _Outgoing:
 
 
 class _Observer:
-    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out")
+    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out", "exchange")
 
     def __init__(self, addr: Address, token: bytes, resource: Any, request: Request,
-                 block2: Block | None, now: float) -> None:
+                 block2: Block | None, now: float, exchange: Any = None) -> None:
         self.key = (addr, token)
         self.addr = addr
         self.token = token
@@ -257,6 +261,7 @@ class _Observer:
         self.block2 = block2
         self.last_con = now
         self.con_out: _Outgoing | None = None
+        self.exchange = exchange
 
 
 class _Upload:
@@ -274,7 +279,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, reactor: Any = None,
                  understood_options: frozenset[int] = frozenset(),
-                 on_response: ResponseHook | None = None, guard: RequestGuard | None = None) -> None:
+                 on_response: ResponseHook | None = None, guard: RequestGuard | None = None,
+                 protection: MessageProtection | None = None) -> None:
         super().__init__(site)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -284,6 +290,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.reactor = reactor
         self.on_response = on_response
         self.guard = guard
+        self.protection = protection
         self._understood = _BUILTIN_UNDERSTOOD | frozenset(understood_options) | {REQUEST_TAG}
         self._random = random.Random()
         self._mid = self._random.randrange(0x10000)
@@ -531,6 +538,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         log.debug("Request {mid} from {peer}", mid=message.mid, peer=addr)
         incoming = _Incoming(addr, message.mid, message.mtype, message.token, self.reactor.seconds())
         self._pending.add(incoming)
+        if self.protection is not None and any(number == OptionNumber.OSCORE for number, _ in message.options):
+            outcome = self.protection.unprotect(message)
+            if isinstance(outcome, Refused):
+                incoming.exchange = outcome.exchange
+                self._complete(incoming, outcome.response)
+                return
+            message = outcome.message
+            incoming.security = outcome.security
+            incoming.exchange = outcome.exchange
         try:
             request = self._parse(message, addr, incoming)
         except CoapError as exc:
@@ -558,7 +574,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             method = Code.EMPTY
         # A minimal request first, so that early errors can still be reported to the hook.
         incoming.request = Request(method=method, path=(), token=message.token, peer=peer,
-                                   message_type=MessageType(message.mtype), options=frozen)
+                                   message_type=MessageType(message.mtype), options=frozen,
+                                   security=incoming.security)
         if method == Code.EMPTY:
             raise MethodNotAllowed("unknown method")
         understood = self._understood
@@ -600,7 +617,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             method=method, path=path, payload=message.payload, query=query,
             content_format=uints[OptionNumber.CONTENT_FORMAT], accept=uints[OptionNumber.ACCEPT],
             observe=uints[OptionNumber.OBSERVE], token=message.token, peer=peer,
-            message_type=MessageType(message.mtype), options=frozen)
+            message_type=MessageType(message.mtype), options=frozen, security=incoming.security)
         incoming.request = request
         return request
 
@@ -624,7 +641,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._complete(incoming, RequestEntityTooLarge(size1=settings.max_body_size).to_response())
             return
         block2 = incoming.block2
-        cache_key = (incoming.addr, request.method, request.path, request.query, request.accept)
+        cache_key = (incoming.addr, request.method, request.path, request.query, request.accept,
+                     request.security)
         incoming.cache_key = cache_key
         if block2 is not None and block2.num > 0:
             cached = self._representations.get(cache_key)
@@ -643,7 +661,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if request.observe is not None and request.method in (Code.GET, Code.FETCH):  # RFC 8132 §2.4
             if request.observe == 1:
                 observer = self._observers.get((incoming.addr, request.token))
-                if observer is not None:
+                if observer is not None and observer.request.security == request.security:
                     self._remove_observer(observer)
             elif request.observe == 0 and resource.link.obs and (block2 is None or block2.num == 0):
                 incoming.observe = resource
@@ -694,7 +712,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._complete(incoming, RequestEntityTooLarge(size1=settings.max_body_size).to_response())
             return None
         tag = request.option(REQUEST_TAG)
-        index_key = (incoming.addr, request.method, request.path)
+        index_key = (incoming.addr, request.method, request.path, request.security)
         key = index_key + ((b"t", tag) if tag is not None else (b"k", request.token),)
         if block.num == 0:
             if not block.more:
@@ -790,7 +808,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             key = (incoming.addr, incoming.token)
             if is_success and (key in self._observers or len(self._observers) < self.settings.max_observers):
                 self._add_observer(_Observer(incoming.addr, incoming.token, resource, request,
-                                             incoming.block2, self.reactor.seconds()))
+                                             incoming.block2, self.reactor.seconds(), incoming.exchange))
                 options.append((OptionNumber.OBSERVE, encode_uint(self._next_seq())))
             elif not is_success:
                 observer = self._observers.get(key)
@@ -847,6 +865,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 self._dedup.replace((incoming.addr, incoming.mid), ack)
                 self._write(ack, incoming.addr)
             return
+        if incoming.exchange is not None:
+            protected = self._protect(incoming.exchange, code, options, payload)
+            if protected is None:
+                unavailable = ServiceUnavailable("try again", max_age=1).to_response()
+                protected = (unavailable.code, self._response_options(unavailable), unavailable.payload)
+            code, options, payload = protected
         if incoming.mtype == CON and not incoming.empty_acked:
             data = wire.encode(ACK, code, incoming.mid, token, options, payload)
             self._dedup.replace((incoming.addr, incoming.mid), data)
@@ -857,6 +881,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._send_con(_Outgoing(incoming.addr, build, None))
         else:
             self._write(wire.encode(NON, code, self._next_mid(), token, options, payload), incoming.addr)
+
+    def _protect(self, exchange: Any, code: int, options: list[wire.RawOption],
+                 payload: bytes) -> tuple[int, list[wire.RawOption], bytes] | None:
+        assert self.protection is not None
+        try:
+            return self.protection.protect(exchange, code, options, payload)
+        except ProtectionUnavailable as exc:
+            log.warn("Could not protect a response: {reason}", reason=str(exc))
+            return None
 
     def _idle_timeout(self) -> None:
         for incoming in list(self._pending):
@@ -928,7 +961,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         payload = response.payload
         if payload:
             request = observer.request
-            cache_key = (observer.addr, request.method, request.path, request.query, request.accept)
+            cache_key = (observer.addr, request.method, request.path, request.query, request.accept,
+                         request.security)
             first = Block(0, False, observer.block2.szx) if observer.block2 is not None and is_success else None
             sliced = self._block2_options(response, first, False, cache_key, self.settings.default_block_szx)
             if isinstance(sliced, Response):  # pragma: no cover - block 0 is always in range
@@ -936,7 +970,14 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             options.extend(sliced[0])
             payload = sliced[1]
         token = observer.token
-        code = response.code
+        code: int = response.code
+        if observer.exchange is not None:
+            protected = self._protect(observer.exchange, code, options, payload)
+            if protected is None:
+                self._remove_observer(observer)
+                delivered.callback(0)
+                return
+            code, options, payload = protected
 
         def build(mid: int) -> bytes:
             return wire.encode(CON, code, mid, token, options, payload)

@@ -146,7 +146,7 @@ class Msc3079Service:
         """The token a /sync acts with: sticky/explicit, else the device's configured credentials."""
         if state.token is not None:
             return state.token
-        if self.context.credentials.device_for(request.peer.host) is not None:
+        if self.context.credentials.entry_for(request) is not None:
             return await self.context.credentials.token_for(request)
         return None
 
@@ -159,7 +159,7 @@ class Msc3079Service:
             req = api.generic(request.method.name, target.segments, access_token, query, body)
             return self.transport.request(req)
 
-        if token is None and target.takes_token and credentials.device_for(request.peer.host) is not None:
+        if token is None and target.takes_token and credentials.entry_for(request) is not None:
             # A [[devices]] entry: one Matrix device for all its addresses, so this one's txnIds get its tag.
             target = with_txn_id(target, lambda txn_id: address_scoped_txn_id(request, txn_id))
             token = await credentials.token_for(request)
