@@ -227,6 +227,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     install(site, Admission(limits, reactor))
     policy = SecurityPolicy(config.security)
     oscore = build_oscore(config.devices, config.state_dir, reactor) if policy.secured_ways_in else None
+    if oscore is None and any(device.oscore is not None for device in config.devices):
+        log.warn("security = off: the oscore contexts of [[devices]] entries are not offered")
     server = CoapServer(site, config.coap_settings(), reactor=reactor,
                         understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
                         on_response=_log_request, guard=policy.check, protection=oscore)

@@ -123,8 +123,11 @@ def _oscore_option(data: bytes) -> OscoreOption | None:
     return OscoreOption.decode(values[0]) if values else None
 
 
-def test_aiocoap_client_cli_with_a_credentials_file(make_gateway, provisioned: Provisioned, tmp_path: Path) -> None:
+def test_aiocoap_client_cli_with_a_credentials_file(make_gateway, synapse: SynapseServer,
+                                                    provisioned: Provisioned, tmp_path: Path) -> None:
     gw = make_gateway(config_text=provisioned.config_text())
+    user = provisioned.user
+    room_id = synapse.create_room(user.access_token)
     credentials = tmp_path / "client-credentials.json"
     credentials.write_text(json.dumps(provisioned.client_credentials(gw.port)))
     done = aiocoap_client_cli(["--credentials", str(credentials), gw.uri("time")])
@@ -133,6 +136,13 @@ def test_aiocoap_client_cli_with_a_credentials_file(make_gateway, provisioned: P
     done = aiocoap_client_cli(["--credentials", str(credentials), gw.uri(".well-known/core")])
     assert done.returncode == 0, done.stderr
     assert b"/time" in done.stdout and b"/send" in done.stdout
+    # The README's send: JSON on the command line, CBOR on the air.
+    body = json.dumps({"room_id": room_id, "body": "hello from aiocoap-client"})
+    done = aiocoap_client_cli(["--credentials", str(credentials), "-m", "POST", "--content-format",
+                               "application/cbor", "--payload", body, gw.uri("send")])
+    assert done.returncode == 0, done.stderr
+    latest = synapse.text_messages(user.access_token, room_id, limit=1)[0]
+    assert (latest["sender"], latest["content"]["body"]) == (user.user_id, "hello from aiocoap-client")
     # The first request after the gateway started went through the Echo round trip.
     assert "replay window of <SecurityContext recipient_id='01'" in gw.log_text()
 

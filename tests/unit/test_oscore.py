@@ -419,3 +419,16 @@ def test_refused_outcome_of_unknown_kid_is_unprotected() -> None:
     outcome = OscoreLayer(store).unprotect(wire.decode(_peer().request(Code.POST, ("thing",))))
     assert isinstance(outcome, Refused) and outcome.exchange is None
     assert outcome.response.max_age == 0
+
+
+def test_oscore_entries_without_a_state_dir_stop_the_start(tmp_path: Path) -> None:
+    from comatrix.config import build_config
+    from comatrix.tap import build_oscore
+    oscore = {"recipient_id": "01", "sender_id": "", "master_secret": SECRET.hex()}
+    devices = build_config({"devices": [{"access_token": "t", "oscore": oscore}]}).devices
+    with pytest.raises(SystemExit, match="need state_dir"):
+        build_oscore(devices, None, reactor)
+    layer = build_oscore(devices, str(tmp_path / "state"), reactor)
+    assert layer.contexts.find(b"\x01") is not None
+    assert json.loads((tmp_path / "state" / "oscore-sequence.json").read_text()) == {"01:": 100}
+    assert SECRET.hex() not in (tmp_path / "state" / "oscore-sequence.json").read_text()
