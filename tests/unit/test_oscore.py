@@ -432,3 +432,30 @@ def test_oscore_entries_without_a_state_dir_stop_the_start(tmp_path: Path) -> No
     assert layer.contexts.find(b"\x01") is not None
     assert json.loads((tmp_path / "state" / "oscore-sequence.json").read_text()) == {"01:": 100}
     assert SECRET.hex() not in (tmp_path / "state" / "oscore-sequence.json").read_text()
+
+
+def test_a_compact_session_opened_through_oscore_is_bound_to_the_context_not_the_address() -> None:
+    import cbor2
+    import support.world
+    from comatrix.discovery import build_site
+    from comatrix.errors import error_response
+    from test_bad_input_profiles import COMPACT_PLUGINS, site_context
+
+    world = support.world.World()
+    store = ContextStore()
+    store.add(SID, RID, SECRET, SALT, persistent=False).replay.establish(0)
+    harness = Harness(build_site(COMPACT_PLUGINS, site_context(world), error_response), protection=OscoreLayer(store))
+    peer = _peer()
+    cbor = [(int(OptionNumber.CONTENT_FORMAT), b"\x3c")]
+    [reply] = harness.send_raw(peer.request(Code.POST, ("+",), payload=cbor2.dumps(["d", "pw"]), options=cbor))
+    login = peer.verify(reply)
+    assert login.code == Code.CREATED, login
+    handle = cbor2.loads(login.payload)
+    join = cbor2.dumps([handle, world.alias])
+    # The handle in plain CoAP from the very address the login came from: refused.
+    [plain] = harness.send(Code.POST, ("x",), payload=join, options=cbor, mid=500)
+    assert plain.code == Code.FORBIDDEN
+    # Through the context from another address: the session's own device.
+    [reply] = harness.send_raw(peer.request(Code.POST, ("x",), payload=join, options=cbor, mid=501),
+                               ("2001:db8::99", 1234))
+    assert peer.verify(reply).code == Code.CHANGED
