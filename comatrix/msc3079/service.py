@@ -171,7 +171,7 @@ class Msc3079Service:
             return await send(await credentials.token_for(request))
         result = await send(token)
         if target.is_logout and token is not None:
-            self.peers.forget_token(request.peer, token)
+            self.peers.forget_token(request, token)
             await self.resumes.forget(token)
         return result
 

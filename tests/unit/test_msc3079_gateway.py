@@ -356,3 +356,18 @@ def test_devices_sharing_a_configured_entry_get_txn_ids_of_their_own() -> None:
     # One Matrix device for the whole entry: each address's "17" is its own txn id, and the
     # same address retrying keeps its own (Matrix then returns the first event).
     assert sent[0] != sent[1] and sent[0] == sent[2] and all(txn.endswith(".17") for txn in sent)
+
+
+def test_a_token_made_sticky_through_a_security_context_stays_in_that_context() -> None:
+    from comatrix.coap.message import Peer, Request, Security
+    from comatrix.msc3079.peers import PeerTable
+
+    table = PeerTable(16, 100, lambda: 0.0)
+    secured = Security("oscore", "01")
+    here = Peer("2001:db8::5", 5683)
+    table.update(Request(Code.GET, (), peer=here, security=secured, options={TOKEN: (b"tok-secret",)}))
+    assert table.update(Request(Code.GET, (), peer=here)).token is None  # plain, same address and port: nothing
+    moved = Request(Code.GET, (), peer=Peer("2001:db8::77", 1), security=secured)
+    assert table.update(moved).token == "tok-secret"  # the context from anywhere: its own token
+    table.forget_token(moved, "tok-secret")
+    assert table.update(moved).token is None
