@@ -76,6 +76,8 @@ ResponseHook = Callable[[Request, Response, float], None]
 RequestGuard = Callable[[Request], None]
 
 Address = tuple[str, int]
+#: An observation: (peer, token, security context of its registration).
+ObserverKey = tuple[Address, bytes, Security | None]
 
 #: Critical options this layer handles itself.  Proxy-Uri/-Scheme are passed to
 #: resources: CoMatrix's compatibility clients send Proxy-Uri to the gateway.
@@ -253,7 +255,8 @@ class _Observer:
 
     def __init__(self, addr: Address, token: bytes, resource: Any, request: Request,
                  block2: Block | None, now: float, exchange: Any = None) -> None:
-        self.key = (addr, token)
+        # A request through a security context never touches a plain one's observation, nor the reverse.
+        self.key: ObserverKey = (addr, token, request.security)
         self.addr = addr
         self.token = token
         self.resource = resource
@@ -307,9 +310,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._outgoing: dict[tuple[Address, int], _Outgoing] = {}
         self._busy: dict[Address, int] = {}
         self._queued: dict[Address, deque[_Outgoing]] = {}
-        self._observers: dict[tuple[Address, bytes], _Observer] = {}
-        self._observers_by_resource: dict[Any, dict[tuple[Address, bytes], _Observer]] = {}
-        self._non_notifications: BoundedCache[tuple[Address, int], tuple[Address, bytes]] = BoundedCache(
+        self._observers: dict[ObserverKey, _Observer] = {}
+        self._observers_by_resource: dict[Any, dict[ObserverKey, _Observer]] = {}
+        self._non_notifications: BoundedCache[tuple[Address, int], ObserverKey] = BoundedCache(
             max(1024, 4 * settings.max_observers), settings.non_lifetime, clock)
         self._accepting = True
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -660,8 +663,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return
         if request.observe is not None and request.method in (Code.GET, Code.FETCH):  # RFC 8132 §2.4
             if request.observe == 1:
-                observer = self._observers.get((incoming.addr, request.token))
-                if observer is not None and observer.request.security == request.security:
+                observer = self._observers.get((incoming.addr, request.token, request.security))
+                if observer is not None:
                     self._remove_observer(observer)
             elif request.observe == 0 and resource.link.obs and (block2 is None or block2.num == 0):
                 incoming.observe = resource
@@ -805,7 +808,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         resource = incoming.observe
         request = incoming.request
         if resource is not None and request is not None:
-            key = (incoming.addr, incoming.token)
+            key = (incoming.addr, incoming.token, request.security)
             if is_success and (key in self._observers or len(self._observers) < self.settings.max_observers):
                 self._add_observer(_Observer(incoming.addr, incoming.token, resource, request,
                                              incoming.block2, self.reactor.seconds(), incoming.exchange))

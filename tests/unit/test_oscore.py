@@ -459,3 +459,19 @@ def test_a_compact_session_opened_through_oscore_is_bound_to_the_context_not_the
     [reply] = harness.send_raw(peer.request(Code.POST, ("x",), payload=join, options=cbor, mid=501),
                                ("2001:db8::99", 1234))
     assert peer.verify(reply).code == Code.CHANGED
+
+
+def test_plain_requests_cannot_cancel_or_take_over_a_protected_observation() -> None:
+    harness, resource, _ = _gateway()
+    peer = _peer()
+    [first] = harness.send_raw(peer.request(Code.GET, ("thing",), options=[(OptionNumber.OBSERVE, b"")],
+                                            token=b"\x0b", mid=1))
+    registration = peer.last_piv
+    assert harness.server.observer_count(resource) == 1
+    harness.send(Code.GET, ("thing",), token=b"\x0b", options=[(OptionNumber.OBSERVE, b"\x01")], mid=2)
+    harness.send(Code.GET, ("thing",), token=b"\x0b", options=[(OptionNumber.OBSERVE, b"")], mid=3)
+    assert harness.server.observer_count(resource) == 2  # the plain one is its own observation
+    resource.notify_observers()
+    notes = harness.replies()
+    protected = [n for n in notes if option(n, OptionNumber.OSCORE) is not None]
+    assert len(protected) == 1 and peer.verify(protected[0], registration).code == Code.CONTENT
