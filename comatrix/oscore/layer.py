@@ -86,6 +86,7 @@ class OscoreLayer:
             return _refuse(Code.BAD_OPTION, "outer block-wise not supported")
         context = self.contexts.find(header.kid, header.kid_context)
         if context is None:
+            log.debug("OSCORE request for unknown kid {kid}", kid=header.kid.hex())
             return _refuse(Code.UNAUTHORIZED, "Security context not found")
         sequence = int.from_bytes(header.piv, "big")
         window = context.replay
@@ -96,6 +97,7 @@ class OscoreLayer:
             plaintext = context.open(context.recipient_nonce(header.piv), message.payload,
                                      aad_for(header.kid, header.piv))
         except DecryptionFailed:
+            log.info("OSCORE request for {context} failed to decrypt (tampered, or another key)", context=context)
             return _refuse(Code.BAD_REQUEST, "Decryption failed")
         exchange = OscoreExchange(context, header.kid, header.piv)
         try:
