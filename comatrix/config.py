@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from comatrix.coap.message import Security
 from comatrix.coap.server import CoapSettings
 from comatrix.policy import expand_allow
 from comatrix.protection import SECURITY_MODES
@@ -27,15 +28,35 @@ class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or makes no sense (one line, no secrets)."""
 
 
+#: OSCORE ids fit the AEAD nonce (RFC 8613 §5.2: 13 - 6 bytes); master secrets have at least 128 bits.
+OSCORE_MAX_ID_BYTES = 7
+OSCORE_MIN_SECRET_BYTES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class OscoreCredentials:
+    """The ``oscore = {...}`` table of a ``[[devices]]`` entry: RFC 8613 §3.1 inputs, ids in hex.
+
+    ``recipient_id`` is the id the device sends as (the kid of its requests),
+    ``sender_id`` the gateway's.  The secret and salt never appear in a repr.
+    """
+
+    recipient_id: bytes
+    sender_id: bytes
+    master_secret: bytes = dataclasses.field(repr=False)
+    master_salt: bytes = dataclasses.field(default=b"", repr=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceCredentials:
     """Matrix credentials the gateway uses for devices that send no token of their own.
 
-    ``network`` is an address or prefix; the longest matching prefix wins.
-    Either ``access_token`` or ``user`` + ``password`` is given.
+    ``network`` is an address or prefix; the longest matching prefix wins.  An
+    entry with ``oscore`` is (also) found by its OSCORE recipient id and needs no
+    address.  Either ``access_token`` or ``user`` + ``password`` is given.
     """
 
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     access_token: str | None = dataclasses.field(default=None, repr=False)
@@ -46,15 +67,28 @@ class DeviceCredentials:
     #: Operations beyond the device ones that devices acting through this entry may use
     #: (the ``allow`` list, categories expanded; see `comatrix.policy`).
     allow: frozenset[str] = frozenset()
+    oscore: OscoreCredentials | None = None
 
     @property
     def login_device_id(self) -> str:
         if self.device_id:
             return self.device_id
-        seed = f"{self.user}\0{self.network}".encode("utf-8")
+        where = str(self.network) if self.network is not None else f"oscore:{self.oscore_identity}"
+        seed = f"{self.user}\0{where}".encode("utf-8")
         return "COMATRIX" + hashlib.sha256(seed).hexdigest()[:12].upper()
 
+    @property
+    def oscore_identity(self) -> str | None:
+        """The identity of requests through this entry's OSCORE context (its recipient id in hex)."""
+        return self.oscore.recipient_id.hex() if self.oscore is not None else None
+
+    def identifies(self, security: Security) -> bool:
+        """Whether a request that came through ``security`` is this entry's device."""
+        return security.scheme == "oscore" and security.identity == self.oscore_identity
+
     def matches(self, host: str) -> bool:
+        if self.network is None:
+            return False
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
@@ -283,6 +317,7 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     config = Config(**kwargs)
     _check_deadlines(config)
     _check_device_ids(config.devices)
+    _check_oscore_ids(config.devices)
     return config
 
 
@@ -315,6 +350,17 @@ def _check_device_ids(devices: Iterable[DeviceCredentials]) -> None:
             raise ConfigError(f"devices: two entries log in as {device.user} with device_id "
                               f"{device.login_device_id}; give each its own device_id")
         seen.add(key)
+
+
+def _check_oscore_ids(devices: Iterable[DeviceCredentials]) -> None:
+    """A request names its context by recipient id alone: two entries cannot share one."""
+    seen: set[bytes] = set()
+    for device in devices:
+        if device.oscore is None:
+            continue
+        if device.oscore.recipient_id in seen:
+            raise ConfigError(f"devices: two entries have the OSCORE recipient_id {device.oscore_identity!r}")
+        seen.add(device.oscore.recipient_id)
 
 
 def _coap_settings(table: Any) -> CoapSettings:
@@ -375,13 +421,17 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow"})
+        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow",
+                                       "oscore"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
-        try:
-            network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
-        except ValueError:
-            raise ConfigError(f"{label}: address must be an IP address or prefix") from None
+        oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
+        network = None
+        if "address" in entry or oscore is None:
+            try:
+                network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
+            except ValueError:
+                raise ConfigError(f"{label}: address must be an IP address or prefix") from None
         token, user, password = entry.get("access_token"), entry.get("user"), entry.get("password")
         if not token and not (user and password):
             raise ConfigError(f"{label}: give access_token, or user and password")
@@ -394,7 +444,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
                                          access_token=token, device_id=device_id,
-                                         allow=_allow(entry.get("allow", []), label)))
+                                         allow=_allow(entry.get("allow", []), label), oscore=oscore))
     return devices
 
 
@@ -405,6 +455,39 @@ def _allow(names: Any, label: str) -> frozenset[str]:
         return expand_allow(names)
     except ValueError as exc:
         raise ConfigError(f"{label}: allow: {exc}") from None
+
+
+_OSCORE_KEYS = ("recipient_id", "sender_id", "master_secret", "master_salt")
+
+
+def _oscore(table: Any, label: str) -> OscoreCredentials:
+    """``oscore = { recipient_id, sender_id, master_secret, master_salt }``, all hex; no value in errors."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{label}: oscore must be a table")
+    unknown = sorted(set(table) - set(_OSCORE_KEYS))
+    if unknown:
+        raise ConfigError(f"{label}: unknown oscore key(s) {', '.join(unknown)}")
+    values: dict[str, bytes] = {}
+    for key in _OSCORE_KEYS:
+        if key not in table:
+            if key == "master_salt":
+                continue
+            raise ConfigError(f"{label}: oscore needs {key}")
+        raw = table[key]
+        try:
+            if not isinstance(raw, str):
+                raise ValueError
+            values[key] = bytes.fromhex(raw)
+        except ValueError:
+            raise ConfigError(f"{label}: oscore.{key} must be a hex string") from None
+    for key in ("recipient_id", "sender_id"):
+        if len(values[key]) > OSCORE_MAX_ID_BYTES:
+            raise ConfigError(f"{label}: oscore.{key} is at most {OSCORE_MAX_ID_BYTES} bytes")
+    if values["recipient_id"] == values["sender_id"]:
+        raise ConfigError(f"{label}: oscore.recipient_id and sender_id must differ")
+    if len(values["master_secret"]) < OSCORE_MIN_SECRET_BYTES:
+        raise ConfigError(f"{label}: oscore.master_secret needs at least {OSCORE_MIN_SECRET_BYTES} bytes")
+    return OscoreCredentials(**values)
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 `CompactService` is shared by the compact resources of one gateway.  It knows
 Matrix (through `MatrixClient`) and the store, not CoAP: it raises the CoAP
 layer's error types only for the answers the profile defines (unknown session
-4.01, session used from another address 4.03, unknown room handle 4.04).
+4.01, session used from another address -- or, for a session opened through a
+security context (DTLS, OSCORE), from outside that context -- 4.03, unknown room
+handle 4.04).
 
 Message cursors.  For each (session, room handle) the gateway numbers the
 room's ``m.room.message`` events 1, 2, 3, ... in homeserver order, walking the
@@ -59,7 +61,7 @@ from twisted.python.failure import Failure
 
 from comatrix.coap.errors import (BadRequest, Forbidden, NotFound, ServiceUnavailable, TooManyRequests,
                                   Unauthorized)
-from comatrix.coap.message import Peer
+from comatrix.coap.message import Peer, Security
 from comatrix.compact.codec import HANDLE_SIZE
 from comatrix.config import LimitSettings
 from comatrix.identity import plain_address
@@ -123,8 +125,9 @@ def txn_id(session_id: int, seq: int) -> str:
     return f"c{session_id}.{seq}"
 
 
-def _host(peer: Peer) -> str:
-    return peer.host
+def _binding(peer: Peer, security: Security | None) -> str:
+    """What a session is bound to: the security identity it was opened through, else the source address."""
+    return peer.host if security is None else f"{security.scheme}:{security.identity}"
 
 
 def _usable(event: Event) -> bool:
@@ -174,8 +177,10 @@ class CompactService:
 
     # ------------------------------------------------------------------ sessions
 
-    async def login(self, user: str, password: str, peer: Peer, device_key: str | None = None) -> bytes:
-        """Log in to Matrix and open a session bound to ``peer``'s address; returns the handle.
+    async def login(self, user: str, password: str, peer: Peer, device_key: str | None = None,
+                    security: Security | None = None) -> bytes:
+        """Log in to Matrix and open a session bound to ``security`` (else ``peer``'s address);
+        returns the handle.
 
         ``device_key`` (default: the address as `comatrix.identity` keys plain CoAP) is
         whose share the session counts against; over a cap nothing reaches the homeserver.
@@ -189,14 +194,14 @@ class CompactService:
             handle = secrets.token_bytes(HANDLE_SIZE)
             now = self.reactor.seconds()
             session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
-                                                         login.device_id, _host(peer), now, key)
+                                                         login.device_id, _binding(peer, security), now, key)
         finally:
             left = self._opening.pop(key) - 1
             if left:
                 self._opening[key] = left
         self._touched[session_id] = now
         log.info("Compact session {id} opened for {user} at {peer}", id=session_id, user=login.user_id,
-                 peer=_host(peer))
+                 peer=_binding(peer, security))
         return handle
 
     async def _admit(self, device_key: str) -> None:
@@ -218,12 +223,12 @@ class CompactService:
             return 1
         return max(1, math.ceil(min(self.idle_timeout, oldest_use + self.idle_timeout - self.reactor.seconds())))
 
-    async def session(self, handle: bytes, peer: Peer) -> SessionRecord:
+    async def session(self, handle: bytes, peer: Peer, security: Security | None = None) -> SessionRecord:
         record = await self.store.session_by_handle(handle_hash(handle))
         if record is None:
             log.warn("Unknown compact session handle from {peer}", peer=str(peer))
             raise Unauthorized("unknown session")
-        if record.peer_host != _host(peer):
+        if record.peer_host != _binding(peer, security):
             log.warn("Compact session {id} used from {peer}, bound to another address",
                      id=record.id, peer=str(peer))
             raise Forbidden("session bound to another address")

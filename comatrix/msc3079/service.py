@@ -151,7 +151,7 @@ class Msc3079Service:
         """The token a /sync acts with: sticky/explicit, else the device's configured credentials."""
         if state.token is not None:
             return state.token
-        if self.context.credentials.device_for(request.peer.host) is not None:
+        if self.context.credentials.entry_for(request) is not None:
             return await self.context.credentials.token_for(request, operation="sync")
         return None
 
@@ -164,7 +164,7 @@ class Msc3079Service:
             req = api.generic(request.method.name, target.segments, access_token, query, body)
             return self.transport.request(req)
 
-        if token is None and target.takes_token and credentials.device_for(request.peer.host) is not None:
+        if token is None and target.takes_token and credentials.entry_for(request) is not None:
             # A [[devices]] entry: one Matrix device for all its addresses, so this one's txnIds get its tag.
             target = with_txn_id(target, lambda txn_id: address_scoped_txn_id(request, txn_id))
             token = await credentials.token_for(request, operation=operation)
@@ -176,7 +176,7 @@ class Msc3079Service:
             return await send(await credentials.token_for(request, operation=operation))
         result = await send(token)
         if target.is_logout and token is not None:
-            self.peers.forget_token(request.peer, token)
+            self.peers.forget_token(request, token)
             await self.resumes.forget(token)
         return result
 

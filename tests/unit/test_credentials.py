@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from comatrix.coap.message import Peer, Request
+from comatrix.coap.message import Peer, Request, Security
 from comatrix.coap.numbers import Code
-from comatrix.credentials import Credentials
+from comatrix.credentials import Credentials, address_scoped_txn_id
 from comatrix.matrix.testing import run
 from support.world import World
 
@@ -120,3 +120,20 @@ def test_kept_tokens_of_removed_entries_are_dropped_at_start() -> None:
     store.tokens[("@s:hs", "REMOVED-ENTRY")] = "syt_left_over_0000"
     run(creds.drop_unconfigured_tokens())
     assert list(store.tokens.values()) == [current]
+
+
+def test_a_request_through_an_oscore_context_acts_through_the_entry_of_its_recipient_id() -> None:
+    world = World()
+    secret = "00112233445566778899aabbccddeeff"
+    context = world.context([
+        {"address": "2001:db8::/64", "access_token": "by-address"},
+        {"access_token": "by-oscore", "oscore": {"recipient_id": "01", "sender_id": "", "master_secret": secret}},
+    ])
+    creds = Credentials(context.config.devices, context.matrix, None)
+    secured = Request(method=Code.POST, path=("send",), peer=Peer(HOST, 5683), security=Security("oscore", "01"))
+    assert run(creds.token_for(secured)) == "by-oscore"  # the identity wins over the address
+    assert run(creds.token_for(request())) == "by-address"
+    elsewhere = Request(method=Code.POST, path=("send",), peer=Peer("192.0.2.9", 1), security=Security("oscore", "01"))
+    assert run(creds.token_for(elsewhere)) == "by-oscore"  # from any address
+    assert address_scoped_txn_id(secured, "7") == address_scoped_txn_id(elsewhere, "7")
+    assert address_scoped_txn_id(secured, "7") != address_scoped_txn_id(request(), "7")
