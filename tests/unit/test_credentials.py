@@ -131,9 +131,9 @@ def test_a_request_through_an_oscore_context_acts_through_the_entry_of_its_recip
     ])
     creds = Credentials(context.config.devices, context.matrix, None)
     secured = Request(method=Code.POST, path=("send",), peer=Peer(HOST, 5683), security=Security("oscore", "01"))
-    assert run(creds.token_for(secured)) == "by-oscore"  # the identity wins over the address
-    assert run(creds.token_for(request())) == "by-address"
+    assert run(creds.token_for(secured, operation="send")) == "by-oscore"  # the identity wins over the address
+    assert run(creds.token_for(request(), operation="send")) == "by-address"
     elsewhere = Request(method=Code.POST, path=("send",), peer=Peer("192.0.2.9", 1), security=Security("oscore", "01"))
-    assert run(creds.token_for(elsewhere)) == "by-oscore"  # from any address
+    assert run(creds.token_for(elsewhere, operation="send")) == "by-oscore"  # from any address
     assert address_scoped_txn_id(secured, "7") == address_scoped_txn_id(elsewhere, "7")
     assert address_scoped_txn_id(secured, "7") != address_scoped_txn_id(request(), "7")
