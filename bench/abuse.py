@@ -153,7 +153,7 @@ class Sampler(threading.Thread):
             try:
                 self.files = max(self.files, len(os.listdir(f"/proc/{self.pid}/fd")))
                 self.rss_mib = max(self.rss_mib, coap_throughput.vm_kib(self.pid, "VmRSS") / 1024)
-            except (OSError, ValueError):
+            except (OSError, ValueError, RuntimeError):  # RuntimeError: a zombie has no VmRSS
                 self.gone = True
                 return
 
