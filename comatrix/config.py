@@ -5,7 +5,8 @@ command-line options one to one (``--plugin-dir`` <-> ``plugin_dirs``); a
 ``conf.d/`` directory beside the file is merged after it, in lexical order, so
 packagers and admins can add fragments without editing the main file.  Device
 credentials may live in a separate ``credentials_file`` (kept 0640) with the
-same ``[[devices]]`` tables.
+same ``[[devices]]`` tables.  Any of these files that holds a secret and is open
+to "others" is refused, so every entry point (twistd, tools) gets the check.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -211,15 +214,47 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 _COAP_KEYS = {field.name: field.type for field in dataclasses.fields(CoapSettings)}
 
 
+#: Keys whose value is a secret, wherever they appear in a config file.
+SECRET_KEYS = frozenset({"password", "access_token", "psk", "psk_hex", "master_secret"})
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read one TOML file; errors become ConfigError naming the file."""
+    """Read one TOML file; errors become ConfigError naming the file.
+
+    A file that holds a secret must not be open to others (see `check_secret_file_mode`).
+    """
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            mode = os.fstat(handle.fileno()).st_mode
+            values = tomllib.load(handle)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML in {path}: {exc}") from None
+    check_secret_file_mode(path, mode, values)
+    return values
+
+
+def check_secret_file_mode(path: str | Path, mode: int, values: Any) -> None:
+    """Refuse a file holding a secret key that others may read or write, as OpenSSH does with keys.
+
+    Any local user could read the secret, or plant credentials the gateway would use.
+    Files without secrets are not checked: the packaged comatrix.toml is 0644.
+    """
+    exposed = stat.S_IMODE(mode) & 0o007
+    if not exposed or not _holds_secret(values):
+        return
+    access = " and ".join(word for bit, word in ((0o004, "readable"), (0o002, "writable")) if exposed & bit)
+    raise ConfigError(f"{path} holds secrets and is {access or 'accessible'} by others "
+                      f"(mode {stat.S_IMODE(mode):04o}); chmod o-rwx it")
+
+
+def _holds_secret(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(key in SECRET_KEYS or _holds_secret(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_secret(item) for item in value)
+    return False
 
 
 def read_config_files(path: str | Path) -> dict[str, Any]:

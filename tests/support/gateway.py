@@ -96,7 +96,7 @@ class GatewayProcess:
         env: dict[str, str] | None = None,
         allow_registration: bool = False,
     ) -> None:
-        """``config_text`` (TOML) is written to ``workdir/comatrix.toml`` and passed as --config.
+        """``config_text`` (TOML) is written to ``workdir/comatrix.toml`` (0600) and passed as --config.
 
         ``log_level`` defaults to debug so the secret sweep sees the chattiest output.
         Registration stays closed, as in production, unless ``allow_registration``
@@ -113,7 +113,11 @@ class GatewayProcess:
         self.log_path = remember_log_file(self.workdir / "gateway.log")
         self.output_path = remember_log_file(self.workdir / "gateway.output")
         if config_text is not None:
+            # 0600 before anything is written: a config holding a password or token
+            # that others may read makes the gateway refuse to start.
             config = self.workdir / "comatrix.toml"
+            config.touch(mode=0o600)
+            config.chmod(0o600)
             config.write_text(config_text)
         self.config = config
         self.plugin_dirs = [Path(p) for p in plugin_dirs]

@@ -269,10 +269,16 @@ class SynapseServer:
         port: int | None = None,
         python: Path | None = None,
         default_limits: bool = False,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
-        """``default_limits``: Synapse's own rate limits instead of the generous test ones."""
+        """``default_limits``: Synapse's own rate limits instead of the generous test ones.
+
+        ``extra_config``: keys layered over everything else at each start (e.g. one of
+        Synapse's own limits for a bench); it may be changed between a stop and a start.
+        """
         self.data_dir = Path(data_dir).resolve()
         self.default_limits = default_limits
+        self.extra_config = extra_config
         self.server_name = server_name
         self.port = port if port is not None else free_port("127.0.0.1")
         self._python = python
@@ -317,7 +323,7 @@ class SynapseServer:
                 default_limits=self.default_limits,
             )
         args = [str(python), "-m", "synapse.app.homeserver"]
-        for path in self._config_files:
+        for path in self._config_files + self._extra_config_file():
             args += ["-c", str(path)]
         with open(self._stdout_path, "ab") as out:
             self._proc = subprocess.Popen(
@@ -329,6 +335,14 @@ class SynapseServer:
         except BaseException:
             self.stop()
             raise
+
+    def _extra_config_file(self) -> list[Path]:
+        if not self.extra_config:
+            return []
+        path = self.data_dir / "extra.yaml"
+        path.write_text(json.dumps(self.extra_config, indent=2))
+        path.chmod(0o600)
+        return [path]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Poll ``/_matrix/client/versions`` until it answers 200, at most ``timeout`` s."""

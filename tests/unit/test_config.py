@@ -13,9 +13,11 @@ from comatrix.config import Config, ConfigError, build_config, read_config_files
 from comatrix.tap import Options, load_config
 
 
-def write(path: Path, text: str) -> Path:
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    """A config file, 0600 unless told: files holding secrets must not be open to others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    path.chmod(mode)
     return path
 
 
@@ -238,3 +240,56 @@ def test_two_entries_cannot_share_a_recipient_id() -> None:
     entries = [{"user": "a", "password": "p", "oscore": oscore}, {"user": "b", "password": "p", "oscore": oscore}]
     with pytest.raises(ConfigError, match="recipient_id '01'"):
         build_config({"devices": entries})
+
+
+SECRET_LINES = [
+    '[[devices]]\naddress = "::1"\nuser = "u"\npassword = "p"\n',
+    '[[devices]]\naddress = "::1"\naccess_token = "t"\n',
+    '[plugins.dtls]\nkeys = [{identity = "a", psk = "k"}]\n',  # nested, in an array: still found
+    '[plugins.dtls.peer]\npsk_hex = "00ff"\n',
+    '[plugins.oscore]\nmaster_secret = "00ff"\n',
+]
+
+
+@pytest.mark.parametrize("text", SECRET_LINES)
+@pytest.mark.parametrize("mode, access", [(0o644, "readable"), (0o646, "readable and writable"),
+                                          (0o602, "writable"), (0o641, "accessible")])
+def test_secrets_in_a_file_open_to_others_are_refused(tmp_path: Path, text: str, mode: int, access: str) -> None:
+    path = write(tmp_path / "credentials.toml", text, mode)
+    with pytest.raises(ConfigError) as info:
+        read_config_files(path)
+    assert str(info.value) == (f"{path} holds secrets and is {access} by others (mode {mode:04o}); "
+                               "chmod o-rwx it")
+    for secret in ('"p"', '"t"', '"k"', "00ff"):
+        assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o660, 0o400])
+def test_secrets_in_a_file_closed_to_others_are_read(tmp_path: Path, mode: int) -> None:
+    path = write(tmp_path / "credentials.toml", SECRET_LINES[0], mode)
+    assert read_config_files(path)["devices"][0]["password"] == "p"
+
+
+def test_files_without_secrets_are_not_checked(tmp_path: Path) -> None:
+    main = write(tmp_path / "comatrix.toml", 'port = 6000\n# password = "only a comment"\n', 0o644)
+    write(tmp_path / "conf.d" / "10-listen.toml", 'ip = "::1"\n', 0o666)
+    config = build_config(read_config_files(main))
+    assert (config.ip, config.port) == ("::1", 6000)
+
+
+def test_every_file_with_secrets_is_checked(tmp_path: Path) -> None:
+    """The main file, a conf.d fragment and the credentials file, also through twistd's options."""
+    creds = write(tmp_path / "credentials.toml", SECRET_LINES[1], 0o640)
+    main = write(tmp_path / "comatrix.toml", f'credentials_file = "{creds}"\n', 0o644)
+    fragment = write(tmp_path / "conf.d" / "50-token.toml", SECRET_LINES[0], 0o600)
+    options = Options()
+    options.parseOptions(["--config", str(main)])
+    assert len(load_config(options).devices) == 2
+    for path in (creds, fragment):
+        path.chmod(0o644)
+        with pytest.raises(ConfigError, match=f"^{path} holds secrets"):
+            load_config(options)
+        path.chmod(0o640)
+    main.write_text(f'credentials_file = "{creds}"\n' + SECRET_LINES[0].replace("::1", "::2"))
+    with pytest.raises(ConfigError, match=f"^{main} holds secrets"):
+        load_config(options)
