@@ -5,7 +5,8 @@ command-line options one to one (``--plugin-dir`` <-> ``plugin_dirs``); a
 ``conf.d/`` directory beside the file is merged after it, in lexical order, so
 packagers and admins can add fragments without editing the main file.  Device
 credentials may live in a separate ``credentials_file`` (kept 0640) with the
-same ``[[devices]]`` tables.
+same ``[[devices]]`` tables.  Any of these files that holds a secret and is open
+to "others" is refused, so every entry point (twistd, tools) gets the check.
 """
 
 from __future__ import annotations
@@ -13,27 +14,52 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from comatrix.coap.message import Security
 from comatrix.coap.server import CoapSettings
+from comatrix.policy import expand_allow
+from comatrix.protection import SECURITY_MODES
 
 
 class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or makes no sense (one line, no secrets)."""
 
 
+#: OSCORE ids fit the AEAD nonce (RFC 8613 §5.2: 13 - 6 bytes); master secrets have at least 128 bits.
+OSCORE_MAX_ID_BYTES = 7
+OSCORE_MIN_SECRET_BYTES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class OscoreCredentials:
+    """The ``oscore = {...}`` table of a ``[[devices]]`` entry: RFC 8613 §3.1 inputs, ids in hex.
+
+    ``recipient_id`` is the id the device sends as (the kid of its requests),
+    ``sender_id`` the gateway's.  The secret and salt never appear in a repr.
+    """
+
+    recipient_id: bytes
+    sender_id: bytes
+    master_secret: bytes = dataclasses.field(repr=False)
+    master_salt: bytes = dataclasses.field(default=b"", repr=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceCredentials:
     """Matrix credentials the gateway uses for devices that send no token of their own.
 
-    ``network`` is an address or prefix; the longest matching prefix wins.
-    Either ``access_token`` or ``user`` + ``password`` is given.
+    ``network`` is an address or prefix; the longest matching prefix wins.  An
+    entry with ``oscore`` is (also) found by its OSCORE recipient id and needs no
+    address.  Either ``access_token`` or ``user`` + ``password`` is given.
     """
 
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     access_token: str | None = dataclasses.field(default=None, repr=False)
@@ -41,15 +67,31 @@ class DeviceCredentials:
     #: login, so Matrix's per-device txnId scope spans gateway restarts and the
     #: account does not gain a device per restart.  Derived when not configured.
     device_id: str | None = None
+    #: Operations beyond the device ones that devices acting through this entry may use
+    #: (the ``allow`` list, categories expanded; see `comatrix.policy`).
+    allow: frozenset[str] = frozenset()
+    oscore: OscoreCredentials | None = None
 
     @property
     def login_device_id(self) -> str:
         if self.device_id:
             return self.device_id
-        seed = f"{self.user}\0{self.network}".encode("utf-8")
+        where = str(self.network) if self.network is not None else f"oscore:{self.oscore_identity}"
+        seed = f"{self.user}\0{where}".encode("utf-8")
         return "COMATRIX" + hashlib.sha256(seed).hexdigest()[:12].upper()
 
+    @property
+    def oscore_identity(self) -> str | None:
+        """The identity of requests through this entry's OSCORE context (its recipient id in hex)."""
+        return self.oscore.recipient_id.hex() if self.oscore is not None else None
+
+    def identifies(self, security: Security) -> bool:
+        """Whether a request that came through ``security`` is this entry's device."""
+        return security.scheme == "oscore" and security.identity == self.oscore_identity
+
     def matches(self, host: str) -> bool:
+        if self.network is None:
+            return False
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
@@ -84,6 +126,23 @@ class LimitSettings:
     upstream_queue: int = 256
     #: Longest a call waits in the queue before it is answered 5.03, seconds.
     queue_timeout: float = 10.0
+    #: Wrong-password logins one device may make within ``login_failure_window``
+    #: seconds; after that its logins are answered 4.29 by the gateway itself until
+    #: the oldest failure leaves the window (a successful login resets it).  0: off.
+    login_failures: int = 5
+    login_failure_window: float = 300.0
+    #: Live compact sessions (each a Matrix device) one device may hold (beyond: 4.29), and all
+    #: devices together (beyond: 5.03); refused before the homeserver login is made.
+    max_sessions_per_device: int = 4
+    max_sessions: int = 1024
+    #: Seconds a compact session may go unused before it is closed and its Matrix device logged out.
+    session_idle_timeout: float = 604800.0
+    #: Homeserver long-polls (``/sync``: plain MSC3079 long-polls, Observe loops, compact
+    #: watches) one device may hold at once; the next is answered 4.29 with Max-Age.
+    long_polls_per_device: int = 4
+    #: Long-polls all devices together may hold (each is one TCP connection to the
+    #: homeserver); capped at start to fit the process's open-file limit (`comatrix.longpoll`).
+    max_long_polls: int = 256
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -96,6 +155,14 @@ class LimitSettings:
             raise ValueError("max_devices and max_upstream must be >= 1, upstream_queue >= 0")
         if self.queue_timeout <= 0:
             raise ValueError("queue_timeout must be positive")
+        if self.login_failure_window <= 0:
+            raise ValueError("login_failure_window must be positive")
+        if self.max_sessions_per_device < 1 or self.max_sessions < 1:
+            raise ValueError("max_sessions_per_device and max_sessions must be >= 1")
+        if self.session_idle_timeout <= 0:
+            raise ValueError("session_idle_timeout must be positive")
+        if not 1 <= self.long_polls_per_device <= self.max_long_polls:
+            raise ValueError("long_polls_per_device must be between 1 and max_long_polls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +177,12 @@ class Config:
     credentials_file: str | None = None
     devices: tuple[DeviceCredentials, ...] = ()
     log_level: str = "info"
+    #: Which requests need a security context (`comatrix.protection`): "required",
+    #: "optional" (plain CoAP too: unsafe on a radio) or "off".
+    security: str = "optional"
+    #: Whether devices may create Matrix accounts through the gateway (an unsafe mode: anyone on
+    #: the link could).  Off, every way to register answers 4.03 (`comatrix.policy`).
+    allow_registration: bool = False
     #: Deadline for one homeserver call (connect + answer), seconds.  With the
     #: upstream queue's wait it stays below the CoAP EXCHANGE_LIFETIME.
     request_timeout: float = 10.0
@@ -141,15 +214,47 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 _COAP_KEYS = {field.name: field.type for field in dataclasses.fields(CoapSettings)}
 
 
+#: Keys whose value is a secret, wherever they appear in a config file.
+SECRET_KEYS = frozenset({"password", "access_token", "psk", "psk_hex", "master_secret"})
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read one TOML file; errors become ConfigError naming the file."""
+    """Read one TOML file; errors become ConfigError naming the file.
+
+    A file that holds a secret must not be open to others (see `check_secret_file_mode`).
+    """
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            mode = os.fstat(handle.fileno()).st_mode
+            values = tomllib.load(handle)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML in {path}: {exc}") from None
+    check_secret_file_mode(path, mode, values)
+    return values
+
+
+def check_secret_file_mode(path: str | Path, mode: int, values: Any) -> None:
+    """Refuse a file holding a secret key that others may read or write, as OpenSSH does with keys.
+
+    Any local user could read the secret, or plant credentials the gateway would use.
+    Files without secrets are not checked: the packaged comatrix.toml is 0644.
+    """
+    exposed = stat.S_IMODE(mode) & 0o007
+    if not exposed or not _holds_secret(values):
+        return
+    access = " and ".join(word for bit, word in ((0o004, "readable"), (0o002, "writable")) if exposed & bit)
+    raise ConfigError(f"{path} holds secrets and is {access or 'accessible'} by others "
+                      f"(mode {stat.S_IMODE(mode):04o}); chmod o-rwx it")
+
+
+def _holds_secret(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(key in SECRET_KEYS or _holds_secret(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_secret(item) for item in value)
+    return False
 
 
 def read_config_files(path: str | Path) -> dict[str, Any]:
@@ -198,6 +303,11 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         if level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         kwargs["log_level"] = level
+    if "security" in values:
+        mode = _string(values, "security").lower()
+        if mode not in SECURITY_MODES:
+            raise ConfigError(f"security must be one of {', '.join(SECURITY_MODES)}")
+        kwargs["security"] = mode
     if "port" in values:
         port = _integer(values, "port")
         if not 0 <= port <= 65535:
@@ -209,6 +319,10 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
             if number <= 0:
                 raise ConfigError(f"{key} must be positive")
             kwargs[key] = number
+    if "allow_registration" in values:
+        if not isinstance(values["allow_registration"], bool):
+            raise ConfigError("allow_registration must be true or false")
+        kwargs["allow_registration"] = values["allow_registration"]
     if "max_connections" in values:
         kwargs["max_connections"] = _integer(values, "max_connections")
     for key in ("plugin_dirs", "disabled_plugins"):
@@ -238,6 +352,7 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     config = Config(**kwargs)
     _check_deadlines(config)
     _check_device_ids(config.devices)
+    _check_oscore_ids(config.devices)
     return config
 
 
@@ -270,6 +385,17 @@ def _check_device_ids(devices: Iterable[DeviceCredentials]) -> None:
             raise ConfigError(f"devices: two entries log in as {device.user} with device_id "
                               f"{device.login_device_id}; give each its own device_id")
         seen.add(key)
+
+
+def _check_oscore_ids(devices: Iterable[DeviceCredentials]) -> None:
+    """A request names its context by recipient id alone: two entries cannot share one."""
+    seen: set[bytes] = set()
+    for device in devices:
+        if device.oscore is None:
+            continue
+        if device.oscore.recipient_id in seen:
+            raise ConfigError(f"devices: two entries have the OSCORE recipient_id {device.oscore_identity!r}")
+        seen.add(device.oscore.recipient_id)
 
 
 def _coap_settings(table: Any) -> CoapSettings:
@@ -330,13 +456,17 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id"})
+        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow",
+                                       "oscore"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
-        try:
-            network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
-        except ValueError:
-            raise ConfigError(f"{label}: address must be an IP address or prefix") from None
+        oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
+        network = None
+        if "address" in entry or oscore is None:
+            try:
+                network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
+            except ValueError:
+                raise ConfigError(f"{label}: address must be an IP address or prefix") from None
         token, user, password = entry.get("access_token"), entry.get("user"), entry.get("password")
         if not token and not (user and password):
             raise ConfigError(f"{label}: give access_token, or user and password")
@@ -348,8 +478,51 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
             raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
-                                         access_token=token, device_id=device_id))
+                                         access_token=token, device_id=device_id,
+                                         allow=_allow(entry.get("allow", []), label), oscore=oscore))
     return devices
+
+
+def _allow(names: Any, label: str) -> frozenset[str]:
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{label}: allow must be a list of operation or category names")
+    try:
+        return expand_allow(names)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: allow: {exc}") from None
+
+
+_OSCORE_KEYS = ("recipient_id", "sender_id", "master_secret", "master_salt")
+
+
+def _oscore(table: Any, label: str) -> OscoreCredentials:
+    """``oscore = { recipient_id, sender_id, master_secret, master_salt }``, all hex; no value in errors."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{label}: oscore must be a table")
+    unknown = sorted(set(table) - set(_OSCORE_KEYS))
+    if unknown:
+        raise ConfigError(f"{label}: unknown oscore key(s) {', '.join(unknown)}")
+    values: dict[str, bytes] = {}
+    for key in _OSCORE_KEYS:
+        if key not in table:
+            if key == "master_salt":
+                continue
+            raise ConfigError(f"{label}: oscore needs {key}")
+        raw = table[key]
+        try:
+            if not isinstance(raw, str):
+                raise ValueError
+            values[key] = bytes.fromhex(raw)
+        except ValueError:
+            raise ConfigError(f"{label}: oscore.{key} must be a hex string") from None
+    for key in ("recipient_id", "sender_id"):
+        if len(values[key]) > OSCORE_MAX_ID_BYTES:
+            raise ConfigError(f"{label}: oscore.{key} is at most {OSCORE_MAX_ID_BYTES} bytes")
+    if values["recipient_id"] == values["sender_id"]:
+        raise ConfigError(f"{label}: oscore.recipient_id and sender_id must differ")
+    if len(values["master_secret"]) < OSCORE_MIN_SECRET_BYTES:
+        raise ConfigError(f"{label}: oscore.master_secret needs at least {OSCORE_MIN_SECRET_BYTES} bytes")
+    return OscoreCredentials(**values)
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Which Matrix access token a request acts with.
 
 A device may send its own token (CoAP option 256, raw or ``Bearer ...``).  A
-device that sends none acts with the credentials configured for its source
-address (longest matching prefix): a fixed access token, or a user/password the
-gateway logs in with once and keeps.  No token and no matching entry -> 4.01.
+device that sends none acts with the credentials of its ``[[devices]]`` entry:
+the one its security context names (an OSCORE recipient id), else the one
+configured for its source address (longest matching prefix): a fixed access
+token, or a user/password the gateway logs in with once and keeps.  No token
+and no matching entry -> 4.01.
 
 Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
 Matrix scopes send txnIds to the device, so a device retrying a send with the same
@@ -13,6 +15,9 @@ and only a token the homeserver refuses leads to a new login.
 All the devices an entry covers (a prefix) are that one Matrix device, so a txn id
 one of them chooses is made its own with `address_scoped_txn_id`: two sensors that
 both seed their counters from ``/time`` must not swallow each other's messages.
+Such a shared token is handed out only for the operations `comatrix.policy`
+lets the entry use (least privilege: forging a source address inside the prefix
+must not give away the whole account).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from comatrix.coap.errors import Unauthorized
 from comatrix.coap.message import Request
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION
 from comatrix.config import DeviceCredentials
+from comatrix.policy import check_shared
 
 if TYPE_CHECKING:
     from comatrix.matrix.client import MatrixClient
@@ -71,7 +77,10 @@ def address_scoped_txn_id(request: Request, txn_id: str) -> str:
     """
     if request.option(ACCESS_TOKEN_OPTION) is not None:
         return txn_id
-    tag = hashlib.sha256(request.peer.host.encode("utf-8")).hexdigest()[:10]
+    security = request.security
+    # A secured device keeps its tag when it moves to another address.
+    who = request.peer.host if security is None else f"{security.scheme}:{security.identity}"
+    tag = hashlib.sha256(who.encode("utf-8")).hexdigest()[:10]
     return f"{tag}.{txn_id}"
 
 
@@ -81,7 +90,8 @@ class Credentials:
     def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient",
                  store: "Store | None" = None) -> None:
         # Longest prefix first, so a single address beats the prefix it belongs to.
-        self._devices = sorted(devices, key=lambda device: device.network.prefixlen, reverse=True)
+        self._devices = sorted(devices, key=lambda device: -1 if device.network is None else device.network.prefixlen,
+                               reverse=True)
         self._matrix = matrix
         self._store = store
         self._tokens: dict[int, str] = {}
@@ -105,20 +115,34 @@ class Credentials:
                 return device
         return None
 
-    async def token_for(self, request: Request) -> str:
+    def entry_for(self, request: Request) -> DeviceCredentials | None:
+        """The entry a request acts through: found by its security identity first, then its address."""
+        security = request.security
+        if security is not None:
+            for device in self._devices:
+                if device.identifies(security):
+                    return device
+        return self.device_for(request.peer.host)
+
+    async def token_for(self, request: Request, *, operation: str) -> str:
+        """The token ``request`` acts with for ``operation`` (a name of `comatrix.policy.OPERATIONS`).
+
+        A shared entry's token is handed out only for what the entry may do: 4.03 otherwise.
+        """
         token = token_from_request(request)
         if token is not None:
             return token
-        device = self.device_for(request.peer.host)
+        device = self.entry_for(request)
         if device is None:
             raise Unauthorized("no credentials")
+        check_shared(device.allow, operation)
         if device.access_token:
             return device.access_token
         return await self._login(device)
 
     def forget(self, request: Request, token: str) -> bool:
         """Drop a gateway-held token the homeserver refused; True if it was ours (retry worth it)."""
-        device = self.device_for(request.peer.host)
+        device = self.entry_for(request)
         if device is None or device.access_token or token_from_request(request) is not None:
             return False
         key = id(device)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from twisted.application import service
 from twisted.internet import defer
@@ -25,15 +26,19 @@ from comatrix.logs import get_logger, set_level
 from comatrix.coap.message import Request, Response
 from comatrix.coap.server import CoapServer, listen_udp
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION
-from comatrix.config import Config, ConfigError, build_config, read_config_files
+from comatrix.config import Config, ConfigError, DeviceCredentials, build_config, read_config_files
 from comatrix.credentials import Credentials
 from comatrix.discovery import PluginError, build_site, discover
 from comatrix.errors import error_response
+from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
+from comatrix.longpoll import long_poller
 from comatrix.matrix.client import MatrixClient
 from comatrix.msc3079.translate import VERSIONS_PATHS
-from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
+from comatrix.protection import SecurityPolicy
+from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
+from comatrix.oscore import SEQUENCE_FILENAME, ContextStore, OscoreLayer, SequenceFile
 from comatrix.store import Store
 
 log = get_logger("comatrix")
@@ -58,10 +63,14 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for persistent state."],
         ["credentials-file", None, None, "TOML file with [[devices]] credentials (keep it 0640)."],
         ["request-timeout", None, None, "Seconds to wait for the homeserver [default: 10].", float],
+        ["security", None, None, "required, optional or off: whether plain CoAP may reach more than "
+         "/time and /.well-known/core [default: optional]."],
         ["log-level", None, None, "Minimum level of CoMatrix log lines: debug, info, warn, error "
          "[default: info]."],
     ]
-    optFlags = [["version", "V", "Print the version and exit."]]
+    optFlags = [["version", "V", "Print the version and exit."],
+                ["allow-registration", None, "Let devices create Matrix accounts through the gateway "
+                 "(unsafe: anyone on the link could) [default: closed]."]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +100,8 @@ class Options(usage.Options):
             "credentials_file": self["credentials-file"],
             "request_timeout": self["request-timeout"],
             "log_level": self["log-level"],
+            "security": self["security"],
+            "allow_registration": True if self["allow-registration"] else None,
         }
         if self["plugin_dirs"]:
             values["plugin_dirs"] = list(self["plugin_dirs"])
@@ -108,12 +119,13 @@ class GatewayService(service.Service):
     """Owns the listening port, the CoAP server and the Matrix client; stops them gracefully."""
 
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
-                 matrix: MatrixClient, credentials: Credentials) -> None:
+                 matrix: MatrixClient, credentials: Credentials, store: Store | None = None) -> None:
         self.config = config
         self.server = server
         self.port = port
         self.matrix = matrix
         self.credentials = credentials
+        self.store = store
 
     def startService(self) -> None:
         super().startService()
@@ -121,6 +133,10 @@ class GatewayService(service.Service):
         log.info("CoMatrix {version} listening on {host} port {port}, homeserver {homeserver}",
                  version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                  homeserver=self.config.homeserver)
+        log_policy(self.config)
+        if self.store is not None:
+            # Its files are opened now, while descriptors are plenty, and kept (comatrix.store).
+            self.store.open().addErrback(lambda failure: log.failure("Could not open the store", failure))
         defer.ensureDeferred(self.credentials.drop_unconfigured_tokens()).addErrback(
             lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure))
 
@@ -134,10 +150,28 @@ class GatewayService(service.Service):
         yield defer.ensureDeferred(self.matrix.close())
 
 
+def log_policy(config: Config) -> None:
+    """Say at start what devices may do beyond the safe defaults (`comatrix.policy`)."""
+    if config.allow_registration:
+        log.warn("Registration is OPEN (allow_registration): anyone who can reach the gateway can "
+                 "create Matrix accounts on {homeserver}", homeserver=config.homeserver)
+    else:
+        log.info("Registration is closed: every register path answers 4.03 (allow_registration = false)")
+    for device in config.devices:
+        if device.allow:
+            log.info("Devices in {network} may also use, with shared credentials: {operations}",
+                     network=str(device.network), operations=", ".join(sorted(device.allow)))
+
+
 def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:
     log.info("{peer} {method} /{path} {code} {ms:.1f}ms", peer=str(request.peer),
              method=request.method.name, path="/".join(request.path), code=response.code.dotted(),
              ms=elapsed_ms)
+
+
+def device_key(request: Request) -> str:
+    """Whose share of the CoAP layer's observers and uploads a request counts against: its device."""
+    return device_of(request).key
 
 
 def resolve_listen_address(config: Config, clock: Any = time) -> str:
@@ -162,6 +196,37 @@ def resolve_listen_address(config: Config, clock: Any = time) -> str:
         clock.sleep(INTERFACE_POLL_SECONDS)
 
 
+def build_oscore(devices: Sequence[DeviceCredentials], state_dir: str | None, reactor: Any) -> OscoreLayer:
+    """The OSCORE layer with one context per ``[[devices]]`` entry that has ``oscore``.
+
+    Blocking (reads and writes the sequence number file): call it before the reactor runs.
+    """
+    entries = [device for device in devices if device.oscore is not None]
+    sequences = None
+    if entries:
+        if state_dir is None:
+            raise SystemExit("comatrix: [[devices]] entries with oscore need state_dir: the gateway's "
+                             "OSCORE sequence numbers must survive a restart")
+        sequences = SequenceFile(Path(state_dir) / SEQUENCE_FILENAME, reactor)
+        try:
+            Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            sequences.load()
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"comatrix: cannot read the OSCORE sequence numbers: {exc}") from None
+    contexts = ContextStore(sequences)
+    for device in entries:
+        oscore = device.oscore
+        assert oscore is not None
+        contexts.add(oscore.sender_id, oscore.recipient_id, oscore.master_secret, oscore.master_salt)
+    try:
+        contexts.write_bounds()
+    except OSError as exc:
+        raise SystemExit(f"comatrix: cannot write the OSCORE sequence numbers: {exc}") from None
+    if entries:
+        log.info("OSCORE: {count} security context(s)", count=len(entries))
+    return OscoreLayer(contexts)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -176,8 +241,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         raise SystemExit(f"comatrix: {exc}") from None
     limits = config.limits
     limiter = UpstreamLimiter(limits.max_upstream, limits.upstream_queue, limits.queue_timeout, reactor)
-    transport = LimitedTransport(config.homeserver, limiter=limiter, reactor=reactor,
-                                 timeout=config.request_timeout, connect_timeout=config.connect_timeout,
+    transport = LimitedTransport(config.homeserver, limiter=limiter, logins=FailedLogins(limits, reactor),
+                                 reactor=reactor, timeout=config.request_timeout, connect_timeout=config.connect_timeout,
                                  max_connections_per_host=config.max_connections)
     if config.state_dir is None:
         log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "
@@ -187,15 +252,22 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     credentials = Credentials(config.devices, matrix, store)
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store)
+    long_poller(context)  # sized to the open-file limit now, and logged, whatever plugins use it
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
+    policy = SecurityPolicy(config.security)
+    oscore = build_oscore(config.devices, config.state_dir, reactor) if policy.secured_ways_in else None
+    if oscore is None and any(device.oscore is not None for device in config.devices):
+        log.warn("security = off: the oscore contexts of [[devices]] entries are not offered")
     server = CoapServer(site, config.coap_settings(), reactor=reactor,
                         understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                        on_response=_log_request, discovery_paths=VERSIONS_PATHS)
+                        on_response=_log_request, guard=policy.check, peer_key=device_key,
+                        protection=oscore, discovery_paths=VERSIONS_PATHS)
     address = resolve_listen_address(config)
     try:
         port = listen_udp(server, address, config.port, reactor=reactor)
     except CannotListenError as exc:
         reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
         raise SystemExit(f"comatrix: cannot listen on [{address}]:{config.port}: {reason}") from None
-    return GatewayService(config, server, port, matrix, credentials)
+    policy.announce(log)
+    return GatewayService(config, server, port, matrix, credentials, store)

@@ -288,6 +288,8 @@ def test_gateway_uri_and_command(tmp_path: Path) -> None:
     ]
     assert cmd.count("--plugin-dir") == 2
     assert cmd[cmd.index("--config") + 1] == str(tmp_path / "comatrix.toml")
+    # A config that may hold a password is never open to others (the gateway would refuse it).
+    assert (tmp_path / "comatrix.toml").stat().st_mode & 0o777 == 0o600
 
 
 def test_gateway_that_exits_is_reported_not_awaited(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ listed in facts §7.  What it guarantees:
 * malformed datagrams are dropped (CON with a readable header → RST), unknown
   critical options → 4.02;
 * deduplication in a bounded cache (no DelayedCall per message);
-* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state;
+* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state,
+  with a share per peer: one peer can neither fill the observer table nor
+  evict another peer's Block1 upload (a full table refuses the newcomer);
 * all timing comes from `CoapSettings` and the injected reactor, never from
   txThings' module globals.
 
@@ -20,6 +22,10 @@ listed in facts §7.  What it guarantees:
 ``/.well-known/core``.  A resource put with ``subtree=True`` (or whose
 ``subtree`` attribute is true) also serves every path below its own, unless a
 longer registered path matches; ``Request.path`` stays the full path.
+
+Per-peer shares key on ``peer_key(request)``: the source address unless the
+gateway injects a key function (it keys on the device, security context first),
+so this layer needs no notion of identity.
 
 ``Site.notify`` pushes to all observers of a resource or to those whose
 registration request ``only`` accepts, as NON or (``confirmable``) CON
@@ -35,7 +41,7 @@ import hashlib
 import math
 import random
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.base import DelayedCall
@@ -54,12 +60,14 @@ from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter
                                   RequestEntityTooLarge, ServiceUnavailable, TooManyRequests, decode_uint,
                                   default_error_adapter, encode_uint)
 from comatrix.coap.linkformat import WELL_KNOWN_CORE, WellKnownCore
-from comatrix.coap.message import Peer, Request, Response
+from comatrix.coap.message import Peer, Request, Response, Security
 from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
+from comatrix.coap.secured import MessageProtection, ProtectionUnavailable, Refused
 
 log = get_logger(__name__)
 
-__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "REQUEST_TAG"]
+__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "RequestGuard",
+           "REQUEST_TAG", "PeerKey", "address_key"]
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -72,7 +80,21 @@ MAX_LATENCY = 100.0
 #: Called once per request when its final response is sent: (request, response, milliseconds).
 ResponseHook = Callable[[Request, Response, float], None]
 
+#: Called with each request before anything else is done with it (block-wise reassembly,
+#: routing); raising a `CoapError` answers the request with that error instead.
+RequestGuard = Callable[[Request], None]
+
 Address = tuple[str, int]
+#: An observation: (peer, token, security context of its registration).
+ObserverKey = tuple[Address, bytes, Security | None]
+
+#: Whose share a request counts against (observers, uploads): any hashable key.
+PeerKey = Callable[[Request], Hashable]
+
+
+def address_key(request: Request) -> Hashable:
+    """The default `PeerKey`: the source address (the port left out, as a device may change it)."""
+    return request.peer.host
 
 #: Critical options this layer handles itself.  Proxy-Uri/-Scheme are passed to
 #: resources: CoMatrix's compatibility clients send Proxy-Uri to the gateway.
@@ -111,9 +133,11 @@ class CoapSettings:
     empty_ack_delay: float = 0.1        # separate response after this (piggy-back if ready sooner)
     dedup_capacity: int = 4096          # bounded dedup cache (entries), plus EXCHANGE_LIFETIME expiry
     max_observers: int = 256            # over the cap: answer without Observe option
+    max_observers_per_peer: int = 16    # one peer's share of max_observers (same answer beyond it)
     max_body_size: int = 16384          # Block1 reassembly cap -> 4.13 with Size1
     default_block_szx: int = 6          # our preferred Block2 size when the client does not ask (1024)
     blockwise_state_capacity: int = 256  # pending block-wise transfers kept
+    max_uploads_per_peer: int = 4       # one peer's share of the Block1 uploads (beyond it: 4.29)
     con_notification_interval: float = 86400.0  # send a CON notification at least this often
     # Amplification limit (RFC 9175 §2.4): until an address is verified, bytes sent <= factor x bytes received.
     amplification_factor: float = 3.0
@@ -128,6 +152,8 @@ class CoapSettings:
             raise ValueError("default_block_szx must be 0..6")
         if min(self.nstart, self.dedup_capacity, self.blockwise_state_capacity) < 1 or self.max_retransmit < 0:
             raise ValueError("nstart, dedup_capacity and blockwise_state_capacity must be >= 1")
+        if self.max_observers_per_peer < 1 or self.max_uploads_per_peer < 1:
+            raise ValueError("max_observers_per_peer and max_uploads_per_peer must be >= 1")
         if self.ack_timeout <= 0 or self.ack_random_factor < 1 or self.empty_ack_delay < 0:
             raise ValueError("ack_timeout > 0, ack_random_factor >= 1 and empty_ack_delay >= 0 required")
         if self.amplification_factor < 1 or self.peer_table_capacity < 1:
@@ -214,7 +240,8 @@ class _Incoming:
     """One request being answered."""
 
     __slots__ = ("addr", "mid", "mtype", "token", "request", "received", "ack_timer", "empty_acked",
-                 "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested")
+                 "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested",
+                 "security", "exchange")
 
     def __init__(self, addr: Address, mid: int, mtype: int, token: bytes, received: float) -> None:
         self.addr = addr
@@ -232,6 +259,8 @@ class _Incoming:
         self.observe: Any = None  # the resource when this GET may register an observer
         self.cache_key: tuple[Any, ...] | None = None
         self.not_interested = 0  # RFC 7967 No-Response bitmap
+        self.security: Security | None = None
+        self.exchange: Any = None  # set when the answer must be protected (see `MessageProtection`)
 
 
 class _Outgoing:
@@ -260,11 +289,14 @@ class _Outgoing:
 
 
 class _Observer:
-    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out")
+    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out", "owner",
+                 "exchange")
 
     def __init__(self, addr: Address, token: bytes, resource: Any, request: Request,
-                 block2: Block | None, now: float) -> None:
-        self.key = (addr, token)
+                 block2: Block | None, now: float, owner: Hashable, exchange: Any = None) -> None:
+        # A request through a security context never touches a plain one's observation, nor the reverse.
+        self.key: ObserverKey = (addr, token, request.security)
+        self.owner = owner  # whose share it counts against
         self.addr = addr
         self.token = token
         self.resource = resource
@@ -272,16 +304,18 @@ class _Observer:
         self.block2 = block2
         self.last_con = now
         self.con_out: _Outgoing | None = None
+        self.exchange = exchange
 
 
 class _Upload:
     """A Block1 upload being reassembled."""
 
-    __slots__ = ("body", "index_key")
+    __slots__ = ("body", "index_key", "owner")
 
-    def __init__(self, index_key: tuple[Any, ...]) -> None:
+    def __init__(self, index_key: tuple[Any, ...], owner: Hashable) -> None:
         self.body = bytearray()
         self.index_key = index_key
+        self.owner = owner  # whose share it counts against
 
 
 class CoapServer(txcoap.Coap):  # type: ignore[misc]
@@ -289,8 +323,14 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, reactor: Any = None,
                  understood_options: frozenset[int] = frozenset(),
-                 on_response: ResponseHook | None = None,
+                 on_response: ResponseHook | None = None, guard: RequestGuard | None = None,
+                 peer_key: PeerKey = address_key, protection: MessageProtection | None = None,
                  discovery_paths: Iterable[tuple[str, ...]] = ()) -> None:
+        """``peer_key``: whose share of observers and uploads a request counts against.
+
+        ``discovery_paths``: paths answered without credentials that get a per-address rate
+        (``/.well-known/core`` always does).
+        """
         super().__init__(site)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -299,6 +339,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.settings = settings
         self.reactor = reactor
         self.on_response = on_response
+        self.guard = guard
+        self.peer_key = peer_key
+        self.protection = protection
         self._understood = _BUILTIN_UNDERSTOOD | frozenset(understood_options) | {REQUEST_TAG}
         self._random = random.Random()
         self._mid = self._random.randrange(0x10000)
@@ -324,9 +367,10 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._outgoing: dict[tuple[Address, int], _Outgoing] = {}
         self._busy: dict[Address, int] = {}
         self._queued: dict[Address, deque[_Outgoing]] = {}
-        self._observers: dict[tuple[Address, bytes], _Observer] = {}
-        self._observers_by_resource: dict[Any, dict[tuple[Address, bytes], _Observer]] = {}
-        self._non_notifications: BoundedCache[tuple[Address, int], tuple[Address, bytes]] = BoundedCache(
+        self._observers: dict[ObserverKey, _Observer] = {}
+        self._observers_by_resource: dict[Any, dict[ObserverKey, _Observer]] = {}
+        self._observers_per_peer: dict[Hashable, int] = {}
+        self._non_notifications: BoundedCache[tuple[Address, int], ObserverKey] = BoundedCache(
             max(1024, 4 * settings.max_observers), settings.non_lifetime, clock)
         self._accepting = True
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -586,6 +630,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         log.debug("Request {mid} from {peer}", mid=message.mid, peer=addr)
         incoming = _Incoming(addr, message.mid, message.mtype, message.token, self.reactor.seconds())
         self._pending.add(incoming)
+        if self.protection is not None and any(number == OptionNumber.OSCORE for number, _ in message.options):
+            outcome = self.protection.unprotect(message)
+            if isinstance(outcome, Refused):
+                incoming.exchange = outcome.exchange
+                self._complete(incoming, outcome.response)
+                return
+            message = outcome.message
+            incoming.security = outcome.security
+            incoming.exchange = outcome.exchange
         try:
             request = self._parse(message, addr, incoming)
         except CoapError as exc:
@@ -614,7 +667,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             method = Code.EMPTY
         # A minimal request first, so that early errors can still be reported to the hook.
         incoming.request = Request(method=method, path=(), token=message.token, peer=peer,
-                                   message_type=MessageType(message.mtype), options=frozen)
+                                   message_type=MessageType(message.mtype), options=frozen,
+                                   security=incoming.security)
         if method == Code.EMPTY:
             raise MethodNotAllowed("unknown method")
         understood = self._understood
@@ -656,7 +710,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             method=method, path=path, payload=message.payload, query=query,
             content_format=uints[OptionNumber.CONTENT_FORMAT], accept=uints[OptionNumber.ACCEPT],
             observe=uints[OptionNumber.OBSERVE], token=message.token, peer=peer,
-            message_type=MessageType(message.mtype), options=frozen)
+            message_type=MessageType(message.mtype), options=frozen, security=incoming.security)
         incoming.request = request
         return request
 
@@ -665,6 +719,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if not self._accepting:
             self._complete(incoming, ServiceUnavailable("shutting down").to_response())
             return
+        if self.guard is not None:
+            try:
+                self.guard(request)
+            except CoapError as exc:
+                self._complete(incoming, exc.to_response())
+                return
         if incoming.block1 is not None:
             assembled = self._block1(incoming, request)
             if assembled is None:
@@ -674,7 +734,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._complete(incoming, RequestEntityTooLarge(size1=settings.max_body_size).to_response())
             return
         block2 = incoming.block2
-        cache_key = (incoming.addr, request.method, request.path, request.query, request.accept)
+        cache_key = (incoming.addr, request.method, request.path, request.query, request.accept,
+                     request.security)
         incoming.cache_key = cache_key
         if block2 is not None and block2.num > 0:
             cached = self._representations.get(cache_key)
@@ -692,7 +753,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return
         if request.observe is not None and request.method in (Code.GET, Code.FETCH):  # RFC 8132 §2.4
             if request.observe == 1:
-                observer = self._observers.get((incoming.addr, request.token))
+                observer = self._observers.get((incoming.addr, request.token, request.security))
                 if observer is not None:
                     self._remove_observer(observer)
             elif request.observe == 0 and resource.link.obs and (block2 is None or block2.num == 0):
@@ -826,12 +887,18 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._complete(incoming, RequestEntityTooLarge(size1=settings.max_body_size).to_response())
             return None
         tag = request.option(REQUEST_TAG)
-        index_key = (incoming.addr, request.method, request.path)
+        index_key = (incoming.addr, request.method, request.path, request.security)
         key = index_key + ((b"t", tag) if tag is not None else (b"k", request.token),)
         if block.num == 0:
             if not block.more:
                 return request  # the whole body in one block
-            upload: _Upload | None = _Upload(index_key)
+            owner = self.peer_key(request)
+            if self._uploads.get(key) is None:
+                refusal = self._refuse_upload(owner)
+                if refusal is not None:
+                    self._complete(incoming, refusal.to_response())
+                    return None
+            upload: _Upload | None = _Upload(index_key, owner)
         else:
             upload = self._uploads.get(key)
             if upload is None and tag is None:
@@ -863,6 +930,24 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return None
         self._drop_upload(key)
         return dataclasses.replace(request, payload=bytes(upload.body))
+
+    def _refuse_upload(self, owner: Hashable) -> CoapError | None:
+        """Why a new upload of ``owner`` cannot start (its share or the table is full), else None.
+
+        Uploads in progress are never evicted for a newcomer: the newcomer waits
+        (Max-Age) until one finishes or is abandoned long enough to expire.
+        """
+        uploads = self._uploads
+        uploads.expire()
+        now = self.reactor.seconds()
+        entries = uploads.expiries()
+        own = [expiry for expiry, upload in entries if upload.owner == owner]
+        if len(own) >= self.settings.max_uploads_per_peer:
+            return TooManyRequests("too many uploads", retry_after=_seconds_until(own[0], now))
+        if len(entries) >= uploads.capacity:
+            log.debug("Block1 upload refused: all {count} upload slots are in use", count=len(entries))
+            return ServiceUnavailable("too many uploads", max_age=_seconds_until(entries[0][0], now))
+        return None
 
     def _drop_upload(self, key: tuple[Any, ...]) -> None:
         upload = self._uploads.pop(key)
@@ -919,10 +1004,11 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         resource = incoming.observe
         request = incoming.request
         if resource is not None and request is not None:
-            key = (incoming.addr, incoming.token)
-            if is_success and (key in self._observers or len(self._observers) < self.settings.max_observers):
+            key = (incoming.addr, incoming.token, request.security)
+            owner = self.peer_key(request)
+            if is_success and self._may_observe(key, owner):
                 self._add_observer(_Observer(incoming.addr, incoming.token, resource, request,
-                                             incoming.block2, self.reactor.seconds()))
+                                             incoming.block2, self.reactor.seconds(), owner, incoming.exchange))
                 options.append((OptionNumber.OBSERVE, encode_uint(self._next_seq())))
             elif not is_success:
                 observer = self._observers.get(key)
@@ -955,8 +1041,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             if challenged and request is not None and request.method in _UNSAFE:
                 self._challenged.put(self._challenged_key(incoming.addr, request), response)
             response, options, payload = fitted
-            if challenged and resource is not None:
-                observer = self._observers.get((incoming.addr, incoming.token))
+            if challenged and resource is not None and request is not None:
+                observer = self._observers.get((incoming.addr, incoming.token, request.security))
                 if observer is not None:
                     self._remove_observer(observer)
         self._send_response(incoming, response.code, options, payload, challenged)
@@ -991,8 +1077,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 self._dedup.replace((incoming.addr, incoming.mid), ack)
                 self._write(ack, incoming.addr)
             return
+        if incoming.exchange is not None:
+            protected = self._protect(incoming.exchange, code, options, payload)
+            if protected is None:
+                unavailable = ServiceUnavailable("try again", max_age=1).to_response()
+                protected = (unavailable.code, self._response_options(unavailable), unavailable.payload)
+            code, options, payload = protected
         # A new observer whose address is not verified gets its first answer as CON: the ACK verifies it.
-        confirm = (incoming.observe is not None and (incoming.addr, token) in self._observers
+        confirm = (incoming.observe is not None and incoming.request is not None
+                   and (incoming.addr, token, incoming.request.security) in self._observers
                    and self._peers.needs_confirmation(incoming.addr[0]))
         if incoming.mtype == CON and not incoming.empty_acked and not confirm:
             data = wire.encode(ACK, code, incoming.mid, token, options, payload)
@@ -1012,6 +1105,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             # RFC 9175 §2.4: an Echo challenge is never a separate CON response (retransmissions).
             data = wire.encode(NON, code, self._next_mid(incoming.addr), token, options, payload)
             self._write(data, incoming.addr)
+
+    def _protect(self, exchange: Any, code: int, options: list[wire.RawOption],
+                 payload: bytes) -> tuple[int, list[wire.RawOption], bytes] | None:
+        assert self.protection is not None
+        try:
+            return self.protection.protect(exchange, code, options, payload)
+        except ProtectionUnavailable as exc:
+            log.warn("Could not protect a response: {reason}", reason=str(exc))
+            return None
 
     def _idle_timeout(self) -> None:
         for incoming in list(self._pending):
@@ -1033,17 +1135,37 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._seq = (self._seq + 1) % _SEQ_MODULO
         return self._seq
 
+    def _may_observe(self, key: ObserverKey, owner: Hashable) -> bool:
+        """A re-registration always; a new observer only within the total cap and its peer's share."""
+        if key in self._observers:
+            return True
+        settings = self.settings
+        if len(self._observers) >= settings.max_observers:
+            log.debug("Observe registration of {peer} refused: {cap} observers", peer=key[0],
+                      cap=settings.max_observers)
+            return False
+        if self._observers_per_peer.get(owner, 0) >= settings.max_observers_per_peer:
+            log.debug("Observe registration of {peer} refused: its share of {share} is taken", peer=key[0],
+                      share=settings.max_observers_per_peer)
+            return False
+        return True
+
     def _add_observer(self, observer: _Observer) -> None:
         old = self._observers.get(observer.key)
         if old is not None:
             self._remove_observer(old)
         self._observers[observer.key] = observer
         self._observers_by_resource.setdefault(observer.resource, {})[observer.key] = observer
+        owner = observer.owner
+        self._observers_per_peer[owner] = self._observers_per_peer.get(owner, 0) + 1
 
     def _remove_observer(self, observer: _Observer) -> None:
         if self._observers.get(observer.key) is not observer:
             return
         del self._observers[observer.key]
+        remaining = self._observers_per_peer.pop(observer.owner, 1) - 1
+        if remaining > 0:
+            self._observers_per_peer[observer.owner] = remaining
         by_resource = self._observers_by_resource.get(observer.resource)
         if by_resource is not None:
             by_resource.pop(observer.key, None)
@@ -1083,7 +1205,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         payload = response.payload
         if payload:
             request = observer.request
-            cache_key = (observer.addr, request.method, request.path, request.query, request.accept)
+            cache_key = (observer.addr, request.method, request.path, request.query, request.accept,
+                         request.security)
             first = Block(0, False, observer.block2.szx) if observer.block2 is not None and is_success else None
             sliced = self._block2_options(response, first, False, cache_key, self.settings.default_block_szx)
             if isinstance(sliced, Response):  # pragma: no cover - block 0 is always in range
@@ -1091,7 +1214,14 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             options.extend(sliced[0])
             payload = sliced[1]
         token = observer.token
-        code = response.code
+        code: int = response.code
+        if observer.exchange is not None:
+            protected = self._protect(observer.exchange, code, options, payload)
+            if protected is None:
+                self._remove_observer(observer)
+                delivered.callback(0)
+                return
+            code, options, payload = protected
 
         def build(mid: int) -> bytes:
             return wire.encode(CON, code, mid, token, options, payload)
@@ -1118,6 +1248,11 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         else:
             delivered.callback(0)  # an error notification ends the observation
         self._send_con(outgoing)
+
+
+def _seconds_until(when: float, now: float) -> int:
+    """Whole seconds (at least 1) from ``now`` until ``when``: a Max-Age to retry after."""
+    return max(1, int(when - now + 0.999))
 
 
 def total_delivered(waits: Iterable["defer.Deferred[int]"]) -> "defer.Deferred[int]":

@@ -3,7 +3,9 @@
 `CompactService` is shared by the compact resources of one gateway.  It knows
 Matrix (through `MatrixClient`) and the store, not CoAP: it raises the CoAP
 layer's error types only for the answers the profile defines (unknown session
-4.01, session used from another address 4.03, unknown room handle 4.04).
+4.01, session used from another address -- or, for a session opened through a
+security context (DTLS, OSCORE), from outside that context -- 4.03, unknown room
+handle 4.04).
 
 Message cursors.  For each (session, room handle) the gateway numbers the
 room's ``m.room.message`` events 1, 2, 3, ... in homeserver order, walking the
@@ -17,6 +19,16 @@ a push is due -- from a /sync timeline that is known to hold everything new
 (`timeline_arrived`; its next_batch is then the walk position, which
 ``/messages`` accepts as ``from``).
 
+Sessions are a bounded resource (each is a Matrix device on the homeserver):
+one device may hold ``[limits] max_sessions_per_device`` of them and all
+devices together ``max_sessions``; a login beyond either is refused (4.29 or
+5.03, Max-Age until the oldest could idle out) before the homeserver is asked,
+so no Matrix device is made.  A session unused for ``session_idle_timeout``
+(one with a running /sync loop counts as used) is closed by a periodic sweep,
+which logs its Matrix device out first; the sweep also runs at start, for
+sessions that idled out while the gateway was down.  The last use is written at
+most every `touch_interval` seconds per session, so sends cost no extra write.
+
 Observe.  A session with at least one observation gets one ``/sync`` long-poll
 loop (`_SyncLoop`).  When a room the session has a handle for shows new
 messages, they are numbered and every newly numbered message is handed to
@@ -24,10 +36,11 @@ messages, they are numbered and every newly numbered message is handed to
 observers of that room).  Another trigger -- an application-service
 transaction for many devices -- can later call `messages_arrived` the same way.
 
-The long-polls go through the gateway's uncapped long-poll pool
-(`comatrix.longpoll`), so watching devices never hold the slots of the upstream
-cap that sends and fetches need; a loop's first /sync catches up every room of
-the session.  Positions survive restarts without a sync token of their own:
+The long-polls go through the gateway's long-poll pool (`comatrix.longpoll`),
+so watching devices never hold the slots of the upstream cap that sends and
+fetches need; a loop holds one long-poll slot of the device that started it
+(its share is ``[limits] long_polls_per_device``), and a loop's first /sync
+catches up every room of the session.  Positions survive restarts without a sync token of their own:
 what a device relies on is the per-room walk position (``after_token``) and
 the numbering in the store, so a device that observes again after a gateway
 restart gets what arrived meanwhile, with the next cursors.  Homeserver
@@ -38,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 import secrets
 from typing import Any, Callable, Mapping, Sequence
@@ -45,11 +59,14 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from comatrix.coap.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
-from comatrix.coap.message import Peer
+from comatrix.coap.errors import (BadRequest, Forbidden, NotFound, ServiceUnavailable, TooManyRequests,
+                                  Unauthorized)
+from comatrix.coap.message import Peer, Security
 from comatrix.compact.codec import HANDLE_SIZE
+from comatrix.config import LimitSettings
+from comatrix.identity import plain_address
 from comatrix.logs import get_logger
-from comatrix.longpoll import DEADLINE_MARGIN, Backoff, LongPoller, is_transient, retry_delay
+from comatrix.longpoll import DEADLINE_MARGIN, Backoff, Lease, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
 from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
@@ -80,6 +97,12 @@ SYNC_FILTER: Mapping[str, Any] = {
 }
 #: The long-poll timeout (s) the session loops ask the homeserver for.
 LONG_POLL_SECONDS = 25.0
+#: Idle sessions closed per sweep (the next sweep takes the rest).
+EXPIRY_BATCH = 64
+#: Longest time between two idle-session sweeps, and between two writes of a session's last use (s).
+MAX_SWEEP_INTERVAL = 300.0
+MAX_TOUCH_INTERVAL = 300.0
+
 #: Largest room handle or cursor the store can hold (SQLite INTEGER is signed 64-bit).  The wire
 #: takes any uint below 2**64; nothing above this is ever assigned, and SQLite would refuse it.
 MAX_STORED_NUMBER = 2**63 - 1
@@ -102,8 +125,9 @@ def txn_id(session_id: int, seq: int) -> str:
     return f"c{session_id}.{seq}"
 
 
-def _host(peer: Peer) -> str:
-    return peer.host
+def _binding(peer: Peer, security: Security | None) -> str:
+    """What a session is bound to: the security identity it was opened through, else the source address."""
+    return peer.host if security is None else f"{security.scheme}:{security.identity}"
 
 
 def _usable(event: Event) -> bool:
@@ -113,6 +137,8 @@ def _usable(event: Event) -> bool:
 @dataclasses.dataclass
 class _SyncLoop:
     session: SessionRecord
+    #: The long-poll slot of the device that started the watch, held until the loop ends.
+    lease: Lease
     deferred: "defer.Deferred[None] | None" = None
     stopped: bool = False
 
@@ -122,8 +148,10 @@ class CompactService:
 
     def __init__(self, matrix: MatrixClient, store: Store, reactor: Any, *,
                  rooms: Mapping[str, str] | None = None, long_poll_seconds: float = LONG_POLL_SECONDS,
-                 long_polls: LongPoller | None = None, jitter: Callable[[], float] = random.random) -> None:
-        """``long_polls``: the gateway's long-poll pool (without: /sync goes through ``matrix``)."""
+                 long_polls: LongPoller | None = None, jitter: Callable[[], float] = random.random,
+                 limits: LimitSettings = LimitSettings()) -> None:
+        """``long_polls``: the gateway's long-poll pool (without: /sync goes through ``matrix``);
+        ``limits``: the session caps and idle timeout (``[limits]``)."""
         self.matrix = matrix
         self.store = store
         self.reactor = reactor
@@ -138,42 +166,147 @@ class CompactService:
         self.is_observed: Callable[[SessionRecord], bool] = lambda session: False
         self._locks: dict[tuple[int, int], defer.DeferredLock] = {}
         self._loops: dict[int, _SyncLoop] = {}
+        self.limits = limits
+        self.idle_timeout = limits.session_idle_timeout
+        self.touch_interval = min(MAX_TOUCH_INTERVAL, self.idle_timeout / 8)
+        #: Session id -> when its last use was last written (one entry per live session).
+        self._touched: dict[int, float] = {}
+        #: Device key -> logins under way (not yet in the store), counted against the caps.
+        self._opening: dict[str, int] = {}
+        self._sweeper: task.LoopingCall | None = None
 
     # ------------------------------------------------------------------ sessions
 
-    async def login(self, user: str, password: str, peer: Peer) -> bytes:
-        """Log in to Matrix and open a session bound to ``peer``'s address; returns the handle."""
-        login = await self.matrix.login(user, password, initial_device_display_name="CoMatrix compact device")
-        handle = secrets.token_bytes(HANDLE_SIZE)
-        session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
-                                                     login.device_id, _host(peer), self.reactor.seconds())
+    async def login(self, user: str, password: str, peer: Peer, device_key: str | None = None,
+                    security: Security | None = None) -> bytes:
+        """Log in to Matrix and open a session bound to ``security`` (else ``peer``'s address);
+        returns the handle.
+
+        ``device_key`` (default: the address as `comatrix.identity` keys plain CoAP) is
+        whose share the session counts against; over a cap nothing reaches the homeserver.
+        """
+        key = device_key if device_key is not None else "a:" + plain_address(peer.host)
+        self._opening[key] = self._opening.get(key, 0) + 1  # reserved before the check: logins race
+        try:
+            await self._admit(key)
+            login = await self.matrix.login(user, password,
+                                            initial_device_display_name="CoMatrix compact device")
+            handle = secrets.token_bytes(HANDLE_SIZE)
+            now = self.reactor.seconds()
+            session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
+                                                         login.device_id, _binding(peer, security), now, key)
+        finally:
+            left = self._opening.pop(key) - 1
+            if left:
+                self._opening[key] = left
+        self._touched[session_id] = now
         log.info("Compact session {id} opened for {user} at {peer}", id=session_id, user=login.user_id,
-                 peer=_host(peer))
+                 peer=_binding(peer, security))
         return handle
 
-    async def session(self, handle: bytes, peer: Peer) -> SessionRecord:
+    async def _admit(self, device_key: str) -> None:
+        """Raise 4.29 (the device's share) or 5.03 (all sessions) unless this login (reserved) fits."""
+        limits = self.limits
+        usage = await self.store.session_usage(device_key)
+        if usage.device + self._opening.get(device_key, 0) > limits.max_sessions_per_device:
+            log.info("Compact login of {device} refused: it holds {count} sessions", device=device_key,
+                     count=usage.device)
+            raise TooManyRequests("too many sessions", retry_after=self._retry_after(usage.device_oldest))
+        if usage.total + sum(self._opening.values()) > limits.max_sessions:
+            log.warn("Compact login of {device} refused: {count} sessions open ([limits] max_sessions)",
+                     device=device_key, count=usage.total)
+            raise ServiceUnavailable("too many sessions", max_age=self._retry_after(usage.total_oldest))
+
+    def _retry_after(self, oldest_use: float | None) -> int:
+        """Seconds until a session last used at ``oldest_use`` idles out (at least 1)."""
+        if oldest_use is None:
+            return 1
+        return max(1, math.ceil(min(self.idle_timeout, oldest_use + self.idle_timeout - self.reactor.seconds())))
+
+    async def session(self, handle: bytes, peer: Peer, security: Security | None = None) -> SessionRecord:
         record = await self.store.session_by_handle(handle_hash(handle))
         if record is None:
             log.warn("Unknown compact session handle from {peer}", peer=str(peer))
             raise Unauthorized("unknown session")
-        if record.peer_host != _host(peer):
+        if record.peer_host != _binding(peer, security):
             log.warn("Compact session {id} used from {peer}, bound to another address",
                      id=record.id, peer=str(peer))
             raise Forbidden("session bound to another address")
+        self._touch(record.id)
         return record
+
+    def _touch(self, session_id: int) -> None:
+        """Note a use of the session; written to the store at most every `touch_interval` seconds."""
+        now = self.reactor.seconds()
+        last = self._touched.get(session_id)
+        if last is not None and now - last < self.touch_interval:
+            return
+        self._touched[session_id] = now
+        defer.ensureDeferred(self.store.touch_session(session_id, now)).addErrback(
+            lambda failure: log.failure("Could not record the use of compact session {id}", failure, id=session_id))
 
     async def logout(self, session: SessionRecord) -> None:
         """Revoke the handle and log the Matrix token out (an already dead token is fine)."""
         self._stop_loop(session.id)
+        await self._forget(session)
+        await self._logout_matrix(session)
+        log.info("Compact session {id} closed", id=session.id)
+
+    async def _forget(self, session: SessionRecord) -> None:
         await self.store.delete_session(session.id)
+        self._touched.pop(session.id, None)
         for key in [key for key in self._locks if key[0] == session.id]:
             del self._locks[key]
+
+    async def _logout_matrix(self, session: SessionRecord) -> None:
+        """Log the session's Matrix device out; a token the homeserver no longer knows is fine."""
         try:
             await self.matrix.logout(session.access_token)
         except MatrixError as error:
             if error.http_status != 401:
                 raise
-        log.info("Compact session {id} closed", id=session.id)
+
+    # ------------------------------------------------------------------ idle expiry
+
+    def start_expiry(self) -> None:
+        """Sweep idle sessions now (those that idled out while the gateway was down) and periodically."""
+        if self._sweeper is not None:
+            return
+        self._sweeper = task.LoopingCall(self._sweep)
+        self._sweeper.clock = self.reactor
+        interval = min(MAX_SWEEP_INTERVAL, self.idle_timeout / 4)
+        self._sweeper.start(interval, now=True).addErrback(
+            lambda failure: log.failure("Idle compact session sweep stopped", failure))
+
+    async def _sweep(self) -> None:
+        try:
+            await self.expire_idle_sessions()
+        except Exception:
+            log.failure("Idle compact session sweep failed")
+
+    async def expire_idle_sessions(self) -> int:
+        """Close sessions idle for ``session_idle_timeout``, logging their Matrix devices out; how many.
+
+        A session whose logout fails for a reason other than a dead token is kept and
+        tried again by the next sweep: deleting it would leave its Matrix device behind.
+        """
+        now = self.reactor.seconds()
+        closed = 0
+        for session in await self.store.idle_sessions(now - self.idle_timeout, EXPIRY_BATCH):
+            if self.watching(session.id):  # observed: in use, though the device sends nothing
+                self._touch(session.id)
+                continue
+            try:
+                await self._logout_matrix(session)
+            except (HomeserverError, ServiceUnavailable) as error:
+                log.info("Idle compact session {id}: logout failed ({error}), retrying later", id=session.id,
+                         error=_describe(error))
+                continue
+            await self._forget(session)
+            closed += 1
+            log.info("Compact session {id} of {user} closed after {idle:.0f} s unused; Matrix device logged out",
+                     id=session.id, user=session.user_id, idle=self.idle_timeout)
+        return closed
 
     # ------------------------------------------------------------------ rooms
 
@@ -325,11 +458,15 @@ class CompactService:
     # ------------------------------------------------------------------ /sync loops
 
     def watch(self, session: SessionRecord) -> None:
-        """Make sure ``session`` has its /sync loop running."""
+        """Make sure ``session`` has its /sync loop running.
+
+        A new loop takes a long-poll slot of the current device (the one whose
+        observation starts it); without a free one: 4.29 / 5.03 with Max-Age.
+        """
         loop = self._loops.get(session.id)
         if loop is not None and not loop.stopped:
             return
-        loop = self._loops[session.id] = _SyncLoop(session)
+        loop = self._loops[session.id] = _SyncLoop(session, self.long_polls.lease())
         loop.deferred = defer.ensureDeferred(self._run(loop))
         loop.deferred.addErrback(self._loop_failed, loop)
 
@@ -350,17 +487,27 @@ class CompactService:
                 loop.deferred.cancel()
 
     def stop(self) -> None:
+        if self._sweeper is not None:
+            if self._sweeper.running:
+                self._sweeper.stop()
+            self._sweeper = None
         for session_id in list(self._loops):
             self._stop_loop(session_id)
 
-    async def _sync(self, session: SessionRecord, since: str | None) -> SyncResponse:
+    async def _sync(self, loop: _SyncLoop, since: str | None) -> SyncResponse:
         """One /sync of a session loop over the long-poll pool, with its own deadline."""
         timeout_ms = 0 if since is None else self.long_poll_ms
-        req = api.sync(session.access_token, since=since, timeout_ms=timeout_ms, filter=SYNC_FILTER)
-        _status, body = await self.long_polls.request(req, timeout_ms / 1000.0 + DEADLINE_MARGIN)
+        req = api.sync(loop.session.access_token, since=since, timeout_ms=timeout_ms, filter=SYNC_FILTER)
+        _status, body = await self.long_polls.request(req, timeout_ms / 1000.0 + DEADLINE_MARGIN, loop.lease)
         return parse_sync(body)
 
     async def _run(self, loop: _SyncLoop) -> None:
+        try:
+            await self._loop(loop)
+        finally:
+            loop.lease.release()
+
+    async def _loop(self, loop: _SyncLoop) -> None:
         session = loop.session
         since: str | None = None
         # Rooms whose every message up to ``since`` is numbered: a complete /sync timeline of
@@ -371,7 +518,7 @@ class CompactService:
         log.debug("Compact session {id}: sync loop started", id=session.id)
         while not loop.stopped:
             try:
-                sync = await self._sync(session, since)
+                sync = await self._sync(loop, since)
                 joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
                 timelines: dict[str, tuple[Sequence[Event], str]] = {}
                 if since is None:

@@ -3,7 +3,9 @@
 MSC3079 lets a client send its token once per connection; later requests
 without option 256 act with the last value, and a new value replaces it.  The
 same holds for option 257.  Over plain UDP the "connection" is the peer's
-address and port; an entry lives while the peer keeps talking and is dropped
+address and port; through a security context (OSCORE, DTLS) it is that
+context, whatever the address, so a plain request from a spoofed address
+never acts with a token made sticky inside a context.  An entry lives while the peer keeps talking and is dropped
 after ``idle_timeout`` seconds of silence, or when the bounded table needs room
 for a newer peer (least recently active first).
 
@@ -14,7 +16,7 @@ MSC's connection is a DTLS session, and stickiness can be switched off.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from comatrix.coap.cache import BoundedCache
 from comatrix.coap.errors import BadOption
@@ -50,8 +52,16 @@ class PeerState:
         return f"PeerState(token={'<set>' if self.token else None}, version={self.version!r})"
 
 
+def connection_of(request: Request) -> tuple[str, int]:
+    """(host, port) for plain CoAP; ("<scheme>:<identity>", 0) for a request through a security context."""
+    security = request.security
+    if security is None:
+        return (request.peer.host, request.peer.port)
+    return (f"{security.scheme}:{security.identity}", 0)
+
+
 class PeerTable:
-    """Bounded, idle-expiring map (host, port) -> `PeerState`."""
+    """Bounded, idle-expiring map `connection_of` -> `PeerState`."""
 
     def __init__(self, capacity: int, idle_timeout: float, clock: Callable[[], float], *,
                  sticky: bool = True) -> None:
@@ -63,7 +73,7 @@ class PeerTable:
 
     def update(self, request: Request) -> PeerState:
         """The peer's state after this request's options 256/257 (a fresh one if not sticky)."""
-        key = (request.peer.host, request.peer.port)
+        key = connection_of(request)
         state = self._states.get(key) if self.sticky else None
         if state is None:
             state = PeerState()
@@ -77,9 +87,9 @@ class PeerTable:
             self._states.put(key, state)  # also refreshes its idle lifetime and LRU position
         return state
 
-    def forget_token(self, peer: Any, token: str) -> None:
-        """The token is dead (logout): drop it if it is still the peer's sticky one."""
-        state = self._states.get((peer[0], peer[1]))
+    def forget_token(self, request: Request, token: str) -> None:
+        """The token is dead (logout): drop it if it is still the sticky one of the request's connection."""
+        state = self._states.get(connection_of(request))
         if state is not None and state.token == token:
             state.token = None
 

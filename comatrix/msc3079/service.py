@@ -13,7 +13,10 @@ gateway's uncapped long-poll pool (`comatrix.longpoll`), not the capped client.
   carry ``{errcode, error}`` as payload, as the MSC's clients expect.
 * `SyncResource` serves ``/7`` and the full ``/sync`` paths: a plain GET is a
   long-poll (its ``timeout`` is passed on, capped, with an HTTP deadline a
-  margin above it); GET with Observe registers a loop that long-polls from the
+  margin above it) and takes one of the device's long-poll slots for its
+  duration (`comatrix.longpoll.LongPollQuota`: beyond the device's share 4.29,
+  beyond the gateway's total 5.03, both at once); GET with Observe registers a
+  loop, which holds one such slot from its registration to its end, that long-polls from the
   last ``next_batch`` and pushes each non-empty answer as a CON notification,
   waiting for the acknowledgement before it asks the homeserver again, so no
   batch is ever replaced by the next one before the client has it.  Each
@@ -45,8 +48,9 @@ from comatrix.codec.cbor import CodecError
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLES
 from comatrix.credentials import address_scoped_txn_id
 from comatrix.errors import matrix_error_response
+from comatrix.identity import acting_as, device_of
 from comatrix.interfaces import PluginContext
-from comatrix.longpoll import Backoff, LongPoller, is_transient, long_poller, retry_delay
+from comatrix.longpoll import Backoff, Lease, LongPoller, is_transient, long_poller, retry_delay
 from comatrix.matrix import api
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
 from comatrix.matrix.transport import MatrixTransport
@@ -55,6 +59,7 @@ from comatrix.msc3079.resume import ResumePoints, registration_fingerprint
 from comatrix.msc3079.translate import (KNOWN_KEY_TABLE, Target, json_from_request, keys_for_client,
                                         map_path, success_code, sync_is_empty, uses_integer_keys,
                                         with_txn_id)
+from comatrix.policy import OTHER, check_registration, operation_for
 from comatrix.resources import MatrixResource
 
 __all__ = ["Msc3079Settings", "Msc3079Service", "Msc3079Resource", "SyncResource", "LOW_BANDWIDTH"]
@@ -146,12 +151,12 @@ class Msc3079Service:
         """The token a /sync acts with: sticky/explicit, else the device's configured credentials."""
         if state.token is not None:
             return state.token
-        if self.context.credentials.device_for(request.peer.host) is not None:
-            return await self.context.credentials.token_for(request)
+        if self.context.credentials.entry_for(request) is not None:
+            return await self.context.credentials.token_for(request, operation="sync")
         return None
 
     async def call(self, request: Request, target: Target, state: PeerState, body: dict[str, Any] | None,
-                   query: tuple[tuple[str, str], ...]) -> tuple[int, dict[str, Any]]:
+                   query: tuple[tuple[str, str], ...], operation: str) -> tuple[int, dict[str, Any]]:
         token = state.token if target.takes_token or token_sent(request) else None
         credentials = self.context.credentials
 
@@ -159,29 +164,32 @@ class Msc3079Service:
             req = api.generic(request.method.name, target.segments, access_token, query, body)
             return self.transport.request(req)
 
-        if token is None and target.takes_token and credentials.device_for(request.peer.host) is not None:
+        if token is None and target.takes_token and credentials.entry_for(request) is not None:
             # A [[devices]] entry: one Matrix device for all its addresses, so this one's txnIds get its tag.
             target = with_txn_id(target, lambda txn_id: address_scoped_txn_id(request, txn_id))
-            token = await credentials.token_for(request)
+            token = await credentials.token_for(request, operation=operation)
             try:
                 return await send(token)
             except MatrixError as error:
                 if error.http_status != 401 or not credentials.forget(request, token):
                     raise
-            return await send(await credentials.token_for(request))
+            return await send(await credentials.token_for(request, operation=operation))
         result = await send(token)
         if target.is_logout and token is not None:
-            self.peers.forget_token(request.peer, token)
+            self.peers.forget_token(request, token)
             await self.resumes.forget(token)
         return result
 
-    def sync(self, token: str | None, query: tuple[tuple[str, str], ...],
-             timeout_ms: int) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
-        """One /sync with ``timeout`` set to ``timeout_ms`` (capped) and an HTTP deadline above it."""
+    def sync(self, token: str | None, query: tuple[tuple[str, str], ...], timeout_ms: int,
+             lease: Lease | None = None) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
+        """One /sync with ``timeout`` set to ``timeout_ms`` (capped) and an HTTP deadline above it.
+
+        ``lease``: the observation's long-poll slot; without one the call takes its own.
+        """
         timeout_ms = max(0, min(timeout_ms, int(self.settings.max_long_poll * 1000)))
         items = tuple((k, v) for k, v in query if k != "timeout") + (("timeout", str(timeout_ms)),)
         return self.long_polls.request(api.generic("GET", _SYNC_PATH, token, items),
-                                       timeout_ms / 1000.0 + self.settings.http_margin)
+                                       timeout_ms / 1000.0 + self.settings.http_margin, lease)
 
 
 def token_sent(request: Request) -> bool:
@@ -249,6 +257,7 @@ class Msc3079Resource(MatrixResource):
 
     subtree = True
     link = LinkAttributes(rt="org.matrix.msc3079", ct=FORMATS, title="Matrix CS API (MSC3079)")
+    operation = OTHER  # each request's own comes from its path (`operation_of`)
 
     def __init__(self, context: PluginContext, service: Msc3079Service, *, visible: bool = True) -> None:
         super().__init__(context)
@@ -259,10 +268,13 @@ class Msc3079Resource(MatrixResource):
         target = map_path(request.path)
         if target.is_sync:
             return await SyncResource.long_poll(self.service, request)
+        operation = operation_of(request, target)
+        check_registration(self.context.config.allow_registration, operation)
         state, body, version = self.service.prepare(request)
         as_json = wants_json(request)
         try:
-            status, answer = await self.service.call(request, target, state, body, query_items(request))
+            status, answer = await self.service.call(request, target, state, body, query_items(request),
+                                                     operation)
         except MatrixError as error:
             return error_answer(error, version, as_json)
         if target.is_versions:
@@ -270,6 +282,11 @@ class Msc3079Resource(MatrixResource):
         return encode(answer, success_code(request.method, status), version, as_json)
 
     render_GET = render_POST = render_PUT = render_DELETE = _answer
+
+
+def operation_of(request: Request, target: Target) -> str:
+    """What a pass-through request does (`comatrix.policy`): by path code, else by full path."""
+    return operation_for(request.method.name, target.code, target.segments[3:])
 
 
 def advertise(versions: dict[str, Any], dtls_port: int | None) -> dict[str, Any]:
@@ -288,6 +305,7 @@ class SyncResource(MatrixResource):
     """``/sync``: long-poll, or Observe with one loop per registration."""
 
     link = LinkAttributes(rt="org.matrix.msc3079.sync", ct=FORMATS, obs=True, title="Matrix /sync (MSC3079)")
+    operation = "sync"
 
     def __init__(self, context: PluginContext, service: Msc3079Service, *, visible: bool = True) -> None:
         super().__init__(context)
@@ -339,6 +357,16 @@ class SyncResource(MatrixResource):
             old.stop()  # a re-registration replaces the loop (and resumes from the acknowledged point)
         if len(service.loops) >= service.settings.max_sync_loops:
             raise ServiceUnavailable("too many sync observers", max_age=60)
+        lease = service.long_polls.lease()  # the loop's slot, from now to its end
+        try:
+            return await self._start_loop(request, key, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _start_loop(self, request: Request, key: tuple[str, int, bytes], lease: Lease) -> Response:
+        """The registration's answer; a `SyncLoop` holding ``lease`` is started unless it fails."""
+        service = self.service
         state, _body, version = service.prepare(request)
         as_json = wants_json(request)
         query = query_items(request)
@@ -346,10 +374,11 @@ class SyncResource(MatrixResource):
         registration = registration_fingerprint(query)
         try:
             if token is not None and not _wants_full_state(query):
-                answer = await self._first_answer(request, token, query, registration)
+                answer = await self._first_answer(request, token, query, registration, lease)
             else:
-                _status, answer = await service.sync(token, query, 0)
+                _status, answer = await service.sync(token, query, 0, lease)
         except MatrixError as error:
+            lease.release()
             return error_answer(error, version, as_json)
         next_batch = answer.get("next_batch")
         if not isinstance(next_batch, str):
@@ -358,24 +387,24 @@ class SyncResource(MatrixResource):
             raise ServiceUnavailable("too many sync observers", max_age=60)
         loop = SyncLoop(service, self, request, token, version, as_json, next_batch,
                         tuple((k, v) for k, v in query if k not in ("since", "timeout", "full_state")),
-                        registration)
+                        registration, lease)
         service.loops[key] = loop
         # Start once the CoAP layer has registered the observer with this answer.
         service.reactor.callLater(0, loop.start)
         return encode(answer, Code.CONTENT, version, as_json)
 
     async def _first_answer(self, request: Request, token: str, query: tuple[tuple[str, str], ...],
-                      registration: bytes) -> dict[str, Any]:
+                            registration: bytes, lease: Lease) -> dict[str, Any]:
         """The registration answer: from the observation's resume point if it has one
         (see `comatrix.msc3079.resume`), else as the request asks."""
         service = self.service
         resume = await service.resumes.resume_from(token, request.token, registration)
         if resume is None:
-            _status, answer = await service.sync(token, query, 0)
+            _status, answer = await service.sync(token, query, 0, lease)
             return answer
         log.info("sync observation of {peer} resumes from its last acknowledged batch", peer=str(request.peer))
         try:
-            _status, answer = await service.sync(token, _with_since(query, resume), 0)
+            _status, answer = await service.sync(token, _with_since(query, resume), 0, lease)
         except MatrixError as error:
             if error.http_status == 401 or is_transient(error):
                 raise
@@ -383,7 +412,7 @@ class SyncResource(MatrixResource):
             log.info("resume point of {peer} refused ({error}); serving the registration as asked",
                      peer=str(request.peer), error=error.errcode or error.http_status)
             await service.resumes.forget(token, request.token)
-            _status, answer = await service.sync(token, query, 0)
+            _status, answer = await service.sync(token, query, 0, lease)
         return answer
 
 
@@ -414,7 +443,7 @@ class SyncLoop:
 
     def __init__(self, service: Msc3079Service, resource: SyncResource, request: Request,
                  token: str | None, version: int, as_json: bool, since: str,
-                 query: tuple[tuple[str, str], ...], registration: bytes) -> None:
+                 query: tuple[tuple[str, str], ...], registration: bytes, lease: Lease) -> None:
         self.service = service
         self.resource = resource
         self.request = request
@@ -425,6 +454,10 @@ class SyncLoop:
         self.query = query
         #: Fingerprint of the registration request: the resume point belongs to it.
         self.registration = registration
+        #: The device the homeserver is told each /sync is for (``X-Forwarded-For``).
+        self.device = device_of(request)
+        #: The device's long-poll slot this loop holds until it stops.
+        self.lease = lease
         self.pending: Response | None = None
         self.stopped = False
         self._waiting: defer.Deferred[Any] | None = None
@@ -436,12 +469,16 @@ class SyncLoop:
     def start(self) -> None:
         if self.stopped:
             return
-        defer.ensureDeferred(self._run()).addBoth(self._finished)
+        # Started by a timer, outside the registration's context: its /syncs are still for its device.
+        with acting_as(self.device):
+            running = defer.ensureDeferred(self._run())
+        running.addBoth(self._finished)
 
     def stop(self) -> None:
         if self.stopped:
             return
         self.stopped = True
+        self.lease.release()
         if self.service.loops.get(loop_key(self.request)) is self:
             del self.service.loops[loop_key(self.request)]
         if self._waiting is not None:
@@ -460,13 +497,28 @@ class SyncLoop:
         finally:
             self._waiting = None
 
+    def _observed(self) -> bool:
+        """Whether the CoAP layer still holds this registration (a resource on no site: assume so).
+
+        A registration the CoAP layer did not take (its observer cap) or dropped without
+        telling `SyncResource.observer_removed` must not keep long-polling -- and holding its
+        device's long-poll slot -- for nobody.
+        """
+        if not self.resource._coap_sites:
+            return True
+        return any(registered is self.request for registered in self.resource.observer_requests())
+
     async def _run(self) -> None:
         backoff = Backoff(random=self.service.jitter)
         while not self.stopped:
+            if not self._observed():
+                log.info("sync observation of {peer} is no longer registered: its loop ends",
+                         peer=str(self.request.peer))
+                return
             try:
                 _status, answer = await self._wait(self.service.sync(
                     self._token, self.query + (("since", self.since),),
-                    int(self.service.settings.observe_poll * 1000)))
+                    int(self.service.settings.observe_poll * 1000), self.lease))
             except CancelledError:
                 return
             except HomeserverError as error:

@@ -224,3 +224,21 @@ def test_bind_failure_exits_with_one_line(make_gateway) -> None:
         assert lines == [f"comatrix: cannot listen on [127.0.0.1]:{gw.port}: Address already in use"]
     finally:
         busy.close()
+
+
+def test_credentials_open_to_others_refuse_the_start_with_one_line(make_gateway, synapse_user,
+                                                                   tmp_path: Path) -> None:
+    device = synapse_user("dev")
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text(f'[[devices]]\naddress = "127.0.0.0/8"\nuser = "{device.user_id}"\n'
+                           f'password = "{device.password}"\n')
+    credentials.chmod(0o644)
+    gw = make_gateway(start=False, config_text=f'credentials_file = "{credentials}"\n')
+    gw.start(wait=False)
+    assert gw.wait_exit(30) != 0
+    lines = [line for line in gw.output_text().splitlines() if line.strip()]
+    assert lines == [f"comatrix: {credentials} holds secrets and is readable by others (mode 0644); "
+                     "chmod o-rwx it"]
+    credentials.chmod(0o640)
+    gw.start()
+    assert gw.running

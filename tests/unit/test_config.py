@@ -8,13 +8,16 @@ from typing import Any
 
 import pytest
 
+from comatrix.coap.message import Security
 from comatrix.config import Config, ConfigError, build_config, read_config_files
 from comatrix.tap import Options, load_config
 
 
-def write(path: Path, text: str) -> Path:
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    """A config file, 0600 unless told: files holding secrets must not be open to others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    path.chmod(mode)
     return path
 
 
@@ -173,3 +176,120 @@ def test_connect_timeout_defaults_below_a_short_request_timeout() -> None:
     assert build_config({}).connect_timeout == 5.0
     assert build_config({"request_timeout": 4}).connect_timeout == 2.0
     assert build_config({"request_timeout": 4, "connect_timeout": 1}).connect_timeout == 1.0
+
+
+def test_per_device_shares_are_config_keys_and_validated() -> None:
+    config = build_config({"coap": {"max_observers_per_peer": 4, "max_uploads_per_peer": 2},
+                           "limits": {"max_sessions_per_device": 2, "max_sessions": 50,
+                                      "session_idle_timeout": 3600}})
+    assert (config.coap.max_observers_per_peer, config.coap.max_uploads_per_peer) == (4, 2)
+    limits = config.limits
+    assert (limits.max_sessions_per_device, limits.max_sessions, limits.session_idle_timeout) == (2, 50, 3600.0)
+    defaults = build_config()
+    assert defaults.coap.max_observers_per_peer < defaults.coap.max_observers
+    assert defaults.coap.max_uploads_per_peer < defaults.coap.blockwise_state_capacity
+    assert defaults.limits.max_sessions_per_device < defaults.limits.max_sessions
+    assert 0 < defaults.limits.session_idle_timeout <= 7 * 86400
+    for table, key, value in (("coap", "max_observers_per_peer", 0), ("coap", "max_uploads_per_peer", 0),
+                              ("limits", "max_sessions_per_device", 0), ("limits", "max_sessions", 0),
+                              ("limits", "session_idle_timeout", 0), ("limits", "max_sessions", 1.5)):
+        with pytest.raises(ConfigError, match=key):
+            build_config({table: {key: value}})
+OSCORE_SECRET = "00112233445566778899aabbccddeeff"
+
+
+@pytest.mark.parametrize("table, message", [
+    ('{ recipient_id = "01", sender_id = "" }', "oscore needs master_secret"),
+    (f'{{ recipient_id = "01", sender_id = "", master_secret = "{OSCORE_SECRET}", extra = "x" }}',
+     "unknown oscore key"),
+    (f'{{ recipient_id = "zz", sender_id = "", master_secret = "{OSCORE_SECRET}" }}', "oscore.recipient_id"),
+    (f'{{ recipient_id = "0102030405060708", sender_id = "", master_secret = "{OSCORE_SECRET}" }}',
+     "at most 7 bytes"),
+    (f'{{ recipient_id = "01", sender_id = "01", master_secret = "{OSCORE_SECRET}" }}', "must differ"),
+    ('{ recipient_id = "01", sender_id = "", master_secret = "0011" }', "at least 16 bytes"),
+    (f'{{ recipient_id = "01", sender_id = "", master_secret = "{OSCORE_SECRET}", master_salt = 5 }}',
+     "oscore.master_salt must be a hex string"),
+    ('"01"', "oscore must be a table"),
+])
+def test_invalid_oscore_tables_never_echo_the_secret(tmp_path: Path, table: str, message: str) -> None:
+    path = write(tmp_path / "c.toml", f'[[devices]]\nuser = "u"\npassword = "p"\noscore = {table}\n')
+    with pytest.raises(ConfigError, match=message) as info:
+        build_config(read_config_files(path))
+    assert OSCORE_SECRET not in str(info.value)
+
+
+def test_oscore_entry_needs_no_address_and_hides_its_secret(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml",
+                 '[[devices]]\nuser = "@s:example.org"\npassword = "p"\n'
+                 f'oscore = {{ recipient_id = "01", sender_id = "", master_secret = "{OSCORE_SECRET}", '
+                 'master_salt = "9e7ca92223786340" }\n'
+                 '[[devices]]\naddress = "::1"\naccess_token = "t"\n'
+                 f'oscore = {{ recipient_id = "02", sender_id = "", master_secret = "{OSCORE_SECRET}" }}\n')
+    entry, both = build_config(read_config_files(path)).devices
+    assert entry.network is None and not entry.matches("::1")
+    assert entry.oscore is not None and entry.oscore.recipient_id == b"\x01"
+    assert entry.oscore.master_salt == bytes.fromhex("9e7ca92223786340")
+    assert entry.identifies(Security("oscore", "01")) and not entry.identifies(Security("dtls", "01"))
+    assert entry.login_device_id != both.login_device_id
+    assert both.matches("::1") and both.oscore is not None and both.oscore.master_salt == b""
+    assert OSCORE_SECRET not in repr(entry) and "9e7ca922" not in repr(entry)
+
+
+def test_two_entries_cannot_share_a_recipient_id() -> None:
+    oscore = {"recipient_id": "01", "sender_id": "", "master_secret": OSCORE_SECRET}
+    entries = [{"user": "a", "password": "p", "oscore": oscore}, {"user": "b", "password": "p", "oscore": oscore}]
+    with pytest.raises(ConfigError, match="recipient_id '01'"):
+        build_config({"devices": entries})
+
+
+SECRET_LINES = [
+    '[[devices]]\naddress = "::1"\nuser = "u"\npassword = "p"\n',
+    '[[devices]]\naddress = "::1"\naccess_token = "t"\n',
+    '[plugins.dtls]\nkeys = [{identity = "a", psk = "k"}]\n',  # nested, in an array: still found
+    '[plugins.dtls.peer]\npsk_hex = "00ff"\n',
+    '[plugins.oscore]\nmaster_secret = "00ff"\n',
+]
+
+
+@pytest.mark.parametrize("text", SECRET_LINES)
+@pytest.mark.parametrize("mode, access", [(0o644, "readable"), (0o646, "readable and writable"),
+                                          (0o602, "writable"), (0o641, "accessible")])
+def test_secrets_in_a_file_open_to_others_are_refused(tmp_path: Path, text: str, mode: int, access: str) -> None:
+    path = write(tmp_path / "credentials.toml", text, mode)
+    with pytest.raises(ConfigError) as info:
+        read_config_files(path)
+    assert str(info.value) == (f"{path} holds secrets and is {access} by others (mode {mode:04o}); "
+                               "chmod o-rwx it")
+    for secret in ('"p"', '"t"', '"k"', "00ff"):
+        assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o660, 0o400])
+def test_secrets_in_a_file_closed_to_others_are_read(tmp_path: Path, mode: int) -> None:
+    path = write(tmp_path / "credentials.toml", SECRET_LINES[0], mode)
+    assert read_config_files(path)["devices"][0]["password"] == "p"
+
+
+def test_files_without_secrets_are_not_checked(tmp_path: Path) -> None:
+    main = write(tmp_path / "comatrix.toml", 'port = 6000\n# password = "only a comment"\n', 0o644)
+    write(tmp_path / "conf.d" / "10-listen.toml", 'ip = "::1"\n', 0o666)
+    config = build_config(read_config_files(main))
+    assert (config.ip, config.port) == ("::1", 6000)
+
+
+def test_every_file_with_secrets_is_checked(tmp_path: Path) -> None:
+    """The main file, a conf.d fragment and the credentials file, also through twistd's options."""
+    creds = write(tmp_path / "credentials.toml", SECRET_LINES[1], 0o640)
+    main = write(tmp_path / "comatrix.toml", f'credentials_file = "{creds}"\n', 0o644)
+    fragment = write(tmp_path / "conf.d" / "50-token.toml", SECRET_LINES[0], 0o600)
+    options = Options()
+    options.parseOptions(["--config", str(main)])
+    assert len(load_config(options).devices) == 2
+    for path in (creds, fragment):
+        path.chmod(0o644)
+        with pytest.raises(ConfigError, match=f"^{path} holds secrets"):
+            load_config(options)
+        path.chmod(0o640)
+    main.write_text(f'credentials_file = "{creds}"\n' + SECRET_LINES[0].replace("::1", "::2"))
+    with pytest.raises(ConfigError, match=f"^{main} holds secrets"):
+        load_config(options)
