@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from comatrix.coap.server import CoapSettings
+from comatrix.dtls.sessions import DtlsSettings
 
 
 class ConfigError(ValueError):
@@ -29,11 +30,12 @@ class ConfigError(ValueError):
 class DeviceCredentials:
     """Matrix credentials the gateway uses for devices that send no token of their own.
 
-    ``network`` is an address or prefix; the longest matching prefix wins.
-    Either ``access_token`` or ``user`` + ``password`` is given.
+    ``network`` is an address or prefix; the longest matching prefix wins.  An entry
+    with a ``psk_identity`` is found by that identity when a device comes over DTLS,
+    and needs no ``network``.  Either ``access_token`` or ``user`` + ``password`` is given.
     """
 
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     access_token: str | None = dataclasses.field(default=None, repr=False)
@@ -41,15 +43,21 @@ class DeviceCredentials:
     #: login, so Matrix's per-device txnId scope spans gateway restarts and the
     #: account does not gain a device per restart.  Derived when not configured.
     device_id: str | None = None
+    #: DTLS PSK identity and key (RFC 7925); the key is never shown.
+    psk_identity: str | None = None
+    psk: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def login_device_id(self) -> str:
         if self.device_id:
             return self.device_id
-        seed = f"{self.user}\0{self.network}".encode("utf-8")
+        where = self.network if self.network is not None else f"dtls:{self.psk_identity}"
+        seed = f"{self.user}\0{where}".encode("utf-8")
         return "COMATRIX" + hashlib.sha256(seed).hexdigest()[:12].upper()
 
     def matches(self, host: str) -> bool:
+        if self.network is None:
+            return False
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
@@ -58,6 +66,14 @@ class DeviceCredentials:
             address = address.ipv4_mapped
         return address.version == self.network.version and address in self.network
 
+
+#: The IANA port of coaps (RFC 7252 §12.7).
+DEFAULT_DTLS_PORT = 5684
+
+#: Longest PSK identity accepted (RFC 4279 allows 2^16-1; devices use a few bytes).
+MAX_PSK_IDENTITY = 128
+#: PSK lengths accepted: at least 128 bits, at most what OpenSSL's callback takes.
+PSK_BYTES = (16, 64)
 
 #: What identifies a device for its rate limit (``[limits] device_key``).
 DEVICE_KEYS = ("address", "token")
@@ -125,6 +141,10 @@ class Config:
     alias_cache_ttl: float = 300.0
     coap: CoapSettings = CoapSettings()
     limits: LimitSettings = LimitSettings()
+    #: The CoAP-over-DTLS port, None when DTLS is off.  Configured, or 5684 as soon as
+    #: a ``[[devices]]`` entry has a PSK.
+    dtls_port: int | None = None
+    dtls: DtlsSettings = DtlsSettings()
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -203,6 +223,13 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         if not 0 <= port <= 65535:
             raise ConfigError("port must be between 0 and 65535")
         kwargs["port"] = port
+    if "dtls_port" in values:
+        dtls_port = _integer(values, "dtls_port")
+        if not 1 <= dtls_port <= 65535:
+            raise ConfigError("dtls_port must be between 1 and 65535")
+        kwargs["dtls_port"] = dtls_port
+    if "dtls" in values:
+        kwargs["dtls"] = _dtls_settings(values["dtls"])
     for key in ("request_timeout", "connect_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
         if key in values:
             number = _number(values, key)
@@ -232,12 +259,17 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     if credentials_file:
         devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
     kwargs["devices"] = tuple(devices)
+    if "dtls_port" not in kwargs and any(device.psk for device in devices):
+        kwargs["dtls_port"] = DEFAULT_DTLS_PORT
     if "connect_timeout" not in kwargs:
         kwargs["connect_timeout"] = min(Config.connect_timeout,
                                         kwargs.get("request_timeout", Config.request_timeout) / 2)
     config = Config(**kwargs)
     _check_deadlines(config)
     _check_device_ids(config.devices)
+    _check_psk_identities(config.devices)
+    if config.dtls_port is not None and config.dtls_port == config.port:
+        raise ConfigError("dtls_port must differ from port")
     return config
 
 
@@ -270,6 +302,39 @@ def _check_device_ids(devices: Iterable[DeviceCredentials]) -> None:
             raise ConfigError(f"devices: two entries log in as {device.user} with device_id "
                               f"{device.login_device_id}; give each its own device_id")
         seen.add(key)
+
+
+def _check_psk_identities(devices: Iterable[DeviceCredentials]) -> None:
+    seen: set[str] = set()
+    for device in devices:
+        if device.psk_identity is None:
+            continue
+        if device.psk_identity in seen:
+            raise ConfigError(f"devices: two entries have psk_identity {device.psk_identity!r}")
+        seen.add(device.psk_identity)
+
+
+_DTLS_KEYS = {field.name: field.type for field in dataclasses.fields(DtlsSettings)}
+
+
+def _dtls_settings(table: Any) -> DtlsSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[dtls] must be a table")
+    unknown = sorted(set(table) - set(_DTLS_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [dtls] key(s): {', '.join(unknown)}")
+    settings: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(DtlsSettings(), key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"dtls.{key} must be a non-negative number")
+        if isinstance(default, int) and value != int(value):
+            raise ConfigError(f"dtls.{key} must be an integer")
+        settings[key] = type(default)(value)
+    try:
+        return DtlsSettings(**settings)
+    except ValueError as exc:
+        raise ConfigError(f"[dtls]: {exc}") from None
 
 
 def _coap_settings(table: Any) -> CoapSettings:
@@ -327,13 +392,17 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id"})
+        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id",
+                                       "psk_identity", "psk", "psk_hex"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
-        try:
-            network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
-        except ValueError:
-            raise ConfigError(f"{label}: address must be an IP address or prefix") from None
+        psk_identity, psk = _psk(entry, label)
+        network = None
+        if "address" in entry or psk_identity is None:
+            try:
+                network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
+            except ValueError:
+                raise ConfigError(f"{label}: address must be an IP address or prefix") from None
         token, user, password = entry.get("access_token"), entry.get("user"), entry.get("password")
         if not token and not (user and password):
             raise ConfigError(f"{label}: give access_token, or user and password")
@@ -345,8 +414,38 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
             raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
-                                         access_token=token, device_id=device_id))
+                                         access_token=token, device_id=device_id,
+                                         psk_identity=psk_identity, psk=psk))
     return devices
+
+
+def _psk(entry: Mapping[str, Any], label: str) -> tuple[str | None, bytes | None]:
+    """``psk_identity`` with ``psk`` (text) or ``psk_hex``; errors never show the key."""
+    identity = entry.get("psk_identity")
+    has_key = "psk" in entry or "psk_hex" in entry
+    if identity is None:
+        if has_key:
+            raise ConfigError(f"{label}: psk needs a psk_identity")
+        return None, None
+    if not isinstance(identity, str) or not 1 <= len(identity.encode("utf-8")) <= MAX_PSK_IDENTITY:
+        raise ConfigError(f"{label}: psk_identity must be a string of 1-{MAX_PSK_IDENTITY} bytes")
+    if ("psk" in entry) == ("psk_hex" in entry):
+        raise ConfigError(f"{label}: give psk or psk_hex (one of them) with psk_identity")
+    if "psk" in entry:
+        if not isinstance(entry["psk"], str):
+            raise ConfigError(f"{label}: psk must be a string")
+        key = entry["psk"].encode("utf-8")
+    else:
+        try:
+            key = bytes.fromhex(entry["psk_hex"]) if isinstance(entry["psk_hex"], str) else b""
+        except ValueError:
+            key = b""
+        if not key:
+            raise ConfigError(f"{label}: psk_hex must be hexadecimal digits")
+    low, high = PSK_BYTES
+    if not low <= len(key) <= high:
+        raise ConfigError(f"{label}: the PSK must be {low}-{high} bytes")
+    return identity, key
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """Which Matrix access token a request acts with.
 
 A device may send its own token (CoAP option 256, raw or ``Bearer ...``).  A
-device that sends none acts with the credentials configured for its source
-address (longest matching prefix): a fixed access token, or a user/password the
-gateway logs in with once and keeps.  No token and no matching entry -> 4.01.
+device that sends none acts with the ``[[devices]]`` entry of its security
+identity when it came through a security context (the entry whose
+``psk_identity`` it proved over DTLS), else -- plain CoAP only -- with the entry
+of its source address (longest matching prefix): a fixed access token, or a
+user/password the gateway logs in with once and keeps.  No token and no
+matching entry -> 4.01.
 
 Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
 Matrix scopes send txnIds to the device, so a device retrying a send with the same
@@ -13,6 +16,7 @@ and only a token the homeserver refuses leads to a new login.
 All the devices an entry covers (a prefix) are that one Matrix device, so a txn id
 one of them chooses is made its own with `address_scoped_txn_id`: two sensors that
 both seed their counters from ``/time`` must not swallow each other's messages.
+(A device with a security identity gets a tag of that identity instead.)
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ def address_scoped_txn_id(request: Request, txn_id: str) -> str:
     """
     if request.option(ACCESS_TOKEN_OPTION) is not None:
         return txn_id
-    tag = hashlib.sha256(request.peer.host.encode("utf-8")).hexdigest()[:10]
+    security = request.security
+    source = request.peer.host if security is None else f"{security.scheme}:{security.identity}"
+    tag = hashlib.sha256(source.encode("utf-8")).hexdigest()[:10]
     return f"{tag}.{txn_id}"
 
 
@@ -81,7 +87,10 @@ class Credentials:
     def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient",
                  store: "Store | None" = None) -> None:
         # Longest prefix first, so a single address beats the prefix it belongs to.
-        self._devices = sorted(devices, key=lambda device: device.network.prefixlen, reverse=True)
+        self._devices = sorted(devices, key=lambda device: device.network.prefixlen if device.network else -1,
+                               reverse=True)
+        self._by_psk_identity = {device.psk_identity: device for device in devices
+                                 if device.psk_identity is not None}
         self._matrix = matrix
         self._store = store
         self._tokens: dict[int, str] = {}
@@ -99,17 +108,29 @@ class Credentials:
         if dropped:
             log.info("Dropped {count} kept token(s) of device entries no longer configured", count=dropped)
 
-    def device_for(self, host: str) -> DeviceCredentials | None:
+    def device_for(self, request: Request) -> DeviceCredentials | None:
+        """The entry a request acts through: by its security identity, else (plain CoAP) its address."""
+        security = request.security
+        if security is not None:
+            if security.scheme == "dtls":
+                return self._by_psk_identity.get(security.identity)
+            return None
+        host = request.peer.host
         for device in self._devices:
             if device.matches(host):
                 return device
         return None
 
+    def psk_for(self, identity: str) -> bytes | None:
+        """The DTLS PSK of ``identity`` (None: no such entry, the handshake fails)."""
+        device = self._by_psk_identity.get(identity)
+        return device.psk if device is not None else None
+
     async def token_for(self, request: Request) -> str:
         token = token_from_request(request)
         if token is not None:
             return token
-        device = self.device_for(request.peer.host)
+        device = self.device_for(request)
         if device is None:
             raise Unauthorized("no credentials")
         if device.access_token:
@@ -118,7 +139,7 @@ class Credentials:
 
     def forget(self, request: Request, token: str) -> bool:
         """Drop a gateway-held token the homeserver refused; True if it was ours (retry worth it)."""
-        device = self.device_for(request.peer.host)
+        device = self.device_for(request)
         if device is None or device.access_token or token_from_request(request) is not None:
             return False
         key = id(device)

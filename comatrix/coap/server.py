@@ -51,7 +51,7 @@ from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter
                                   RequestEntityTooLarge, ServiceUnavailable, decode_uint,
                                   default_error_adapter, encode_uint)
 from comatrix.coap.linkformat import WELL_KNOWN_CORE, WellKnownCore
-from comatrix.coap.message import Peer, Request, Response
+from comatrix.coap.message import Peer, Request, Response, Security
 from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
 
 log = get_logger(__name__)
@@ -278,6 +278,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.settings = settings
         self.reactor = reactor
         self.on_response = on_response
+        #: The security context a peer's datagrams came through (a DTLS port sets it);
+        #: None: plain CoAP.
+        self.security_for: Callable[[Address], Security | None] | None = None
         self._understood = _BUILTIN_UNDERSTOOD | frozenset(understood_options) | {REQUEST_TAG}
         self._random = random.Random()
         self._mid = self._random.randrange(0x10000)
@@ -546,13 +549,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 values.append(value)
         frozen = {number: tuple(values) for number, values in options.items()}
         peer = Peer(addr[0], addr[1])
+        security = self.security_for(addr) if self.security_for is not None else None
         try:
             method = Code(message.code)
         except ValueError:
             method = Code.EMPTY
         # A minimal request first, so that early errors can still be reported to the hook.
         incoming.request = Request(method=method, path=(), token=message.token, peer=peer,
-                                   message_type=MessageType(message.mtype), options=frozen)
+                                   message_type=MessageType(message.mtype), options=frozen,
+                                   security=security)
         if method == Code.EMPTY:
             raise MethodNotAllowed("unknown method")
         understood = self._understood
@@ -594,7 +599,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             method=method, path=path, payload=message.payload, query=query,
             content_format=uints[OptionNumber.CONTENT_FORMAT], accept=uints[OptionNumber.ACCEPT],
             observe=uints[OptionNumber.OBSERVE], token=message.token, peer=peer,
-            message_type=MessageType(message.mtype), options=frozen)
+            message_type=MessageType(message.mtype), options=frozen, security=security)
         incoming.request = request
         return request
 

@@ -91,8 +91,6 @@ class Msc3079Settings:
         self.http_margin = number("http_margin", 10.0, 1)
         #: The long-poll an Observe loop asks for; Synapse answers at once when there is news.
         self.observe_poll = min(number("observe_poll", 30.0, 1), self.max_long_poll or 30.0)
-        dtls = raw.get("dtls_port")
-        self.dtls_port: int | None = dtls if isinstance(dtls, int) and not isinstance(dtls, bool) else None
 
 
 class Msc3079Service:
@@ -146,7 +144,7 @@ class Msc3079Service:
         """The token a /sync acts with: sticky/explicit, else the device's configured credentials."""
         if state.token is not None:
             return state.token
-        if self.context.credentials.device_for(request.peer.host) is not None:
+        if self.context.credentials.device_for(request) is not None:
             return await self.context.credentials.token_for(request)
         return None
 
@@ -159,7 +157,7 @@ class Msc3079Service:
             req = api.generic(request.method.name, target.segments, access_token, query, body)
             return self.transport.request(req)
 
-        if token is None and target.takes_token and credentials.device_for(request.peer.host) is not None:
+        if token is None and target.takes_token and credentials.device_for(request) is not None:
             # A [[devices]] entry: one Matrix device for all its addresses, so this one's txnIds get its tag.
             target = with_txn_id(target, lambda txn_id: address_scoped_txn_id(request, txn_id))
             token = await credentials.token_for(request)
@@ -266,7 +264,8 @@ class Msc3079Resource(MatrixResource):
         except MatrixError as error:
             return error_answer(error, version, as_json)
         if target.is_versions:
-            answer = advertise(answer, self.service.settings.dtls_port)
+            # The gateway's dtls_port is set exactly when its DTLS port listens.
+            answer = advertise(answer, self.service.context.config.dtls_port)
         return encode(answer, success_code(request.method, status), version, as_json)
 
     render_GET = render_POST = render_PUT = render_DELETE = _answer
