@@ -7,7 +7,6 @@ a forger on the link would send them; OpenSSL answers them for real.
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any
 
 import pytest
@@ -16,24 +15,7 @@ from twisted.internet.task import Clock
 from comatrix.coap.server import CoapServer, Site
 from comatrix.dtls.server import SWEEP_SECONDS, DtlsProtocol, is_client_hello
 from comatrix.dtls.sessions import DtlsSettings, SessionTable
-
-PSK_AES128_CCM8 = 0xC0A8
-
-
-def client_hello(cookie: bytes = b"", message_seq: int = 0, record_seq: int = 0) -> bytes:
-    body = (b"\xfe\xfd" + os.urandom(32) + b"\x00" + bytes([len(cookie)]) + cookie
-            + struct.pack("!HH", 2, PSK_AES128_CCM8) + b"\x01\x00")
-    handshake = (bytes([1]) + len(body).to_bytes(3, "big") + struct.pack("!H", message_seq)
-                 + (0).to_bytes(3, "big") + len(body).to_bytes(3, "big") + body)
-    return (bytes([22]) + b"\xfe\xfd" + struct.pack("!H", 0) + record_seq.to_bytes(6, "big")
-            + struct.pack("!H", len(handshake)) + handshake)
-
-
-def cookie_of(hello_verify_request: bytes) -> bytes:
-    assert hello_verify_request[0] == 22 and hello_verify_request[13] == 3  # HelloVerifyRequest
-    length = hello_verify_request[27]
-    return hello_verify_request[28:28 + length]
-
+from support.dtls import HELLO_VERIFY_REQUEST, SERVER_HELLO, client_hello, cookie_of, handshake_type
 
 class FakeUdp:
     def __init__(self) -> None:
@@ -85,7 +67,7 @@ def test_forged_client_hello_gets_only_a_small_hello_verify_request(port: Port) 
     assert is_client_hello(hello)
     answers = port.receive(hello, ("127.0.0.1", 40000))
     assert len(answers) == 1
-    assert answers[0][13] == 3  # HelloVerifyRequest
+    assert handshake_type(answers[0]) == HELLO_VERIFY_REQUEST
     assert len(answers[0]) <= len(hello)
     assert len(port.protocol.sessions) == 0
     assert port.delivered == []
@@ -98,7 +80,7 @@ def test_a_wrong_cookie_or_a_cookie_of_another_address_creates_nothing(port: Por
     for addr, echoed in ((("127.0.0.1", 40000), forged), (("127.0.0.2", 40000), cookie),
                          (("127.0.0.1", 40001), cookie)):
         answers = port.receive(client_hello(echoed, message_seq=1, record_seq=1), addr)
-        assert [answer[13] for answer in answers] == [3]  # asked again for a cookie
+        assert [handshake_type(answer) for answer in answers] == [HELLO_VERIFY_REQUEST]  # asked again
     assert len(port.protocol.sessions) == 0
 
 
@@ -111,7 +93,7 @@ def test_only_client_hellos_are_looked_at_from_unknown_peers(port: Port) -> None
 
 def test_a_valid_cookie_starts_the_handshake(port: Port) -> None:
     answers = port.open(("127.0.0.1", 40000))
-    assert len(answers) == 1 and answers[0][13] == 2  # ServerHello (then ServerHelloDone)
+    assert len(answers) == 1 and handshake_type(answers[0]) == SERVER_HELLO  # (then ServerHelloDone)
     assert len(port.protocol.sessions) == 1
     assert port.protocol.security_for(("127.0.0.1", 40000)) is None  # no identity before Finished
     assert port.delivered == []
@@ -152,7 +134,7 @@ def test_cookies_of_an_old_secret_stop_working(port: Port) -> None:
     port.clock.advance(SWEEP_SECONDS)
     port.clock.advance(SWEEP_SECONDS)  # two rotations
     answers = port.receive(client_hello(cookie_of(verify), message_seq=1, record_seq=1), addr)
-    assert [answer[13] for answer in answers] == [3]
+    assert [handshake_type(answer) for answer in answers] == [HELLO_VERIFY_REQUEST]
     assert len(port.protocol.sessions) == 0
 
 
