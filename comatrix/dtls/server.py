@@ -44,6 +44,11 @@ def is_client_hello(datagram: bytes) -> bool:
             and datagram[3:5] == b"\0\0" and datagram[13] == _CLIENT_HELLO)
 
 
+def client_random(hello: bytes) -> bytes:
+    """The 32-byte random of a ClientHello (after record, handshake headers and version)."""
+    return hello[27:59]
+
+
 def peer_key(address: Address) -> bytes:
     """What a cookie is bound to: the full source address."""
     return f"{address[0]}|{address[1]}".encode("utf-8")
@@ -52,8 +57,10 @@ def peer_key(address: Address) -> bytes:
 class _Session:
     """One peer's DTLS session: its OpenSSL connection, retransmission timer and identity."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, random: bytes) -> None:
         self.connection = connection
+        #: The random of the ClientHello that started it: a late copy of that hello is no new handshake.
+        self.random = random
         self.timer: DelayedCall | None = None
         self.security: Security | None = None
 
@@ -112,6 +119,7 @@ class DtlsProtocol(DatagramProtocol):
         for entry in self.sessions:
             self._end(entry, notify=entry.established)
         self._listener.free()
+        self.context.free()
 
     # ------------------------------------------------------------------ the CoAP side
 
@@ -131,7 +139,11 @@ class DtlsProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         entry = self.sessions.get(addr)
-        if entry is None or (entry.established and is_client_hello(datagram)):
+        if entry is not None and entry.established and is_client_hello(datagram):
+            if client_random(datagram) == entry.value.random:
+                return  # a late copy of the hello that started this session
+            entry = None  # a new handshake (the device restarted): a cookie first, as for a stranger
+        if entry is None:
             self._hello(datagram, addr)
             return
         entry.last_active = self.reactor.seconds()
@@ -159,7 +171,7 @@ class DtlsProtocol(DatagramProtocol):
                      peer=addr, total=len(self.sessions), mine=self.sessions.host_count(addr[0]))
             connection.free()
             return
-        entry = self.sessions.add(addr, _Session(connection), self.reactor.seconds())
+        entry = self.sessions.add(addr, _Session(connection, client_random(datagram)), self.reactor.seconds())
         self._advance(entry)
 
     def _advance(self, entry: Entry[_Session]) -> None:

@@ -7,15 +7,18 @@ a forger on the link would send them; OpenSSL answers them for real.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 
+from comatrix.coap.message import Security
 from comatrix.coap.server import CoapServer, Site
 from comatrix.dtls.server import SWEEP_SECONDS, DtlsProtocol, is_client_hello
 from comatrix.dtls.sessions import DtlsSettings, SessionTable
-from support.dtls import HELLO_VERIFY_REQUEST, SERVER_HELLO, client_hello, cookie_of, handshake_type
+from support.dtls import (HELLO_VERIFY_REQUEST, SERVER_HELLO, PskClient, client_hello, cookie_of,
+                          handshake_type)
 
 class FakeUdp:
     def __init__(self) -> None:
@@ -165,3 +168,133 @@ def test_settings_are_checked() -> None:
     for bad in ({"max_sessions": 0}, {"sessions_per_address": 0}, {"idle_timeout": 0}, {"mtu": 100}):
         with pytest.raises(ValueError):
             DtlsSettings(**bad)
+
+
+def test_the_dtls_timer_retransmits_the_last_flight() -> None:
+    port = Port()
+    try:
+        (flight,) = port.open(("127.0.0.1", 40000))
+        entry = port.protocol.sessions.get(("127.0.0.1", 40000))
+        assert entry is not None and entry.value.timer is not None and entry.value.timer.active()
+        # OpenSSL reads the wall clock for its timer (initially 1 s); the reactor's call drives it.
+        time.sleep(1.1)
+        before = len(port.udp.sent)
+        port.clock.advance(entry.value.timer.getTime() - port.clock.seconds())
+        resent = [data for data, _ in port.udp.sent[before:]]
+        assert len(resent) == 1 and handshake_type(resent[0]) == SERVER_HELLO
+        assert len(resent[0]) == len(flight)
+        assert entry.value.timer is not None and entry.value.timer.active()  # backed off, armed again
+    finally:
+        port.close()
+
+
+def establish(port: Port, addr: tuple[str, int], identity: str = "dev", key: bytes = b"k" * 16) -> PskClient:
+    client = PskClient(identity, key)
+    answers: list[bytes] = []
+    for _ in range(10):  # a PSK handshake is 3 round trips after the cookie
+        sent = client.step(answers)
+        client.sent.append(sent)
+        answers = port.receive(sent, addr) if sent else []
+        if (client.connection.established or client.failed) and not answers:
+            break
+    return client
+
+
+def test_an_established_session_delivers_requests_with_the_psk_identity() -> None:
+    port = Port()
+    client = establish(port, ("127.0.0.1", 40000))
+    try:
+        entry = port.protocol.sessions.get(("127.0.0.1", 40000))
+        assert entry is not None and entry.established and entry.value.timer is None
+        assert port.protocol.security_for(("127.0.0.1", 40000)) == Security("dtls", "dev")
+        port.receive(client.connection.encrypt(b"coap request"), ("127.0.0.1", 40000))
+        assert port.delivered == [(b"coap request", ("127.0.0.1", 40000))]
+        # What the CoAP server writes back goes out encrypted, through the session.
+        port.coap.transport.write(b"coap response", ("127.0.0.1", 40000))
+        records, closed = client.connection.receive(port.udp.sent[-1][0])
+        assert records == [b"coap response"] and not closed
+    finally:
+        client.close()
+        port.close()
+
+
+def test_a_wrong_key_never_gets_a_session_nor_delivers_data() -> None:
+    port = Port()
+    client = establish(port, ("127.0.0.1", 40000), key=b"x" * 16)
+    try:
+        assert not client.connection.established
+        entry = port.protocol.sessions.get(("127.0.0.1", 40000))
+        assert entry is None or not entry.established
+        assert port.delivered == []
+        stranger = establish(port, ("127.0.0.1", 40001), identity="nobody")
+        assert port.protocol.sessions.get(("127.0.0.1", 40001)) is None  # failed with an alert
+        stranger.close()
+    finally:
+        client.close()
+        port.close()
+
+
+def test_idle_sessions_end_with_a_close_notify() -> None:
+    port = Port(idle_timeout=2 * SWEEP_SECONDS)
+    addr = ("127.0.0.1", 40000)
+    client = establish(port, addr)
+    try:
+        port.clock.advance(SWEEP_SECONDS)
+        port.receive(client.connection.encrypt(b"still here"), addr)
+        port.clock.advance(SWEEP_SECONDS)
+        assert port.protocol.sessions.get(addr) is not None  # active within idle_timeout
+        port.clock.advance(SWEEP_SECONDS)
+        port.clock.advance(SWEEP_SECONDS)
+        assert port.protocol.sessions.get(addr) is None
+        records, closed = client.connection.receive(port.udp.sent[-1][0])
+        assert closed  # the gateway said close_notify
+    finally:
+        client.close()
+        port.close()
+
+
+ADDR = ("127.0.0.1", 40000)
+
+
+@pytest.fixture
+def client(port: Port) -> Any:
+    """A client with an established session with ``port``, from ADDR."""
+    made = establish(port, ADDR)
+    yield made
+    made.close()
+
+
+def test_a_late_copy_of_the_hello_that_started_a_session_changes_nothing(port: Port, client: PskClient) -> None:
+    session = port.protocol.sessions.get(ADDR)
+    hello_with_cookie = client.sent[1]
+    assert handshake_type(hello_with_cookie) == 1 and cookie_of_hello(hello_with_cookie)
+    assert port.receive(hello_with_cookie, ADDR) == []
+    assert port.protocol.sessions.get(ADDR) is session and session is not None and session.established
+
+
+def cookie_of_hello(hello: bytes) -> bytes:
+    session_id_length = hello[59]
+    at = 60 + session_id_length
+    return hello[at + 1:at + 1 + hello[at]]
+
+
+def test_a_close_notify_from_the_peer_ends_the_session(port: Port, client: PskClient) -> None:
+    answers = port.receive(client.connection.close_notify(), ADDR)
+    assert port.protocol.sessions.get(ADDR) is None
+    assert len(answers) == 1  # our close_notify
+
+
+def test_a_new_handshake_from_the_same_address_replaces_the_session_after_its_cookie(port: Port) -> None:
+    addr = ("127.0.0.1", 40000)
+    old = establish(port, addr)
+    try:
+        first = port.protocol.sessions.get(addr)
+        # A stranger's forged hello from that address gets a cookie request; the session stays.
+        assert [handshake_type(a) for a in port.receive(client_hello(), addr)] == [HELLO_VERIFY_REQUEST]
+        assert port.protocol.sessions.get(addr) is first
+        new = establish(port, addr)
+        second = port.protocol.sessions.get(addr)
+        assert second is not None and second is not first and second.established
+        new.close()
+    finally:
+        old.close()
