@@ -217,6 +217,16 @@ class ServerContext:
                        for index in (0, 1)))
 
 
+_buffers: list[ctypes.Array[ctypes.c_char]] = []
+
+
+def _read_buffer() -> "ctypes.Array[ctypes.c_char]":
+    """One 64 KiB buffer for every read: all of this runs in the reactor thread, one call at a time."""
+    if not _buffers:
+        _buffers.append(ctypes.create_string_buffer(65536))
+    return _buffers[0]
+
+
 class Connection:
     """One server-side ``SSL`` object between two memory BIOs."""
 
@@ -232,7 +242,7 @@ class Connection:
         lib.SSL_set_bio(ssl, self._rbio, self._wbio)  # the SSL owns both BIOs from here on
         lib.SSL_ctrl(ssl, _SSL_CTRL_SET_MTU, mtu, None)
         lib.SSL_set_accept_state(ssl)
-        self._buffer = ctypes.create_string_buffer(65536)
+        self._buffer = _read_buffer()
         #: The peer address this connection's cookie was made for (set by `listen`).
         self.peer = b""
 
@@ -290,7 +300,7 @@ class Connection:
         while True:
             count = lib.SSL_read(self.ssl, self._buffer, len(self._buffer))
             if count > 0:
-                records.append(self._buffer.raw[:count])
+                records.append(ctypes.string_at(self._buffer, count))
                 continue
             error = lib.SSL_get_error(self.ssl, count)
             if error == _SSL_ERROR_WANT_READ:

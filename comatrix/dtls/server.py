@@ -24,7 +24,7 @@ from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import DatagramProtocol
 
 from comatrix.coap import transport
-from comatrix.coap.message import Security
+from comatrix.coap.message import Peer, Security
 from comatrix.dtls.libssl import Connection, HandshakeFailed, ServerContext
 from comatrix.dtls.sessions import Address, DtlsSettings, Entry, SessionTable
 from comatrix.logs import get_logger
@@ -130,7 +130,7 @@ class DtlsProtocol(DatagramProtocol):
     def send_application(self, datagram: bytes, addr: Address) -> None:
         entry = self.sessions.get(addr)
         if entry is None or not entry.established:
-            log.debug("No DTLS session with {peer}: {size} bytes not sent", peer=addr, size=len(datagram))
+            log.debug("No DTLS session with {peer}: {size} bytes not sent", peer=Peer(*addr), size=len(datagram))
             return
         entry.last_active = self.reactor.seconds()
         self._send(entry.value.connection.encrypt(datagram), addr)
@@ -164,11 +164,11 @@ class DtlsProtocol(DatagramProtocol):
         connection, self._listener = self._listener, Connection(self.context, self.settings.mtu)
         old = self.sessions.get(addr)
         if old is not None and self.sessions.has_room(addr):
-            log.info("DTLS: new handshake from {peer} replaces its session", peer=addr)
+            log.info("DTLS: new handshake from {peer} replaces its session", peer=Peer(*addr))
             self._end(old, notify=False)
         if not self.sessions.has_room(addr):
             log.info("DTLS: no room for a session with {peer} ({total} sessions, {mine} from its address)",
-                     peer=addr, total=len(self.sessions), mine=self.sessions.host_count(addr[0]))
+                     peer=Peer(*addr), total=len(self.sessions), mine=self.sessions.host_count(addr[0]))
             connection.free()
             return
         entry = self.sessions.add(addr, _Session(connection, client_random(datagram)), self.reactor.seconds())
@@ -179,7 +179,7 @@ class DtlsProtocol(DatagramProtocol):
         try:
             done = session.connection.handshake()
         except HandshakeFailed as failed:
-            log.info("DTLS handshake with {peer} failed", peer=entry.address)
+            log.info("DTLS handshake with {peer} failed", peer=Peer(*entry.address))
             self._send(failed.output, entry.address)
             self._end(entry, notify=False)
             return
@@ -191,7 +191,7 @@ class DtlsProtocol(DatagramProtocol):
         entry.established = True
         identity = session.connection.psk_identity() or ""
         session.security = Security("dtls", identity)
-        log.info("DTLS session with {peer}: identity {identity}, {cipher}", peer=entry.address,
+        log.info("DTLS session with {peer}: identity {identity}, {cipher}", peer=Peer(*entry.address),
                  identity=identity, cipher=session.connection.cipher())
         self._application(entry, b"")  # records that arrived with or before the last flight
 
@@ -207,7 +207,7 @@ class DtlsProtocol(DatagramProtocol):
         for record in records:
             self.coap.datagramReceived(record, entry.address)
         if closed:
-            log.info("DTLS: {peer} closed its session", peer=entry.address)
+            log.info("DTLS: {peer} closed its session", peer=Peer(*entry.address))
             self._end(entry, notify=True)
 
     def _arm_timer(self, entry: Entry[_Session]) -> None:
@@ -226,7 +226,7 @@ class DtlsProtocol(DatagramProtocol):
         if alive:
             self._arm_timer(entry)
         else:
-            log.info("DTLS handshake with {peer} timed out", peer=entry.address)
+            log.info("DTLS handshake with {peer} timed out", peer=Peer(*entry.address))
             self._end(entry, notify=False)
 
     def _end(self, entry: Entry[_Session], *, notify: bool) -> None:
@@ -245,7 +245,7 @@ class DtlsProtocol(DatagramProtocol):
         try:
             self.transport.write(datagram, addr)
         except Exception:
-            log.warn("Could not send {size} bytes to {peer}", size=len(datagram), peer=addr)
+            log.warn("Could not send {size} bytes to {peer}", size=len(datagram), peer=Peer(*addr))
 
     # ------------------------------------------------------------------ expiry
 
@@ -256,7 +256,7 @@ class DtlsProtocol(DatagramProtocol):
         """End idle sessions and overdue handshakes; rotate the cookie secret."""
         self.context.rotate_cookie_secret()
         for entry in self.sessions.expired(self.reactor.seconds()):
-            log.info("DTLS session with {peer} expired", peer=entry.address)
+            log.info("DTLS session with {peer} expired", peer=Peer(*entry.address))
             self._end(entry, notify=entry.established)
         self._schedule_sweep()
 
