@@ -46,7 +46,7 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from comatrix.coap.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
-from comatrix.coap.message import Peer
+from comatrix.coap.message import Peer, Security
 from comatrix.compact.codec import HANDLE_SIZE
 from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, LongPoller, is_transient, retry_delay
@@ -102,8 +102,13 @@ def txn_id(session_id: int, seq: int) -> str:
     return f"c{session_id}.{seq}"
 
 
-def _host(peer: Peer) -> str:
-    return peer.host
+def _binding(peer: Peer, security: Security | None) -> str:
+    """What a session is bound to: the security identity it was opened through, else the address.
+
+    A session opened over DTLS (``"dtls:<psk identity>"``) is not usable from a plain
+    datagram that forges the device's address, nor from another identity.
+    """
+    return peer.host if security is None else f"{security.scheme}:{security.identity}"
 
 
 def _usable(event: Event) -> bool:
@@ -141,22 +146,23 @@ class CompactService:
 
     # ------------------------------------------------------------------ sessions
 
-    async def login(self, user: str, password: str, peer: Peer) -> bytes:
-        """Log in to Matrix and open a session bound to ``peer``'s address; returns the handle."""
+    async def login(self, user: str, password: str, peer: Peer, security: Security | None = None) -> bytes:
+        """Log in to Matrix, open a session bound to the address or security identity; return the handle."""
         login = await self.matrix.login(user, password, initial_device_display_name="CoMatrix compact device")
         handle = secrets.token_bytes(HANDLE_SIZE)
         session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
-                                                     login.device_id, _host(peer), self.reactor.seconds())
+                                                     login.device_id, _binding(peer, security),
+                                                     self.reactor.seconds())
         log.info("Compact session {id} opened for {user} at {peer}", id=session_id, user=login.user_id,
-                 peer=_host(peer))
+                 peer=_binding(peer, security))
         return handle
 
-    async def session(self, handle: bytes, peer: Peer) -> SessionRecord:
+    async def session(self, handle: bytes, peer: Peer, security: Security | None = None) -> SessionRecord:
         record = await self.store.session_by_handle(handle_hash(handle))
         if record is None:
             log.warn("Unknown compact session handle from {peer}", peer=str(peer))
             raise Unauthorized("unknown session")
-        if record.peer_host != _host(peer):
+        if record.peer_host != _binding(peer, security):
             log.warn("Compact session {id} used from {peer}, bound to another address",
                      id=record.id, peer=str(peer))
             raise Forbidden("session bound to another address")

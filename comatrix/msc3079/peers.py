@@ -14,11 +14,11 @@ MSC's connection is a DTLS session, and stickiness can be switched off.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from comatrix.coap.cache import BoundedCache
 from comatrix.coap.errors import BadOption
-from comatrix.coap.message import Request
+from comatrix.coap.message import Request, Security
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION
 from comatrix.credentials import token_from_request
 from comatrix.msc3079.translate import KNOWN_KEY_TABLE
@@ -50,12 +50,22 @@ class PeerState:
         return f"PeerState(token={'<set>' if self.token else None}, version={self.version!r})"
 
 
+#: A connection as MSC3079 means it: the peer's address and port, and the security
+#: context its requests come through (None: plain CoAP).  A plain datagram forged with
+#: the address of a DTLS device therefore never sees that device's sticky token.
+PeerKey = tuple[str, int, Security | None]
+
+
+def peer_key(request: Request) -> PeerKey:
+    return (request.peer.host, request.peer.port, request.security)
+
+
 class PeerTable:
     """Bounded, idle-expiring map (host, port) -> `PeerState`."""
 
     def __init__(self, capacity: int, idle_timeout: float, clock: Callable[[], float], *,
                  sticky: bool = True) -> None:
-        self._states: BoundedCache[tuple[str, int], PeerState] = BoundedCache(capacity, idle_timeout, clock)
+        self._states: BoundedCache[PeerKey, PeerState] = BoundedCache(capacity, idle_timeout, clock)
         self.sticky = sticky
 
     def __len__(self) -> int:
@@ -63,7 +73,7 @@ class PeerTable:
 
     def update(self, request: Request) -> PeerState:
         """The peer's state after this request's options 256/257 (a fresh one if not sticky)."""
-        key = (request.peer.host, request.peer.port)
+        key = peer_key(request)
         state = self._states.get(key) if self.sticky else None
         if state is None:
             state = PeerState()
@@ -77,9 +87,9 @@ class PeerTable:
             self._states.put(key, state)  # also refreshes its idle lifetime and LRU position
         return state
 
-    def forget_token(self, peer: Any, token: str) -> None:
+    def forget_token(self, request: Request, token: str) -> None:
         """The token is dead (logout): drop it if it is still the peer's sticky one."""
-        state = self._states.get((peer[0], peer[1]))
+        state = self._states.get(peer_key(request))
         if state is not None and state.token == token:
             state.token = None
 

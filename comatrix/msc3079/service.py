@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from comatrix.logs import get_logger
 from comatrix.coap.errors import BadRequest, ServiceUnavailable, UnsupportedContentFormat
-from comatrix.coap.message import Request, Response
+from comatrix.coap.message import Request, Response, Security
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.coap.server import total_delivered
@@ -111,7 +111,7 @@ class Msc3079Service:
         self.resumes = ResumePoints(context.store, self.reactor)
         #: Random source of the loops' back-off jitter (tests make it deterministic).
         self.jitter = jitter
-        self.loops: dict[tuple[str, int, bytes], SyncLoop] = {}
+        self.loops: dict[LoopKey, SyncLoop] = {}
         trigger = getattr(self.reactor, "addSystemEventTrigger", None)
         if trigger is not None:
             trigger("before", "shutdown", self.shutdown)
@@ -169,7 +169,7 @@ class Msc3079Service:
             return await send(await credentials.token_for(request))
         result = await send(token)
         if target.is_logout and token is not None:
-            self.peers.forget_token(request.peer, token)
+            self.peers.forget_token(request, token)
             await self.resumes.forget(token)
         return result
 
@@ -404,8 +404,12 @@ def _timeout_ms(query: tuple[tuple[str, str], ...]) -> int:
     return 0
 
 
-def loop_key(request: Request) -> tuple[str, int, bytes]:
-    return (request.peer.host, request.peer.port, request.token)
+#: One Observe registration: peer address and port, CoAP token, security context.
+LoopKey = tuple[str, int, bytes, Security | None]
+
+
+def loop_key(request: Request) -> LoopKey:
+    return (request.peer.host, request.peer.port, request.token, request.security)
 
 
 class SyncLoop:

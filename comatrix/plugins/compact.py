@@ -87,7 +87,7 @@ class LoginResource(CompactResource):
 
     async def render_POST(self, request: Request) -> Response:
         login = LoginRequest.decode(self.payload(request))
-        handle = await self.service.login(login.user, login.password, request.peer)
+        handle = await self.service.login(login.user, login.password, request.peer, request.security)
         return _cbor(codec.encode_handle(handle), Code.CREATED)
 
 
@@ -96,7 +96,7 @@ class LogoutResource(CompactResource):
 
     async def render_POST(self, request: Request) -> Response:
         logout = HandleRequest.decode(self.payload(request))
-        session = await self.service.session(logout.handle, request.peer)
+        session = await self.service.session(logout.handle, request.peer, request.security)
         await self.service.logout(session)
         _registration.cache_clear()  # it holds registration bodies, and so handles: drop the revoked one
         return Response(code=Code.CHANGED)
@@ -107,7 +107,7 @@ class JoinResource(CompactResource):
 
     async def render_POST(self, request: Request) -> Response:
         join = JoinRequest.decode(self.payload(request))
-        session = await self.service.session(join.handle, request.peer)
+        session = await self.service.session(join.handle, request.peer, request.security)
         room_handle = await self.service.join(session, join.room_text())
         return _cbor(codec.encode_uint(room_handle), Code.CHANGED)
 
@@ -117,7 +117,7 @@ class SendResource(CompactResource):
 
     async def render_POST(self, request: Request) -> Response:
         send = SendRequest.decode(self.payload(request))
-        session = await self.service.session(send.handle, request.peer)
+        session = await self.service.session(send.handle, request.peer, request.security)
         await self.service.send(session, send.room, send.seq, send.body)
         return Response(code=Code.CHANGED)
 
@@ -149,7 +149,7 @@ class MessagesResource(CompactResource):
 
     async def _fetch(self, request: Request) -> Response:
         fetch = MessagesRequest.decode(self.payload(request))
-        session = await self.service.session(fetch.handle, request.peer)
+        session = await self.service.session(fetch.handle, request.peer, request.security)
         if fetch.cursor is None:
             message = await self.service.latest(session, fetch.room)
         else:
