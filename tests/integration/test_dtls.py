@@ -201,3 +201,14 @@ def test_gateway_log_names_the_session_and_never_the_key(dtls_gateway: DtlsGatew
     assert f"identity {dtls_gateway.identity}, PSK-AES128-CCM8" in log_text
     assert "closed its session" in log_text  # libcoap ends with a close_notify
     assert dtls_gateway.psk not in log_text
+
+
+def test_a_busy_dtls_port_ends_the_start_with_one_line(make_gateway) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        gw = make_gateway(start=False, extra_args=["--dtls-port", str(taken)])
+        gw.start(wait=False)
+        assert gw.wait_exit(30) != 0
+        lines = [line for line in gw.output_text().splitlines() if line.strip()]
+        assert lines == [f"comatrix: cannot listen on [127.0.0.1]:{taken}: Address already in use"]
