@@ -339,6 +339,11 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                                   errbackArgs=(observer, confirmable, delivered))
         return total_delivered(waits)
 
+    def forget_peer(self, addr: Address) -> None:
+        """End every observation of ``addr``: the security session they were made in ended."""
+        for observer in [observer for key, observer in self._observers.items() if key[0] == addr]:
+            self._remove_observer(observer)
+
     def stop_accepting(self) -> None:
         self._accepting = False
 

@@ -230,9 +230,15 @@ class DtlsProtocol(DatagramProtocol):
             self._end(entry, notify=False)
 
     def _end(self, entry: Entry[_Session], *, notify: bool) -> None:
-        """Forget a session; with ``notify``, send our close_notify first."""
+        """Forget a session; with ``notify``, send our close_notify first.
+
+        Its observations end with it (RFC 7252 §9.1: the DTLS session is the
+        endpoint), so a later session from that address -- perhaps with another
+        identity -- never receives them.
+        """
         if self.sessions.get(entry.address) is entry:
             self.sessions.remove(entry.address)
+            self.coap.forget_peer(entry.address)
         session = entry.value
         session.cancel_timer()
         if notify:

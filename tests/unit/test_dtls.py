@@ -13,7 +13,11 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from comatrix.coap.message import Security
+from comatrix.coap import wire
+from comatrix.coap.message import Request, Response, Security
+from comatrix.coap.numbers import Code, MessageType, OptionNumber
+from comatrix.coap.resource import CoapResource, LinkAttributes
+from comatrix.identity import device_of
 from comatrix.coap.server import CoapServer, Site
 from comatrix.dtls.server import SWEEP_SECONDS, DtlsProtocol, is_client_hello
 from comatrix.dtls.sessions import DtlsSettings, SessionTable
@@ -34,11 +38,13 @@ class FakeUdp:
 class Port:
     """A DtlsProtocol on a fake UDP transport, a Clock and a CoAP server that records requests."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, site: Site | None = None, **settings: Any) -> None:
+        """Without ``site`` the CoAP server only records what it would have parsed."""
         self.clock = Clock()
-        self.coap = CoapServer(Site(), reactor=self.clock)
+        self.coap = CoapServer(site or Site(), reactor=self.clock)
         self.delivered: list[tuple[bytes, Any]] = []
-        self.coap.datagramReceived = lambda data, addr: self.delivered.append((data, addr))
+        if site is None:
+            self.coap.datagramReceived = lambda data, addr: self.delivered.append((data, addr))
         self.protocol = DtlsProtocol(self.coap, {"dev": b"k" * 16}.get, DtlsSettings(**settings),
                                      reactor=self.clock)
         self.udp = FakeUdp()
@@ -298,3 +304,30 @@ def test_a_new_handshake_from_the_same_address_replaces_the_session_after_its_co
         new.close()
     finally:
         old.close()
+
+
+class Whoami(CoapResource):
+    link = LinkAttributes(obs=True)
+
+    def render_GET(self, request: Request) -> Response:
+        return Response.text(device_of(request).key)
+
+
+def test_observations_live_and_end_with_their_dtls_session() -> None:
+    site = Site()
+    whoami = Whoami()
+    site.put(("whoami",), whoami)
+    port = Port(site)
+    client = establish(port, ADDR)
+    try:
+        observe = wire.encode(MessageType.CON, Code.GET, 1, b"tk", [(OptionNumber.OBSERVE, b""),
+                                                                   (OptionNumber.URI_PATH, b"whoami")])
+        (answer,) = port.receive(client.connection.encrypt(observe), ADDR)
+        (plain,) = client.connection.receive(answer)[0]
+        assert wire.decode(plain).payload == b"dtls:dev"
+        assert port.coap.observer_count(whoami) == 1
+        port.receive(client.connection.close_notify(), ADDR)
+        assert port.coap.observer_count(whoami) == 0
+    finally:
+        client.close()
+        port.close()
