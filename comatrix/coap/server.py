@@ -340,9 +340,19 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         return total_delivered(waits)
 
     def forget_peer(self, addr: Address) -> None:
-        """End every observation of ``addr``: the security session they were made in ended."""
+        """Drop everything kept for ``addr``: the security session it was made in ended.
+
+        Observations, duplicate answers, Block1 uploads and Block2 representations
+        all belong to that session; a later one from the same address (perhaps with
+        another identity) must not receive them.
+        """
         for observer in [observer for key, observer in self._observers.items() if key[0] == addr]:
             self._remove_observer(observer)
+        for upload_key in [key for key in self._uploads if key[0] == addr]:
+            self._drop_upload(upload_key)
+        for cache in (self._dedup, self._representations):
+            for key in [key for key in cache if key[0] == addr]:
+                cache.pop(key)
 
     def stop_accepting(self) -> None:
         self._accepting = False

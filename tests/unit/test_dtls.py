@@ -313,7 +313,7 @@ class Whoami(CoapResource):
         return Response.text(device_of(request).key)
 
 
-def test_observations_live_and_end_with_their_dtls_session() -> None:
+def test_observations_and_exchanges_live_and_end_with_their_dtls_session() -> None:
     site = Site()
     whoami = Whoami()
     site.put(("whoami",), whoami)
@@ -328,6 +328,13 @@ def test_observations_live_and_end_with_their_dtls_session() -> None:
         assert port.coap.observer_count(whoami) == 1
         port.receive(client.connection.close_notify(), ADDR)
         assert port.coap.observer_count(whoami) == 0
+        # A new session from that address reusing message id 1 gets its own answer, not the old one.
+        again = establish(port, ADDR)
+        request = wire.encode(MessageType.CON, Code.GET, 1, b"t2", [(OptionNumber.URI_PATH, b"whoami")])
+        (answer,) = port.receive(again.connection.encrypt(request), ADDR)
+        (plain,) = again.connection.receive(answer)[0]
+        assert wire.decode(plain).token == b"t2"
+        again.close()
     finally:
         client.close()
         port.close()
