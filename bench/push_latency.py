@@ -6,7 +6,8 @@ Issue 6, benchmark 4.  Figures, not pass/fail.  One run, on loopback:
    device user and a sender user;
 2. per observer count N (default 100, then 1,000): a fresh gateway
    (``twistd comatrix`` as a subprocess, ``tests/support/gateway.py``;
-   ``--log-level warn``, rate limits off, ``[coap] max_observers`` = N + 16;
+   ``--log-level warn``, rate limits off, ``[coap] max_observers`` and
+   ``max_observers_per_peer`` = N + 16;
    ``gateway_perf.gateway_config``) and a fresh room the sender creates and
    invites the device user to.  The device logs in and joins through the
    compact profile (``POST /+``, ``POST /x``, with the reference client

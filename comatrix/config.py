@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 
 from comatrix.coap.server import CoapSettings
 from comatrix.dtls.sessions import DtlsSettings
+from comatrix.policy import expand_allow
+from comatrix.protection import SECURITY_MODES
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,9 @@ class DeviceCredentials:
     #: login, so Matrix's per-device txnId scope spans gateway restarts and the
     #: account does not gain a device per restart.  Derived when not configured.
     device_id: str | None = None
+    #: Operations beyond the device ones that devices acting through this entry may use
+    #: (the ``allow`` list, categories expanded; see `comatrix.policy`).
+    allow: frozenset[str] = frozenset()
     #: DTLS PSK identity and key (RFC 7925); the key is never shown.
     psk_identity: str | None = None
     psk: bytes | None = dataclasses.field(default=None, repr=False)
@@ -100,6 +105,17 @@ class LimitSettings:
     upstream_queue: int = 256
     #: Longest a call waits in the queue before it is answered 5.03, seconds.
     queue_timeout: float = 10.0
+    #: Wrong-password logins one device may make within ``login_failure_window``
+    #: seconds; after that its logins are answered 4.29 by the gateway itself until
+    #: the oldest failure leaves the window (a successful login resets it).  0: off.
+    login_failures: int = 5
+    login_failure_window: float = 300.0
+    #: Live compact sessions (each a Matrix device) one device may hold (beyond: 4.29), and all
+    #: devices together (beyond: 5.03); refused before the homeserver login is made.
+    max_sessions_per_device: int = 4
+    max_sessions: int = 1024
+    #: Seconds a compact session may go unused before it is closed and its Matrix device logged out.
+    session_idle_timeout: float = 604800.0
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -112,6 +128,12 @@ class LimitSettings:
             raise ValueError("max_devices and max_upstream must be >= 1, upstream_queue >= 0")
         if self.queue_timeout <= 0:
             raise ValueError("queue_timeout must be positive")
+        if self.login_failure_window <= 0:
+            raise ValueError("login_failure_window must be positive")
+        if self.max_sessions_per_device < 1 or self.max_sessions < 1:
+            raise ValueError("max_sessions_per_device and max_sessions must be >= 1")
+        if self.session_idle_timeout <= 0:
+            raise ValueError("session_idle_timeout must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +148,12 @@ class Config:
     credentials_file: str | None = None
     devices: tuple[DeviceCredentials, ...] = ()
     log_level: str = "info"
+    #: Which requests need a security context (`comatrix.protection`): "required",
+    #: "optional" (plain CoAP too: unsafe on a radio) or "off".
+    security: str = "optional"
+    #: Whether devices may create Matrix accounts through the gateway (an unsafe mode: anyone on
+    #: the link could).  Off, every way to register answers 4.03 (`comatrix.policy`).
+    allow_registration: bool = False
     #: Deadline for one homeserver call (connect + answer), seconds.  With the
     #: upstream queue's wait it stays below the CoAP EXCHANGE_LIFETIME.
     request_timeout: float = 10.0
@@ -218,6 +246,11 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         if level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         kwargs["log_level"] = level
+    if "security" in values:
+        mode = _string(values, "security").lower()
+        if mode not in SECURITY_MODES:
+            raise ConfigError(f"security must be one of {', '.join(SECURITY_MODES)}")
+        kwargs["security"] = mode
     if "port" in values:
         port = _integer(values, "port")
         if not 0 <= port <= 65535:
@@ -236,6 +269,10 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
             if number <= 0:
                 raise ConfigError(f"{key} must be positive")
             kwargs[key] = number
+    if "allow_registration" in values:
+        if not isinstance(values["allow_registration"], bool):
+            raise ConfigError("allow_registration must be true or false")
+        kwargs["allow_registration"] = values["allow_registration"]
     if "max_connections" in values:
         kwargs["max_connections"] = _integer(values, "max_connections")
     for key in ("plugin_dirs", "disabled_plugins"):
@@ -259,7 +296,9 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     if credentials_file:
         devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
     kwargs["devices"] = tuple(devices)
-    if "dtls_port" not in kwargs and any(device.psk for device in devices):
+    if kwargs.get("security") == "off":
+        kwargs.pop("dtls_port", None)  # "off" opens no secured way in, even when configured
+    elif "dtls_port" not in kwargs and any(device.psk for device in devices):
         kwargs["dtls_port"] = DEFAULT_DTLS_PORT
     if "connect_timeout" not in kwargs:
         kwargs["connect_timeout"] = min(Config.connect_timeout,
@@ -349,7 +388,10 @@ def _coap_settings(table: Any) -> CoapSettings:
             raise ConfigError(f"coap.{key} must be a non-negative number")
         default = getattr(CoapSettings(), key)
         settings[key] = type(default)(value)
-    return CoapSettings(**settings)
+    try:
+        return CoapSettings(**settings)
+    except ValueError as exc:
+        raise ConfigError(f"[coap]: {exc}") from None
 
 
 _LIMIT_KEYS = {field.name for field in dataclasses.fields(LimitSettings)}
@@ -392,7 +434,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id",
+        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow",
                                        "psk_identity", "psk", "psk_hex"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
@@ -415,6 +457,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
                                          access_token=token, device_id=device_id,
+                                         allow=_allow(entry.get("allow", []), label),
                                          psk_identity=psk_identity, psk=psk))
     return devices
 
@@ -446,6 +489,15 @@ def _psk(entry: Mapping[str, Any], label: str) -> tuple[str | None, bytes | None
     if not low <= len(key) <= high:
         raise ConfigError(f"{label}: the PSK must be {low}-{high} bytes")
     return identity, key
+
+
+def _allow(names: Any, label: str) -> frozenset[str]:
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{label}: allow must be a list of operation or category names")
+    try:
+        return expand_allow(names)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: allow: {exc}") from None
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

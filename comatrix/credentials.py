@@ -17,6 +17,9 @@ All the devices an entry covers (a prefix) are that one Matrix device, so a txn 
 one of them chooses is made its own with `address_scoped_txn_id`: two sensors that
 both seed their counters from ``/time`` must not swallow each other's messages.
 (A device with a security identity gets a tag of that identity instead.)
+Such a shared token is handed out only for the operations `comatrix.policy`
+lets the entry use (least privilege: forging a source address inside the prefix
+must not give away the whole account).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from comatrix.coap.errors import Unauthorized
 from comatrix.coap.message import Request
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION
 from comatrix.config import DeviceCredentials
+from comatrix.policy import check_shared
 
 if TYPE_CHECKING:
     from comatrix.matrix.client import MatrixClient
@@ -126,13 +130,18 @@ class Credentials:
         device = self._by_psk_identity.get(identity)
         return device.psk if device is not None else None
 
-    async def token_for(self, request: Request) -> str:
+    async def token_for(self, request: Request, *, operation: str) -> str:
+        """The token ``request`` acts with for ``operation`` (a name of `comatrix.policy.OPERATIONS`).
+
+        A shared entry's token is handed out only for what the entry may do: 4.03 otherwise.
+        """
         token = token_from_request(request)
         if token is not None:
             return token
         device = self.device_for(request)
         if device is None:
             raise Unauthorized("no credentials")
+        check_shared(device.allow, operation)
         if device.access_token:
             return device.access_token
         return await self._login(device)

@@ -25,7 +25,7 @@ from typing import Iterator
 
 from comatrix.coap.message import Request
 
-__all__ = ["Device", "device_of", "acting_for", "current_device", "plain_address"]
+__all__ = ["Device", "device_of", "acting_for", "acting_as", "current_device", "plain_address"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,14 @@ def current_device() -> Device | None:
 def acting_for(request: Request) -> Iterator[Device]:
     """Make ``request``'s device the current one for what runs (and starts) inside."""
     device = device_of(request)
+    with acting_as(device):
+        yield device
+
+
+@contextlib.contextmanager
+def acting_as(device: Device | None) -> Iterator[Device | None]:
+    """Make ``device`` the current one (None: the gateway itself), e.g. for a loop
+    that starts later, outside the request that asked for it."""
     reset = _current.set(device)
     try:
         yield device

@@ -15,9 +15,16 @@ Two independent mechanisms, both configured in the ``[limits]`` table:
   seconds), anything beyond is answered 5.03 with Max-Age at once.
   `LimitedTransport` applies it to every call a `MatrixTransport` makes.
 
-State is bounded: per-device buckets live in an LRU table of ``max_devices``
-entries, and a bucket that has refilled completely is as good as a new one, so
-eviction never favours a device.  Time comes from the injected reactor only.
+* `FailedLogins` -- wrong-password logins per device (``login_failures`` within
+  ``login_failure_window`` seconds).  A device over it gets 4.29 with Max-Age
+  from the gateway itself, so the homeserver never counts its attempts: a
+  homeserver that sees only the gateway's address (no ``x_forwarded``) cannot
+  be made to lock every device out because one device guesses passwords.
+  `LimitedTransport` applies it to every login, whichever resource asked.
+
+State is bounded: per-device buckets and login records live in LRU tables of
+``max_devices`` entries, and a bucket that has refilled completely is as good as
+a new one, so eviction never favours a device.  Time comes from the injected reactor only.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ from comatrix.coap.errors import ServiceUnavailable, TooManyRequests
 from comatrix.coap.message import Request
 from comatrix.config import LimitSettings
 from comatrix.credentials import token_from_request
-from comatrix.identity import device_of
+from comatrix.identity import Device, current_device, device_of
 from comatrix.matrix.api import MatrixRequest
+from comatrix.matrix.errors import MatrixError
 from comatrix.matrix.transport import MatrixTransport
 
-__all__ = ["TokenBucket", "Admission", "UpstreamBusy", "UpstreamLimiter",
-           "LimitedTransport", "install"]
+__all__ = ["TokenBucket", "Admission", "FailedLogins", "UpstreamBusy", "UpstreamLimiter",
+           "LimitedTransport", "install", "is_login"]
 
 log = get_logger(__name__)
 
@@ -142,6 +150,94 @@ class Admission:
         return len(self._devices)
 
 
+def is_login(req: MatrixRequest) -> bool:
+    """``POST /_matrix/client/<version>/login``, whatever resource (and path form) asked for it."""
+    return (req.method == "POST" and req.path[:2] == ("_matrix", "client")
+            and req.path[3:] in (("login",), ("login", "")))
+
+
+def _wrong_credentials(result: Any) -> bool:
+    """The homeserver's answer to a wrong password (or unknown user, or bad login token)."""
+    error = result.value if isinstance(result, Failure) else None
+    return isinstance(error, MatrixError) and (
+        error.http_status == 401 or (error.http_status == 403 and error.errcode == "M_FORBIDDEN"))
+
+
+class _LoginRecord:
+    """One device's recent login failures (times, oldest first) and its logins in flight."""
+
+    __slots__ = ("failures", "pending")
+
+    def __init__(self, limit: int) -> None:
+        self.failures: deque[float] = deque(maxlen=limit)
+        self.pending = 0
+
+
+class FailedLogins:
+    """Per-device wrong-password count; a device over it is refused before the homeserver sees it."""
+
+    def __init__(self, settings: LimitSettings, clock: Any) -> None:
+        self.limit = settings.login_failures
+        self.window = settings.login_failure_window
+        self.max_devices = settings.max_devices
+        self._clock = clock
+        self._devices: OrderedDict[str, _LoginRecord] = OrderedDict()
+
+    def guard(self, device: Device | None, call: Callable[[], "defer.Deferred[T]"]) -> "defer.Deferred[T]":
+        """``call()`` -- a login for ``device`` -- or `TooManyRequests` if the device is over its share.
+
+        Logins in flight count as possible failures, so a burst of guesses sent
+        at once cannot overshoot the limit.  The gateway's own logins (no device)
+        are not counted.
+        """
+        if self.limit <= 0 or device is None:
+            return call()
+        record = self._record(device.key)
+        wait = self._wait(record)
+        if wait > 0:
+            log.info("Login refused for {device}: {count} failed logins within {window:g} s",
+                     device=device.key, count=len(record.failures), window=self.window)
+            return defer.fail(TooManyRequests("too many failed logins", retry_after=math.ceil(wait)))
+        record.pending += 1
+
+        def outcome(result: Any) -> Any:
+            record.pending -= 1
+            if _wrong_credentials(result):
+                record.failures.append(self._clock.seconds())
+            elif not isinstance(result, Failure):
+                record.failures.clear()  # a success: the count starts again
+                if not record.pending and self._devices.get(device.key) is record:
+                    del self._devices[device.key]
+            return result
+
+        return defer.maybeDeferred(call).addBoth(outcome)
+
+    def _record(self, key: str) -> _LoginRecord:
+        record = self._devices.get(key)
+        if record is not None:
+            self._devices.move_to_end(key)
+            return record
+        record = self._devices[key] = _LoginRecord(self.limit)
+        while len(self._devices) > self.max_devices:
+            self._devices.popitem(last=False)
+        return record
+
+    def _wait(self, record: _LoginRecord) -> float:
+        """Seconds until the device may try again (0: now)."""
+        now = self._clock.seconds()
+        failures = record.failures
+        while failures and failures[0] + self.window <= now:
+            failures.popleft()
+        if len(failures) >= self.limit:
+            return failures[0] + self.window - now
+        if len(failures) + record.pending >= self.limit:
+            return 1.0  # the logins in flight decide; their answers are due within a request timeout
+        return 0.0
+
+    def tracked_devices(self) -> int:
+        return len(self._devices)
+
+
 class UpstreamBusy(ServiceUnavailable):
     """Too many homeserver calls waiting already: answered 5.03 with Max-Age."""
 
@@ -226,18 +322,30 @@ class UpstreamLimiter:
 
 
 class LimitedTransport(MatrixTransport):
-    """A `MatrixTransport` whose every call goes through an `UpstreamLimiter`.
+    """A `MatrixTransport` whose every call goes through an `UpstreamLimiter` (and logins
+    through `FailedLogins`, when given).
 
     The transport's own deadline starts when the call leaves the queue, so a
-    queued call can take up to ``queue_timeout + request_timeout`` in all.
+    queued call can take up to ``queue_timeout + request_timeout`` in all.  The
+    device a call is for is the one current when it is *requested*: a queued
+    call starts from another call's completion, in that call's context.
     """
 
-    def __init__(self, base_url: str, *, limiter: UpstreamLimiter, **kwargs: Any) -> None:
+    def __init__(self, base_url: str, *, limiter: UpstreamLimiter, logins: FailedLogins | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self.limiter = limiter
+        self.logins = logins
 
     def request(self, req: MatrixRequest) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
-        return self.limiter.run(lambda: MatrixTransport.request(self, req))
+        device = current_device()
+
+        def queued() -> "defer.Deferred[tuple[int, dict[str, Any]]]":
+            return self.limiter.run(lambda: self.send(req, device))
+
+        if self.logins is not None and is_login(req):
+            return self.logins.guard(device, queued)
+        return queued()
 
 
 def install(site: Any, admission: Admission) -> int:

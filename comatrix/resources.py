@@ -27,6 +27,7 @@ from comatrix.credentials import address_scoped_txn_id
 from comatrix.identity import acting_for
 from comatrix.interfaces import IResourcePlugin, PluginContext
 from comatrix.matrix.errors import MatrixError
+from comatrix.policy import PLUGIN, check_registration
 
 if TYPE_CHECKING:
     from comatrix.ratelimit import Admission
@@ -71,6 +72,9 @@ class MatrixResource(CoapResource):
 
     #: MSC3079 path codes this resource accepts in a Proxy-Uri (empty: no Proxy-Uri allowed).
     proxy_codes: frozenset[str] = frozenset()
+    #: What the resource does, by its name in `comatrix.policy.OPERATIONS`: it decides whether
+    #: devices acting through shared credentials may use it, and whether it is registration.
+    operation: str = PLUGIN
     #: Rate limits, set by the gateway (`comatrix.ratelimit.install`); None: unlimited.
     admission: "Admission | None" = None
 
@@ -82,6 +86,10 @@ class MatrixResource(CoapResource):
             self.accepts_proxy_uri = True
 
     def render(self, request: Request) -> "defer.Deferred[Response]":
+        try:
+            check_registration(self.context.config.allow_registration, self.operation)
+        except Exception:
+            return defer.fail()
         # Observe registrations are exempt: the CoAP layer re-renders them for
         # notifications, which the gateway triggers, not the device.
         if self.admission is not None and not (request.observe == 0 and self.link.obs):
@@ -152,12 +160,12 @@ class MatrixResource(CoapResource):
         return address_scoped_txn_id(request, txn_id)
 
     async def with_token(self, request: Request, call: Callable[[str], Awaitable[T]]) -> T:
-        """Run ``call(token)``; a gateway-held token the homeserver refused is renewed once."""
+        """Run ``call(token)`` as `operation`; a gateway-held token the homeserver refused is renewed once."""
         credentials = self.context.credentials
-        token = await credentials.token_for(request)
+        token = await credentials.token_for(request, operation=self.operation)
         try:
             return await call(token)
         except MatrixError as error:
             if error.http_status != 401 or not credentials.forget(request, token):
                 raise
-        return await call(await credentials.token_for(request))
+        return await call(await credentials.token_for(request, operation=self.operation))

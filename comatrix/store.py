@@ -10,7 +10,9 @@ coroutine.
 What is kept, per compact session (see ``docs/protocol.rst``):
 
 * the session: SHA-256 of its handle (the handle itself is never stored), the
-  Matrix access token, user id, device id and the address it is bound to;
+  Matrix access token, user id, device id, the address it is bound to, the
+  gateway's key of the device that opened it (its per-device share) and when
+  it was last used (idle expiry; written coarsely, see `CompactService`);
 * room handles: small integers, assigned in join order, per session;
 * per room handle, the message timeline position: the last cursor number the
   gateway assigned and the Matrix pagination token just after that message;
@@ -48,8 +50,8 @@ from comatrix.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "RECORDS_CACHED", "SYNC_POSITIONS_KEPT", "RoomRecord", "SessionRecord", "Store",
-           "StoredMessage", "SyncPosition"]
+__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "RECORDS_CACHED", "SYNC_POSITIONS_KEPT", "RoomRecord", "SessionRecord",
+           "SessionUsage", "Store", "StoredMessage", "SyncPosition"]
 
 DB_FILENAME = "comatrix.sqlite3"
 #: Numbered messages kept per (session, room handle); older cursors fall out of the window.
@@ -67,7 +69,9 @@ _SCHEMA = (
         user_id TEXT NOT NULL,
         device_id TEXT,
         peer_host TEXT NOT NULL,
-        created REAL NOT NULL)""",
+        created REAL NOT NULL,
+        device_key TEXT,
+        last_used REAL)""",
     """CREATE TABLE IF NOT EXISTS compact_rooms (
         session_id INTEGER NOT NULL,
         handle INTEGER NOT NULL,
@@ -112,6 +116,16 @@ class SessionRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class SessionUsage:
+    """Sessions held by one device and by all, each with its oldest last use (None: no session)."""
+
+    device: int
+    device_oldest: float | None
+    total: int
+    total_oldest: float | None
+
+
+@dataclasses.dataclass(frozen=True)
 class RoomRecord:
     session_id: int
     handle: int
@@ -146,9 +160,30 @@ def _prepare_file(path: str) -> None:
     os.chmod(path, 0o600)
 
 
+#: Columns added to a table after its first release: (table, column, declaration, backfill or None).
+_ADDED_COLUMNS = (
+    # Sessions opened before: keyed on their address, as `comatrix.identity` keys plain CoAP (no zone id).
+    ("compact_sessions", "device_key", "TEXT",
+     "'a:' || CASE WHEN instr(peer_host, '%') > 0 THEN substr(peer_host, 1, instr(peer_host, '%') - 1)"
+     " ELSE peer_host END"),
+    ("compact_sessions", "last_used", "REAL", "created"),
+)
+
+
+def _migrate(connection: Any) -> None:
+    """Bring a database made by an older version up to the current schema (idempotent)."""
+    for table, column, declaration, backfill in _ADDED_COLUMNS:
+        present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            if backfill is not None:
+                connection.execute(f"UPDATE {table} SET {column} = {backfill}")
+
+
 def _open_connection(connection: Any) -> None:
     for statement in _SCHEMA:
         connection.execute(statement)
+    _migrate(connection)
     connection.commit()
 
 
@@ -182,11 +217,14 @@ class Store:
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, handle_hash: bytes, access_token: str, user_id: str,
-                             device_id: str | None, peer_host: str, now: float) -> int:
+                             device_id: str | None, peer_host: str, now: float,
+                             device_key: str | None = None) -> int:
+        """A new session, last used ``now``; ``device_key``: whose share it counts against."""
         def insert(txn: Any) -> int:
             txn.execute("INSERT INTO compact_sessions (handle_hash, access_token, user_id, device_id,"
-                        " peer_host, created) VALUES (?, ?, ?, ?, ?, ?)",
-                        (sqlite3.Binary(handle_hash), access_token, user_id, device_id, peer_host, now))
+                        " peer_host, created, device_key, last_used) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (sqlite3.Binary(handle_hash), access_token, user_id, device_id, peer_host, now,
+                         device_key, now))
             return int(txn.lastrowid)
         return int(await self._pool.runInteraction(insert))
 
@@ -223,6 +261,29 @@ class Store:
     async def session_count(self) -> int:
         rows = await self._pool.runQuery("SELECT COUNT(*) FROM compact_sessions")
         return int(rows[0][0])
+
+    async def session_usage(self, device_key: str) -> SessionUsage:
+        """How many sessions ``device_key`` holds and all devices hold, with the oldest last use of each."""
+        def count(txn: Any) -> SessionUsage:
+            txn.execute("SELECT COUNT(*), MIN(last_used) FROM compact_sessions WHERE device_key = ?",
+                        (device_key,))
+            device, device_oldest = txn.fetchone()
+            txn.execute("SELECT COUNT(*), MIN(last_used) FROM compact_sessions")
+            total, total_oldest = txn.fetchone()
+            return SessionUsage(int(device), device_oldest, int(total), total_oldest)
+        usage: SessionUsage = await self._pool.runInteraction(count)
+        return usage
+
+    async def touch_session(self, session_id: int, now: float) -> None:
+        """Record that the session was used at ``now``."""
+        await self._pool.runOperation("UPDATE compact_sessions SET last_used = ? WHERE id = ?", (now, session_id))
+
+    async def idle_sessions(self, before: float, limit: int) -> list[SessionRecord]:
+        """Up to ``limit`` sessions last used before ``before``, the longest idle first."""
+        rows = await self._pool.runQuery(
+            "SELECT id, handle_hash, access_token, user_id, device_id, peer_host FROM compact_sessions"
+            " WHERE last_used < ? ORDER BY last_used LIMIT ?", (before, limit))
+        return [SessionRecord(int(row[0]), bytes(row[1]), row[2], row[3], row[4], row[5]) for row in rows]
 
     # ------------------------------------------------------------------ room handles
 

@@ -31,9 +31,11 @@ from comatrix.discovery import PluginError, build_site, discover
 from comatrix.dtls.libssl import DtlsUnavailable
 from comatrix.dtls.server import listen_dtls
 from comatrix.errors import error_response
+from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.client import MatrixClient
-from comatrix.ratelimit import Admission, LimitedTransport, UpstreamLimiter, install
+from comatrix.protection import SecurityPolicy
+from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.store import Store
 
@@ -61,10 +63,14 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for persistent state."],
         ["credentials-file", None, None, "TOML file with [[devices]] credentials (keep it 0640)."],
         ["request-timeout", None, None, "Seconds to wait for the homeserver [default: 10].", float],
+        ["security", None, None, "required, optional or off: whether plain CoAP may reach more than "
+         "/time and /.well-known/core [default: optional]."],
         ["log-level", None, None, "Minimum level of CoMatrix log lines: debug, info, warn, error "
          "[default: info]."],
     ]
-    optFlags = [["version", "V", "Print the version and exit."]]
+    optFlags = [["version", "V", "Print the version and exit."],
+                ["allow-registration", None, "Let devices create Matrix accounts through the gateway "
+                 "(unsafe: anyone on the link could) [default: closed]."]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,6 +101,8 @@ class Options(usage.Options):
             "credentials_file": self["credentials-file"],
             "request_timeout": self["request-timeout"],
             "log_level": self["log-level"],
+            "security": self["security"],
+            "allow_registration": True if self["allow-registration"] else None,
         }
         if self["plugin_dirs"]:
             values["plugin_dirs"] = list(self["plugin_dirs"])
@@ -127,6 +135,7 @@ class GatewayService(service.Service):
         log.info("CoMatrix {version} listening on {host} port {port}, homeserver {homeserver}",
                  version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                  homeserver=self.config.homeserver)
+        log_policy(self.config)
         if self.dtls is not None:
             devices = sum(1 for device in self.config.devices if device.psk_identity)
             log.info("CoAP over DTLS (PSK) on port {port} for {count} device(s)",
@@ -151,10 +160,29 @@ class GatewayService(service.Service):
         yield defer.ensureDeferred(self.matrix.close())
 
 
+def log_policy(config: Config) -> None:
+    """Say at start what devices may do beyond the safe defaults (`comatrix.policy`)."""
+    if config.allow_registration:
+        log.warn("Registration is OPEN (allow_registration): anyone who can reach the gateway can "
+                 "create Matrix accounts on {homeserver}", homeserver=config.homeserver)
+    else:
+        log.info("Registration is closed: every register path answers 4.03 (allow_registration = false)")
+    for device in config.devices:
+        if device.allow:
+            where = str(device.network) if device.network is not None else f"dtls:{device.psk_identity}"
+            log.info("Devices in {network} may also use, with shared credentials: {operations}",
+                     network=where, operations=", ".join(sorted(device.allow)))
+
+
 def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:
     log.info("{peer} {method} /{path} {code} {ms:.1f}ms", peer=str(request.peer),
              method=request.method.name, path="/".join(request.path), code=response.code.dotted(),
              ms=elapsed_ms)
+
+
+def device_key(request: Request) -> str:
+    """Whose share of the CoAP layer's observers and uploads a request counts against: its device."""
+    return device_of(request).key
 
 
 def resolve_listen_address(config: Config, clock: Any = time) -> str:
@@ -193,8 +221,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         raise SystemExit(f"comatrix: {exc}") from None
     limits = config.limits
     limiter = UpstreamLimiter(limits.max_upstream, limits.upstream_queue, limits.queue_timeout, reactor)
-    transport = LimitedTransport(config.homeserver, limiter=limiter, reactor=reactor,
-                                 timeout=config.request_timeout, connect_timeout=config.connect_timeout,
+    transport = LimitedTransport(config.homeserver, limiter=limiter, logins=FailedLogins(limits, reactor),
+                                 reactor=reactor, timeout=config.request_timeout, connect_timeout=config.connect_timeout,
                                  max_connections_per_host=config.max_connections)
     if config.state_dir is None:
         log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "
@@ -206,10 +234,12 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                             state={}, reactor=reactor, store=store)
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
+    policy = SecurityPolicy(config.security)
+
     def coap_server() -> CoapServer:
         return CoapServer(site, config.coap_settings(), reactor=reactor,
                           understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                          on_response=_log_request)
+                          on_response=_log_request, guard=policy.check, peer_key=device_key)
 
     server = coap_server()
     address = resolve_listen_address(config)
@@ -221,6 +251,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         dtls = (dtls_server, _listen(lambda: listen_dtls(dtls_server, credentials.psk_for, config.dtls,
                                                          address, dtls_port, reactor=reactor),
                                      address, dtls_port))
+    policy.announce(log)
     return GatewayService(config, server, port, matrix, credentials, dtls)
 
 

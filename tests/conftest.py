@@ -4,8 +4,12 @@ Fixtures:
 
 * ``synapse`` (session): one real Synapse on a free 127.0.0.1 port, SQLite in a temp dir.
   Use ``with synapse.stopped(): ...`` to make it unreachable for a while.
+* ``synapse_default_limits`` (session): another real Synapse, started only when asked for,
+  with Synapse's own default rate limits (``rc_login`` etc.), for tests about rate limits.
+  Its ``make_user`` registers through the admin API (not rate-limited).
 * ``synapse_user`` (function): a factory, ``synapse_user(prefix="user") -> MatrixUser``.
-* ``gateway`` (session): one ``twistd comatrix`` subprocess pointed at ``synapse``.
+* ``gateway`` (session): one ``twistd comatrix`` subprocess pointed at ``synapse``, with
+  registration open (``--allow-registration``); other gateways keep it closed by default.
 * ``make_gateway`` (function): ``make_gateway(**GatewayProcess options, start=True)`` for
   tests that need their own config, plugin dir, address or a failing start; every
   gateway it made is stopped at teardown.
@@ -35,6 +39,17 @@ from support.synapse import MatrixUser, SynapseServer
 @pytest.fixture(scope="session")
 def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseServer]:
     server = SynapseServer(tmp_path_factory.mktemp("synapse"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def synapse_default_limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseServer]:
+    """Another real Synapse, with every rate limit (``rc_login`` ...) as Synapse ships it."""
+    server = SynapseServer(tmp_path_factory.mktemp("synapse-default-limits"), default_limits=True)
     server.start()
     try:
         yield server
@@ -73,16 +88,23 @@ def _running(gw: GatewayProcess) -> Iterator[GatewayProcess]:
 def gateway(
     synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway")))
+    # Registration is open on this one: the device journeys register over CoAP.
+    yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("gateway"),
+                                       allow_registration=True))
 
 
 @pytest.fixture(scope="session")
 def unlimited_gateway(
     synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    """A gateway with rate limits off, for tests that send bursts from one address."""
+    """A gateway with rate limits off, for tests that send bursts from one address.
+
+    Those tests also log in to the compact profile many times from that one address
+    over the session: the per-device session cap is raised (it is tested on its own).
+    """
     yield from _running(GatewayProcess(synapse.base_url, tmp_path_factory.mktemp("unlimited-gw"),
-                                       config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n"))
+                                       config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n"
+                                                   "max_sessions_per_device = 256\n"))
 
 
 @pytest.fixture

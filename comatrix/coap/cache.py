@@ -69,6 +69,14 @@ class BoundedCache(Generic[K, V]):
         entry = self._data.pop(key, None)
         return entry[1] if entry is not None else None
 
+    def expire(self) -> None:
+        """Drop every entry whose lifetime has passed now (instead of on the next insert)."""
+        self._expire(self._clock())
+
+    def expiries(self) -> list[tuple[float, V]]:
+        """(expiry time, value) of every entry, the soonest to expire first."""
+        return list(self._data.values())
+
     def clear(self) -> None:
         self._data.clear()
 

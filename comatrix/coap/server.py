@@ -12,7 +12,9 @@ listed in facts §7.  What it guarantees:
 * malformed datagrams are dropped (CON with a readable header → RST), unknown
   critical options → 4.02;
 * deduplication in a bounded cache (no DelayedCall per message);
-* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state;
+* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state,
+  with a share per peer: one peer can neither fill the observer table nor
+  evict another peer's Block1 upload (a full table refuses the newcomer);
 * all timing comes from `CoapSettings` and the injected reactor, never from
   txThings' module globals.
 
@@ -20,6 +22,10 @@ listed in facts §7.  What it guarantees:
 ``/.well-known/core``.  A resource put with ``subtree=True`` (or whose
 ``subtree`` attribute is true) also serves every path below its own, unless a
 longer registered path matches; ``Request.path`` stays the full path.
+
+Per-peer shares key on ``peer_key(request)``: the source address unless the
+gateway injects a key function (it keys on the device, security context first),
+so this layer needs no notion of identity.
 
 ``Site.notify`` pushes to all observers of a resource or to those whose
 registration request ``only`` accepts, as NON or (``confirmable``) CON
@@ -33,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.base import DelayedCall
@@ -48,7 +54,7 @@ from comatrix.coap.blockwise import MAX_SZX, Block, etag_for
 from comatrix.coap.cache import BoundedCache
 from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter, InternalServerError,
                                   MethodNotAllowed, NotAcceptable, NotFound, RequestEntityIncomplete,
-                                  RequestEntityTooLarge, ServiceUnavailable, decode_uint,
+                                  RequestEntityTooLarge, ServiceUnavailable, TooManyRequests, decode_uint,
                                   default_error_adapter, encode_uint)
 from comatrix.coap.linkformat import WELL_KNOWN_CORE, WellKnownCore
 from comatrix.coap.message import Peer, Request, Response, Security
@@ -56,7 +62,8 @@ from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
 
 log = get_logger(__name__)
 
-__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "REQUEST_TAG"]
+__all__ = ["CoapSettings", "Site", "CoapServer", "listen_udp", "total_delivered", "ResponseHook", "RequestGuard",
+           "REQUEST_TAG", "PeerKey", "address_key"]
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -69,7 +76,19 @@ MAX_LATENCY = 100.0
 #: Called once per request when its final response is sent: (request, response, milliseconds).
 ResponseHook = Callable[[Request, Response, float], None]
 
+#: Called with each request before anything else is done with it (block-wise reassembly,
+#: routing); raising a `CoapError` answers the request with that error instead.
+RequestGuard = Callable[[Request], None]
+
 Address = tuple[str, int]
+
+#: Whose share a request counts against (observers, uploads): any hashable key.
+PeerKey = Callable[[Request], Hashable]
+
+
+def address_key(request: Request) -> Hashable:
+    """The default `PeerKey`: the source address (the port left out, as a device may change it)."""
+    return request.peer.host
 
 #: Critical options this layer handles itself.  Proxy-Uri/-Scheme are passed to
 #: resources: CoMatrix's compatibility clients send Proxy-Uri to the gateway.
@@ -104,9 +123,11 @@ class CoapSettings:
     empty_ack_delay: float = 0.1        # separate response after this (piggy-back if ready sooner)
     dedup_capacity: int = 4096          # bounded dedup cache (entries), plus EXCHANGE_LIFETIME expiry
     max_observers: int = 256            # over the cap: answer without Observe option
+    max_observers_per_peer: int = 16    # one peer's share of max_observers (same answer beyond it)
     max_body_size: int = 16384          # Block1 reassembly cap -> 4.13 with Size1
     default_block_szx: int = 6          # our preferred Block2 size when the client does not ask (1024)
     blockwise_state_capacity: int = 256  # pending block-wise transfers kept
+    max_uploads_per_peer: int = 4       # one peer's share of the Block1 uploads (beyond it: 4.29)
     con_notification_interval: float = 86400.0  # send a CON notification at least this often
 
     def __post_init__(self) -> None:
@@ -114,6 +135,8 @@ class CoapSettings:
             raise ValueError("default_block_szx must be 0..6")
         if min(self.nstart, self.dedup_capacity, self.blockwise_state_capacity) < 1 or self.max_retransmit < 0:
             raise ValueError("nstart, dedup_capacity and blockwise_state_capacity must be >= 1")
+        if self.max_observers_per_peer < 1 or self.max_uploads_per_peer < 1:
+            raise ValueError("max_observers_per_peer and max_uploads_per_peer must be >= 1")
         if self.ack_timeout <= 0 or self.ack_random_factor < 1 or self.empty_ack_delay < 0:
             raise ValueError("ack_timeout > 0, ack_random_factor >= 1 and empty_ack_delay >= 0 required")
 
@@ -240,11 +263,12 @@ class _Outgoing:
 
 
 class _Observer:
-    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out")
+    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out", "owner")
 
     def __init__(self, addr: Address, token: bytes, resource: Any, request: Request,
-                 block2: Block | None, now: float) -> None:
+                 block2: Block | None, now: float, owner: Hashable) -> None:
         self.key = (addr, token)
+        self.owner = owner  # whose share it counts against
         self.addr = addr
         self.token = token
         self.resource = resource
@@ -257,11 +281,12 @@ class _Observer:
 class _Upload:
     """A Block1 upload being reassembled."""
 
-    __slots__ = ("body", "index_key")
+    __slots__ = ("body", "index_key", "owner")
 
-    def __init__(self, index_key: tuple[Any, ...]) -> None:
+    def __init__(self, index_key: tuple[Any, ...], owner: Hashable) -> None:
         self.body = bytearray()
         self.index_key = index_key
+        self.owner = owner  # whose share it counts against
 
 
 class CoapServer(txcoap.Coap):  # type: ignore[misc]
@@ -269,7 +294,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, reactor: Any = None,
                  understood_options: frozenset[int] = frozenset(),
-                 on_response: ResponseHook | None = None) -> None:
+                 on_response: ResponseHook | None = None, guard: RequestGuard | None = None,
+                 peer_key: PeerKey = address_key) -> None:
+        """``peer_key``: whose share of observers and uploads a request counts against."""
         super().__init__(site)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -278,6 +305,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.settings = settings
         self.reactor = reactor
         self.on_response = on_response
+        self.guard = guard
+        self.peer_key = peer_key
         #: The security context a peer's datagrams came through (a DTLS port sets it);
         #: None: plain CoAP.
         self.security_for: Callable[[Address], Security | None] | None = None
@@ -299,6 +328,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._queued: dict[Address, deque[_Outgoing]] = {}
         self._observers: dict[tuple[Address, bytes], _Observer] = {}
         self._observers_by_resource: dict[Any, dict[tuple[Address, bytes], _Observer]] = {}
+        self._observers_per_peer: dict[Hashable, int] = {}
         self._non_notifications: BoundedCache[tuple[Address, int], tuple[Address, bytes]] = BoundedCache(
             max(1024, 4 * settings.max_observers), settings.non_lifetime, clock)
         self._accepting = True
@@ -623,6 +653,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if not self._accepting:
             self._complete(incoming, ServiceUnavailable("shutting down").to_response())
             return
+        if self.guard is not None:
+            try:
+                self.guard(request)
+            except CoapError as exc:
+                self._complete(incoming, exc.to_response())
+                return
         if incoming.block1 is not None:
             assembled = self._block1(incoming, request)
             if assembled is None:
@@ -707,7 +743,13 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if block.num == 0:
             if not block.more:
                 return request  # the whole body in one block
-            upload: _Upload | None = _Upload(index_key)
+            owner = self.peer_key(request)
+            if self._uploads.get(key) is None:
+                refusal = self._refuse_upload(owner)
+                if refusal is not None:
+                    self._complete(incoming, refusal.to_response())
+                    return None
+            upload: _Upload | None = _Upload(index_key, owner)
         else:
             upload = self._uploads.get(key)
             if upload is None and tag is None:
@@ -739,6 +781,24 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return None
         self._drop_upload(key)
         return dataclasses.replace(request, payload=bytes(upload.body))
+
+    def _refuse_upload(self, owner: Hashable) -> CoapError | None:
+        """Why a new upload of ``owner`` cannot start (its share or the table is full), else None.
+
+        Uploads in progress are never evicted for a newcomer: the newcomer waits
+        (Max-Age) until one finishes or is abandoned long enough to expire.
+        """
+        uploads = self._uploads
+        uploads.expire()
+        now = self.reactor.seconds()
+        entries = uploads.expiries()
+        own = [expiry for expiry, upload in entries if upload.owner == owner]
+        if len(own) >= self.settings.max_uploads_per_peer:
+            return TooManyRequests("too many uploads", retry_after=_seconds_until(own[0], now))
+        if len(entries) >= uploads.capacity:
+            log.debug("Block1 upload refused: all {count} upload slots are in use", count=len(entries))
+            return ServiceUnavailable("too many uploads", max_age=_seconds_until(entries[0][0], now))
+        return None
 
     def _drop_upload(self, key: tuple[Any, ...]) -> None:
         upload = self._uploads.pop(key)
@@ -796,9 +856,10 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         request = incoming.request
         if resource is not None and request is not None:
             key = (incoming.addr, incoming.token)
-            if is_success and (key in self._observers or len(self._observers) < self.settings.max_observers):
+            owner = self.peer_key(request)
+            if is_success and self._may_observe(key, owner):
                 self._add_observer(_Observer(incoming.addr, incoming.token, resource, request,
-                                             incoming.block2, self.reactor.seconds()))
+                                             incoming.block2, self.reactor.seconds(), owner))
                 options.append((OptionNumber.OBSERVE, encode_uint(self._next_seq())))
             elif not is_success:
                 observer = self._observers.get(key)
@@ -886,17 +947,37 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._seq = (self._seq + 1) % _SEQ_MODULO
         return self._seq
 
+    def _may_observe(self, key: tuple[Address, bytes], owner: Hashable) -> bool:
+        """A re-registration always; a new observer only within the total cap and its peer's share."""
+        if key in self._observers:
+            return True
+        settings = self.settings
+        if len(self._observers) >= settings.max_observers:
+            log.debug("Observe registration of {peer} refused: {cap} observers", peer=key[0],
+                      cap=settings.max_observers)
+            return False
+        if self._observers_per_peer.get(owner, 0) >= settings.max_observers_per_peer:
+            log.debug("Observe registration of {peer} refused: its share of {share} is taken", peer=key[0],
+                      share=settings.max_observers_per_peer)
+            return False
+        return True
+
     def _add_observer(self, observer: _Observer) -> None:
         old = self._observers.get(observer.key)
         if old is not None:
             self._remove_observer(old)
         self._observers[observer.key] = observer
         self._observers_by_resource.setdefault(observer.resource, {})[observer.key] = observer
+        owner = observer.owner
+        self._observers_per_peer[owner] = self._observers_per_peer.get(owner, 0) + 1
 
     def _remove_observer(self, observer: _Observer) -> None:
         if self._observers.get(observer.key) is not observer:
             return
         del self._observers[observer.key]
+        remaining = self._observers_per_peer.pop(observer.owner, 1) - 1
+        if remaining > 0:
+            self._observers_per_peer[observer.owner] = remaining
         by_resource = self._observers_by_resource.get(observer.resource)
         if by_resource is not None:
             by_resource.pop(observer.key, None)
@@ -969,6 +1050,11 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         else:
             delivered.callback(0)  # an error notification ends the observation
         self._send_con(outgoing)
+
+
+def _seconds_until(when: float, now: float) -> int:
+    """Whole seconds (at least 1) from ``now`` until ``when``: a Max-Age to retry after."""
+    return max(1, int(when - now + 0.999))
 
 
 def total_delivered(waits: Iterable["defer.Deferred[int]"]) -> "defer.Deferred[int]":

@@ -17,6 +17,16 @@ a push is due -- from a /sync timeline that is known to hold everything new
 (`timeline_arrived`; its next_batch is then the walk position, which
 ``/messages`` accepts as ``from``).
 
+Sessions are a bounded resource (each is a Matrix device on the homeserver):
+one device may hold ``[limits] max_sessions_per_device`` of them and all
+devices together ``max_sessions``; a login beyond either is refused (4.29 or
+5.03, Max-Age until the oldest could idle out) before the homeserver is asked,
+so no Matrix device is made.  A session unused for ``session_idle_timeout``
+(one with a running /sync loop counts as used) is closed by a periodic sweep,
+which logs its Matrix device out first; the sweep also runs at start, for
+sessions that idled out while the gateway was down.  The last use is written at
+most every `touch_interval` seconds per session, so sends cost no extra write.
+
 Observe.  A session with at least one observation gets one ``/sync`` long-poll
 loop (`_SyncLoop`).  When a room the session has a handle for shows new
 messages, they are numbered and every newly numbered message is handed to
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 import secrets
 from typing import Any, Callable, Mapping, Sequence
@@ -45,9 +56,12 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from comatrix.coap.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from comatrix.coap.errors import (BadRequest, Forbidden, NotFound, ServiceUnavailable, TooManyRequests,
+                                  Unauthorized)
 from comatrix.coap.message import Peer, Security
 from comatrix.compact.codec import HANDLE_SIZE
+from comatrix.config import LimitSettings
+from comatrix.identity import plain_address
 from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
@@ -80,6 +94,12 @@ SYNC_FILTER: Mapping[str, Any] = {
 }
 #: The long-poll timeout (s) the session loops ask the homeserver for.
 LONG_POLL_SECONDS = 25.0
+#: Idle sessions closed per sweep (the next sweep takes the rest).
+EXPIRY_BATCH = 64
+#: Longest time between two idle-session sweeps, and between two writes of a session's last use (s).
+MAX_SWEEP_INTERVAL = 300.0
+MAX_TOUCH_INTERVAL = 300.0
+
 #: Largest room handle or cursor the store can hold (SQLite INTEGER is signed 64-bit).  The wire
 #: takes any uint below 2**64; nothing above this is ever assigned, and SQLite would refuse it.
 MAX_STORED_NUMBER = 2**63 - 1
@@ -127,8 +147,10 @@ class CompactService:
 
     def __init__(self, matrix: MatrixClient, store: Store, reactor: Any, *,
                  rooms: Mapping[str, str] | None = None, long_poll_seconds: float = LONG_POLL_SECONDS,
-                 long_polls: LongPoller | None = None, jitter: Callable[[], float] = random.random) -> None:
-        """``long_polls``: the gateway's long-poll pool (without: /sync goes through ``matrix``)."""
+                 long_polls: LongPoller | None = None, jitter: Callable[[], float] = random.random,
+                 limits: LimitSettings = LimitSettings()) -> None:
+        """``long_polls``: the gateway's long-poll pool (without: /sync goes through ``matrix``);
+        ``limits``: the session caps and idle timeout (``[limits]``)."""
         self.matrix = matrix
         self.store = store
         self.reactor = reactor
@@ -143,19 +165,61 @@ class CompactService:
         self.is_observed: Callable[[SessionRecord], bool] = lambda session: False
         self._locks: dict[tuple[int, int], defer.DeferredLock] = {}
         self._loops: dict[int, _SyncLoop] = {}
+        self.limits = limits
+        self.idle_timeout = limits.session_idle_timeout
+        self.touch_interval = min(MAX_TOUCH_INTERVAL, self.idle_timeout / 8)
+        #: Session id -> when its last use was last written (one entry per live session).
+        self._touched: dict[int, float] = {}
+        #: Device key -> logins under way (not yet in the store), counted against the caps.
+        self._opening: dict[str, int] = {}
+        self._sweeper: task.LoopingCall | None = None
 
     # ------------------------------------------------------------------ sessions
 
-    async def login(self, user: str, password: str, peer: Peer, security: Security | None = None) -> bytes:
-        """Log in to Matrix, open a session bound to the address or security identity; return the handle."""
-        login = await self.matrix.login(user, password, initial_device_display_name="CoMatrix compact device")
-        handle = secrets.token_bytes(HANDLE_SIZE)
-        session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
-                                                     login.device_id, _binding(peer, security),
-                                                     self.reactor.seconds())
+    async def login(self, user: str, password: str, peer: Peer, device_key: str | None = None,
+                    security: Security | None = None) -> bytes:
+        """Log in to Matrix and open a session bound to ``peer``'s address or ``security``; returns the handle.
+
+        ``device_key`` (default: the address as `comatrix.identity` keys plain CoAP) is
+        whose share the session counts against; over a cap nothing reaches the homeserver.
+        """
+        key = device_key if device_key is not None else "a:" + plain_address(peer.host)
+        self._opening[key] = self._opening.get(key, 0) + 1  # reserved before the check: logins race
+        try:
+            await self._admit(key)
+            login = await self.matrix.login(user, password,
+                                            initial_device_display_name="CoMatrix compact device")
+            handle = secrets.token_bytes(HANDLE_SIZE)
+            now = self.reactor.seconds()
+            session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
+                                                         login.device_id, _binding(peer, security), now, key)
+        finally:
+            left = self._opening.pop(key) - 1
+            if left:
+                self._opening[key] = left
+        self._touched[session_id] = now
         log.info("Compact session {id} opened for {user} at {peer}", id=session_id, user=login.user_id,
                  peer=_binding(peer, security))
         return handle
+
+    async def _admit(self, device_key: str) -> None:
+        """Raise 4.29 (the device's share) or 5.03 (all sessions) unless this login (reserved) fits."""
+        limits = self.limits
+        usage = await self.store.session_usage(device_key)
+        if usage.device + self._opening.get(device_key, 0) > limits.max_sessions_per_device:
+            log.info("Compact login of {device} refused: it holds {count} sessions", device=device_key,
+                     count=usage.device)
+            raise TooManyRequests("too many sessions", retry_after=self._retry_after(usage.device_oldest))
+        if usage.total + sum(self._opening.values()) > limits.max_sessions:
+            log.warn("Compact login of {device} refused: {count} sessions open ([limits] max_sessions)",
+                     device=device_key, count=usage.total)
+            raise ServiceUnavailable("too many sessions", max_age=self._retry_after(usage.total_oldest))
+
+    def _retry_after(self, oldest_use: float | None) -> int:
+        """Seconds until a session last used at ``oldest_use`` idles out (at least 1)."""
+        if oldest_use is None:
+            return 1
+        return max(1, math.ceil(min(self.idle_timeout, oldest_use + self.idle_timeout - self.reactor.seconds())))
 
     async def session(self, handle: bytes, peer: Peer, security: Security | None = None) -> SessionRecord:
         record = await self.store.session_by_handle(handle_hash(handle))
@@ -166,20 +230,81 @@ class CompactService:
             log.warn("Compact session {id} used from {peer}, bound to another address",
                      id=record.id, peer=str(peer))
             raise Forbidden("session bound to another address")
+        self._touch(record.id)
         return record
+
+    def _touch(self, session_id: int) -> None:
+        """Note a use of the session; written to the store at most every `touch_interval` seconds."""
+        now = self.reactor.seconds()
+        last = self._touched.get(session_id)
+        if last is not None and now - last < self.touch_interval:
+            return
+        self._touched[session_id] = now
+        defer.ensureDeferred(self.store.touch_session(session_id, now)).addErrback(
+            lambda failure: log.failure("Could not record the use of compact session {id}", failure, id=session_id))
 
     async def logout(self, session: SessionRecord) -> None:
         """Revoke the handle and log the Matrix token out (an already dead token is fine)."""
         self._stop_loop(session.id)
+        await self._forget(session)
+        await self._logout_matrix(session)
+        log.info("Compact session {id} closed", id=session.id)
+
+    async def _forget(self, session: SessionRecord) -> None:
         await self.store.delete_session(session.id)
+        self._touched.pop(session.id, None)
         for key in [key for key in self._locks if key[0] == session.id]:
             del self._locks[key]
+
+    async def _logout_matrix(self, session: SessionRecord) -> None:
+        """Log the session's Matrix device out; a token the homeserver no longer knows is fine."""
         try:
             await self.matrix.logout(session.access_token)
         except MatrixError as error:
             if error.http_status != 401:
                 raise
-        log.info("Compact session {id} closed", id=session.id)
+
+    # ------------------------------------------------------------------ idle expiry
+
+    def start_expiry(self) -> None:
+        """Sweep idle sessions now (those that idled out while the gateway was down) and periodically."""
+        if self._sweeper is not None:
+            return
+        self._sweeper = task.LoopingCall(self._sweep)
+        self._sweeper.clock = self.reactor
+        interval = min(MAX_SWEEP_INTERVAL, self.idle_timeout / 4)
+        self._sweeper.start(interval, now=True).addErrback(
+            lambda failure: log.failure("Idle compact session sweep stopped", failure))
+
+    async def _sweep(self) -> None:
+        try:
+            await self.expire_idle_sessions()
+        except Exception:
+            log.failure("Idle compact session sweep failed")
+
+    async def expire_idle_sessions(self) -> int:
+        """Close sessions idle for ``session_idle_timeout``, logging their Matrix devices out; how many.
+
+        A session whose logout fails for a reason other than a dead token is kept and
+        tried again by the next sweep: deleting it would leave its Matrix device behind.
+        """
+        now = self.reactor.seconds()
+        closed = 0
+        for session in await self.store.idle_sessions(now - self.idle_timeout, EXPIRY_BATCH):
+            if self.watching(session.id):  # observed: in use, though the device sends nothing
+                self._touch(session.id)
+                continue
+            try:
+                await self._logout_matrix(session)
+            except (HomeserverError, ServiceUnavailable) as error:
+                log.info("Idle compact session {id}: logout failed ({error}), retrying later", id=session.id,
+                         error=_describe(error))
+                continue
+            await self._forget(session)
+            closed += 1
+            log.info("Compact session {id} of {user} closed after {idle:.0f} s unused; Matrix device logged out",
+                     id=session.id, user=session.user_id, idle=self.idle_timeout)
+        return closed
 
     # ------------------------------------------------------------------ rooms
 
@@ -356,6 +481,10 @@ class CompactService:
                 loop.deferred.cancel()
 
     def stop(self) -> None:
+        if self._sweeper is not None:
+            if self._sweeper.running:
+                self._sweeper.stop()
+            self._sweeper = None
         for session_id in list(self._loops):
             self._stop_loop(session_id)
 

@@ -17,6 +17,12 @@ not sleep and retry: a constrained device is waiting for its CoAP answer, and
 the gateway tells it when to come back (4.29 with Max-Age) instead of holding
 the exchange (and a connection) open past the device's own timeouts.
 
+Devices: a call made for a device (`comatrix.identity.current_device` when it
+is requested) names the device's address in ``X-Forwarded-For``, so a
+homeserver that trusts the header (Synapse: ``x_forwarded: true`` on the
+listener) applies its per-IP limits -- logins, registrations -- per device
+instead of to the whole gateway.  Calls the gateway makes for itself carry none.
+
 Redirects are not followed and the agent has one endpoint, the configured
 homeserver's, so the Authorization header can only ever reach it.  Cookies are
 refused: every device shares this client, so a cookie set in answer to one
@@ -30,6 +36,7 @@ once instead of through a Cooperator, and nothing is parsed for cookies.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from http.cookiejar import CookieJar
 from typing import Any, Protocol as TypingProtocol, cast
@@ -61,6 +68,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 
+from comatrix.identity import Device, current_device, plain_address
 from comatrix.logs import get_logger
 from comatrix.matrix.api import SECRET_KEYS, MatrixRequest
 from comatrix.matrix.errors import (
@@ -259,6 +267,7 @@ class MatrixTransport:
 
             reactor = default_reactor
         self.base_url = _base_uri(base_url.rstrip("/"))
+        self._scheme = self.base_url.split(":", 1)[0].encode("ascii")
         self.timeout = timeout
         self.connect_timeout = timeout if connect_timeout is None else min(connect_timeout, timeout)
         self._reactor = reactor
@@ -274,13 +283,22 @@ class MatrixTransport:
         self._client: HttpClientLike = http_client
 
     def request(self, req: MatrixRequest) -> "Deferred[tuple[int, dict[str, Any]]]":
-        """Send ``req``; fire with ``(status, json_object)`` on 2xx, else fail typed.
+        """Send ``req`` for the current device; fire with ``(status, json_object)`` on 2xx, else fail typed.
 
         Failures: `MatrixError` (non-2xx), `HomeserverUnreachable`,
         `HomeserverTimeout`, `InvalidResponse`.
         """
+        return self.send(req, current_device())
+
+    def send(self, req: MatrixRequest, device: Device | None) -> "Deferred[tuple[int, dict[str, Any]]]":
+        """`request` for ``device`` (None: the gateway's own call), named by the caller.
+
+        For a caller that sends later, from another context (a queue), than the one
+        the call was asked for in.
+        """
         url = req.url(self.base_url)
         raw_headers = {b"Accept": [b"application/json"], b"User-Agent": [_USER_AGENT]}
+        raw_headers.update(self._forwarded(device))
         if req.access_token is not None:
             try:
                 token = _token_bytes(req.access_token)
@@ -358,6 +376,18 @@ class MatrixTransport:
         d.addErrback(translate)
         return d
 
+    def _forwarded(self, device: Device | None) -> dict[bytes, list[bytes]]:
+        """``X-Forwarded-For`` naming the device, so the homeserver's per-IP limits apply per device.
+
+        With it goes ``X-Forwarded-Proto``, the scheme the gateway itself speaks to
+        the homeserver: Synapse otherwise assumes https (and warns on every call).
+        The gateway's own calls (no device) carry neither.
+        """
+        address = _forwardable(device)
+        if address is None:
+            return {}
+        return {b"X-Forwarded-For": [address], b"X-Forwarded-Proto": [self._scheme]}
+
     def _interpret(
         self, response: Any, raw: bytes, req: MatrixRequest, where: str
     ) -> tuple[int, dict[str, Any]]:
@@ -403,6 +433,17 @@ def _base_uri(base_url: str) -> str:
     """
     url = EncodedURL.from_text(base_url)
     return url.to_text() if url.host.isascii() else url.to_uri().to_text()
+
+
+def _forwardable(device: Device | None) -> bytes | None:
+    """The device's address for a header: an IP literal without zone id, else nothing."""
+    if device is None:
+        return None
+    try:
+        address = ipaddress.ip_address(plain_address(device.address))
+    except ValueError:
+        return None
+    return str(address).encode("ascii")
 
 
 def _token_bytes(token: str) -> bytes:

@@ -45,6 +45,7 @@ from comatrix.codec.cbor import CodecError
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLES
 from comatrix.credentials import address_scoped_txn_id
 from comatrix.errors import matrix_error_response
+from comatrix.identity import acting_as, device_of
 from comatrix.interfaces import PluginContext
 from comatrix.longpoll import Backoff, LongPoller, is_transient, long_poller, retry_delay
 from comatrix.matrix import api
@@ -55,6 +56,7 @@ from comatrix.msc3079.resume import ResumePoints, registration_fingerprint
 from comatrix.msc3079.translate import (KNOWN_KEY_TABLE, Target, json_from_request, keys_for_client,
                                         map_path, success_code, sync_is_empty, uses_integer_keys,
                                         with_txn_id)
+from comatrix.policy import OTHER, check_registration, operation_for
 from comatrix.resources import MatrixResource
 
 __all__ = ["Msc3079Settings", "Msc3079Service", "Msc3079Resource", "SyncResource", "LOW_BANDWIDTH"]
@@ -145,11 +147,11 @@ class Msc3079Service:
         if state.token is not None:
             return state.token
         if self.context.credentials.device_for(request) is not None:
-            return await self.context.credentials.token_for(request)
+            return await self.context.credentials.token_for(request, operation="sync")
         return None
 
     async def call(self, request: Request, target: Target, state: PeerState, body: dict[str, Any] | None,
-                   query: tuple[tuple[str, str], ...]) -> tuple[int, dict[str, Any]]:
+                   query: tuple[tuple[str, str], ...], operation: str) -> tuple[int, dict[str, Any]]:
         token = state.token if target.takes_token or token_sent(request) else None
         credentials = self.context.credentials
 
@@ -160,13 +162,13 @@ class Msc3079Service:
         if token is None and target.takes_token and credentials.device_for(request) is not None:
             # A [[devices]] entry: one Matrix device for all its addresses, so this one's txnIds get its tag.
             target = with_txn_id(target, lambda txn_id: address_scoped_txn_id(request, txn_id))
-            token = await credentials.token_for(request)
+            token = await credentials.token_for(request, operation=operation)
             try:
                 return await send(token)
             except MatrixError as error:
                 if error.http_status != 401 or not credentials.forget(request, token):
                     raise
-            return await send(await credentials.token_for(request))
+            return await send(await credentials.token_for(request, operation=operation))
         result = await send(token)
         if target.is_logout and token is not None:
             self.peers.forget_token(request, token)
@@ -247,6 +249,7 @@ class Msc3079Resource(MatrixResource):
 
     subtree = True
     link = LinkAttributes(rt="org.matrix.msc3079", ct=FORMATS, title="Matrix CS API (MSC3079)")
+    operation = OTHER  # each request's own comes from its path (`operation_of`)
 
     def __init__(self, context: PluginContext, service: Msc3079Service, *, visible: bool = True) -> None:
         super().__init__(context)
@@ -257,10 +260,13 @@ class Msc3079Resource(MatrixResource):
         target = map_path(request.path)
         if target.is_sync:
             return await SyncResource.long_poll(self.service, request)
+        operation = operation_of(request, target)
+        check_registration(self.context.config.allow_registration, operation)
         state, body, version = self.service.prepare(request)
         as_json = wants_json(request)
         try:
-            status, answer = await self.service.call(request, target, state, body, query_items(request))
+            status, answer = await self.service.call(request, target, state, body, query_items(request),
+                                                     operation)
         except MatrixError as error:
             return error_answer(error, version, as_json)
         if target.is_versions:
@@ -269,6 +275,11 @@ class Msc3079Resource(MatrixResource):
         return encode(answer, success_code(request.method, status), version, as_json)
 
     render_GET = render_POST = render_PUT = render_DELETE = _answer
+
+
+def operation_of(request: Request, target: Target) -> str:
+    """What a pass-through request does (`comatrix.policy`): by path code, else by full path."""
+    return operation_for(request.method.name, target.code, target.segments[3:])
 
 
 def advertise(versions: dict[str, Any], dtls_port: int | None) -> dict[str, Any]:
@@ -287,6 +298,7 @@ class SyncResource(MatrixResource):
     """``/sync``: long-poll, or Observe with one loop per registration."""
 
     link = LinkAttributes(rt="org.matrix.msc3079.sync", ct=FORMATS, obs=True, title="Matrix /sync (MSC3079)")
+    operation = "sync"
 
     def __init__(self, context: PluginContext, service: Msc3079Service, *, visible: bool = True) -> None:
         super().__init__(context)
@@ -428,6 +440,8 @@ class SyncLoop:
         self.query = query
         #: Fingerprint of the registration request: the resume point belongs to it.
         self.registration = registration
+        #: The device the homeserver is told each /sync is for (``X-Forwarded-For``).
+        self.device = device_of(request)
         self.pending: Response | None = None
         self.stopped = False
         self._waiting: defer.Deferred[Any] | None = None
@@ -439,7 +453,10 @@ class SyncLoop:
     def start(self) -> None:
         if self.stopped:
             return
-        defer.ensureDeferred(self._run()).addBoth(self._finished)
+        # Started by a timer, outside the registration's context: its /syncs are still for its device.
+        with acting_as(self.device):
+            running = defer.ensureDeferred(self._run())
+        running.addBoth(self._finished)
 
     def stop(self) -> None:
         if self.stopped:

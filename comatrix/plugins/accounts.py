@@ -1,6 +1,7 @@
 """Account resources: ``/register``, ``/login``, ``/logout`` (original CoMatrix wire format).
 
-register: POST CBOR ``{username, password[, auth, device_id]}`` -> 2.04 ``{access_token, user_id, device_id}``
+register: POST CBOR ``{username, password[, auth, device_id]}`` -> 2.04 ``{access_token, user_id, device_id}``;
+          4.03 "registration closed" unless ``allow_registration`` (`comatrix.policy`)
 login:    POST CBOR ``{type, identifier: {type, user}, password}`` or ``{user, password}`` -> 2.04 same map
 logout:   POST with the token (option 256) -> 2.04, the token is dead afterwards
 """
@@ -34,6 +35,7 @@ def _optional_device_id(body: Mapping[str, Any]) -> str | None:
 class RegisterResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.register", ct=(ContentFormat.CBOR,), title="Register a Matrix user")
     proxy_codes = frozenset({"4"})
+    operation = "register"
 
     async def render_POST(self, request: Request) -> Response:
         self.matrix_path(request)
@@ -48,6 +50,7 @@ class RegisterResource(MatrixResource):
 class LoginResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.login", ct=(ContentFormat.CBOR,), title="Log in")
     proxy_codes = frozenset({"1"})
+    operation = "login"
 
     async def render_POST(self, request: Request) -> Response:
         self.matrix_path(request)
@@ -71,6 +74,7 @@ class LoginResource(MatrixResource):
 class LogoutResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.logout", title="Log out (invalidate the token)")
     proxy_codes = frozenset({"3"})
+    operation = "logout"
 
     async def render_POST(self, request: Request) -> Response:
         self.matrix_path(request)

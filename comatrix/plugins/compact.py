@@ -10,6 +10,10 @@ Settings (``[plugins.compact]`` in the config file)::
 
     [plugins.compact.rooms]
     lab = "#lab:example.org"     # a device may join "lab"
+
+How many sessions a device may hold and how long an unused one lives are
+``[limits]`` settings (``max_sessions_per_device``, ``max_sessions``,
+``session_idle_timeout``): see `comatrix.compact.service`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, Handl
                                     LoginRequest, Message, MessagesRequest, SendRequest)
 from comatrix.compact.service import CompactService, handle_hash
 from comatrix.config import ConfigError
+from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
 from comatrix.longpoll import long_poller
 from comatrix.resources import MatrixResource, ResourcePlugin
@@ -52,10 +57,12 @@ def compact_service(context: PluginContext) -> CompactService:
     # /sync long-polls use the gateway's uncapped long-poll pool (shared with MSC3079), each with
     # its own deadline: watching devices must not hold the upstream cap's slots.
     service = CompactService(context.matrix, store, context.reactor, rooms=rooms,
-                             long_polls=long_poller(context))
+                             long_polls=long_poller(context), limits=context.config.limits)
     context.state[STATE_KEY] = service
     add_trigger = getattr(context.reactor, "addSystemEventTrigger", None)
     if add_trigger is not None:
+        # Idle sessions are swept once the reactor runs (first those that idled out while stopped).
+        add_trigger("after", "startup", service.start_expiry)
         add_trigger("before", "shutdown", service.stop)
     return service
 
@@ -70,6 +77,8 @@ def _cbor(payload: bytes, code: Code) -> Response:
 
 class CompactResource(MatrixResource):
     """Base of the compact resources: the shared service and the CBOR payload check."""
+
+    operation = "compact"  # sessions of the device's own login, never shared credentials
 
     def __init__(self, context: PluginContext) -> None:
         super().__init__(context)
@@ -87,7 +96,8 @@ class LoginResource(CompactResource):
 
     async def render_POST(self, request: Request) -> Response:
         login = LoginRequest.decode(self.payload(request))
-        handle = await self.service.login(login.user, login.password, request.peer, request.security)
+        handle = await self.service.login(login.user, login.password, request.peer, device_of(request).key,
+                                          request.security)
         return _cbor(codec.encode_handle(handle), Code.CREATED)
 
 

@@ -29,6 +29,7 @@ MSGTYPES = frozenset({"m.text", "m.notice", "m.emote"})
 class JoinResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.join", ct=(ContentFormat.CBOR,), title="Join a room")
     proxy_codes = frozenset({"K", "L"})
+    operation = "join"
 
     async def render_POST(self, request: Request) -> Response:
         path = self.matrix_path(request)
@@ -41,6 +42,7 @@ class JoinResource(MatrixResource):
 class GetMessageResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.getmsg", ct=(ContentFormat.CBOR,), title="Latest message of a room")
     proxy_codes = frozenset({"E"})
+    operation = "messages"
 
     async def render_GET(self, request: Request) -> Response:
         path = self.matrix_path(request)
@@ -64,6 +66,7 @@ class GetMessageResource(MatrixResource):
 class SendResource(MatrixResource):
     link = LinkAttributes(rt="comatrix.send", ct=(ContentFormat.CBOR,), title="Send a message")
     proxy_codes = frozenset({"9"})
+    operation = "send"
 
     async def render_POST(self, request: Request) -> Response:
         path = self.matrix_path(request)

@@ -338,7 +338,8 @@ def loopback_gateway(installed_comatrix: DebBuild, synapse: Any,
                      tmp_path: Path) -> Iterator[tuple[InstalledGateway, int]]:
     port = free_port("::1", kind=socket.SOCK_DGRAM)
     gateway = InstalledGateway(tmp_path / "gateway.log",
-                               ["--ip", "::1", "--port", str(port), "--homeserver", synapse.base_url])
+                               ["--ip", "::1", "--port", str(port), "--homeserver", synapse.base_url,
+                                "--allow-registration"])
     try:
         def answers() -> bool:
             gateway.assert_running()

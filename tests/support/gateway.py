@@ -94,10 +94,13 @@ class GatewayProcess:
         log_level: str | None = "debug",
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        allow_registration: bool = False,
     ) -> None:
         """``config_text`` (TOML) is written to ``workdir/comatrix.toml`` and passed as --config.
 
         ``log_level`` defaults to debug so the secret sweep sees the chattiest output.
+        Registration stays closed, as in production, unless ``allow_registration``
+        (``--allow-registration``) is given.
         """
         if config is not None and config_text is not None:
             raise ValueError("give config or config_text, not both")
@@ -115,7 +118,7 @@ class GatewayProcess:
         self.config = config
         self.plugin_dirs = [Path(p) for p in plugin_dirs]
         self.log_level = log_level
-        self.extra_args = list(extra_args)
+        self.extra_args = list(extra_args) + (["--allow-registration"] if allow_registration else [])
         self._env = env
         self._proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None

@@ -4,6 +4,10 @@
 layers a second config file on top (Synapse merges ``-c`` files key by key) that makes it
 test-friendly: open registration, no key servers, cheap bcrypt, generous rate limits, a
 known registration shared secret, loopback-only listener, SQLite in the data directory.
+The listener trusts ``X-Forwarded-For`` (``x_forwarded: true``), as the operator's must:
+the gateway names each device there, so per-IP limits apply per device.  With
+``default_limits=True`` every ``rc_*`` limit is left as Synapse ships it, for tests
+whose point is rate limits.
 
 The HTTP helpers talk straight to Synapse with :mod:`urllib` (blocking, stdlib only).
 They are for arranging and checking test state, never a path through the gateway. Every
@@ -108,17 +112,22 @@ def config_overrides(
     bind_address: str = "127.0.0.1",
     bcrypt_rounds: int = 4,
     rate: float = 10000.0,
+    default_limits: bool = False,
 ) -> dict[str, Any]:
-    """The config keys layered over Synapse's generated config (facts §6)."""
-    big = _generous(rate)
-    return {
+    """The config keys layered over Synapse's generated config (facts §6).
+
+    ``default_limits``: no ``rc_*`` key at all, so Synapse's own defaults apply.
+    """
+    overrides = {
         "listeners": [
             {
                 "port": port,
                 "bind_addresses": [bind_address],
                 "type": "http",
                 "tls": False,
-                "x_forwarded": False,
+                # The gateway names each device in X-Forwarded-For; only loopback can reach
+                # this listener, so nobody else can forge the header.
+                "x_forwarded": True,
                 "resources": [{"names": ["client"], "compress": False}],
             }
         ],
@@ -134,6 +143,14 @@ def config_overrides(
         "suppress_key_server_warning": True,
         "bcrypt_rounds": bcrypt_rounds,
         "url_preview_enabled": False,
+    }
+    return overrides if default_limits else {**overrides, **_generous_limits(rate)}
+
+
+def _generous_limits(rate: float) -> dict[str, Any]:
+    """Every ``rc_*`` limit far above what a test sends."""
+    big = _generous(rate)
+    return {
         "rc_message": big,
         "rc_registration": big,
         "rc_registration_token_validity": big,
@@ -181,6 +198,7 @@ def write_config(
     python: Path | None = None,
     bcrypt_rounds: int = 4,
     rate: float = 10000.0,
+    default_limits: bool = False,
 ) -> tuple[list[Path], str]:
     """Generate (once) and override (always) a Synapse config in ``data_dir``.
 
@@ -223,7 +241,7 @@ def write_config(
         json.dumps(
             config_overrides(
                 port=port, data_dir=data_dir, shared_secret=shared_secret,
-                bcrypt_rounds=bcrypt_rounds, rate=rate,
+                bcrypt_rounds=bcrypt_rounds, rate=rate, default_limits=default_limits,
             ),
             indent=2,
         )
@@ -250,8 +268,11 @@ class SynapseServer:
         server_name: str = DEFAULT_SERVER_NAME,
         port: int | None = None,
         python: Path | None = None,
+        default_limits: bool = False,
     ) -> None:
+        """``default_limits``: Synapse's own rate limits instead of the generous test ones."""
         self.data_dir = Path(data_dir).resolve()
+        self.default_limits = default_limits
         self.server_name = server_name
         self.port = port if port is not None else free_port("127.0.0.1")
         self._python = python
@@ -292,7 +313,8 @@ class SynapseServer:
         python = self._python or synapse_python()
         if not self._config_files:
             self._config_files, self._shared_secret = write_config(
-                self.data_dir, port=self.port, server_name=self.server_name, python=python
+                self.data_dir, port=self.port, server_name=self.server_name, python=python,
+                default_limits=self.default_limits,
             )
         args = [str(python), "-m", "synapse.app.homeserver"]
         for path in self._config_files:
@@ -439,7 +461,12 @@ class SynapseServer:
         """A fresh user with a random name and password."""
         localpart = f"{prefix}{_random.token_hex(6)}".lower()
         password = _random.token_urlsafe(18)
-        user_id, token, device_id = self.register(localpart, password)
+        if self.default_limits:
+            # Synapse's default rc_registration lets one address register three users at once;
+            # shared-secret registration is not rate-limited.
+            user_id, token, device_id = self.register_admin(localpart, password, admin=False)
+        else:
+            user_id, token, device_id = self.register(localpart, password)
         return MatrixUser(user_id, localpart, password, token, device_id)
 
     def create_room(self, token: str, **body: Any) -> str:

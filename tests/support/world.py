@@ -24,8 +24,9 @@ class World:
         self.room = self.homeserver.new_room(self.user_id, alias_local="lab")
         self.alias = f"#lab:{self.homeserver.server_name}"
 
-    def context(self, devices: list[dict[str, Any]] | None = None) -> PluginContext:
-        config = build_config({"devices": devices or []})
+    def context(self, devices: list[dict[str, Any]] | None = None, *,
+                allow_registration: bool = False) -> PluginContext:
+        config = build_config({"devices": devices or [], "allow_registration": allow_registration})
         reactor = task.Clock()
         reactor.advance(1_700_000_000)
         transport, _ = stub_transport(self.homeserver, reactor)

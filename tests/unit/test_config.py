@@ -193,6 +193,8 @@ def test_a_psk_entry_needs_no_address_and_turns_dtls_on() -> None:
 
 def test_dtls_is_off_without_psk_and_port_and_the_cli_sets_the_port() -> None:
     assert build_config({}).dtls_port is None
+    # security = "off" opens no secured way in, even when configured.
+    assert build_config({"security": "off", "dtls_port": 5700, "devices": [PSK_ENTRY]}).dtls_port is None
     options = Options()
     options.parseOptions(["--dtls-port", "5999"])
     assert load_config(options).dtls_port == 5999
@@ -225,3 +227,22 @@ def test_dtls_table_is_checked() -> None:
     for table in ({"nope": 1}, {"max_sessions": 0}, {"max_sessions": 1.5}, {"mtu": True}):
         with pytest.raises(ConfigError):
             build_config({"dtls": table})
+
+
+def test_per_device_shares_are_config_keys_and_validated() -> None:
+    config = build_config({"coap": {"max_observers_per_peer": 4, "max_uploads_per_peer": 2},
+                           "limits": {"max_sessions_per_device": 2, "max_sessions": 50,
+                                      "session_idle_timeout": 3600}})
+    assert (config.coap.max_observers_per_peer, config.coap.max_uploads_per_peer) == (4, 2)
+    limits = config.limits
+    assert (limits.max_sessions_per_device, limits.max_sessions, limits.session_idle_timeout) == (2, 50, 3600.0)
+    defaults = build_config()
+    assert defaults.coap.max_observers_per_peer < defaults.coap.max_observers
+    assert defaults.coap.max_uploads_per_peer < defaults.coap.blockwise_state_capacity
+    assert defaults.limits.max_sessions_per_device < defaults.limits.max_sessions
+    assert 0 < defaults.limits.session_idle_timeout <= 7 * 86400
+    for table, key, value in (("coap", "max_observers_per_peer", 0), ("coap", "max_uploads_per_peer", 0),
+                              ("limits", "max_sessions_per_device", 0), ("limits", "max_sessions", 0),
+                              ("limits", "session_idle_timeout", 0), ("limits", "max_sessions", 1.5)):
+        with pytest.raises(ConfigError, match=key):
+            build_config({table: {key: value}})

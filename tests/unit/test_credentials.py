@@ -41,21 +41,21 @@ def request() -> Request:
 
 def test_the_token_of_a_login_is_kept_and_reused_by_the_next_process() -> None:
     world, store = World(), KeptTokens()
-    first = run(credentials(world, store).token_for(request()))
+    first = run(credentials(world, store).token_for(request(), operation="send"))
     assert len(world.homeserver.calls("login")) == 1
     assert list(store.tokens.values()) == [first]
     # The gateway restarts: a new Credentials over the same store logs in no more.
-    assert run(credentials(world, store).token_for(request())) == first
+    assert run(credentials(world, store).token_for(request(), operation="send")) == first
     assert len(world.homeserver.calls("login")) == 1
 
 
 def test_a_refused_token_is_dropped_and_replaced_by_a_new_login() -> None:
     world, store = World(), KeptTokens()
     creds = credentials(world, store)
-    old = run(creds.token_for(request()))
+    old = run(creds.token_for(request(), operation="send"))
     assert creds.forget(request(), old)  # the homeserver said 401
     assert store.tokens == {}
-    new = run(creds.token_for(request()))
+    new = run(creds.token_for(request(), operation="send"))
     assert new != old and list(store.tokens.values()) == [new]
     assert len(world.homeserver.calls("login")) == 2
 
@@ -63,18 +63,18 @@ def test_a_refused_token_is_dropped_and_replaced_by_a_new_login() -> None:
 def test_a_kept_copy_of_the_refused_token_is_not_reused() -> None:
     world, store = World(), KeptTokens()
     creds = credentials(world, store)
-    old = run(creds.token_for(request()))
+    old = run(creds.token_for(request(), operation="send"))
     kept = dict(store.tokens)
     assert creds.forget(request(), old)
     store.tokens.update(kept)  # as if dropping it had not reached the database yet
-    assert run(creds.token_for(request())) != old
+    assert run(creds.token_for(request(), operation="send")) != old
 
 
 def test_a_second_request_refused_with_the_same_token_retries_too() -> None:
     # After a restart two requests both used the kept token; it was revoked meanwhile.
     world, store = World(), KeptTokens()
     creds = credentials(world, store)
-    old = run(creds.token_for(request()))
+    old = run(creds.token_for(request(), operation="send"))
     assert creds.forget(request(), old)       # the first refusal drops it...
     assert creds.forget(request(), old)       # ...and the second is worth a retry as well
     assert not creds.forget(request(), "syt_never_ours_0000")
@@ -96,8 +96,8 @@ def test_a_failing_store_costs_a_login_not_the_request() -> None:
     globalLogPublisher.addObserver(events.append)
     try:
         creds = credentials(world, BrokenStore())
-        token = run(creds.token_for(request()))
-        assert run(creds.token_for(request())) == token  # then from memory
+        token = run(creds.token_for(request(), operation="send"))
+        assert run(creds.token_for(request(), operation="send")) == token  # then from memory
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert len(world.homeserver.calls("login")) == 1
@@ -116,7 +116,7 @@ class PruningStore(KeptTokens):
 def test_kept_tokens_of_removed_entries_are_dropped_at_start() -> None:
     world, store = World(), PruningStore()
     creds = credentials(world, store)
-    current = run(creds.token_for(request()))
+    current = run(creds.token_for(request(), operation="send"))
     store.tokens[("@s:hs", "REMOVED-ENTRY")] = "syt_left_over_0000"
     run(creds.drop_unconfigured_tokens())
     assert list(store.tokens.values()) == [current]

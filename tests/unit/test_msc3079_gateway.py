@@ -90,13 +90,14 @@ class Homeserver(Resource):
 
 class Setup:
     def __init__(self, settings: dict[str, Any] | None = None, devices: list[dict[str, Any]] | None = None,
-                 **top: Any) -> None:
+                 *, allow_registration: bool = False, **top: Any) -> None:
         self.hs = Homeserver()
         self.stub = StubTreq(self.hs)
         self.site = Site(error_response)
         self.h = Harness(self.site, CoapSettings(), understood_options=frozenset({TOKEN, VERSION}))
         clock = self.h.clock
-        config = build_config({"devices": devices or [], "plugins": {"msc3079": settings or {}}, **top})
+        config = build_config({"devices": devices or [], "plugins": {"msc3079": settings or {}},
+                               "allow_registration": allow_registration, **top})
         matrix = MatrixClient(MatrixTransport(BASE, http_client=self.stub, reactor=clock), reactor=clock)
         context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix),
                                 state={}, reactor=clock)
@@ -357,3 +358,51 @@ def test_devices_sharing_a_configured_entry_get_txn_ids_of_their_own() -> None:
     # One Matrix device for the whole entry: each address's "17" is its own txn id, and the
     # same address retrying keeps its own (Matrix then returns the first event).
     assert sent[0] != sent[1] and sent[0] == sent[2] and all(txn.endswith(".17") for txn in sent)
+
+
+REGISTER_PATHS = [("4",), ("_matrix", "client", "r0", "register"), ("_matrix", "client", "v3", "register"),
+                  ("_matrix", "client", "unstable", "register")]
+
+
+@pytest.mark.parametrize("path", REGISTER_PATHS)
+def test_register_paths_are_refused_while_registration_is_closed(path: tuple[str, ...]) -> None:
+    body = {"username": "newdev", "password": "pw", "auth": {"type": "m.login.dummy"}}
+    closed = Setup()
+    reply = closed.send(Code.POST, path, body)
+    assert (reply.code, reply.payload) == (Code.FORBIDDEN, b"registration closed")
+    assert closed.hs.requests == []
+    opened = Setup(allow_registration=True)
+    assert opened.send(Code.POST, path, body).code == Code.CHANGED
+    assert [r[:2] for r in opened.hs.requests] == [("POST", "/_matrix/client/v3/register")]
+
+
+LOGOUT_ALL = ("_matrix", "client", "v3", "logout", "all")
+SHARED = {"address": "2001:db8::/64", "access_token": "syt_shared"}
+PUSHER = {"kind": "http", "app_id": "a", "pushkey": "k", "app_display_name": "A",
+          "device_display_name": "D", "lang": "en", "data": {"url": "https://p.example/_matrix/push/v1/notify"}}
+
+
+def test_shared_credentials_get_device_operations_only() -> None:
+    s = Setup(devices=[SHARED])
+    assert s.send(Code.PUT, ("9", "!room", "m.room.message", "t1"), {"body": "hi"}).code == Code.CHANGED
+    assert s.send(Code.GET, ("7",)).code == Code.CONTENT
+    assert s.send(Code.GET, ("E", "!room")).code == Code.CONTENT
+    forwarded = len(s.hs.requests)
+    for path, body in ((("l",), PUSHER), (LOGOUT_ALL, None), (("G",), {"name": "x"}), (("k",), None),
+                       (("_matrix", "client", "v3", "user", "@d:hs", "openid", "request_token"), {})):
+        reply = s.send(Code.GET if path == ("k",) else Code.POST, path, body)
+        assert (reply.code, reply.payload) == (Code.FORBIDDEN, b"not allowed for shared credentials"), path
+    assert len(s.hs.requests) == forwarded  # the homeserver saw none of them
+
+
+def test_an_allow_list_opens_what_it_names_and_an_own_token_opens_everything() -> None:
+    s = Setup(devices=[dict(SHARED, allow=["pushers/set", "logout/all"])])
+    assert s.send(Code.POST, ("l",), PUSHER).code == Code.CHANGED
+    assert s.send(Code.POST, LOGOUT_ALL).code == Code.CHANGED
+    assert [(r[1], r[4]) for r in s.hs.requests] == [("/_matrix/client/v3/pushers/set", "Bearer syt_shared"),
+                                                     ("/_matrix/client/v3/logout/all", "Bearer syt_shared")]
+    assert s.send(Code.POST, ("G",), {"name": "x"}).code == Code.FORBIDDEN  # not named
+    # The same address with a token of its own -- sent, then sticky -- has the full API.
+    assert s.send(Code.POST, ("G",), {"name": "x"}, options=[(TOKEN, b"syt_own")]).code == Code.CHANGED
+    assert s.send(Code.GET, ("k",)).code == Code.CONTENT
+    assert [r[4] for r in s.hs.requests[-2:]] == ["Bearer syt_own", "Bearer syt_own"]

@@ -6,8 +6,6 @@ that device's sticky MSC3079 token, Observe loop or compact session.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from comatrix.coap.errors import Forbidden
@@ -18,8 +16,8 @@ from comatrix.compact.service import CompactService
 from comatrix.matrix.testing import run
 from comatrix.msc3079.peers import PeerTable
 from comatrix.msc3079.service import loop_key
-from comatrix.store import SessionRecord
 from support.world import World
+from test_bad_input_profiles import MemoryStore
 
 PEER = Peer("fe80::7", 5684)
 DTLS = Security("dtls", "sensor01")
@@ -44,28 +42,12 @@ def test_observe_loops_of_one_address_differ_by_security_context() -> None:
     assert loop_key(request(DTLS)) != loop_key(request(None))
 
 
-class SessionsInMemory:
-    def __init__(self) -> None:
-        self.sessions: dict[bytes, SessionRecord] = {}
-
-    async def create_session(self, handle_hash: bytes, access_token: str, user_id: str, device_id: str | None,
-                             peer_host: str, now: float) -> int:
-        record = SessionRecord(len(self.sessions) + 1, handle_hash, access_token, user_id, device_id, peer_host)
-        self.sessions[handle_hash] = record
-        return record.id
-
-    async def session_by_handle(self, handle_hash: bytes) -> SessionRecord | None:
-        return self.sessions.get(handle_hash)
-
-
 def test_a_compact_session_opened_over_dtls_is_bound_to_the_psk_identity() -> None:
     world = World()
     context = world.context()
-    store: Any = SessionsInMemory()
-    service = CompactService(context.matrix, store, context.reactor)
-    handle = run(service.login("d", "pw", PEER, DTLS))
-    assert [record.peer_host for record in store.sessions.values()] == ["dtls:sensor01"]
-    assert run(service.session(handle, Peer("fe80::8", 1), DTLS)).user_id == world.user_id  # new address: fine
+    service = CompactService(context.matrix, MemoryStore(), context.reactor)  # type: ignore[arg-type]
+    handle = run(service.login("d", "pw", PEER, "dtls:sensor01", security=DTLS))
+    assert run(service.session(handle, Peer("fe80::8", 1), DTLS)).peer_host == "dtls:sensor01"
     for peer, security in ((PEER, None), (PEER, Security("dtls", "other"))):
         with pytest.raises(Forbidden):
             run(service.session(handle, peer, security))

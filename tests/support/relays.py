@@ -1,0 +1,74 @@
+"""Relays in front of a real homeserver that count what passes, so tests can prove what reached it."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+
+__all__ = ["CountingTcpRelay"]
+
+
+class CountingTcpRelay:
+    """A TCP relay in front of Synapse that counts connections and HTTP requests passing through."""
+
+    METHODS = (b"GET ", b"PUT ", b"POST ", b"DELETE ", b"HEAD ", b"OPTIONS ")
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcp-relay", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "CountingTcpRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ, None)
+        peers: dict[socket.socket, socket.socket] = {}
+        while not self._stop.is_set():
+            for key, _ in selector.select(timeout=0.05):
+                sock = key.fileobj
+                if sock is self.listener:
+                    client, _ = self.listener.accept()
+                    upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                    self.connections += 1
+                    peers[client], peers[upstream] = upstream, client
+                    selector.register(client, selectors.EVENT_READ, "client")
+                    selector.register(upstream, selectors.EVENT_READ, "upstream")
+                    continue
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    other = peers.pop(sock)
+                    peers.pop(other, None)
+                    for s in (sock, other):
+                        selector.unregister(s)
+                        s.close()
+                    continue
+                if key.data == "client" and data.startswith(self.METHODS):
+                    self.requests.append(data.split(b" HTTP/")[0][:200])
+                peers[sock].sendall(data)
+        for sock in peers:
+            sock.close()
+        selector.close()
