@@ -116,6 +116,12 @@ class LimitSettings:
     max_sessions: int = 1024
     #: Seconds a compact session may go unused before it is closed and its Matrix device logged out.
     session_idle_timeout: float = 604800.0
+    #: Homeserver long-polls (``/sync``: plain MSC3079 long-polls, Observe loops, compact
+    #: watches) one device may hold at once; the next is answered 4.29 with Max-Age.
+    long_polls_per_device: int = 4
+    #: Long-polls all devices together may hold (each is one TCP connection to the
+    #: homeserver); capped at start to fit the process's open-file limit (`comatrix.longpoll`).
+    max_long_polls: int = 256
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -134,6 +140,8 @@ class LimitSettings:
             raise ValueError("max_sessions_per_device and max_sessions must be >= 1")
         if self.session_idle_timeout <= 0:
             raise ValueError("session_idle_timeout must be positive")
+        if not 1 <= self.long_polls_per_device <= self.max_long_polls:
+            raise ValueError("long_polls_per_device must be between 1 and max_long_polls")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,14 +2,24 @@
 
 Two independent mechanisms, both configured in the ``[limits]`` table:
 
-* `Admission` -- token buckets, one per device (keyed by source address, or by
-  the device's access token when ``device_key = "token"``) plus one global
-  bucket.  A request that finds either bucket empty is answered 4.29 with
-  Max-Age = whole seconds until a token is available (RFC 8516), so one chatty
-  device cannot starve the others or get the gateway's users rate-limited by
-  the homeserver.  It is checked by `comatrix.resources.MatrixResource` before
-  a request is handled; local resources (``/time``, ``/.well-known/core``)
-  never see it.
+* `Admission` -- token buckets, one per device (keyed by the request's
+  `comatrix.identity.Device`, or by the device's access token when
+  ``device_key = "token"``) plus one global bucket.  A request that finds a
+  bucket empty is answered 4.29 with Max-Age = whole seconds until a token is
+  available (RFC 8516), so one chatty device cannot starve the others or get
+  the gateway's users rate-limited by the homeserver.  The two are charged at
+  different moments:
+
+  - the device's bucket when `comatrix.resources.MatrixResource` admits the
+    request (`Admission.check`), before it is handled; local resources
+    (``/time``, ``/.well-known/core``) never see it;
+  - the global bucket only when the request's first homeserver call goes out
+    (`Ticket.pay`, called by `AdmittedTransport.paid_send`).  Junk that fails early --
+    malformed (4.00), no credentials (4.01), unknown path (4.04), wrong
+    content-format (4.15) -- therefore costs its sender's own bucket and never
+    the budget every device shares.  A request the global bucket refuses gets
+    its device token back.
+
 * `UpstreamLimiter` -- at most ``max_upstream`` homeserver calls at once; the
   next ``upstream_queue`` wait in FIFO order (at most ``queue_timeout``
   seconds), anything beyond is answered 5.03 with Max-Age at once.
@@ -29,11 +39,13 @@ a new one, so eviction never favours a device.  Time comes from the injected rea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
 from collections import OrderedDict, deque
-from typing import Any, Callable, TypeVar
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -48,8 +60,8 @@ from comatrix.matrix.api import MatrixRequest
 from comatrix.matrix.errors import MatrixError
 from comatrix.matrix.transport import MatrixTransport
 
-__all__ = ["TokenBucket", "Admission", "FailedLogins", "UpstreamBusy", "UpstreamLimiter",
-           "LimitedTransport", "install", "is_login"]
+__all__ = ["TokenBucket", "Admission", "Ticket", "AdmittedTransport", "FailedLogins", "UpstreamBusy",
+           "UpstreamLimiter", "LimitedTransport", "current_ticket", "install", "is_login"]
 
 log = get_logger(__name__)
 
@@ -84,6 +96,11 @@ class TokenBucket:
     def take(self, now: float) -> None:
         self._refill(now)
         self._tokens -= 1
+
+    def give_back(self, now: float) -> None:
+        """Return a token taken for a request that was refused elsewhere."""
+        self._refill(now)
+        self._tokens = min(float(self.burst), self._tokens + 1)
 
     def full(self, now: float) -> bool:
         self._refill(now)
@@ -125,26 +142,38 @@ class Admission:
             self._devices.popitem(last=False)
         return bucket
 
-    def check(self, request: Request) -> None:
-        """Take a token from the device's and the global bucket, or raise `TooManyRequests`.
+    def check(self, request: Request) -> "Ticket":
+        """Take a token from the device's bucket, or raise `TooManyRequests`.
 
-        Nothing is taken unless both have one, so a refused request costs no budget.
+        The returned `Ticket` takes the global token later, when the request
+        first calls the homeserver (`Ticket.pay`).
         """
         now = self._clock.seconds()
-        key = self.device_key(request)
-        device = self._bucket(key, now)
-        device_wait = device.wait(now) if device is not None else 0.0
-        global_wait = self._global.wait(now) if self._global is not None else 0.0
-        wait = max(device_wait, global_wait)
+        device = self._bucket(self.device_key(request), now)
+        wait = device.wait(now) if device is not None else 0.0
         if wait > 0:
-            which = "device" if device_wait >= global_wait else "gateway"
-            log.info("Rate limit ({which}) for {peer}: retry in {wait:.2f} s", which=which,
-                     peer=str(request.peer), wait=wait)
-            raise TooManyRequests(f"{which} rate limit", retry_after=math.ceil(wait))
+            self._refuse("device", request, wait)
         if device is not None:
             device.take(now)
-        if self._global is not None:
-            self._global.take(now)
+        return Ticket(self, request, device)
+
+    def pay_global(self, ticket: "Ticket") -> None:
+        """The global token for ``ticket``'s request, or `TooManyRequests` (its device token goes back)."""
+        if self._global is None:
+            return
+        now = self._clock.seconds()
+        wait = self._global.wait(now)
+        if wait > 0:
+            if ticket.device is not None:
+                ticket.device.give_back(now)
+            self._refuse("gateway", ticket.request, wait)
+        self._global.take(now)
+
+    @staticmethod
+    def _refuse(which: str, request: Request, wait: float) -> None:
+        log.info("Rate limit ({which}) for {peer}: retry in {wait:.2f} s", which=which,
+                 peer=str(request.peer), wait=wait)
+        raise TooManyRequests(f"{which} rate limit", retry_after=math.ceil(wait))
 
     def tracked_devices(self) -> int:
         return len(self._devices)
@@ -238,6 +267,72 @@ class FailedLogins:
         return len(self._devices)
 
 
+class Ticket:
+    """An admitted request's debt to the global bucket, paid by its first homeserver call.
+
+    `Admission.check` hands it out; `MatrixResource` makes it the current
+    ticket while the request is handled (`current`) and closes it when the
+    answer is ready: work a request leaves running afterwards (a watch loop)
+    is not charged to it.
+    """
+
+    __slots__ = ("admission", "request", "device", "paid", "closed")
+
+    def __init__(self, admission: Admission, request: Request, device: TokenBucket | None) -> None:
+        self.admission = admission
+        self.request = request
+        self.device = device
+        self.paid = False
+        self.closed = False
+
+    def pay(self) -> None:
+        """Take the global token once (`TooManyRequests` if none is left); later calls are free."""
+        if self.paid or self.closed:
+            return
+        self.admission.pay_global(self)
+        self.paid = True
+
+    def close(self, result: T) -> T:
+        """The request is answered (a Deferred callback: passes ``result`` on)."""
+        self.closed = True
+        return result
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator["Ticket"]:
+        """Make this the ticket homeserver calls started inside (and their coroutines) pay with."""
+        reset = _current_ticket.set(self)
+        try:
+            yield self
+        finally:
+            _current_ticket.reset(reset)
+
+
+_current_ticket: ContextVar[Ticket | None] = ContextVar("comatrix_current_ticket", default=None)
+
+
+def current_ticket() -> Ticket | None:
+    """The ticket of the request the code running now handles (None: no admitted request)."""
+    return _current_ticket.get()
+
+
+class AdmittedTransport(MatrixTransport):
+    """A `MatrixTransport` whose calls pay their request's global token as they go out (4.29 if none)."""
+
+    def request(self, req: MatrixRequest) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
+        return self.paid_send(req, current_device(), current_ticket())
+
+    def paid_send(self, req: MatrixRequest, device: Device | None,
+                  ticket: Ticket | None) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
+        """The one place the global bucket is charged: `send` for ``device`` once ``ticket`` (the
+        request's, read when the call was requested) has paid; 4.29 at once when no token is left."""
+        if ticket is not None:
+            try:
+                ticket.pay()
+            except TooManyRequests:
+                return defer.fail()
+        return self.send(req, device)
+
+
 class UpstreamBusy(ServiceUnavailable):
     """Too many homeserver calls waiting already: answered 5.03 with Max-Age."""
 
@@ -321,8 +416,8 @@ class UpstreamLimiter:
                 waiter.timer.cancel()
 
 
-class LimitedTransport(MatrixTransport):
-    """A `MatrixTransport` whose every call goes through an `UpstreamLimiter` (and logins
+class LimitedTransport(AdmittedTransport):
+    """An `AdmittedTransport` whose every call goes through an `UpstreamLimiter` (and logins
     through `FailedLogins`, when given).
 
     The transport's own deadline starts when the call leaves the queue, so a
@@ -338,10 +433,10 @@ class LimitedTransport(MatrixTransport):
         self.logins = logins
 
     def request(self, req: MatrixRequest) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
-        device = current_device()
+        device, ticket = current_device(), current_ticket()
 
         def queued() -> "defer.Deferred[tuple[int, dict[str, Any]]]":
-            return self.limiter.run(lambda: self.send(req, device))
+            return self.limiter.run(lambda: self.paid_send(req, device, ticket))
 
         if self.logins is not None and is_login(req):
             return self.logins.guard(device, queued)

@@ -92,14 +92,17 @@ class MatrixResource(CoapResource):
             return defer.fail()
         # Observe registrations are exempt: the CoAP layer re-renders them for
         # notifications, which the gateway triggers, not the device.
-        if self.admission is not None and not (request.observe == 0 and self.link.obs):
-            try:
-                self.admission.check(request)
-            except Exception:
-                return defer.fail()
-        # Everything the handler starts (homeserver calls included) acts for this device.
-        with acting_for(request):
-            return super().render(request)
+        if self.admission is None or (request.observe == 0 and self.link.obs):
+            with acting_for(request):
+                return super().render(request)
+        try:
+            ticket = self.admission.check(request)
+        except Exception:
+            return defer.fail()
+        # Everything the handler starts (homeserver calls included) acts for this device, and
+        # its first homeserver call pays the global bucket (`comatrix.ratelimit.Ticket`).
+        with acting_for(request), ticket.current():
+            return super().render(request).addBoth(ticket.close)
 
     # -- request decoding -------------------------------------------------------------
 

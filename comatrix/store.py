@@ -7,6 +7,14 @@ is in memory and dies with the process.  All SQL runs in the one thread of a
 writers), never on the reactor thread; every method returns a Deferred or is a
 coroutine.
 
+The store never opens a file per call: its one connection is opened at start
+(`Store.open`) and kept for the process's life, in WAL mode (the ``-wal`` and
+``-shm`` files are opened once, with the connection, where the default rollback
+journal would open a file per write transaction) with temporary tables in
+memory.  So a gateway whose homeserver connections reach the open-file limit
+still reads and writes its state (the limit's headroom for SQLite:
+`comatrix.longpoll.FD_RESERVE`).
+
 What is kept, per compact session (see ``docs/protocol.rst``):
 
 * the session: SHA-256 of its handle (the handle itself is never stored), the
@@ -45,6 +53,7 @@ import sqlite3
 from typing import Any, Iterable
 
 from twisted.enterprise import adbapi
+from twisted.internet import defer
 
 from comatrix.logs import get_logger
 
@@ -181,6 +190,10 @@ def _migrate(connection: Any) -> None:
 
 
 def _open_connection(connection: Any) -> None:
+    # WAL: the journal is one file opened with the connection, not one per write transaction
+    # (an in-memory database answers "memory" and stays as it is).
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA temp_store=MEMORY")
     for statement in _SCHEMA:
         connection.execute(statement)
     _migrate(connection)
@@ -210,6 +223,10 @@ class Store:
     def for_state_dir(cls, state_dir: str | None, reactor: Any = None) -> "Store":
         """``<state_dir>/comatrix.sqlite3``, or an in-memory database without a state dir."""
         return cls(os.path.join(state_dir, DB_FILENAME) if state_dir else None, reactor)
+
+    def open(self) -> "defer.Deferred[None]":
+        """Open the connection (and its files) now, in the pool's thread, for the process's life."""
+        return self._pool.runWithConnection(lambda connection: None)
 
     def close(self) -> None:
         self._pool.close()

@@ -33,6 +33,7 @@ from comatrix.dtls.server import listen_dtls
 from comatrix.errors import error_response
 from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
+from comatrix.longpoll import long_poller
 from comatrix.matrix.client import MatrixClient
 from comatrix.protection import SecurityPolicy
 from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
@@ -120,13 +121,14 @@ class GatewayService(service.Service):
     """Owns the listening port, the CoAP server and the Matrix client; stops them gracefully."""
 
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
-                 matrix: MatrixClient, credentials: Credentials,
+                 matrix: MatrixClient, credentials: Credentials, store: Store | None = None,
                  dtls: tuple[CoapServer, IListeningPort] | None = None) -> None:
         self.config = config
         self.server = server
         self.port = port
         self.matrix = matrix
         self.credentials = credentials
+        self.store = store
         self.dtls = dtls
 
     def startService(self) -> None:
@@ -136,6 +138,9 @@ class GatewayService(service.Service):
                  version=__version__, host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                  homeserver=self.config.homeserver)
         log_policy(self.config)
+        if self.store is not None:
+            # Its files are opened now, while descriptors are plenty, and kept (comatrix.store).
+            self.store.open().addErrback(lambda failure: log.failure("Could not open the store", failure))
         if self.dtls is not None:
             devices = sum(1 for device in self.config.devices if device.psk_identity)
             log.info("CoAP over DTLS (PSK) on port {port} for {count} device(s)",
@@ -232,6 +237,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     credentials = Credentials(config.devices, matrix, store)
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store)
+    long_poller(context)  # sized to the open-file limit now, and logged, whatever plugins use it
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
     policy = SecurityPolicy(config.security)
@@ -252,7 +258,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                                                          address, dtls_port, reactor=reactor),
                                      address, dtls_port))
     policy.announce(log)
-    return GatewayService(config, server, port, matrix, credentials, dtls)
+    return GatewayService(config, server, port, matrix, credentials, store, dtls)
 
 
 def _listen(bind: Callable[[], IListeningPort], address: str, number: int) -> IListeningPort:

@@ -34,10 +34,11 @@ messages, they are numbered and every newly numbered message is handed to
 observers of that room).  Another trigger -- an application-service
 transaction for many devices -- can later call `messages_arrived` the same way.
 
-The long-polls go through the gateway's uncapped long-poll pool
-(`comatrix.longpoll`), so watching devices never hold the slots of the upstream
-cap that sends and fetches need; a loop's first /sync catches up every room of
-the session.  Positions survive restarts without a sync token of their own:
+The long-polls go through the gateway's long-poll pool (`comatrix.longpoll`),
+so watching devices never hold the slots of the upstream cap that sends and
+fetches need; a loop holds one long-poll slot of the device that started it
+(its share is ``[limits] long_polls_per_device``), and a loop's first /sync
+catches up every room of the session.  Positions survive restarts without a sync token of their own:
 what a device relies on is the per-room walk position (``after_token``) and
 the numbering in the store, so a device that observes again after a gateway
 restart gets what arrived meanwhile, with the next cursors.  Homeserver
@@ -63,7 +64,7 @@ from comatrix.compact.codec import HANDLE_SIZE
 from comatrix.config import LimitSettings
 from comatrix.identity import plain_address
 from comatrix.logs import get_logger
-from comatrix.longpoll import DEADLINE_MARGIN, Backoff, LongPoller, is_transient, retry_delay
+from comatrix.longpoll import DEADLINE_MARGIN, Backoff, Lease, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
 from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
@@ -138,6 +139,8 @@ def _usable(event: Event) -> bool:
 @dataclasses.dataclass
 class _SyncLoop:
     session: SessionRecord
+    #: The long-poll slot of the device that started the watch, held until the loop ends.
+    lease: Lease
     deferred: "defer.Deferred[None] | None" = None
     stopped: bool = False
 
@@ -456,11 +459,15 @@ class CompactService:
     # ------------------------------------------------------------------ /sync loops
 
     def watch(self, session: SessionRecord) -> None:
-        """Make sure ``session`` has its /sync loop running."""
+        """Make sure ``session`` has its /sync loop running.
+
+        A new loop takes a long-poll slot of the current device (the one whose
+        observation starts it); without a free one: 4.29 / 5.03 with Max-Age.
+        """
         loop = self._loops.get(session.id)
         if loop is not None and not loop.stopped:
             return
-        loop = self._loops[session.id] = _SyncLoop(session)
+        loop = self._loops[session.id] = _SyncLoop(session, self.long_polls.lease())
         loop.deferred = defer.ensureDeferred(self._run(loop))
         loop.deferred.addErrback(self._loop_failed, loop)
 
@@ -488,14 +495,20 @@ class CompactService:
         for session_id in list(self._loops):
             self._stop_loop(session_id)
 
-    async def _sync(self, session: SessionRecord, since: str | None) -> SyncResponse:
+    async def _sync(self, loop: _SyncLoop, since: str | None) -> SyncResponse:
         """One /sync of a session loop over the long-poll pool, with its own deadline."""
         timeout_ms = 0 if since is None else self.long_poll_ms
-        req = api.sync(session.access_token, since=since, timeout_ms=timeout_ms, filter=SYNC_FILTER)
-        _status, body = await self.long_polls.request(req, timeout_ms / 1000.0 + DEADLINE_MARGIN)
+        req = api.sync(loop.session.access_token, since=since, timeout_ms=timeout_ms, filter=SYNC_FILTER)
+        _status, body = await self.long_polls.request(req, timeout_ms / 1000.0 + DEADLINE_MARGIN, loop.lease)
         return parse_sync(body)
 
     async def _run(self, loop: _SyncLoop) -> None:
+        try:
+            await self._loop(loop)
+        finally:
+            loop.lease.release()
+
+    async def _loop(self, loop: _SyncLoop) -> None:
         session = loop.session
         since: str | None = None
         # Rooms whose every message up to ``since`` is numbered: a complete /sync timeline of
@@ -506,7 +519,7 @@ class CompactService:
         log.debug("Compact session {id}: sync loop started", id=session.id)
         while not loop.stopped:
             try:
-                sync = await self._sync(session, since)
+                sync = await self._sync(loop, since)
                 joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
                 timelines: dict[str, tuple[Sequence[Event], str]] = {}
                 if since is None:

@@ -13,7 +13,10 @@ gateway's uncapped long-poll pool (`comatrix.longpoll`), not the capped client.
   carry ``{errcode, error}`` as payload, as the MSC's clients expect.
 * `SyncResource` serves ``/7`` and the full ``/sync`` paths: a plain GET is a
   long-poll (its ``timeout`` is passed on, capped, with an HTTP deadline a
-  margin above it); GET with Observe registers a loop that long-polls from the
+  margin above it) and takes one of the device's long-poll slots for its
+  duration (`comatrix.longpoll.LongPollQuota`: beyond the device's share 4.29,
+  beyond the gateway's total 5.03, both at once); GET with Observe registers a
+  loop, which holds one such slot from its registration to its end, that long-polls from the
   last ``next_batch`` and pushes each non-empty answer as a CON notification,
   waiting for the acknowledgement before it asks the homeserver again, so no
   batch is ever replaced by the next one before the client has it.  Each
@@ -47,7 +50,7 @@ from comatrix.credentials import address_scoped_txn_id
 from comatrix.errors import matrix_error_response
 from comatrix.identity import acting_as, device_of
 from comatrix.interfaces import PluginContext
-from comatrix.longpoll import Backoff, LongPoller, is_transient, long_poller, retry_delay
+from comatrix.longpoll import Backoff, Lease, LongPoller, is_transient, long_poller, retry_delay
 from comatrix.matrix import api
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
 from comatrix.matrix.transport import MatrixTransport
@@ -175,13 +178,16 @@ class Msc3079Service:
             await self.resumes.forget(token)
         return result
 
-    def sync(self, token: str | None, query: tuple[tuple[str, str], ...],
-             timeout_ms: int) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
-        """One /sync with ``timeout`` set to ``timeout_ms`` (capped) and an HTTP deadline above it."""
+    def sync(self, token: str | None, query: tuple[tuple[str, str], ...], timeout_ms: int,
+             lease: Lease | None = None) -> "defer.Deferred[tuple[int, dict[str, Any]]]":
+        """One /sync with ``timeout`` set to ``timeout_ms`` (capped) and an HTTP deadline above it.
+
+        ``lease``: the observation's long-poll slot; without one the call takes its own.
+        """
         timeout_ms = max(0, min(timeout_ms, int(self.settings.max_long_poll * 1000)))
         items = tuple((k, v) for k, v in query if k != "timeout") + (("timeout", str(timeout_ms)),)
         return self.long_polls.request(api.generic("GET", _SYNC_PATH, token, items),
-                                       timeout_ms / 1000.0 + self.settings.http_margin)
+                                       timeout_ms / 1000.0 + self.settings.http_margin, lease)
 
 
 def token_sent(request: Request) -> bool:
@@ -350,6 +356,16 @@ class SyncResource(MatrixResource):
             old.stop()  # a re-registration replaces the loop (and resumes from the acknowledged point)
         if len(service.loops) >= service.settings.max_sync_loops:
             raise ServiceUnavailable("too many sync observers", max_age=60)
+        lease = service.long_polls.lease()  # the loop's slot, from now to its end
+        try:
+            return await self._start_loop(request, key, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _start_loop(self, request: Request, key: LoopKey, lease: Lease) -> Response:
+        """The registration's answer; a `SyncLoop` holding ``lease`` is started unless it fails."""
+        service = self.service
         state, _body, version = service.prepare(request)
         as_json = wants_json(request)
         query = query_items(request)
@@ -357,10 +373,11 @@ class SyncResource(MatrixResource):
         registration = registration_fingerprint(query)
         try:
             if token is not None and not _wants_full_state(query):
-                answer = await self._first_answer(request, token, query, registration)
+                answer = await self._first_answer(request, token, query, registration, lease)
             else:
-                _status, answer = await service.sync(token, query, 0)
+                _status, answer = await service.sync(token, query, 0, lease)
         except MatrixError as error:
+            lease.release()
             return error_answer(error, version, as_json)
         next_batch = answer.get("next_batch")
         if not isinstance(next_batch, str):
@@ -369,24 +386,24 @@ class SyncResource(MatrixResource):
             raise ServiceUnavailable("too many sync observers", max_age=60)
         loop = SyncLoop(service, self, request, token, version, as_json, next_batch,
                         tuple((k, v) for k, v in query if k not in ("since", "timeout", "full_state")),
-                        registration)
+                        registration, lease)
         service.loops[key] = loop
         # Start once the CoAP layer has registered the observer with this answer.
         service.reactor.callLater(0, loop.start)
         return encode(answer, Code.CONTENT, version, as_json)
 
     async def _first_answer(self, request: Request, token: str, query: tuple[tuple[str, str], ...],
-                      registration: bytes) -> dict[str, Any]:
+                            registration: bytes, lease: Lease) -> dict[str, Any]:
         """The registration answer: from the observation's resume point if it has one
         (see `comatrix.msc3079.resume`), else as the request asks."""
         service = self.service
         resume = await service.resumes.resume_from(token, request.token, registration)
         if resume is None:
-            _status, answer = await service.sync(token, query, 0)
+            _status, answer = await service.sync(token, query, 0, lease)
             return answer
         log.info("sync observation of {peer} resumes from its last acknowledged batch", peer=str(request.peer))
         try:
-            _status, answer = await service.sync(token, _with_since(query, resume), 0)
+            _status, answer = await service.sync(token, _with_since(query, resume), 0, lease)
         except MatrixError as error:
             if error.http_status == 401 or is_transient(error):
                 raise
@@ -394,7 +411,7 @@ class SyncResource(MatrixResource):
             log.info("resume point of {peer} refused ({error}); serving the registration as asked",
                      peer=str(request.peer), error=error.errcode or error.http_status)
             await service.resumes.forget(token, request.token)
-            _status, answer = await service.sync(token, query, 0)
+            _status, answer = await service.sync(token, query, 0, lease)
         return answer
 
 
@@ -429,7 +446,7 @@ class SyncLoop:
 
     def __init__(self, service: Msc3079Service, resource: SyncResource, request: Request,
                  token: str | None, version: int, as_json: bool, since: str,
-                 query: tuple[tuple[str, str], ...], registration: bytes) -> None:
+                 query: tuple[tuple[str, str], ...], registration: bytes, lease: Lease) -> None:
         self.service = service
         self.resource = resource
         self.request = request
@@ -442,6 +459,8 @@ class SyncLoop:
         self.registration = registration
         #: The device the homeserver is told each /sync is for (``X-Forwarded-For``).
         self.device = device_of(request)
+        #: The device's long-poll slot this loop holds until it stops.
+        self.lease = lease
         self.pending: Response | None = None
         self.stopped = False
         self._waiting: defer.Deferred[Any] | None = None
@@ -462,6 +481,7 @@ class SyncLoop:
         if self.stopped:
             return
         self.stopped = True
+        self.lease.release()
         if self.service.loops.get(loop_key(self.request)) is self:
             del self.service.loops[loop_key(self.request)]
         if self._waiting is not None:
@@ -480,13 +500,28 @@ class SyncLoop:
         finally:
             self._waiting = None
 
+    def _observed(self) -> bool:
+        """Whether the CoAP layer still holds this registration (a resource on no site: assume so).
+
+        A registration the CoAP layer did not take (its observer cap) or dropped without
+        telling `SyncResource.observer_removed` must not keep long-polling -- and holding its
+        device's long-poll slot -- for nobody.
+        """
+        if not self.resource._coap_sites:
+            return True
+        return any(registered is self.request for registered in self.resource.observer_requests())
+
     async def _run(self) -> None:
         backoff = Backoff(random=self.service.jitter)
         while not self.stopped:
+            if not self._observed():
+                log.info("sync observation of {peer} is no longer registered: its loop ends",
+                         peer=str(self.request.peer))
+                return
             try:
                 _status, answer = await self._wait(self.service.sync(
                     self._token, self.query + (("since", self.since),),
-                    int(self.service.settings.observe_poll * 1000)))
+                    int(self.service.settings.observe_poll * 1000), self.lease))
             except CancelledError:
                 return
             except HomeserverError as error:

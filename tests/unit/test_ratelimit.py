@@ -93,17 +93,35 @@ def test_refused_requests_cost_no_budget() -> None:
     admission.check(request())
 
 
-def test_global_limit_spans_devices() -> None:
+def test_global_limit_spans_devices_and_is_paid_by_the_first_homeserver_call() -> None:
     clock = task.Clock()
-    admission = Admission(LimitSettings(device_rate=100, device_burst=100, global_rate=1, global_burst=3),
+    admission = Admission(LimitSettings(device_rate=1, device_burst=1, global_rate=1, global_burst=3),
                           clock)
     for n in range(3):
-        admission.check(request(f"2001:db8::{n + 1}"))
-    error = refused(admission, request("2001:db8::99"))
-    assert error.diagnostic == "gateway rate limit" and error.max_age == 1
-    # A device refused by the global bucket kept its own token.
-    clock.advance(1.0)
+        ticket = admission.check(request(f"2001:db8::{n + 1}"))
+        ticket.pay()
+        ticket.pay()  # a request's further homeserver calls are free
+    last = admission.check(request("2001:db8::99"))  # admitted: its own bucket has a token
+    with pytest.raises(TooManyRequests) as info:
+        last.pay()
+    assert info.value.diagnostic == "gateway rate limit" and info.value.max_age == 1
+    # The device refused by the global bucket got its own token back (its burst is 1).
     admission.check(request("2001:db8::99"))
+    clock.advance(1.0)
+    admission.check(request("2001:db8::98")).pay()
+
+
+def test_a_request_that_never_reaches_the_homeserver_costs_no_global_token() -> None:
+    clock = task.Clock()
+    admission = Admission(LimitSettings(device_rate=1, device_burst=1, global_rate=0.001, global_burst=1),
+                          clock)
+    for n in range(100):
+        admission.check(request(f"10.1.0.{n + 1}")).close(None)  # answered (4.00, 4.01...) unpaid
+    ticket = admission.check(request("10.9.9.9"))
+    ticket.pay()  # the one global token is still there
+    closed = admission.check(request("10.9.9.8"))
+    closed.close(None)
+    closed.pay()  # work left running after the answer is not charged to the request
 
 
 def test_device_key_token_separates_devices_behind_one_address() -> None:
@@ -181,6 +199,61 @@ def test_limited_resource_answers_429_and_local_resources_never_are() -> None:
         assert reply.code == Code.CONTENT
         [reply] = harness.send(Code.GET, (".well-known", "core"))
         assert reply.code == Code.CONTENT
+
+
+def test_junk_from_many_addresses_does_not_drain_the_global_bucket() -> None:
+    # 60 addresses send junk at 20/s each; every junk request is admitted by its sender's own
+    # bucket and fails before any homeserver call, so the global bucket (20 tokens, 1/s) -- which
+    # the 720 junk requests would have emptied many times over if admission charged it -- is
+    # left to the legitimate device: 12 of 12 sends go through.
+    limits = LimitSettings(device_rate=20, device_burst=20, global_rate=1, global_burst=20)
+    clock = task.Clock()
+    site, homeserver, token, room = gateway_site(limits, clock)
+    harness = Harness(site)
+    cbor_format = (OptionNumber.CONTENT_FORMAT, bytes([ContentFormat.CBOR]))
+    good = cbor2.dumps({"room_id": room, "body": "junk-free"})
+    junk = [  # (payload, options, expected code)
+        (b"\xff\x00", [cbor_format, (256, token.encode())], Code.BAD_REQUEST),  # malformed CBOR
+        (good, [cbor_format], Code.UNAUTHORIZED),  # no credentials
+        (good, [(OptionNumber.CONTENT_FORMAT, bytes([ContentFormat.JSON])), (256, token.encode())],
+         Code.UNSUPPORTED_CONTENT_FORMAT),
+    ]
+    legitimate = []
+    for round_ in range(12):
+        for n in range(60):
+            payload, options, expected = junk[(round_ + n) % len(junk)]
+            [reply] = harness.send(Code.POST, ("send",), payload=payload, options=options,
+                                   peer=(f"2001:db8:6::{n + 1}", 5683))
+            assert reply.code == expected
+        body = cbor2.dumps({"room_id": room, "txn_id": f"legit{round_}", "body": f"m{round_}"})
+        [reply] = harness.send(Code.POST, ("send",), payload=body, options=[cbor_format, (256, token.encode())],
+                               peer=("2001:db8::1", 5683))
+        legitimate.append(reply.code)
+        clock.advance(0.05)
+    assert legitimate == [Code.CHANGED] * 12
+    assert len(homeserver.calls("rooms")) == 12  # no junk reached the homeserver
+
+
+def test_the_global_refusal_comes_from_the_first_homeserver_call_with_max_age() -> None:
+    limits = LimitSettings(device_rate=20, device_burst=20, global_rate=0.5, global_burst=1)
+    clock = task.Clock()
+    site, homeserver, token, room = gateway_site(limits, clock)
+    harness = Harness(site)
+
+    def send(host: str, n: int) -> Any:
+        body = cbor2.dumps({"room_id": room, "txn_id": f"t{n}", "body": f"m{n}"})
+        [reply] = harness.send(Code.POST, ("send",), payload=body, peer=(host, 5683),
+                               options=[(OptionNumber.CONTENT_FORMAT, bytes([ContentFormat.CBOR])),
+                                        (256, token.encode())])
+        return reply
+
+    assert send("2001:db8::1", 1).code == Code.CHANGED
+    refused_reply = send("2001:db8::2", 2)
+    assert refused_reply.code == Code.TOO_MANY_REQUESTS and refused_reply.payload == b"gateway rate limit"
+    assert decode_uint(option(refused_reply, OptionNumber.MAX_AGE) or b"") == 2
+    assert len(homeserver.calls("rooms")) == 1
+    clock.advance(2)
+    assert send("2001:db8::2", 3).code == Code.CHANGED
 
 
 # -- upstream concurrency cap -------------------------------------------------------------

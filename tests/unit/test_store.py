@@ -204,3 +204,63 @@ async def test_tokens_of_logins_no_longer_configured_are_dropped(store: Store) -
     assert await store.keep_device_tokens_of([("@s:hs", "KEPT"), ("@t:hs", "NEVER")]) == 1
     assert await store.device_token("@s:hs", "KEPT") == "syt_still_configured"
     assert await store.device_token("@s:hs", "GONE") is None
+
+
+def _open_files_under(directory: Path) -> list[str]:
+    """The files of ``directory`` this process holds open (from /proc/self/fd)."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+        if target.startswith(str(directory) + os.sep):
+            names.append(os.path.basename(target))
+    return sorted(names)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_connection_is_opened_at_start_and_no_write_opens_a_file(tmp_path: Path) -> None:
+    # SQLite must not need a descriptor per call: once open, the store keeps the database and
+    # its WAL open, so a process at its open-file limit still reads and writes its state.
+    state_dir = tmp_path / "state"
+    store = Store.for_state_dir(str(state_dir))
+    try:
+        assert _open_files_under(state_dir) == []
+        await store.open()
+        kept = _open_files_under(state_dir)
+        assert DB_FILENAME in kept and DB_FILENAME + "-wal" in kept
+        for n in range(20):
+            session = await store.create_session(_hash(n), f"syt_{n}", "@a:example.org", None, "::1", float(n))
+            await store.room_handle(session, "!r")
+            await store.advance_timeline(session, 0, [_message(1)], 1, "s1")
+            assert _open_files_under(state_dir) == kept
+        assert stat.S_IMODE(os.stat(state_dir / (DB_FILENAME + "-wal")).st_mode) == 0o600
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_go_on_when_the_process_has_no_descriptor_left(tmp_path: Path) -> None:
+    import resource
+
+    store = Store.for_state_dir(str(tmp_path / "state"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        await store.open()
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+        while True:  # take every free descriptor number below the limit
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        session = await store.create_session(_hash(7), "syt_full", "@a:example.org", None, "::1", 1.0)
+        await store.advance_timeline(session, await store.room_handle(session, "!r"), [_message(1)], 1, "s1")
+        assert await store.latest_message(session, 0) == _message(1)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        store.close()
