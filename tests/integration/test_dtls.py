@@ -1,7 +1,8 @@
 """CoAP over DTLS 1.2 (PSK) against real peers: libcoap's OpenSSL and GnuTLS clients.
 
-One gateway (with a real Synapse) has a ``[[devices]]`` entry found only by its
-PSK identity -- no address -- and two test plugins: ``/dtlsprobe/ticker``
+One gateway (with a real Synapse, ``security = "required"`` as Debian ships it)
+has a ``[[devices]]`` entry found only by its PSK identity -- no address -- and
+two test plugins: ``/dtlsprobe/ticker``
 (observable, notifies every second) and ``/dtlsprobe/big`` (3 KB, block-wise).
 Every operation a device does over plain CoAP is done here over coaps, and the
 event the gateway sends appears in Synapse as the entry's user.
@@ -103,7 +104,8 @@ def dtls_gateway(synapse: SynapseServer, tmp_path_factory: pytest.TempPathFactor
     plugins.mkdir()
     (plugins / "dtlsprobe.py").write_text(PROBE_PLUGIN)
     dtls_port = free_port("127.0.0.1", socket.SOCK_DGRAM)
-    config = (f"dtls_port = {dtls_port}\n\n[[devices]]\nuser = \"{device.user_id}\"\n"
+    # The Debian default: plain CoAP reaches only /time and /.well-known/core.
+    config = (f"security = \"required\"\ndtls_port = {dtls_port}\n\n[[devices]]\nuser = \"{device.user_id}\"\n"
               f"password = \"{device.password}\"\npsk_identity = \"{identity}\"\npsk = \"{psk}\"\n")
     gateway = GatewayProcess(synapse.base_url, workdir, config_text=config, plugin_dirs=[plugins])
     gateway.start()
@@ -164,11 +166,12 @@ def test_wrong_psk_or_unknown_identity_gets_no_application_data_through(dtls_gat
     assert "DTLS handshake with" in gw.gateway.log_text()
 
 
-def test_plain_coap_from_the_same_address_does_not_get_the_psk_entry(dtls_gateway: DtlsGateway) -> None:
+def test_plain_coap_from_the_same_address_gets_nothing_of_the_device(dtls_gateway: DtlsGateway) -> None:
     gw = dtls_gateway
     plain = libcoap("post", gw.gateway.uri("send"), content_format=CBOR,
                     payload=cbor2.dumps({"room_id": gw.room_id, "body": "plain"}))
-    assert plain.code == "4.01"
+    assert (plain.code, plain.payload) == ("4.01", b"security required")
+    assert libcoap("get", gw.gateway.uri("time")).code == "2.05"
 
 
 def test_versions_advertise_the_listening_dtls_port(dtls_gateway: DtlsGateway) -> None:
