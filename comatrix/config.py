@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from comatrix.coap.message import Security
 from comatrix.coap.server import CoapSettings
 from comatrix.dtls.sessions import DtlsSettings
 from comatrix.policy import expand_allow
@@ -28,16 +29,36 @@ class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or makes no sense (one line, no secrets)."""
 
 
+#: OSCORE ids fit the AEAD nonce (RFC 8613 §5.2: 13 - 6 bytes); master secrets have at least 128 bits.
+OSCORE_MAX_ID_BYTES = 7
+OSCORE_MIN_SECRET_BYTES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class OscoreCredentials:
+    """The ``oscore = {...}`` table of a ``[[devices]]`` entry: RFC 8613 §3.1 inputs, ids in hex.
+
+    ``recipient_id`` is the id the device sends as (the kid of its requests),
+    ``sender_id`` the gateway's.  The secret and salt never appear in a repr.
+    """
+
+    recipient_id: bytes
+    sender_id: bytes
+    master_secret: bytes = dataclasses.field(repr=False)
+    master_salt: bytes = dataclasses.field(default=b"", repr=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceCredentials:
     """Matrix credentials the gateway uses for devices that send no token of their own.
 
-    ``network`` is an address or prefix; the longest matching prefix wins.  An entry
-    with a ``psk_identity`` is found by that identity when a device comes over DTLS,
-    and needs no ``network``.  Either ``access_token`` or ``user`` + ``password`` is given.
+    ``network`` is an address or prefix; the longest matching prefix wins.  An
+    entry with ``oscore`` is (also) found by its OSCORE recipient id, one with a
+    ``psk_identity`` by the PSK identity a device proves over DTLS; such an entry
+    needs no address.  Either ``access_token`` or ``user`` + ``password`` is given.
     """
 
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     access_token: str | None = dataclasses.field(default=None, repr=False)
@@ -48,6 +69,7 @@ class DeviceCredentials:
     #: Operations beyond the device ones that devices acting through this entry may use
     #: (the ``allow`` list, categories expanded; see `comatrix.policy`).
     allow: frozenset[str] = frozenset()
+    oscore: OscoreCredentials | None = None
     #: DTLS PSK identity and key (RFC 7925); the key is never shown.
     psk_identity: str | None = None
     psk: bytes | None = dataclasses.field(default=None, repr=False)
@@ -56,9 +78,25 @@ class DeviceCredentials:
     def login_device_id(self) -> str:
         if self.device_id:
             return self.device_id
-        where = self.network if self.network is not None else f"dtls:{self.psk_identity}"
+        if self.network is not None:
+            where = str(self.network)
+        elif self.oscore is not None:
+            where = f"oscore:{self.oscore_identity}"
+        else:
+            where = f"dtls:{self.psk_identity}"
         seed = f"{self.user}\0{where}".encode("utf-8")
         return "COMATRIX" + hashlib.sha256(seed).hexdigest()[:12].upper()
+
+    @property
+    def oscore_identity(self) -> str | None:
+        """The identity of requests through this entry's OSCORE context (its recipient id in hex)."""
+        return self.oscore.recipient_id.hex() if self.oscore is not None else None
+
+    def identifies(self, security: Security) -> bool:
+        """Whether a request that came through ``security`` is this entry's device."""
+        if security.scheme == "dtls":
+            return self.psk_identity is not None and security.identity == self.psk_identity
+        return security.scheme == "oscore" and security.identity == self.oscore_identity
 
     def matches(self, host: str) -> bool:
         if self.network is None:
@@ -314,6 +352,7 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     config = Config(**kwargs)
     _check_deadlines(config)
     _check_device_ids(config.devices)
+    _check_oscore_ids(config.devices)
     _check_psk_identities(config.devices)
     if config.dtls_port is not None and config.dtls_port == config.port:
         raise ConfigError("dtls_port must differ from port")
@@ -384,6 +423,17 @@ def _dtls_settings(table: Any) -> DtlsSettings:
         raise ConfigError(f"[dtls]: {exc}") from None
 
 
+def _check_oscore_ids(devices: Iterable[DeviceCredentials]) -> None:
+    """A request names its context by recipient id alone: two entries cannot share one."""
+    seen: set[bytes] = set()
+    for device in devices:
+        if device.oscore is None:
+            continue
+        if device.oscore.recipient_id in seen:
+            raise ConfigError(f"devices: two entries have the OSCORE recipient_id {device.oscore_identity!r}")
+        seen.add(device.oscore.recipient_id)
+
+
 def _coap_settings(table: Any) -> CoapSettings:
     if not isinstance(table, dict):
         raise ConfigError("[coap] must be a table")
@@ -443,12 +493,13 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
         unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow",
-                                       "psk_identity", "psk", "psk_hex"})
+                                       "oscore", "psk_identity", "psk", "psk_hex"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
+        oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
         psk_identity, psk = _psk(entry, label)
         network = None
-        if "address" in entry or psk_identity is None:
+        if "address" in entry or (oscore is None and psk_identity is None):
             try:
                 network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
             except ValueError:
@@ -465,7 +516,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
                                          access_token=token, device_id=device_id,
-                                         allow=_allow(entry.get("allow", []), label),
+                                         allow=_allow(entry.get("allow", []), label), oscore=oscore,
                                          psk_identity=psk_identity, psk=psk))
     return devices
 
@@ -506,6 +557,39 @@ def _allow(names: Any, label: str) -> frozenset[str]:
         return expand_allow(names)
     except ValueError as exc:
         raise ConfigError(f"{label}: allow: {exc}") from None
+
+
+_OSCORE_KEYS = ("recipient_id", "sender_id", "master_secret", "master_salt")
+
+
+def _oscore(table: Any, label: str) -> OscoreCredentials:
+    """``oscore = { recipient_id, sender_id, master_secret, master_salt }``, all hex; no value in errors."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{label}: oscore must be a table")
+    unknown = sorted(set(table) - set(_OSCORE_KEYS))
+    if unknown:
+        raise ConfigError(f"{label}: unknown oscore key(s) {', '.join(unknown)}")
+    values: dict[str, bytes] = {}
+    for key in _OSCORE_KEYS:
+        if key not in table:
+            if key == "master_salt":
+                continue
+            raise ConfigError(f"{label}: oscore needs {key}")
+        raw = table[key]
+        try:
+            if not isinstance(raw, str):
+                raise ValueError
+            values[key] = bytes.fromhex(raw)
+        except ValueError:
+            raise ConfigError(f"{label}: oscore.{key} must be a hex string") from None
+    for key in ("recipient_id", "sender_id"):
+        if len(values[key]) > OSCORE_MAX_ID_BYTES:
+            raise ConfigError(f"{label}: oscore.{key} is at most {OSCORE_MAX_ID_BYTES} bytes")
+    if values["recipient_id"] == values["sender_id"]:
+        raise ConfigError(f"{label}: oscore.recipient_id and sender_id must differ")
+    if len(values["master_secret"]) < OSCORE_MIN_SECRET_BYTES:
+        raise ConfigError(f"{label}: oscore.master_secret needs at least {OSCORE_MIN_SECRET_BYTES} bytes")
+    return OscoreCredentials(**values)
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,12 +1,11 @@
 """Which Matrix access token a request acts with.
 
 A device may send its own token (CoAP option 256, raw or ``Bearer ...``).  A
-device that sends none acts with the ``[[devices]]`` entry of its security
-identity when it came through a security context (the entry whose
-``psk_identity`` it proved over DTLS), else -- plain CoAP only -- with the entry
-of its source address (longest matching prefix): a fixed access token, or a
-user/password the gateway logs in with once and keeps.  No token and no
-matching entry -> 4.01.
+device that sends none acts with the credentials of its ``[[devices]]`` entry:
+the one its security context names (a DTLS PSK identity, an OSCORE recipient
+id), else the one configured for its source address (longest matching prefix):
+a fixed access token, or a user/password the gateway logs in with once and
+keeps.  No token and no matching entry -> 4.01.
 
 Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
 Matrix scopes send txnIds to the device, so a device retrying a send with the same
@@ -16,7 +15,6 @@ and only a token the homeserver refuses leads to a new login.
 All the devices an entry covers (a prefix) are that one Matrix device, so a txn id
 one of them chooses is made its own with `address_scoped_txn_id`: two sensors that
 both seed their counters from ``/time`` must not swallow each other's messages.
-(A device with a security identity gets a tag of that identity instead.)
 Such a shared token is handed out only for the operations `comatrix.policy`
 lets the entry use (least privilege: forging a source address inside the prefix
 must not give away the whole account).
@@ -80,8 +78,9 @@ def address_scoped_txn_id(request: Request, txn_id: str) -> str:
     if request.option(ACCESS_TOKEN_OPTION) is not None:
         return txn_id
     security = request.security
-    source = request.peer.host if security is None else f"{security.scheme}:{security.identity}"
-    tag = hashlib.sha256(source.encode("utf-8")).hexdigest()[:10]
+    # A secured device keeps its tag when it moves to another address.
+    who = request.peer.host if security is None else f"{security.scheme}:{security.identity}"
+    tag = hashlib.sha256(who.encode("utf-8")).hexdigest()[:10]
     return f"{tag}.{txn_id}"
 
 
@@ -91,7 +90,7 @@ class Credentials:
     def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient",
                  store: "Store | None" = None) -> None:
         # Longest prefix first, so a single address beats the prefix it belongs to.
-        self._devices = sorted(devices, key=lambda device: device.network.prefixlen if device.network else -1,
+        self._devices = sorted(devices, key=lambda device: -1 if device.network is None else device.network.prefixlen,
                                reverse=True)
         self._by_psk_identity = {device.psk_identity: device for device in devices
                                  if device.psk_identity is not None}
@@ -112,14 +111,7 @@ class Credentials:
         if dropped:
             log.info("Dropped {count} kept token(s) of device entries no longer configured", count=dropped)
 
-    def device_for(self, request: Request) -> DeviceCredentials | None:
-        """The entry a request acts through: by its security identity, else (plain CoAP) its address."""
-        security = request.security
-        if security is not None:
-            if security.scheme == "dtls":
-                return self._by_psk_identity.get(security.identity)
-            return None
-        host = request.peer.host
+    def device_for(self, host: str) -> DeviceCredentials | None:
         for device in self._devices:
             if device.matches(host):
                 return device
@@ -130,6 +122,15 @@ class Credentials:
         device = self._by_psk_identity.get(identity)
         return device.psk if device is not None else None
 
+    def entry_for(self, request: Request) -> DeviceCredentials | None:
+        """The entry a request acts through: found by its security identity first, then its address."""
+        security = request.security
+        if security is not None:
+            for device in self._devices:
+                if device.identifies(security):
+                    return device
+        return self.device_for(request.peer.host)
+
     async def token_for(self, request: Request, *, operation: str) -> str:
         """The token ``request`` acts with for ``operation`` (a name of `comatrix.policy.OPERATIONS`).
 
@@ -138,7 +139,7 @@ class Credentials:
         token = token_from_request(request)
         if token is not None:
             return token
-        device = self.device_for(request)
+        device = self.entry_for(request)
         if device is None:
             raise Unauthorized("no credentials")
         check_shared(device.allow, operation)
@@ -148,7 +149,7 @@ class Credentials:
 
     def forget(self, request: Request, token: str) -> bool:
         """Drop a gateway-held token the homeserver refused; True if it was ours (retry worth it)."""
-        device = self.device_for(request)
+        device = self.entry_for(request)
         if device is None or device.access_token or token_from_request(request) is not None:
             return False
         key = id(device)

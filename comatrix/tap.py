@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from twisted.application import service
 from twisted.internet import defer
@@ -23,9 +24,10 @@ from twisted.python import usage
 from comatrix import __version__
 from comatrix.logs import get_logger, set_level
 from comatrix.coap.message import Request, Response
+from comatrix.coap.secured import MessageProtection
 from comatrix.coap.server import CoapServer, listen_udp
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION
-from comatrix.config import Config, ConfigError, build_config, read_config_files
+from comatrix.config import Config, ConfigError, DeviceCredentials, build_config, read_config_files
 from comatrix.credentials import Credentials
 from comatrix.discovery import PluginError, build_site, discover
 from comatrix.dtls.libssl import DtlsUnavailable
@@ -38,6 +40,7 @@ from comatrix.matrix.client import MatrixClient
 from comatrix.protection import SecurityPolicy
 from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
+from comatrix.oscore import SEQUENCE_FILENAME, ContextStore, OscoreLayer, SequenceFile
 from comatrix.store import Store
 
 log = get_logger("comatrix")
@@ -212,6 +215,37 @@ def resolve_listen_address(config: Config, clock: Any = time) -> str:
         clock.sleep(INTERFACE_POLL_SECONDS)
 
 
+def build_oscore(devices: Sequence[DeviceCredentials], state_dir: str | None, reactor: Any) -> OscoreLayer:
+    """The OSCORE layer with one context per ``[[devices]]`` entry that has ``oscore``.
+
+    Blocking (reads and writes the sequence number file): call it before the reactor runs.
+    """
+    entries = [device for device in devices if device.oscore is not None]
+    sequences = None
+    if entries:
+        if state_dir is None:
+            raise SystemExit("comatrix: [[devices]] entries with oscore need state_dir: the gateway's "
+                             "OSCORE sequence numbers must survive a restart")
+        sequences = SequenceFile(Path(state_dir) / SEQUENCE_FILENAME, reactor)
+        try:
+            Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            sequences.load()
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"comatrix: cannot read the OSCORE sequence numbers: {exc}") from None
+    contexts = ContextStore(sequences)
+    for device in entries:
+        oscore = device.oscore
+        assert oscore is not None
+        contexts.add(oscore.sender_id, oscore.recipient_id, oscore.master_secret, oscore.master_salt)
+    try:
+        contexts.write_bounds()
+    except OSError as exc:
+        raise SystemExit(f"comatrix: cannot write the OSCORE sequence numbers: {exc}") from None
+    if entries:
+        log.info("OSCORE: {count} security context(s)", count=len(entries))
+    return OscoreLayer(contexts)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -241,13 +275,17 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
     policy = SecurityPolicy(config.security)
+    oscore = build_oscore(config.devices, config.state_dir, reactor) if policy.secured_ways_in else None
+    if oscore is None and any(device.oscore is not None for device in config.devices):
+        log.warn("security = off: the oscore contexts of [[devices]] entries are not offered")
 
-    def coap_server() -> CoapServer:
+    def coap_server(protection: MessageProtection | None = None) -> CoapServer:
         return CoapServer(site, config.coap_settings(), reactor=reactor,
                           understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                          on_response=_log_request, guard=policy.check, peer_key=device_key)
+                          on_response=_log_request, guard=policy.check, peer_key=device_key,
+                          protection=protection)
 
-    server = coap_server()
+    server = coap_server(oscore)
     address = resolve_listen_address(config)
     port = _listen(lambda: listen_udp(server, address, config.port, reactor=reactor), address, config.port)
     dtls = None

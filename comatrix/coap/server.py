@@ -59,6 +59,7 @@ from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter
 from comatrix.coap.linkformat import WELL_KNOWN_CORE, WellKnownCore
 from comatrix.coap.message import Peer, Request, Response, Security
 from comatrix.coap.numbers import Code, MessageType, OptionNumber, dotted
+from comatrix.coap.secured import MessageProtection, ProtectionUnavailable, Refused
 
 log = get_logger(__name__)
 
@@ -81,6 +82,8 @@ ResponseHook = Callable[[Request, Response, float], None]
 RequestGuard = Callable[[Request], None]
 
 Address = tuple[str, int]
+#: An observation: (peer, token, security context of its registration).
+ObserverKey = tuple[Address, bytes, Security | None]
 
 #: Whose share a request counts against (observers, uploads): any hashable key.
 PeerKey = Callable[[Request], Hashable]
@@ -217,7 +220,8 @@ class _Incoming:
     """One request being answered."""
 
     __slots__ = ("addr", "mid", "mtype", "token", "request", "received", "ack_timer", "empty_acked",
-                 "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested")
+                 "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested",
+                 "security", "exchange")
 
     def __init__(self, addr: Address, mid: int, mtype: int, token: bytes, received: float) -> None:
         self.addr = addr
@@ -235,6 +239,8 @@ class _Incoming:
         self.observe: Any = None  # the resource when this GET may register an observer
         self.cache_key: tuple[Any, ...] | None = None
         self.not_interested = 0  # RFC 7967 No-Response bitmap
+        self.security: Security | None = None
+        self.exchange: Any = None  # set when the answer must be protected (see `MessageProtection`)
 
 
 class _Outgoing:
@@ -263,11 +269,13 @@ class _Outgoing:
 
 
 class _Observer:
-    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out", "owner")
+    __slots__ = ("key", "addr", "token", "resource", "request", "block2", "last_con", "con_out", "owner",
+                 "exchange")
 
     def __init__(self, addr: Address, token: bytes, resource: Any, request: Request,
-                 block2: Block | None, now: float, owner: Hashable) -> None:
-        self.key = (addr, token)
+                 block2: Block | None, now: float, owner: Hashable, exchange: Any = None) -> None:
+        # A request through a security context never touches a plain one's observation, nor the reverse.
+        self.key: ObserverKey = (addr, token, request.security)
         self.owner = owner  # whose share it counts against
         self.addr = addr
         self.token = token
@@ -276,6 +284,7 @@ class _Observer:
         self.block2 = block2
         self.last_con = now
         self.con_out: _Outgoing | None = None
+        self.exchange = exchange
 
 
 class _Upload:
@@ -295,7 +304,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
     def __init__(self, site: Site, settings: CoapSettings = CoapSettings(), *, reactor: Any = None,
                  understood_options: frozenset[int] = frozenset(),
                  on_response: ResponseHook | None = None, guard: RequestGuard | None = None,
-                 peer_key: PeerKey = address_key) -> None:
+                 peer_key: PeerKey = address_key, protection: MessageProtection | None = None) -> None:
         """``peer_key``: whose share of observers and uploads a request counts against."""
         super().__init__(site)
         if reactor is None:
@@ -307,6 +316,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.on_response = on_response
         self.guard = guard
         self.peer_key = peer_key
+        self.protection = protection
         #: The security context a peer's datagrams came through (a DTLS port sets it);
         #: None: plain CoAP.
         self.security_for: Callable[[Address], Security | None] | None = None
@@ -326,10 +336,10 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._outgoing: dict[tuple[Address, int], _Outgoing] = {}
         self._busy: dict[Address, int] = {}
         self._queued: dict[Address, deque[_Outgoing]] = {}
-        self._observers: dict[tuple[Address, bytes], _Observer] = {}
-        self._observers_by_resource: dict[Any, dict[tuple[Address, bytes], _Observer]] = {}
+        self._observers: dict[ObserverKey, _Observer] = {}
+        self._observers_by_resource: dict[Any, dict[ObserverKey, _Observer]] = {}
         self._observers_per_peer: dict[Hashable, int] = {}
-        self._non_notifications: BoundedCache[tuple[Address, int], tuple[Address, bytes]] = BoundedCache(
+        self._non_notifications: BoundedCache[tuple[Address, int], ObserverKey] = BoundedCache(
             max(1024, 4 * settings.max_observers), settings.non_lifetime, clock)
         self._accepting = True
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -573,6 +583,17 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         log.debug("Request {mid} from {peer}", mid=message.mid, peer=addr)
         incoming = _Incoming(addr, message.mid, message.mtype, message.token, self.reactor.seconds())
         self._pending.add(incoming)
+        if self.security_for is not None:
+            incoming.security = self.security_for(addr)
+        if self.protection is not None and any(number == OptionNumber.OSCORE for number, _ in message.options):
+            outcome = self.protection.unprotect(message)
+            if isinstance(outcome, Refused):
+                incoming.exchange = outcome.exchange
+                self._complete(incoming, outcome.response)
+                return
+            message = outcome.message
+            incoming.security = outcome.security
+            incoming.exchange = outcome.exchange
         try:
             request = self._parse(message, addr, incoming)
         except CoapError as exc:
@@ -594,7 +615,6 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 values.append(value)
         frozen = {number: tuple(values) for number, values in options.items()}
         peer = Peer(addr[0], addr[1])
-        security = self.security_for(addr) if self.security_for is not None else None
         try:
             method = Code(message.code)
         except ValueError:
@@ -602,7 +622,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         # A minimal request first, so that early errors can still be reported to the hook.
         incoming.request = Request(method=method, path=(), token=message.token, peer=peer,
                                    message_type=MessageType(message.mtype), options=frozen,
-                                   security=security)
+                                   security=incoming.security)
         if method == Code.EMPTY:
             raise MethodNotAllowed("unknown method")
         understood = self._understood
@@ -644,7 +664,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             method=method, path=path, payload=message.payload, query=query,
             content_format=uints[OptionNumber.CONTENT_FORMAT], accept=uints[OptionNumber.ACCEPT],
             observe=uints[OptionNumber.OBSERVE], token=message.token, peer=peer,
-            message_type=MessageType(message.mtype), options=frozen, security=security)
+            message_type=MessageType(message.mtype), options=frozen, security=incoming.security)
         incoming.request = request
         return request
 
@@ -668,7 +688,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._complete(incoming, RequestEntityTooLarge(size1=settings.max_body_size).to_response())
             return
         block2 = incoming.block2
-        cache_key = (incoming.addr, request.method, request.path, request.query, request.accept)
+        cache_key = (incoming.addr, request.method, request.path, request.query, request.accept,
+                     request.security)
         incoming.cache_key = cache_key
         if block2 is not None and block2.num > 0:
             cached = self._representations.get(cache_key)
@@ -686,7 +707,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             return
         if request.observe is not None and request.method in (Code.GET, Code.FETCH):  # RFC 8132 §2.4
             if request.observe == 1:
-                observer = self._observers.get((incoming.addr, request.token))
+                observer = self._observers.get((incoming.addr, request.token, request.security))
                 if observer is not None:
                     self._remove_observer(observer)
             elif request.observe == 0 and resource.link.obs and (block2 is None or block2.num == 0):
@@ -738,7 +759,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._complete(incoming, RequestEntityTooLarge(size1=settings.max_body_size).to_response())
             return None
         tag = request.option(REQUEST_TAG)
-        index_key = (incoming.addr, request.method, request.path)
+        index_key = (incoming.addr, request.method, request.path, request.security)
         key = index_key + ((b"t", tag) if tag is not None else (b"k", request.token),)
         if block.num == 0:
             if not block.more:
@@ -855,11 +876,11 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         resource = incoming.observe
         request = incoming.request
         if resource is not None and request is not None:
-            key = (incoming.addr, incoming.token)
+            key = (incoming.addr, incoming.token, request.security)
             owner = self.peer_key(request)
             if is_success and self._may_observe(key, owner):
                 self._add_observer(_Observer(incoming.addr, incoming.token, resource, request,
-                                             incoming.block2, self.reactor.seconds(), owner))
+                                             incoming.block2, self.reactor.seconds(), owner, incoming.exchange))
                 options.append((OptionNumber.OBSERVE, encode_uint(self._next_seq())))
             elif not is_success:
                 observer = self._observers.get(key)
@@ -916,6 +937,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 self._dedup.replace((incoming.addr, incoming.mid), ack)
                 self._write(ack, incoming.addr)
             return
+        if incoming.exchange is not None:
+            protected = self._protect(incoming.exchange, code, options, payload)
+            if protected is None:
+                unavailable = ServiceUnavailable("try again", max_age=1).to_response()
+                protected = (unavailable.code, self._response_options(unavailable), unavailable.payload)
+            code, options, payload = protected
         if incoming.mtype == CON and not incoming.empty_acked:
             data = wire.encode(ACK, code, incoming.mid, token, options, payload)
             self._dedup.replace((incoming.addr, incoming.mid), data)
@@ -926,6 +953,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._send_con(_Outgoing(incoming.addr, build, None))
         else:
             self._write(wire.encode(NON, code, self._next_mid(), token, options, payload), incoming.addr)
+
+    def _protect(self, exchange: Any, code: int, options: list[wire.RawOption],
+                 payload: bytes) -> tuple[int, list[wire.RawOption], bytes] | None:
+        assert self.protection is not None
+        try:
+            return self.protection.protect(exchange, code, options, payload)
+        except ProtectionUnavailable as exc:
+            log.warn("Could not protect a response: {reason}", reason=str(exc))
+            return None
 
     def _idle_timeout(self) -> None:
         for incoming in list(self._pending):
@@ -947,7 +983,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._seq = (self._seq + 1) % _SEQ_MODULO
         return self._seq
 
-    def _may_observe(self, key: tuple[Address, bytes], owner: Hashable) -> bool:
+    def _may_observe(self, key: ObserverKey, owner: Hashable) -> bool:
         """A re-registration always; a new observer only within the total cap and its peer's share."""
         if key in self._observers:
             return True
@@ -1017,7 +1053,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         payload = response.payload
         if payload:
             request = observer.request
-            cache_key = (observer.addr, request.method, request.path, request.query, request.accept)
+            cache_key = (observer.addr, request.method, request.path, request.query, request.accept,
+                         request.security)
             first = Block(0, False, observer.block2.szx) if observer.block2 is not None and is_success else None
             sliced = self._block2_options(response, first, False, cache_key, self.settings.default_block_szx)
             if isinstance(sliced, Response):  # pragma: no cover - block 0 is always in range
@@ -1025,7 +1062,14 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             options.extend(sliced[0])
             payload = sliced[1]
         token = observer.token
-        code = response.code
+        code: int = response.code
+        if observer.exchange is not None:
+            protected = self._protect(observer.exchange, code, options, payload)
+            if protected is None:
+                self._remove_observer(observer)
+                delivered.callback(0)
+                return
+            code, options, payload = protected
 
         def build(mid: int) -> bytes:
             return wire.encode(CON, code, mid, token, options, payload)

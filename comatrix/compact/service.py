@@ -3,7 +3,9 @@
 `CompactService` is shared by the compact resources of one gateway.  It knows
 Matrix (through `MatrixClient`) and the store, not CoAP: it raises the CoAP
 layer's error types only for the answers the profile defines (unknown session
-4.01, session used from another address 4.03, unknown room handle 4.04).
+4.01, session used from another address -- or, for a session opened through a
+security context (DTLS, OSCORE), from outside that context -- 4.03, unknown room
+handle 4.04).
 
 Message cursors.  For each (session, room handle) the gateway numbers the
 room's ``m.room.message`` events 1, 2, 3, ... in homeserver order, walking the
@@ -124,11 +126,7 @@ def txn_id(session_id: int, seq: int) -> str:
 
 
 def _binding(peer: Peer, security: Security | None) -> str:
-    """What a session is bound to: the security identity it was opened through, else the address.
-
-    A session opened over DTLS (``"dtls:<psk identity>"``) is not usable from a plain
-    datagram that forges the device's address, nor from another identity.
-    """
+    """What a session is bound to: the security identity it was opened through, else the source address."""
     return peer.host if security is None else f"{security.scheme}:{security.identity}"
 
 
@@ -181,7 +179,8 @@ class CompactService:
 
     async def login(self, user: str, password: str, peer: Peer, device_key: str | None = None,
                     security: Security | None = None) -> bytes:
-        """Log in to Matrix and open a session bound to ``peer``'s address or ``security``; returns the handle.
+        """Log in to Matrix and open a session bound to ``security`` (else ``peer``'s address);
+        returns the handle.
 
         ``device_key`` (default: the address as `comatrix.identity` keys plain CoAP) is
         whose share the session counts against; over a cap nothing reaches the homeserver.

@@ -3,7 +3,9 @@
 MSC3079 lets a client send its token once per connection; later requests
 without option 256 act with the last value, and a new value replaces it.  The
 same holds for option 257.  Over plain UDP the "connection" is the peer's
-address and port; an entry lives while the peer keeps talking and is dropped
+address and port; through a security context (OSCORE, DTLS) it is that
+context, whatever the address, so a plain request from a spoofed address
+never acts with a token made sticky inside a context.  An entry lives while the peer keeps talking and is dropped
 after ``idle_timeout`` seconds of silence, or when the bounded table needs room
 for a newer peer (least recently active first).
 
@@ -18,7 +20,7 @@ from typing import Callable
 
 from comatrix.coap.cache import BoundedCache
 from comatrix.coap.errors import BadOption
-from comatrix.coap.message import Request, Security
+from comatrix.coap.message import Request
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION
 from comatrix.credentials import token_from_request
 from comatrix.msc3079.translate import KNOWN_KEY_TABLE
@@ -50,22 +52,20 @@ class PeerState:
         return f"PeerState(token={'<set>' if self.token else None}, version={self.version!r})"
 
 
-#: A connection as MSC3079 means it: the peer's address and port, and the security
-#: context its requests come through (None: plain CoAP).  A plain datagram forged with
-#: the address of a DTLS device therefore never sees that device's sticky token.
-PeerKey = tuple[str, int, Security | None]
-
-
-def peer_key(request: Request) -> PeerKey:
-    return (request.peer.host, request.peer.port, request.security)
+def connection_of(request: Request) -> tuple[str, int]:
+    """(host, port) for plain CoAP; ("<scheme>:<identity>", 0) for a request through a security context."""
+    security = request.security
+    if security is None:
+        return (request.peer.host, request.peer.port)
+    return (f"{security.scheme}:{security.identity}", 0)
 
 
 class PeerTable:
-    """Bounded, idle-expiring map (host, port) -> `PeerState`."""
+    """Bounded, idle-expiring map `connection_of` -> `PeerState`."""
 
     def __init__(self, capacity: int, idle_timeout: float, clock: Callable[[], float], *,
                  sticky: bool = True) -> None:
-        self._states: BoundedCache[PeerKey, PeerState] = BoundedCache(capacity, idle_timeout, clock)
+        self._states: BoundedCache[tuple[str, int], PeerState] = BoundedCache(capacity, idle_timeout, clock)
         self.sticky = sticky
 
     def __len__(self) -> int:
@@ -73,7 +73,7 @@ class PeerTable:
 
     def update(self, request: Request) -> PeerState:
         """The peer's state after this request's options 256/257 (a fresh one if not sticky)."""
-        key = peer_key(request)
+        key = connection_of(request)
         state = self._states.get(key) if self.sticky else None
         if state is None:
             state = PeerState()
@@ -88,8 +88,8 @@ class PeerTable:
         return state
 
     def forget_token(self, request: Request, token: str) -> None:
-        """The token is dead (logout): drop it if it is still the peer's sticky one."""
-        state = self._states.get(peer_key(request))
+        """The token is dead (logout): drop it if it is still the sticky one of the request's connection."""
+        state = self._states.get(connection_of(request))
         if state is not None and state.token == token:
             state.token = None
 

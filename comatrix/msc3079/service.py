@@ -149,7 +149,7 @@ class Msc3079Service:
         """The token a /sync acts with: sticky/explicit, else the device's configured credentials."""
         if state.token is not None:
             return state.token
-        if self.context.credentials.device_for(request) is not None:
+        if self.context.credentials.entry_for(request) is not None:
             return await self.context.credentials.token_for(request, operation="sync")
         return None
 
@@ -162,7 +162,7 @@ class Msc3079Service:
             req = api.generic(request.method.name, target.segments, access_token, query, body)
             return self.transport.request(req)
 
-        if token is None and target.takes_token and credentials.device_for(request) is not None:
+        if token is None and target.takes_token and credentials.entry_for(request) is not None:
             # A [[devices]] entry: one Matrix device for all its addresses, so this one's txnIds get its tag.
             target = with_txn_id(target, lambda txn_id: address_scoped_txn_id(request, txn_id))
             token = await credentials.token_for(request, operation=operation)
@@ -433,7 +433,8 @@ def _timeout_ms(query: tuple[tuple[str, str], ...]) -> int:
     return 0
 
 
-#: One Observe registration: peer address and port, CoAP token, security context.
+#: One Observe registration: peer address and port, CoAP token, and the security context
+#: (as the CoAP layer keys observations), so a plain request never replaces a secured loop.
 LoopKey = tuple[str, int, bytes, Security | None]
 
 

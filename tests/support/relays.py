@@ -1,4 +1,4 @@
-"""Relays in front of a real homeserver that count what passes, so tests can prove what reached it."""
+"""Relays that record what passes (to a real homeserver over TCP, to the gateway over UDP), so tests can prove it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import selectors
 import socket
 import threading
 
-__all__ = ["CountingTcpRelay"]
+__all__ = ["CountingTcpRelay", "RecordingUdpRelay"]
 
 
 class CountingTcpRelay:
@@ -71,4 +71,64 @@ class CountingTcpRelay:
                 peers[sock].sendall(data)
         for sock in peers:
             sock.close()
+        selector.close()
+
+
+class RecordingUdpRelay:
+    """A UDP relay in front of the gateway that records every datagram as ("up"|"down", bytes).
+
+    One client at a time (answers go to whoever sent last).  The gateway sees the
+    relay's address, not the client's: what identifies the device must be in the
+    datagrams themselves.
+    """
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.listener.bind((host, 0))
+        self.port = self.listener.getsockname()[1]
+        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.upstream.bind((host, 0))
+        self.upstream.connect((host, target_port))
+        self.datagrams: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._client: tuple[str, int] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="udp-relay", daemon=True)
+
+    def __enter__(self) -> "RecordingUdpRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+        self.upstream.close()
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.datagrams)
+
+    def since(self, mark: int = 0) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return self.datagrams[mark:]
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ, "up")
+        selector.register(self.upstream, selectors.EVENT_READ, "down")
+        while not self._stop.is_set():
+            for key, _ in selector.select(timeout=0.05):
+                try:
+                    if key.data == "up":
+                        data, self._client = self.listener.recvfrom(65536)
+                        self.upstream.send(data)
+                    else:
+                        data = self.upstream.recv(65536)
+                        if self._client is not None:
+                            self.listener.sendto(data, self._client)
+                except OSError:
+                    continue  # e.g. ICMP port unreachable while the gateway restarts
+                with self._lock:
+                    self.datagrams.append((key.data, data))
         selector.close()

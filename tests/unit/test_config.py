@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from comatrix.coap.message import Security
 from comatrix.config import Config, ConfigError, build_config, read_config_files
 from comatrix.tap import Options, load_config
 
@@ -246,3 +247,48 @@ def test_per_device_shares_are_config_keys_and_validated() -> None:
                               ("limits", "session_idle_timeout", 0), ("limits", "max_sessions", 1.5)):
         with pytest.raises(ConfigError, match=key):
             build_config({table: {key: value}})
+OSCORE_SECRET = "00112233445566778899aabbccddeeff"
+
+
+@pytest.mark.parametrize("table, message", [
+    ('{ recipient_id = "01", sender_id = "" }', "oscore needs master_secret"),
+    (f'{{ recipient_id = "01", sender_id = "", master_secret = "{OSCORE_SECRET}", extra = "x" }}',
+     "unknown oscore key"),
+    (f'{{ recipient_id = "zz", sender_id = "", master_secret = "{OSCORE_SECRET}" }}', "oscore.recipient_id"),
+    (f'{{ recipient_id = "0102030405060708", sender_id = "", master_secret = "{OSCORE_SECRET}" }}',
+     "at most 7 bytes"),
+    (f'{{ recipient_id = "01", sender_id = "01", master_secret = "{OSCORE_SECRET}" }}', "must differ"),
+    ('{ recipient_id = "01", sender_id = "", master_secret = "0011" }', "at least 16 bytes"),
+    (f'{{ recipient_id = "01", sender_id = "", master_secret = "{OSCORE_SECRET}", master_salt = 5 }}',
+     "oscore.master_salt must be a hex string"),
+    ('"01"', "oscore must be a table"),
+])
+def test_invalid_oscore_tables_never_echo_the_secret(tmp_path: Path, table: str, message: str) -> None:
+    path = write(tmp_path / "c.toml", f'[[devices]]\nuser = "u"\npassword = "p"\noscore = {table}\n')
+    with pytest.raises(ConfigError, match=message) as info:
+        build_config(read_config_files(path))
+    assert OSCORE_SECRET not in str(info.value)
+
+
+def test_oscore_entry_needs_no_address_and_hides_its_secret(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml",
+                 '[[devices]]\nuser = "@s:example.org"\npassword = "p"\n'
+                 f'oscore = {{ recipient_id = "01", sender_id = "", master_secret = "{OSCORE_SECRET}", '
+                 'master_salt = "9e7ca92223786340" }\n'
+                 '[[devices]]\naddress = "::1"\naccess_token = "t"\n'
+                 f'oscore = {{ recipient_id = "02", sender_id = "", master_secret = "{OSCORE_SECRET}" }}\n')
+    entry, both = build_config(read_config_files(path)).devices
+    assert entry.network is None and not entry.matches("::1")
+    assert entry.oscore is not None and entry.oscore.recipient_id == b"\x01"
+    assert entry.oscore.master_salt == bytes.fromhex("9e7ca92223786340")
+    assert entry.identifies(Security("oscore", "01")) and not entry.identifies(Security("dtls", "01"))
+    assert entry.login_device_id != both.login_device_id
+    assert both.matches("::1") and both.oscore is not None and both.oscore.master_salt == b""
+    assert OSCORE_SECRET not in repr(entry) and "9e7ca922" not in repr(entry)
+
+
+def test_two_entries_cannot_share_a_recipient_id() -> None:
+    oscore = {"recipient_id": "01", "sender_id": "", "master_secret": OSCORE_SECRET}
+    entries = [{"user": "a", "password": "p", "oscore": oscore}, {"user": "b", "password": "p", "oscore": oscore}]
+    with pytest.raises(ConfigError, match="recipient_id '01'"):
+        build_config({"devices": entries})

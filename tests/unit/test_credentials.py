@@ -129,12 +129,30 @@ def test_an_entry_is_found_by_the_psk_identity_a_dtls_request_proved() -> None:
                               "psk": "a-long-enough-psk-secret"}])
     creds = Credentials(context.config.devices, context.matrix)
     over_dtls = Request(method=Code.POST, path=("send",), peer=Peer(HOST, 5684), security=Security("dtls", "s1"))
-    found = creds.device_for(over_dtls)
+    found = creds.entry_for(over_dtls)
     assert found is not None and found.user == "@other:example.org"
     # The same address in plain CoAP gets the address entry; an unknown identity gets none.
-    plain = creds.device_for(request())
+    plain = creds.entry_for(request())
     assert plain is not None and plain.user == world.user_id
-    stranger = Request(method=Code.POST, path=("send",), peer=Peer(HOST, 5684), security=Security("dtls", "s2"))
-    assert creds.device_for(stranger) is None
+    stranger = Request(method=Code.POST, path=("send",), peer=Peer("192.0.2.9", 5684),
+                       security=Security("dtls", "s2"))
+    assert creds.entry_for(stranger) is None
     assert creds.psk_for("s1") == b"a-long-enough-psk-secret" and creds.psk_for("s2") is None
     assert address_scoped_txn_id(over_dtls, "7") != address_scoped_txn_id(request(), "7")
+
+
+def test_a_request_through_an_oscore_context_acts_through_the_entry_of_its_recipient_id() -> None:
+    world = World()
+    secret = "00112233445566778899aabbccddeeff"
+    context = world.context([
+        {"address": "2001:db8::/64", "access_token": "by-address"},
+        {"access_token": "by-oscore", "oscore": {"recipient_id": "01", "sender_id": "", "master_secret": secret}},
+    ])
+    creds = Credentials(context.config.devices, context.matrix, None)
+    secured = Request(method=Code.POST, path=("send",), peer=Peer(HOST, 5683), security=Security("oscore", "01"))
+    assert run(creds.token_for(secured, operation="send")) == "by-oscore"  # the identity wins over the address
+    assert run(creds.token_for(request(), operation="send")) == "by-address"
+    elsewhere = Request(method=Code.POST, path=("send",), peer=Peer("192.0.2.9", 1), security=Security("oscore", "01"))
+    assert run(creds.token_for(elsewhere, operation="send")) == "by-oscore"  # from any address
+    assert address_scoped_txn_id(secured, "7") == address_scoped_txn_id(elsewhere, "7")
+    assert address_scoped_txn_id(secured, "7") != address_scoped_txn_id(request(), "7")

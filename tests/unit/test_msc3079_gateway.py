@@ -406,3 +406,16 @@ def test_an_allow_list_opens_what_it_names_and_an_own_token_opens_everything() -
     assert s.send(Code.POST, ("G",), {"name": "x"}, options=[(TOKEN, b"syt_own")]).code == Code.CHANGED
     assert s.send(Code.GET, ("k",)).code == Code.CONTENT
     assert [r[4] for r in s.hs.requests[-2:]] == ["Bearer syt_own", "Bearer syt_own"]
+def test_a_token_made_sticky_through_a_security_context_stays_in_that_context() -> None:
+    from comatrix.coap.message import Peer, Request, Security
+    from comatrix.msc3079.peers import PeerTable
+
+    table = PeerTable(16, 100, lambda: 0.0)
+    secured = Security("oscore", "01")
+    here = Peer("2001:db8::5", 5683)
+    table.update(Request(Code.GET, (), peer=here, security=secured, options={TOKEN: (b"tok-secret",)}))
+    assert table.update(Request(Code.GET, (), peer=here)).token is None  # plain, same address and port: nothing
+    moved = Request(Code.GET, (), peer=Peer("2001:db8::77", 1), security=secured)
+    assert table.update(moved).token == "tok-secret"  # the context from anywhere: its own token
+    table.forget_token(moved, "tok-secret")
+    assert table.update(moved).token is None
