@@ -2,10 +2,10 @@
 
 A device may send its own token (CoAP option 256, raw or ``Bearer ...``).  A
 device that sends none acts with the credentials of its ``[[devices]]`` entry:
-the one its security context names (an OSCORE recipient id), else the one
-configured for its source address (longest matching prefix): a fixed access
-token, or a user/password the gateway logs in with once and keeps.  No token
-and no matching entry -> 4.01.
+the one its security context names (a DTLS PSK identity, an OSCORE recipient
+id), else the one configured for its source address (longest matching prefix):
+a fixed access token, or a user/password the gateway logs in with once and
+keeps.  No token and no matching entry -> 4.01.
 
 Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
 Matrix scopes send txnIds to the device, so a device retrying a send with the same
@@ -92,6 +92,8 @@ class Credentials:
         # Longest prefix first, so a single address beats the prefix it belongs to.
         self._devices = sorted(devices, key=lambda device: -1 if device.network is None else device.network.prefixlen,
                                reverse=True)
+        self._by_psk_identity = {device.psk_identity: device for device in devices
+                                 if device.psk_identity is not None}
         self._matrix = matrix
         self._store = store
         self._tokens: dict[int, str] = {}
@@ -114,6 +116,11 @@ class Credentials:
             if device.matches(host):
                 return device
         return None
+
+    def psk_for(self, identity: str) -> bytes | None:
+        """The DTLS PSK of ``identity`` (None: no such entry, the handshake fails)."""
+        device = self._by_psk_identity.get(identity)
+        return device.psk if device is not None else None
 
     def entry_for(self, request: Request) -> DeviceCredentials | None:
         """The entry a request acts through: found by its security identity first, then its address."""

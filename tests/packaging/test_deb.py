@@ -379,6 +379,44 @@ def test_installed_gateway_round_trip(loopback_gateway: tuple[InstalledGateway, 
     gateway.assert_running()
 
 
+def test_installed_gateway_serves_coaps_with_a_psk(installed_comatrix: DebBuild, synapse: Any,
+                                                  tmp_path: Path) -> None:
+    """CoAP over DTLS from the installed files: Debian's python3 and libssl3, nothing compiled."""
+    device = synapse.make_user("debdtls")
+    room_id = synapse.create_room(device.access_token)
+    identity, psk = "deb-" + secrets.token_hex(3), remember(secrets.token_urlsafe(18))
+    fragment = Path("/etc/comatrix/conf.d/zz-dtls-test.toml")
+    fragment.write_text(f'[[devices]]\nuser = "{device.user_id}"\npassword = "{device.password}"\n'
+                        f'psk_identity = "{identity}"\npsk_hex = "{psk.encode().hex()}"\n')
+    shutil.chown(fragment, "root", "comatrix")
+    fragment.chmod(0o640)
+    port, dtls_port = free_port("::1", kind=socket.SOCK_DGRAM), free_port("::1", kind=socket.SOCK_DGRAM)
+    gateway = InstalledGateway(tmp_path / "gateway.log", ["--ip", "::1", "--port", str(port), "--dtls-port",
+                                                         str(dtls_port), "--homeserver", synapse.base_url])
+    try:
+        def coaps(method: str, path: str, **kwargs: Any) -> CoapResult:
+            return libcoap(method, f"coaps://[::1]:{dtls_port}/{path}", client="coap-client-openssl",
+                           extra_args=["-u", identity, "-k", psk], **kwargs)
+
+        def answers() -> bool:
+            gateway.assert_running()
+            try:
+                return coaps("get", "time", timeout=2).ok
+            except CoapNoResponse:
+                return False
+        poll(answers, READY_TIMEOUT, what="the installed gateway to answer GET /time over coaps")
+        text = "over coaps from the installed package " + secrets.token_hex(4)
+        sent = coaps("post", "send", content_format=CONTENT_FORMAT_CBOR,
+                     payload=cbor2.dumps({"room_id": room_id, "body": text}))
+        assert sent.code == "2.04", sent
+        latest = synapse.text_messages(device.access_token, room_id, limit=1)[0]
+        assert (latest["sender"], latest["content"]["body"]) == (device.user_id, text)
+        assert f"identity {identity}, PSK-AES128-CCM8" in gateway.log()
+    finally:
+        gateway.stop()
+        fragment.unlink()
+
+
 # --- link-local bind on lowpan0 in network namespaces -----------------------------------
 
 @pytest.fixture
