@@ -28,6 +28,13 @@ from comatrix.policy import expand_allow
 from comatrix.protection import SECURITY_MODES
 
 
+#: The IANA port of "coaps" (CoAP over DTLS, RFC 7252 §12.7).
+DEFAULT_DTLS_PORT = 5684
+
+#: Directory beside the config file with one provisioned device per file (`comatrix.ctl`).
+DEVICES_DIR = "devices.d"
+
+
 class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or makes no sense (one line, no secrets)."""
 
@@ -282,12 +289,17 @@ def _holds_secret(value: Any) -> bool:
 
 
 def read_config_files(path: str | Path) -> dict[str, Any]:
-    """The main file merged with ``conf.d/*.toml`` beside it (later files win, tables merged)."""
+    """The main file merged with ``conf.d/*.toml`` beside it (later files win, tables merged),
+    and the ``[[devices]]`` of every ``devices.d/*.toml`` beside it (written by comatrixctl)."""
     merged = load_toml(path)
-    fragments = Path(path).parent / "conf.d"
-    if fragments.is_dir():
-        for fragment in sorted(fragments.glob("*.toml")):
-            merged = _merge(merged, load_toml(fragment))
+    for directory in ("conf.d", DEVICES_DIR):
+        fragments = Path(path).parent / directory
+        if fragments.is_dir():
+            for fragment in sorted(fragments.glob("*.toml")):
+                values = load_toml(fragment)
+                if directory == DEVICES_DIR:
+                    values = {"devices": values.get("devices", [])}
+                merged = _merge(merged, values)
     return merged
 
 
@@ -527,8 +539,8 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow",
-                                       "oscore", "psk_identity", "psk", "psk_hex"})
+        unknown = sorted(set(entry) - {"name", "address", "user", "password", "access_token", "device_id",
+                                       "allow", "oscore", "psk_identity", "psk", "psk_hex"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
