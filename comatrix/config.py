@@ -120,9 +120,6 @@ class DeviceCredentials:
         return address.version == self.network.version and address in self.network
 
 
-#: The IANA port of coaps (RFC 7252 §12.7).
-DEFAULT_DTLS_PORT = 5684
-
 #: Longest PSK identity accepted (RFC 4279 allows 2^16-1; devices use a few bytes).
 MAX_PSK_IDENTITY = 128
 #: PSK lengths accepted: at least 128 bits, at most what OpenSSL's callback takes.

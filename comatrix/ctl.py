@@ -253,7 +253,7 @@ def _find(devices: Sequence[DeviceFile], name: str) -> DeviceFile:
 
 def _print_material(out: TextIO, name: str, entry: dict[str, Any], config: Config) -> None:
     gateway = _gateway_address(config)
-    dtls_port = getattr(config, "dtls_port", None) or DEFAULT_DTLS_PORT
+    dtls_port = config.dtls_port or DEFAULT_DTLS_PORT
     out.write(render_text(name, entry, gateway, config.port, dtls_port))
     out.write("\n")
     out.write(render_c_header(name, entry, gateway, config.port, dtls_port))
