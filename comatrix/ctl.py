@@ -47,8 +47,9 @@ DEFAULT_CONFIG = "/etc/comatrix/comatrix.toml"
 SERVICE_GROUP = "comatrix"
 FILE_MODE = 0o640
 
-#: Key sizes: a 128-bit PSK (RFC 7925 §4.2 asks for at least that), an OSCORE master
-#: secret of 16 bytes and salt of 8 (RFC 8613 §3.1, the sizes of its test vectors).
+#: Key sizes: a PSK of 16 random bytes written as 22 URL-safe characters (128 bits, as
+#: RFC 7925 §4.2 asks; text, so ``coap-client-openssl -k`` and firmware take it as it is),
+#: an OSCORE master secret of 16 bytes and salt of 8 (RFC 8613 §3.1, its test vectors' sizes).
 PSK_BYTES = 16
 OSCORE_SECRET_BYTES = 16
 OSCORE_SALT_BYTES = 8
@@ -118,7 +119,7 @@ def render_c_header(name: str, entry: dict[str, Any], gateway: str, port: int, d
              f'#define COMATRIX_GATEWAY_ADDR "{gateway}"',
              f"#define COMATRIX_GATEWAY_PORT {port}"]
     if "psk_identity" in entry:
-        psk = bytes.fromhex(entry["psk_hex"])
+        psk = psk_bytes(entry)
         lines += ["", "/* CoAP over DTLS 1.2, PSK (TLS_PSK_WITH_AES_128_CCM_8) */",
                   f"#define COMATRIX_DTLS_PORT {dtls_port}",
                   f'#define COMATRIX_PSK_IDENTITY "{entry["psk_identity"]}"',
@@ -148,7 +149,8 @@ def render_text(name: str, entry: dict[str, Any], gateway: str, port: int, dtls_
     if "psk_identity" in entry:
         lines += [f"  coaps          port {dtls_port}",
                   f"  psk identity   {entry['psk_identity']}",
-                  f"  psk (hex)      {entry['psk_hex']}"]
+                  f"  psk            {entry['psk']}" if "psk" in entry else "  psk            (binary)",
+                  f"  psk (hex)      {psk_bytes(entry).hex()}"]
     if "oscore" in entry:
         oscore = entry["oscore"]
         lines += [f"  oscore         port {port}",
@@ -162,7 +164,11 @@ def render_text(name: str, entry: dict[str, Any], gateway: str, port: int, dtls_
 # ------------------------------------------------------------------ key material
 
 def new_psk() -> dict[str, str]:
-    return {"psk_hex": secrets.token_bytes(PSK_BYTES).hex()}
+    return {"psk": secrets.token_urlsafe(PSK_BYTES)}
+
+
+def psk_bytes(entry: dict[str, Any]) -> bytes:
+    return bytes.fromhex(entry["psk_hex"]) if "psk_hex" in entry else str(entry["psk"]).encode("utf-8")
 
 
 def new_oscore_secrets() -> dict[str, str]:
@@ -202,17 +208,28 @@ def read_devices(directory: Path) -> list[DeviceFile]:
     return found
 
 
+def _give_to_service_group(descriptor: int, *, close: bool = True) -> None:
+    """root:comatrix, so the service (group comatrix) can read what root wrote."""
+    try:
+        if os.geteuid() == 0:
+            try:
+                os.fchown(descriptor, 0, grp.getgrnam(SERVICE_GROUP).gr_gid)
+            except KeyError:
+                pass  # no service group on this machine (a checkout, not the package)
+    finally:
+        if close:
+            os.close(descriptor)
+
+
 def write_device_file(path: Path, entry: dict[str, Any]) -> None:
     """Write atomically (temp file + rename) with the credentials file's owner and mode."""
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o750, parents=True)
+        _give_to_service_group(os.open(path.parent, os.O_RDONLY))
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         os.fchmod(handle, FILE_MODE)
-        if os.geteuid() == 0:
-            try:
-                os.fchown(handle, 0, grp.getgrnam(SERVICE_GROUP).gr_gid)
-            except KeyError:
-                pass  # no service group on this machine (a checkout, not the package)
+        _give_to_service_group(handle, close=False)
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(render_toml_entry(entry))
         os.replace(temporary, path)
@@ -284,7 +301,7 @@ def cmd_rotate(args: argparse.Namespace, config: Config, directory: Path, out: T
     device = _find(read_devices(directory), args.name)
     entry = dict(device.entry)
     if "psk_identity" in entry:
-        entry.pop("psk", None)
+        entry.pop("psk_hex", None)
         entry.update(new_psk())
     if "oscore" in entry:
         entry["oscore"] = {**entry["oscore"], **new_oscore_secrets()}

@@ -38,6 +38,7 @@ from comatrix.interfaces import PluginContext
 from comatrix.longpoll import long_poller
 from comatrix.matrix.client import MatrixClient
 from comatrix.protection import SecurityPolicy
+from comatrix.reload import Reloader
 from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.oscore import SEQUENCE_FILENAME, ContextStore, OscoreLayer, SequenceFile
@@ -125,8 +126,10 @@ class GatewayService(service.Service):
 
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
                  matrix: MatrixClient, credentials: Credentials, store: Store | None = None,
-                 dtls: tuple[CoapServer, IListeningPort] | None = None) -> None:
+                 dtls: tuple[CoapServer, IListeningPort] | None = None,
+                 reloader: Reloader | None = None) -> None:
         self.config = config
+        self.reloader = reloader
         self.server = server
         self.port = port
         self.matrix = matrix
@@ -152,6 +155,8 @@ class GatewayService(service.Service):
                 log.warn("dtls_port is set but no [[devices]] entry has a psk: every DTLS handshake fails")
         defer.ensureDeferred(self.credentials.drop_unconfigured_tokens()).addErrback(
             lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure))
+        if self.reloader is not None:
+            self.reloader.install()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -296,7 +301,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                                                          address, dtls_port, reactor=reactor),
                                      address, dtls_port))
     policy.announce(log)
-    return GatewayService(config, server, port, matrix, credentials, store, dtls)
+    reloader = Reloader(config, lambda: load_config(options), credentials,
+                        dtls=getattr(dtls[1], "protocol") if dtls is not None else None,  # a udp.Port's
+                        oscore=oscore, reactor=reactor)
+    return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader)
 
 
 def _listen(bind: Callable[[], IListeningPort], address: str, number: int) -> IListeningPort:

@@ -18,7 +18,7 @@ gets a session, within the table's per-address and total bounds.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import DatagramProtocol
@@ -252,6 +252,18 @@ class DtlsProtocol(DatagramProtocol):
             self.transport.write(datagram, addr)
         except Exception:
             log.warn("Could not send {size} bytes to {peer}", size=len(datagram), peer=Peer(*addr))
+
+    def end_sessions_of(self, identities: Iterable[str]) -> int:
+        """End (with close_notify) the sessions of these PSK identities: removed or re-keyed
+        devices.  Returns how many ended; other devices' sessions are untouched."""
+        ended = set(identities)
+        count = 0
+        for entry in list(self.sessions):
+            security = entry.value.security
+            if security is not None and security.identity in ended:
+                self._end(entry, notify=entry.established)
+                count += 1
+        return count
 
     # ------------------------------------------------------------------ expiry
 

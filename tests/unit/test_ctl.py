@@ -41,8 +41,8 @@ def test_add_psk_writes_a_private_file_and_prints_firmware_settings(config: Path
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     entry = entry_of(config, "sensor01")
     assert entry["psk_identity"] == "sensor01" and entry["password"] == "hunter2-long-password"
-    assert re.fullmatch(r"[0-9a-f]{32}", str(entry["psk_hex"]))
-    key_bytes = ", ".join(f"0x{byte:02x}" for byte in bytes.fromhex(str(entry["psk_hex"])))
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", str(entry["psk"]))  # 16 random bytes, as text for -k
+    key_bytes = ", ".join(f"0x{byte:02x}" for byte in str(entry["psk"]).encode())
     assert f"#define COMATRIX_PSK_KEY {{ {key_bytes} }}" in out
     assert '#define COMATRIX_PSK_IDENTITY "sensor01"' in out and "#define COMATRIX_DTLS_PORT 5684" in out
     assert '#define COMATRIX_GATEWAY_ADDR "fe80::1%lowpan0"' in out
@@ -67,10 +67,10 @@ def test_list_rotate_remove(config: Path) -> None:
     before = entry_of(config, "s1")
     status, listing = ctl(config, "device", "list")
     assert status == 0 and "s1" in listing and "psk+oscore" in listing
-    assert str(before["psk_hex"]) not in listing and "pw" not in listing.split()
+    assert str(before["psk"]) not in listing and "pw" not in listing.split()
     assert ctl(config, "device", "rotate", "s1")[0] == 0
     after = entry_of(config, "s1")
-    assert after["psk_identity"] == before["psk_identity"] and after["psk_hex"] != before["psk_hex"]
+    assert after["psk_identity"] == before["psk_identity"] and after["psk"] != before["psk"]
     assert after["oscore"]["recipient_id"] == before["oscore"]["recipient_id"]  # type: ignore[index]
     assert after["oscore"]["master_secret"] != before["oscore"]["master_secret"]  # type: ignore[index]
     assert ctl(config, "device", "remove", "s1")[0] == 0
