@@ -23,8 +23,16 @@ from typing import Any, Iterable, Mapping
 
 from comatrix.coap.message import Security
 from comatrix.coap.server import CoapSettings
+from comatrix.dtls.sessions import DtlsSettings
 from comatrix.policy import expand_allow
 from comatrix.protection import SECURITY_MODES
+
+
+#: The IANA port of "coaps" (CoAP over DTLS, RFC 7252 §12.7).
+DEFAULT_DTLS_PORT = 5684
+
+#: Directory beside the config file with one provisioned device per file (`comatrix.ctl`).
+DEVICES_DIR = "devices.d"
 
 
 class ConfigError(ValueError):
@@ -55,8 +63,9 @@ class DeviceCredentials:
     """Matrix credentials the gateway uses for devices that send no token of their own.
 
     ``network`` is an address or prefix; the longest matching prefix wins.  An
-    entry with ``oscore`` is (also) found by its OSCORE recipient id and needs no
-    address.  Either ``access_token`` or ``user`` + ``password`` is given.
+    entry with ``oscore`` is (also) found by its OSCORE recipient id, one with a
+    ``psk_identity`` by the PSK identity a device proves over DTLS; such an entry
+    needs no address.  Either ``access_token`` or ``user`` + ``password`` is given.
     """
 
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
@@ -71,12 +80,20 @@ class DeviceCredentials:
     #: (the ``allow`` list, categories expanded; see `comatrix.policy`).
     allow: frozenset[str] = frozenset()
     oscore: OscoreCredentials | None = None
+    #: DTLS PSK identity and key (RFC 7925); the key is never shown.
+    psk_identity: str | None = None
+    psk: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def login_device_id(self) -> str:
         if self.device_id:
             return self.device_id
-        where = str(self.network) if self.network is not None else f"oscore:{self.oscore_identity}"
+        if self.network is not None:
+            where = str(self.network)
+        elif self.oscore is not None:
+            where = f"oscore:{self.oscore_identity}"
+        else:
+            where = f"dtls:{self.psk_identity}"
         seed = f"{self.user}\0{where}".encode("utf-8")
         return "COMATRIX" + hashlib.sha256(seed).hexdigest()[:12].upper()
 
@@ -87,6 +104,8 @@ class DeviceCredentials:
 
     def identifies(self, security: Security) -> bool:
         """Whether a request that came through ``security`` is this entry's device."""
+        if security.scheme == "dtls":
+            return self.psk_identity is not None and security.identity == self.psk_identity
         return security.scheme == "oscore" and security.identity == self.oscore_identity
 
     def matches(self, host: str) -> bool:
@@ -100,6 +119,11 @@ class DeviceCredentials:
             address = address.ipv4_mapped
         return address.version == self.network.version and address in self.network
 
+
+#: Longest PSK identity accepted (RFC 4279 allows 2^16-1; devices use a few bytes).
+MAX_PSK_IDENTITY = 128
+#: PSK lengths accepted: at least 128 bits, at most what OpenSSL's callback takes.
+PSK_BYTES = (16, 64)
 
 #: What identifies a device for its rate limit (``[limits] device_key``).
 DEVICE_KEYS = ("address", "token")
@@ -198,6 +222,10 @@ class Config:
     alias_cache_ttl: float = 300.0
     coap: CoapSettings = CoapSettings()
     limits: LimitSettings = LimitSettings()
+    #: The CoAP-over-DTLS port, None when DTLS is off.  Configured, or 5684 as soon as
+    #: a ``[[devices]]`` entry has a PSK.
+    dtls_port: int | None = None
+    dtls: DtlsSettings = DtlsSettings()
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -258,12 +286,17 @@ def _holds_secret(value: Any) -> bool:
 
 
 def read_config_files(path: str | Path) -> dict[str, Any]:
-    """The main file merged with ``conf.d/*.toml`` beside it (later files win, tables merged)."""
+    """The main file merged with ``conf.d/*.toml`` beside it (later files win, tables merged),
+    and the ``[[devices]]`` of every ``devices.d/*.toml`` beside it (written by comatrixctl)."""
     merged = load_toml(path)
-    fragments = Path(path).parent / "conf.d"
-    if fragments.is_dir():
-        for fragment in sorted(fragments.glob("*.toml")):
-            merged = _merge(merged, load_toml(fragment))
+    for directory in ("conf.d", DEVICES_DIR):
+        fragments = Path(path).parent / directory
+        if fragments.is_dir():
+            for fragment in sorted(fragments.glob("*.toml")):
+                values = load_toml(fragment)
+                if directory == DEVICES_DIR:
+                    values = {"devices": values.get("devices", [])}
+                merged = _merge(merged, values)
     return merged
 
 
@@ -313,6 +346,13 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         if not 0 <= port <= 65535:
             raise ConfigError("port must be between 0 and 65535")
         kwargs["port"] = port
+    if "dtls_port" in values:
+        dtls_port = _integer(values, "dtls_port")
+        if not 1 <= dtls_port <= 65535:
+            raise ConfigError("dtls_port must be between 1 and 65535")
+        kwargs["dtls_port"] = dtls_port
+    if "dtls" in values:
+        kwargs["dtls"] = _dtls_settings(values["dtls"])
     for key in ("request_timeout", "connect_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
         if key in values:
             number = _number(values, key)
@@ -346,6 +386,10 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     if credentials_file:
         devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
     kwargs["devices"] = tuple(devices)
+    if kwargs.get("security") == "off":
+        kwargs.pop("dtls_port", None)  # "off" opens no secured way in, even when configured
+    elif "dtls_port" not in kwargs and any(device.psk for device in devices):
+        kwargs["dtls_port"] = DEFAULT_DTLS_PORT
     if "connect_timeout" not in kwargs:
         kwargs["connect_timeout"] = min(Config.connect_timeout,
                                         kwargs.get("request_timeout", Config.request_timeout) / 2)
@@ -353,6 +397,9 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     _check_deadlines(config)
     _check_device_ids(config.devices)
     _check_oscore_ids(config.devices)
+    _check_psk_identities(config.devices)
+    if config.dtls_port is not None and config.dtls_port == config.port:
+        raise ConfigError("dtls_port must differ from port")
     return config
 
 
@@ -385,6 +432,39 @@ def _check_device_ids(devices: Iterable[DeviceCredentials]) -> None:
             raise ConfigError(f"devices: two entries log in as {device.user} with device_id "
                               f"{device.login_device_id}; give each its own device_id")
         seen.add(key)
+
+
+def _check_psk_identities(devices: Iterable[DeviceCredentials]) -> None:
+    seen: set[str] = set()
+    for device in devices:
+        if device.psk_identity is None:
+            continue
+        if device.psk_identity in seen:
+            raise ConfigError(f"devices: two entries have psk_identity {device.psk_identity!r}")
+        seen.add(device.psk_identity)
+
+
+_DTLS_KEYS = {field.name: field.type for field in dataclasses.fields(DtlsSettings)}
+
+
+def _dtls_settings(table: Any) -> DtlsSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[dtls] must be a table")
+    unknown = sorted(set(table) - set(_DTLS_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [dtls] key(s): {', '.join(unknown)}")
+    settings: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(DtlsSettings(), key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"dtls.{key} must be a non-negative number")
+        if isinstance(default, int) and value != int(value):
+            raise ConfigError(f"dtls.{key} must be an integer")
+        settings[key] = type(default)(value)
+    try:
+        return DtlsSettings(**settings)
+    except ValueError as exc:
+        raise ConfigError(f"[dtls]: {exc}") from None
 
 
 def _check_oscore_ids(devices: Iterable[DeviceCredentials]) -> None:
@@ -456,13 +536,14 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         label = f"{where}: devices[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
-        unknown = sorted(set(entry) - {"address", "user", "password", "access_token", "device_id", "allow",
-                                       "oscore"})
+        unknown = sorted(set(entry) - {"name", "address", "user", "password", "access_token", "device_id",
+                                       "allow", "oscore", "psk_identity", "psk", "psk_hex"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
+        psk_identity, psk = _psk(entry, label)
         network = None
-        if "address" in entry or oscore is None:
+        if "address" in entry or (oscore is None and psk_identity is None):
             try:
                 network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
             except ValueError:
@@ -479,8 +560,38 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             raise ConfigError(f"{label}: device_id must be 1-64 characters A-Z a-z 0-9 . _ -")
         devices.append(DeviceCredentials(network=network, user=user, password=password,
                                          access_token=token, device_id=device_id,
-                                         allow=_allow(entry.get("allow", []), label), oscore=oscore))
+                                         allow=_allow(entry.get("allow", []), label), oscore=oscore,
+                                         psk_identity=psk_identity, psk=psk))
     return devices
+
+
+def _psk(entry: Mapping[str, Any], label: str) -> tuple[str | None, bytes | None]:
+    """``psk_identity`` with ``psk`` (text) or ``psk_hex``; errors never show the key."""
+    identity = entry.get("psk_identity")
+    has_key = "psk" in entry or "psk_hex" in entry
+    if identity is None:
+        if has_key:
+            raise ConfigError(f"{label}: psk needs a psk_identity")
+        return None, None
+    if not isinstance(identity, str) or not 1 <= len(identity.encode("utf-8")) <= MAX_PSK_IDENTITY:
+        raise ConfigError(f"{label}: psk_identity must be a string of 1-{MAX_PSK_IDENTITY} bytes")
+    if ("psk" in entry) == ("psk_hex" in entry):
+        raise ConfigError(f"{label}: give psk or psk_hex (one of them) with psk_identity")
+    if "psk" in entry:
+        if not isinstance(entry["psk"], str):
+            raise ConfigError(f"{label}: psk must be a string")
+        key = entry["psk"].encode("utf-8")
+    else:
+        try:
+            key = bytes.fromhex(entry["psk_hex"]) if isinstance(entry["psk_hex"], str) else b""
+        except ValueError:
+            key = b""
+        if not key:
+            raise ConfigError(f"{label}: psk_hex must be hexadecimal digits")
+    low, high = PSK_BYTES
+    if not low <= len(key) <= high:
+        raise ConfigError(f"{label}: the PSK must be {low}-{high} bytes")
+    return identity, key
 
 
 def _allow(names: Any, label: str) -> frozenset[str]:

@@ -2,10 +2,10 @@
 
 A device may send its own token (CoAP option 256, raw or ``Bearer ...``).  A
 device that sends none acts with the credentials of its ``[[devices]]`` entry:
-the one its security context names (an OSCORE recipient id), else the one
-configured for its source address (longest matching prefix): a fixed access
-token, or a user/password the gateway logs in with once and keeps.  No token
-and no matching entry -> 4.01.
+the one its security context names (a DTLS PSK identity, an OSCORE recipient
+id), else the one configured for its source address (longest matching prefix):
+a fixed access token, or a user/password the gateway logs in with once and
+keeps.  No token and no matching entry -> 4.01.
 
 Every login of one entry names the same Matrix device (`DeviceCredentials.login_device_id`):
 Matrix scopes send txnIds to the device, so a device retrying a send with the same
@@ -84,20 +84,41 @@ def address_scoped_txn_id(request: Request, txn_id: str) -> str:
     return f"{tag}.{txn_id}"
 
 
+#: One Matrix login of a ``[[devices]]`` entry: (user, device id).
+LoginKey = tuple[str | None, str]
+
+
+def _login_key(device: DeviceCredentials) -> LoginKey:
+    return (device.user, device.login_device_id)
+
+
 class Credentials:
     """Resolves the access token for a request; logs configured devices in on demand."""
 
     def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient",
                  store: "Store | None" = None) -> None:
+        self._matrix = matrix
+        self._store = store
+        # Keyed by the Matrix login (user, device id), not the entry: an entry re-read on
+        # SIGHUP keeps its token, and its login in progress.
+        self._tokens: dict[LoginKey, str] = {}
+        #: Per login: the token the homeserver last refused (a kept copy of it is not reused).
+        self._refused: dict[LoginKey, str] = {}
+        self._waiters: dict[LoginKey, list[defer.Deferred[str]]] = {}
+        self.replace_devices(devices)
+
+    def replace_devices(self, devices: Sequence[DeviceCredentials]) -> None:
+        """Use these entries from now on (SIGHUP).  Tokens of logins no entry names any more
+        are forgotten; the others' tokens stay, so their devices notice nothing."""
         # Longest prefix first, so a single address beats the prefix it belongs to.
         self._devices = sorted(devices, key=lambda device: -1 if device.network is None else device.network.prefixlen,
                                reverse=True)
-        self._matrix = matrix
-        self._store = store
-        self._tokens: dict[int, str] = {}
-        #: Per entry: the token the homeserver last refused (a kept copy of it is not reused).
-        self._refused: dict[int, str] = {}
-        self._waiters: dict[int, list[defer.Deferred[str]]] = {}
+        self._by_psk_identity = {device.psk_identity: device for device in devices
+                                 if device.psk_identity is not None}
+        logins = {_login_key(device) for device in devices}
+        for table in (self._tokens, self._refused):
+            for key in [key for key in table if key not in logins]:
+                del table[key]
 
     async def drop_unconfigured_tokens(self) -> None:
         """Forget kept tokens of logins no entry asks for any more (removed, or now a fixed token)."""
@@ -114,6 +135,11 @@ class Credentials:
             if device.matches(host):
                 return device
         return None
+
+    def psk_for(self, identity: str) -> bytes | None:
+        """The DTLS PSK of ``identity`` (None: no such entry, the handshake fails)."""
+        device = self._by_psk_identity.get(identity)
+        return device.psk if device is not None else None
 
     def entry_for(self, request: Request) -> DeviceCredentials | None:
         """The entry a request acts through: found by its security identity first, then its address."""
@@ -145,7 +171,7 @@ class Credentials:
         device = self.entry_for(request)
         if device is None or device.access_token or token_from_request(request) is not None:
             return False
-        key = id(device)
+        key = _login_key(device)
         if self._tokens.get(key) != token:
             # Another request that held the same token was refused first and has dropped it
             # already: a retry (with the new login) is worth it for this one too.
@@ -159,7 +185,7 @@ class Credentials:
         return True
 
     async def _login(self, device: DeviceCredentials) -> str:
-        key = id(device)
+        key = _login_key(device)
         if key in self._tokens:
             return self._tokens[key]
         if key in self._waiters:  # a login for this device is under way: wait for its result
@@ -180,7 +206,7 @@ class Credentials:
 
     async def _do_login(self, device: DeviceCredentials) -> str:
         assert device.user is not None and device.password is not None
-        key, device_id = id(device), device.login_device_id
+        key, device_id = _login_key(device), device.login_device_id
         # The store only spares logins: when it fails, the gateway logs in (and keeps the
         # token in memory) as it would without one.
         if self._store is not None:

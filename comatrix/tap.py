@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.application import service
 from twisted.internet import defer
@@ -24,11 +24,14 @@ from twisted.python import usage
 from comatrix import __version__
 from comatrix.logs import get_logger, set_level
 from comatrix.coap.message import Request, Response
+from comatrix.coap.secured import MessageProtection
 from comatrix.coap.server import CoapServer, listen_udp
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION
 from comatrix.config import Config, ConfigError, DeviceCredentials, build_config, read_config_files
 from comatrix.credentials import Credentials
 from comatrix.discovery import PluginError, build_site, discover
+from comatrix.dtls.libssl import DtlsUnavailable
+from comatrix.dtls.server import listen_dtls
 from comatrix.errors import error_response
 from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
@@ -36,6 +39,7 @@ from comatrix.longpoll import long_poller
 from comatrix.matrix.client import MatrixClient
 from comatrix.msc3079.translate import VERSIONS_PATHS
 from comatrix.protection import SecurityPolicy
+from comatrix.reload import Reloader
 from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.oscore import SEQUENCE_FILENAME, ContextStore, OscoreLayer, SequenceFile
@@ -56,6 +60,8 @@ class Options(usage.Options):
         ["config", "c", None, "TOML config file (a conf.d/ directory beside it is merged too)."],
         ["ip", "i", None, "Address to listen on: IPv4, IPv6 or fe80::1%lowpan0 [default: ::]."],
         ["port", "p", None, "UDP port to listen on [default: 5683].", int],
+        ["dtls-port", None, None, "UDP port for CoAP over DTLS (coaps) [default: 5684 when a "
+         "[[devices]] entry has a psk, else off].", int],
         ["interface", None, None,
          "Listen on this interface's IPv6 link-local address (e.g. lowpan0), waiting for it "
          "to appear; ignored when --ip is given."],
@@ -94,6 +100,7 @@ class Options(usage.Options):
         values: dict[str, Any] = {
             "ip": self["ip"],
             "port": self["port"],
+            "dtls_port": self["dtls-port"],
             "interface": self["interface"],
             "homeserver": self["homeserver"],
             "state_dir": self["state-dir"],
@@ -119,13 +126,17 @@ class GatewayService(service.Service):
     """Owns the listening port, the CoAP server and the Matrix client; stops them gracefully."""
 
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
-                 matrix: MatrixClient, credentials: Credentials, store: Store | None = None) -> None:
+                 matrix: MatrixClient, credentials: Credentials, store: Store | None = None,
+                 dtls: tuple[CoapServer, IListeningPort] | None = None,
+                 reloader: Reloader | None = None) -> None:
         self.config = config
+        self.reloader = reloader
         self.server = server
         self.port = port
         self.matrix = matrix
         self.credentials = credentials
         self.store = store
+        self.dtls = dtls
 
     def startService(self) -> None:
         super().startService()
@@ -137,15 +148,28 @@ class GatewayService(service.Service):
         if self.store is not None:
             # Its files are opened now, while descriptors are plenty, and kept (comatrix.store).
             self.store.open().addErrback(lambda failure: log.failure("Could not open the store", failure))
+        if self.dtls is not None:
+            devices = sum(1 for device in self.config.devices if device.psk_identity)
+            log.info("CoAP over DTLS (PSK) on port {port} for {count} device(s)",
+                     port=self.config.dtls_port, count=devices)
+            if not devices:
+                log.warn("dtls_port is set but no [[devices]] entry has a psk: every DTLS handshake fails")
         defer.ensureDeferred(self.credentials.drop_unconfigured_tokens()).addErrback(
             lambda failure: log.failure("Could not drop kept tokens of removed device entries", failure))
+        if self.reloader is not None:
+            self.reloader.install()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
-        log.info("Stopping: finishing {count} in-flight request(s)", count=self.server.in_flight())
-        self.server.stop_accepting()
-        yield self.server.wait_idle(self.config.shutdown_grace)
+        servers = [self.server] + ([self.dtls[0]] if self.dtls is not None else [])
+        log.info("Stopping: finishing {count} in-flight request(s)",
+                 count=sum(server.in_flight() for server in servers))
+        for server in servers:
+            server.stop_accepting()
+        yield defer.gatherResults([server.wait_idle(self.config.shutdown_grace) for server in servers])
+        if self.dtls is not None:
+            yield defer.maybeDeferred(self.dtls[1].stopListening)
         yield defer.maybeDeferred(self.port.stopListening)
         yield defer.ensureDeferred(self.matrix.close())
 
@@ -159,8 +183,9 @@ def log_policy(config: Config) -> None:
         log.info("Registration is closed: every register path answers 4.03 (allow_registration = false)")
     for device in config.devices:
         if device.allow:
+            where = str(device.network) if device.network is not None else f"dtls:{device.psk_identity}"
             log.info("Devices in {network} may also use, with shared credentials: {operations}",
-                     network=str(device.network), operations=", ".join(sorted(device.allow)))
+                     network=where, operations=", ".join(sorted(device.allow)))
 
 
 def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:
@@ -259,15 +284,36 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     oscore = build_oscore(config.devices, config.state_dir, reactor) if policy.secured_ways_in else None
     if oscore is None and any(device.oscore is not None for device in config.devices):
         log.warn("security = off: the oscore contexts of [[devices]] entries are not offered")
-    server = CoapServer(site, config.coap_settings(), reactor=reactor,
-                        understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                        on_response=_log_request, guard=policy.check, peer_key=device_key,
-                        protection=oscore, discovery_paths=VERSIONS_PATHS)
+
+    def coap_server(protection: MessageProtection | None = None) -> CoapServer:
+        return CoapServer(site, config.coap_settings(), reactor=reactor,
+                          understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
+                          on_response=_log_request, guard=policy.check, peer_key=device_key,
+                          protection=protection, discovery_paths=VERSIONS_PATHS)
+
+    server = coap_server(oscore)
     address = resolve_listen_address(config)
+    port = _listen(lambda: listen_udp(server, address, config.port, reactor=reactor), address, config.port)
+    dtls = None
+    if config.dtls_port is not None:
+        dtls_server = coap_server()  # the same Site: every resource, Observe and block-wise alike
+        dtls_port = config.dtls_port
+        dtls = (dtls_server, _listen(lambda: listen_dtls(dtls_server, credentials.psk_for, config.dtls,
+                                                         address, dtls_port, reactor=reactor),
+                                     address, dtls_port))
+    policy.announce(log)
+    reloader = Reloader(config, lambda: load_config(options), credentials,
+                        dtls=getattr(dtls[1], "protocol") if dtls is not None else None,  # a udp.Port's
+                        oscore=oscore, reactor=reactor)
+    return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader)
+
+
+def _listen(bind: Callable[[], IListeningPort], address: str, number: int) -> IListeningPort:
+    """Bind now; a port that cannot be bound ends the process with a one-line reason."""
     try:
-        port = listen_udp(server, address, config.port, reactor=reactor)
+        return bind()
     except CannotListenError as exc:
         reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
-        raise SystemExit(f"comatrix: cannot listen on [{address}]:{config.port}: {reason}") from None
-    policy.announce(log)
-    return GatewayService(config, server, port, matrix, credentials, store)
+        raise SystemExit(f"comatrix: cannot listen on [{address}]:{number}: {reason}") from None
+    except DtlsUnavailable as exc:
+        raise SystemExit(f"comatrix: cannot serve CoAP over DTLS: {exc}") from None

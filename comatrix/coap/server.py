@@ -342,6 +342,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self.guard = guard
         self.peer_key = peer_key
         self.protection = protection
+        #: The security context a peer's datagrams came through (a DTLS port sets it);
+        #: None: plain CoAP.
+        self.security_for: Callable[[Address], Security | None] | None = None
         self._understood = _BUILTIN_UNDERSTOOD | frozenset(understood_options) | {REQUEST_TAG}
         self._random = random.Random()
         self._mid = self._random.randrange(0x10000)
@@ -416,6 +419,21 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
 
     def peer_verified(self, host: str) -> bool:
         return self._peers.verified(host)
+
+    def forget_peer(self, addr: Address) -> None:
+        """Drop everything kept for ``addr``: the security session it was made in ended.
+
+        Observations, duplicate answers, Block1 uploads and Block2 representations
+        all belong to that session; a later one from the same address (perhaps with
+        another identity) must not receive them.
+        """
+        for observer in [observer for key, observer in self._observers.items() if key[0] == addr]:
+            self._remove_observer(observer)
+        for upload_key in [key for key in self._uploads if key[0] == addr]:
+            self._drop_upload(upload_key)
+        for cache in (self._dedup, self._representations):
+            for key in [key for key in cache if key[0] == addr]:
+                cache.pop(key)
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -630,6 +648,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         log.debug("Request {mid} from {peer}", mid=message.mid, peer=addr)
         incoming = _Incoming(addr, message.mid, message.mtype, message.token, self.reactor.seconds())
         self._pending.add(incoming)
+        if self.security_for is not None:
+            incoming.security = self.security_for(addr)
         if self.protection is not None and any(number == OptionNumber.OSCORE for number, _ in message.options):
             outcome = self.protection.unprotect(message)
             if isinstance(outcome, Refused):

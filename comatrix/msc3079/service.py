@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from comatrix.logs import get_logger
 from comatrix.coap.errors import BadRequest, ServiceUnavailable, UnsupportedContentFormat
-from comatrix.coap.message import Request, Response
+from comatrix.coap.message import Request, Response, Security
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.coap.server import total_delivered
@@ -96,8 +96,6 @@ class Msc3079Settings:
         self.http_margin = number("http_margin", 10.0, 1)
         #: The long-poll an Observe loop asks for; Synapse answers at once when there is news.
         self.observe_poll = min(number("observe_poll", 30.0, 1), self.max_long_poll or 30.0)
-        dtls = raw.get("dtls_port")
-        self.dtls_port: int | None = dtls if isinstance(dtls, int) and not isinstance(dtls, bool) else None
 
 
 class Msc3079Service:
@@ -118,7 +116,7 @@ class Msc3079Service:
         self.resumes = ResumePoints(context.store, self.reactor)
         #: Random source of the loops' back-off jitter (tests make it deterministic).
         self.jitter = jitter
-        self.loops: dict[tuple[str, int, bytes], SyncLoop] = {}
+        self.loops: dict[LoopKey, SyncLoop] = {}
         trigger = getattr(self.reactor, "addSystemEventTrigger", None)
         if trigger is not None:
             trigger("before", "shutdown", self.shutdown)
@@ -278,7 +276,8 @@ class Msc3079Resource(MatrixResource):
         except MatrixError as error:
             return error_answer(error, version, as_json)
         if target.is_versions:
-            answer = advertise(answer, self.service.settings.dtls_port)
+            # The gateway's dtls_port is set exactly when its DTLS port listens.
+            answer = advertise(answer, self.service.context.config.dtls_port)
         return encode(answer, success_code(request.method, status), version, as_json)
 
     render_GET = render_POST = render_PUT = render_DELETE = _answer
@@ -364,7 +363,7 @@ class SyncResource(MatrixResource):
             lease.release()
             raise
 
-    async def _start_loop(self, request: Request, key: tuple[str, int, bytes], lease: Lease) -> Response:
+    async def _start_loop(self, request: Request, key: LoopKey, lease: Lease) -> Response:
         """The registration's answer; a `SyncLoop` holding ``lease`` is started unless it fails."""
         service = self.service
         state, _body, version = service.prepare(request)
@@ -434,8 +433,13 @@ def _timeout_ms(query: tuple[tuple[str, str], ...]) -> int:
     return 0
 
 
-def loop_key(request: Request) -> tuple[str, int, bytes]:
-    return (request.peer.host, request.peer.port, request.token)
+#: One Observe registration: peer address and port, CoAP token, and the security context
+#: (as the CoAP layer keys observations), so a plain request never replaces a secured loop.
+LoopKey = tuple[str, int, bytes, Security | None]
+
+
+def loop_key(request: Request) -> LoopKey:
+    return (request.peer.host, request.peer.port, request.token, request.security)
 
 
 class SyncLoop:

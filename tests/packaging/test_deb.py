@@ -339,7 +339,7 @@ def loopback_gateway(installed_comatrix: DebBuild, synapse: Any,
     port = free_port("::1", kind=socket.SOCK_DGRAM)
     gateway = InstalledGateway(tmp_path / "gateway.log",
                                ["--ip", "::1", "--port", str(port), "--homeserver", synapse.base_url,
-                                "--allow-registration"])
+                                "--allow-registration", "--security", "optional"])
     try:
         def answers() -> bool:
             gateway.assert_running()
@@ -377,6 +377,55 @@ def test_installed_gateway_round_trip(loopback_gateway: tuple[InstalledGateway, 
     bodies = [event["content"]["body"] for event in synapse.text_messages(token, room_id)]
     assert text in bodies
     gateway.assert_running()
+
+
+def test_installed_gateway_serves_coaps_with_a_psk(installed_comatrix: DebBuild, synapse: Any,
+                                                  tmp_path: Path) -> None:
+    """A device provisioned with the installed ``comatrixctl`` sends over coaps (Debian's python3
+    and libssl3, nothing compiled), as the operator would do it."""
+    device = synapse.make_user("debdtls")
+    room_id = synapse.create_room(device.access_token)
+    name = "deb-" + secrets.token_hex(3)
+    password_file = tmp_path / "password"
+    password_file.write_text(device.password)
+    password_file.chmod(0o600)
+    printed = run(["/usr/bin/comatrixctl", "device", "add", name, "--psk", "--user", device.user_id,
+                   "--password-file", str(password_file)]).stdout
+    entry_file = Path("/etc/comatrix/devices.d") / f"{name}.toml"
+    mode = entry_file.stat()
+    assert (stat.S_IMODE(mode.st_mode), mode.st_uid, grp.getgrgid(mode.st_gid).gr_name) == (0o640, 0, "comatrix")
+    psk = remember(re.search(r"^  psk            (\S+)$", printed, re.M).group(1))  # type: ignore[union-attr]
+    assert f'#define COMATRIX_PSK_IDENTITY "{name}"' in printed and device.password not in printed
+    assert name in run(["/usr/bin/comatrixctl", "device", "list"]).stdout
+    port, dtls_port = free_port("::1", kind=socket.SOCK_DGRAM), free_port("::1", kind=socket.SOCK_DGRAM)
+    gateway = InstalledGateway(tmp_path / "gateway.log", ["--ip", "::1", "--port", str(port), "--dtls-port",
+                                                         str(dtls_port), "--homeserver", synapse.base_url])
+    try:
+        def coaps(method: str, path: str, **kwargs: Any) -> CoapResult:
+            return libcoap(method, f"coaps://[::1]:{dtls_port}/{path}", client="coap-client-openssl",
+                           extra_args=["-u", name, "-k", psk], **kwargs)
+
+        def answers() -> bool:
+            gateway.assert_running()
+            try:
+                return coaps("get", "time", timeout=2).ok
+            except CoapNoResponse:
+                return False
+        poll(answers, READY_TIMEOUT, what="the installed gateway to answer GET /time over coaps")
+        text = "over coaps from the installed package " + secrets.token_hex(4)
+        sent = coaps("post", "send", content_format=CONTENT_FORMAT_CBOR,
+                     payload=cbor2.dumps({"room_id": room_id, "body": text}))
+        assert sent.code == "2.04", sent
+        latest = synapse.text_messages(device.access_token, room_id, limit=1)[0]
+        assert (latest["sender"], latest["content"]["body"]) == (device.user_id, text)
+        assert f"identity {name}, PSK-AES128-CCM8" in gateway.log()
+        # The packaged default (security = "required"): plain CoAP gets no further than /time.
+        plain = coap_cbor(port, "post", "send", {"room_id": room_id, "body": "plain"}, token=device.access_token)
+        assert (plain.code, plain.payload) == ("4.01", b"security required")
+    finally:
+        gateway.stop()
+        run(["/usr/bin/comatrixctl", "device", "remove", name])
+    assert not entry_file.exists()
 
 
 # --- link-local bind on lowpan0 in network namespaces -----------------------------------

@@ -251,11 +251,11 @@ def _max_age(options: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def libcoap_path() -> str:
-    path = shutil.which(LIBCOAP_CLIENT)
+def libcoap_path(client: str = LIBCOAP_CLIENT) -> str:
+    path = shutil.which(client)
     if path is None:
         raise CoapClientMissing(
-            f"{LIBCOAP_CLIENT} not found: install Debian's libcoap3-bin (scripts/setup does)"
+            f"{client} not found: install Debian's libcoap3-bin (scripts/setup does)"
         )
     return path
 
@@ -273,15 +273,16 @@ def libcoap(
     observe_seconds: int | None = None,
     timeout: float = 10,
     extra_args: Sequence[str] = (),
+    client: str = LIBCOAP_CLIENT,
 ) -> CoapResult:
-    """One request with ``coap-client-notls``; returns the final response.
+    """One request with ``coap-client-notls`` (or ``client``); returns the final response.
 
     ``options`` go out as ``-O num,0x<hex>`` so any bytes survive. With
     ``observe_seconds`` libcoap observes for that long; ``responses`` then holds every
     notification and ``payload`` the last one. Raises :class:`CoapNoResponse` when
     nothing answered within ``timeout`` (libcoap's ``-B``).
     """
-    exe = libcoap_path()
+    exe = libcoap_path(client)
     encoded = [(number, encode_option_value(value)) for number, value in options]
     harvest_secrets(payload or b"", encoded)
     wait = int(timeout + (observe_seconds or 0) + 0.999)
@@ -313,13 +314,13 @@ def libcoap(
             )
         except subprocess.TimeoutExpired as exc:
             raise CoapNoResponse(
-                f"{LIBCOAP_CLIENT} did not exit within {wait + 10}s",
+                f"{client} did not exit within {wait + 10}s",
                 _text(exc.stdout), _text(exc.stderr),
             ) from None
         stdout, stderr = _text(proc.stdout), _text(proc.stderr)
         if proc.returncode != 0:
             raise AssertionError(
-                f"{LIBCOAP_CLIENT} failed with exit code {proc.returncode}: {stderr[-2000:]}"
+                f"{client} failed with exit code {proc.returncode}: {stderr[-2000:]}"
             )
         responses = tuple(pdu for pdu in _parse_trace(stdout) if pdu.is_response)
         if not responses:

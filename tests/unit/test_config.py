@@ -178,6 +178,60 @@ def test_connect_timeout_defaults_below_a_short_request_timeout() -> None:
     assert build_config({"request_timeout": 4, "connect_timeout": 1}).connect_timeout == 1.0
 
 
+PSK_ENTRY = {"user": "@s:example.org", "password": "p", "psk_identity": "sensor01",
+             "psk": "a-long-enough-psk-secret"}
+
+
+def test_a_psk_entry_needs_no_address_and_turns_dtls_on() -> None:
+    config = build_config({"devices": [PSK_ENTRY]})
+    (device,) = config.devices
+    assert device.network is None and not device.matches("127.0.0.1")
+    assert (device.psk_identity, device.psk) == ("sensor01", b"a-long-enough-psk-secret")
+    assert config.dtls_port == 5684
+    assert "a-long-enough-psk-secret" not in repr(config)
+    hexed = build_config({"devices": [{**{k: v for k, v in PSK_ENTRY.items() if k != "psk"},
+                                       "psk_hex": "00" * 16}], "dtls_port": "6000"})
+    assert hexed.devices[0].psk == bytes(16) and hexed.dtls_port == 6000
+
+
+def test_dtls_is_off_without_psk_and_port_and_the_cli_sets_the_port() -> None:
+    assert build_config({}).dtls_port is None
+    # security = "off" opens no secured way in, even when configured.
+    assert build_config({"security": "off", "dtls_port": 5700, "devices": [PSK_ENTRY]}).dtls_port is None
+    options = Options()
+    options.parseOptions(["--dtls-port", "5999"])
+    assert load_config(options).dtls_port == 5999
+
+
+def test_bad_psk_entries_are_refused_without_showing_the_key() -> None:
+    secret = "short-secret"
+    cases = [
+        ({**PSK_ENTRY, "psk": secret}, "16-64 bytes"),
+        ({**PSK_ENTRY, "psk_hex": "zz" + secret}, "one of them"),
+        ({k: v for k, v in PSK_ENTRY.items() if k != "psk_identity"}, "needs a psk_identity"),
+        ({k: v for k, v in PSK_ENTRY.items() if k != "psk"}, "give psk or psk_hex"),
+        ({**PSK_ENTRY, "psk_identity": ""}, "psk_identity must be"),
+    ]
+    for entry, reason in cases:
+        with pytest.raises(ConfigError, match=reason) as caught:
+            build_config({"devices": [entry]})
+        assert secret not in str(caught.value)
+    with pytest.raises(ConfigError, match="two entries have psk_identity"):
+        build_config({"devices": [PSK_ENTRY, {**PSK_ENTRY, "device_id": "OTHER"}]})
+    with pytest.raises(ConfigError, match="dtls_port must"):
+        build_config({"dtls_port": 0})
+    with pytest.raises(ConfigError, match="differ"):
+        build_config({"dtls_port": 5683})
+
+
+def test_dtls_table_is_checked() -> None:
+    config = build_config({"dtls": {"max_sessions": 8, "idle_timeout": 60}})
+    assert (config.dtls.max_sessions, config.dtls.idle_timeout) == (8, 60.0)
+    for table in ({"nope": 1}, {"max_sessions": 0}, {"max_sessions": 1.5}, {"mtu": True}):
+        with pytest.raises(ConfigError):
+            build_config({"dtls": table})
+
+
 def test_per_device_shares_are_config_keys_and_validated() -> None:
     config = build_config({"coap": {"max_observers_per_peer": 4, "max_uploads_per_peer": 2},
                            "limits": {"max_sessions_per_device": 2, "max_sessions": 50,

@@ -122,6 +122,25 @@ def test_kept_tokens_of_removed_entries_are_dropped_at_start() -> None:
     assert list(store.tokens.values()) == [current]
 
 
+def test_an_entry_is_found_by_the_psk_identity_a_dtls_request_proved() -> None:
+    world = World()
+    context = world.context([{"address": HOST, "user": world.user_id, "password": "pw"},
+                             {"user": "@other:example.org", "password": "pw2", "psk_identity": "s1",
+                              "psk": "a-long-enough-psk-secret"}])
+    creds = Credentials(context.config.devices, context.matrix)
+    over_dtls = Request(method=Code.POST, path=("send",), peer=Peer(HOST, 5684), security=Security("dtls", "s1"))
+    found = creds.entry_for(over_dtls)
+    assert found is not None and found.user == "@other:example.org"
+    # The same address in plain CoAP gets the address entry; an unknown identity gets none.
+    plain = creds.entry_for(request())
+    assert plain is not None and plain.user == world.user_id
+    stranger = Request(method=Code.POST, path=("send",), peer=Peer("192.0.2.9", 5684),
+                       security=Security("dtls", "s2"))
+    assert creds.entry_for(stranger) is None
+    assert creds.psk_for("s1") == b"a-long-enough-psk-secret" and creds.psk_for("s2") is None
+    assert address_scoped_txn_id(over_dtls, "7") != address_scoped_txn_id(request(), "7")
+
+
 def test_a_request_through_an_oscore_context_acts_through_the_entry_of_its_recipient_id() -> None:
     world = World()
     secret = "00112233445566778899aabbccddeeff"

@@ -90,14 +90,14 @@ class Homeserver(Resource):
 
 class Setup:
     def __init__(self, settings: dict[str, Any] | None = None, devices: list[dict[str, Any]] | None = None,
-                 *, allow_registration: bool = False) -> None:
+                 *, allow_registration: bool = False, **top: Any) -> None:
         self.hs = Homeserver()
         self.stub = StubTreq(self.hs)
         self.site = Site(error_response)
         self.h = Harness(self.site, CoapSettings(), understood_options=frozenset({TOKEN, VERSION}))
         clock = self.h.clock
         config = build_config({"devices": devices or [], "plugins": {"msc3079": settings or {}},
-                               "allow_registration": allow_registration})
+                               "allow_registration": allow_registration, **top})
         matrix = MatrixClient(MatrixTransport(BASE, http_client=self.stub, reactor=clock), reactor=clock)
         context = PluginContext(config=config, matrix=matrix, credentials=Credentials(config.devices, matrix),
                                 state={}, reactor=clock)
@@ -234,7 +234,7 @@ def test_status_mapping_and_error_payloads() -> None:
 
 
 def test_versions_advertise_low_bandwidth() -> None:
-    s = Setup({"dtls_port": 5684})
+    s = Setup(dtls_port=5684)
     body = answer(s.send(Code.GET, ("0",)))
     assert body["unstable_features"] == {"x": True, LOW_BANDWIDTH: True}
     assert body[LOW_BANDWIDTH] == {"dtls": 5684, "cbor_enum_version": 1, "coap_enum_version": 1, "observe": 1}
