@@ -310,12 +310,13 @@ class _Observer:
 class _Upload:
     """A Block1 upload being reassembled."""
 
-    __slots__ = ("body", "index_key", "owner")
+    __slots__ = ("body", "index_key", "owner", "verified")
 
-    def __init__(self, index_key: tuple[Any, ...], owner: Hashable) -> None:
+    def __init__(self, index_key: tuple[Any, ...], owner: Hashable, verified: bool = True) -> None:
         self.body = bytearray()
         self.index_key = index_key
         self.owner = owner  # whose share it counts against
+        self.verified = verified  # started by an address known to receive what we send it
 
 
 class CoapServer(txcoap.Coap):  # type: ignore[misc]
@@ -913,12 +914,13 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             if not block.more:
                 return request  # the whole body in one block
             owner = self.peer_key(request)
+            verified = self._peers.verified(incoming.addr[0])
             if self._uploads.get(key) is None:
-                refusal = self._refuse_upload(owner)
+                refusal = self._refuse_upload(owner, incoming.addr[0], verified)
                 if refusal is not None:
-                    self._complete(incoming, refusal.to_response())
+                    self._complete(incoming, refusal)
                     return None
-            upload: _Upload | None = _Upload(index_key, owner)
+            upload: _Upload | None = _Upload(index_key, owner, verified)
         else:
             upload = self._uploads.get(key)
             if upload is None and tag is None:
@@ -951,11 +953,15 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._drop_upload(key)
         return dataclasses.replace(request, payload=bytes(upload.body))
 
-    def _refuse_upload(self, owner: Hashable) -> CoapError | None:
+    def _refuse_upload(self, owner: Hashable, host: str, verified: bool) -> Response | None:
         """Why a new upload of ``owner`` cannot start (its share or the table is full), else None.
 
         Uploads in progress are never evicted for a newcomer: the newcomer waits
-        (Max-Age) until one finishes or is abandoned long enough to expire.
+        (Max-Age) until one finishes or is abandoned long enough to expire.  Addresses
+        not verified yet (anyone on the link can forge them) fill at most half of the
+        table; beyond that such a newcomer gets an Echo challenge (RFC 9175 §2.4), which
+        a real device answers and a forger cannot -- so forged starts never lock real
+        devices out.
         """
         uploads = self._uploads
         uploads.expire()
@@ -963,10 +969,14 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         entries = uploads.expiries()
         own = [expiry for expiry, upload in entries if upload.owner == owner]
         if len(own) >= self.settings.max_uploads_per_peer:
-            return TooManyRequests("too many uploads", retry_after=_seconds_until(own[0], now))
+            return TooManyRequests("too many uploads", retry_after=_seconds_until(own[0], now)).to_response()
         if len(entries) >= uploads.capacity:
             log.debug("Block1 upload refused: all {count} upload slots are in use", count=len(entries))
-            return ServiceUnavailable("too many uploads", max_age=_seconds_until(entries[0][0], now))
+            return ServiceUnavailable("too many uploads", max_age=_seconds_until(entries[0][0], now)).to_response()
+        if not verified and sum(not upload.verified for _, upload in entries) >= uploads.capacity // 2:
+            log.debug("Block1 upload of unverified {peer} challenged: half the slots hold unverified uploads",
+                      peer=host)
+            return self._challenge(host)
         return None
 
     def _drop_upload(self, key: tuple[Any, ...]) -> None:

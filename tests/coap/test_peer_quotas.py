@@ -15,6 +15,7 @@ from comatrix.coap.errors import decode_uint
 from comatrix.coap.message import Peer, Request, Response
 from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
 from comatrix.coap.resource import CoapResource, LinkAttributes
+from comatrix.coap.amplification import ECHO
 from comatrix.coap.server import CoapSettings, Site, address_key
 from comatrix.coap.testing import Harness, option
 
@@ -143,6 +144,25 @@ def test_a_flood_of_upload_starts_never_evicts_an_upload_in_progress() -> None:
     done = block1(h, device, b"up", 2, False, b"c")
     assert done.code == Code.CHANGED and upload.bodies == [b"a" * 16 + b"b" * 16 + b"c"]
     assert block1(h, peer(999), b"n", 0, True).code == Code.CONTINUE  # the slot it freed
+
+
+def test_forged_starts_fill_half_the_table_and_a_real_device_gets_in_through_echo() -> None:
+    # Unverified addresses (anyone can forge them) hold at most half of the upload slots; past
+    # that a newcomer is challenged with Echo, which a real device answers and a forger cannot.
+    h, _, upload = harness(CoapSettings(blockwise_state_capacity=16), verify_peers=False)
+    codes = [block1(h, peer(n), b"f", 0, True).code for n in range(1, 13)]
+    assert codes == [Code.CONTINUE] * 8 + [Code.UNAUTHORIZED] * 4
+    device = ("2001:db8:1::1", 5683)
+    challenge = block1(h, device, b"d", 0, True, b"a" * 16)
+    echo = option(challenge, ECHO)
+    assert challenge.code == Code.UNAUTHORIZED and echo is not None
+    [again] = h.send(Code.PUT, ["up"], token=b"d", payload=b"a" * 16, peer=device,
+                     options=[(BLOCK1, Block(0, True, 0).encode()), (ECHO, echo)])
+    assert again.code == Code.CONTINUE
+    assert block1(h, device, b"d", 1, False, b"b").code == Code.CHANGED
+    assert upload.bodies == [b"a" * 16 + b"b"]
+    # The forged ones still hold their half: nobody was evicted for the device.
+    assert sum(1 for _ in h.server._uploads.expiries()) == 8
 
 
 def test_abandoned_uploads_still_expire_and_free_their_slots() -> None:

@@ -2,9 +2,11 @@
 
 A device sends a message to ``/send`` block-wise, 16 bytes a block.  Halfway, 256
 unauthenticated 30-byte Block1 starts arrive, each from its own loopback address
-(standing in for forged link addresses).  The upload table fills up -- the last
-newcomers are refused 5.03 with Max-Age -- but the device's upload stays: it
-finishes and the message reaches Synapse.
+(standing in for forged link addresses).  Unverified addresses may fill only half
+of the upload table -- the newcomers beyond that get a 4.01 Echo challenge, which a
+forger cannot answer -- and the device's upload stays: it finishes and the message
+reaches Synapse.  A second device starting an upload during the flood answers the
+challenge (RFC 9175 Echo), gets a slot of the other half and completes too.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import cbor2
 import pytest
 
 from comatrix.coap import wire
+from comatrix.coap.amplification import ECHO
 from comatrix.coap.blockwise import Block
-from comatrix.coap.errors import decode_uint
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
 from support.gateway import GatewayProcess
 from support.synapse import MatrixUser, SynapseServer
@@ -92,11 +94,22 @@ def test_a_flood_of_upload_starts_does_not_evict_a_device_upload(
                 assert len(start) == 30
                 reply = exchange(attacker, gw, start)
             codes[reply.code] = codes.get(reply.code, 0) + 1
-            if reply.code == Code.SERVICE_UNAVAILABLE:
-                max_age = next((value for number, value in reply.options if number == OptionNumber.MAX_AGE), None)
-                assert max_age is not None and decode_uint(max_age) >= 1
-        # 256 upload slots: the device holds one, the flood gets the rest, the last newcomer is refused.
-        assert codes == {Code.CONTINUE: FLOOD - 1, Code.SERVICE_UNAVAILABLE: 1}
+            if reply.code == Code.UNAUTHORIZED:
+                assert any(number == ECHO for number, _ in reply.options), reply
+        # 256 upload slots, half of them for unverified addresses: the device holds one of those,
+        # the flood gets the rest of that half, and every later newcomer is challenged.
+        assert codes == {Code.CONTINUE: FLOOD // 2 - 1, Code.UNAUTHORIZED: FLOOD // 2 + 1}
+
+        with udp_from("127.0.0.32") as second:
+            second_token = secrets.token_bytes(4)
+            challenge = exchange(second, gw, block(1, second_token, 0, True, pieces[0], auth))
+            echo = next((value for number, value in challenge.options if number == ECHO), None)
+            assert challenge.code == Code.UNAUTHORIZED and echo is not None
+            for num in range(len(pieces)):
+                more = num < len(pieces) - 1
+                extra = auth + ([(ECHO, echo)] if num == 0 else [])
+                reply = exchange(second, gw, block(num + 2, second_token, num, more, pieces[num], extra))
+                assert reply.code == (Code.CONTINUE if more else Code.CHANGED), reply
 
         for num in range(2, len(pieces)):
             more = num < len(pieces) - 1
