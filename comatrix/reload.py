@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet import defer, threads
 
@@ -28,6 +28,9 @@ from comatrix.credentials import Credentials
 from comatrix.dtls.server import DtlsProtocol
 from comatrix.logs import get_logger
 from comatrix.oscore import OscoreLayer
+
+if TYPE_CHECKING:
+    from comatrix.edhoc.responder import Responder
 
 __all__ = ["DeviceChanges", "device_changes", "settings_needing_restart", "Reloader"]
 
@@ -83,7 +86,8 @@ class Reloader:
     """Re-reads the config on SIGHUP and applies its ``[[devices]]`` to the running gateway."""
 
     def __init__(self, config: Config, load: Callable[[], Config], credentials: Credentials, *,
-                 dtls: DtlsProtocol | None = None, oscore: OscoreLayer | None = None, reactor: Any = None) -> None:
+                 dtls: DtlsProtocol | None = None, oscore: OscoreLayer | None = None,
+                 edhoc: "Responder | None" = None, reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -92,6 +96,8 @@ class Reloader:
         self.credentials = credentials
         self.dtls = dtls
         self.oscore = oscore
+        #: EDHOC-made contexts of entries that are gone end on reload; the others stay.
+        self.edhoc = edhoc
         self.reactor = reactor
 
     def install(self) -> None:
@@ -116,6 +122,9 @@ class Reloader:
         self.credentials.replace_devices(new.devices)
         ended = self._end_dtls_sessions(changes)
         self._swap_oscore_contexts(changes)
+        if self.edhoc is not None:
+            kept = {device.edhoc.identity for device in new.devices if device.edhoc is not None}
+            self.edhoc.forget(lambda identity: identity in kept)
         restart = settings_needing_restart(self.config, new)
         if restart:
             log.warn("Reload applies only [[devices]]; restart for the changed setting(s): {names}",
