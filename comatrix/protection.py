@@ -53,8 +53,8 @@ class SecurityPolicy:
     def announce(self, log: Any) -> None:
         """One line at start saying what plain CoAP may do."""
         if self.mode == "required":
-            log.info("security = required: plain CoAP serves only /time and /.well-known/core; "
-                     "everything else needs DTLS or OSCORE")
+            log.info("security = required: plain CoAP serves only /time, /.well-known/core and "
+                     "/.well-known/edhoc; everything else needs DTLS or OSCORE")
         elif self.mode == "optional":
             log.warn("security = optional: plain CoAP is served too; passwords, tokens and session "
                      "handles of plain requests cross the radio in clear")
