@@ -8,18 +8,21 @@ real-peer test with aiocoap's EDHOC client is in
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import lakers
 import pytest
 
 from comatrix.coap.message import Security
+from comatrix.coap.server import Site
 from comatrix.config import ConfigError, build_config
+from comatrix.credentials import Credentials
 from comatrix.edhoc.ccs import generate_key, make_ccs, parse_ccs, private_bytes
-from comatrix.edhoc.resource import combined_handler, edhoc_error
+from comatrix.edhoc.resource import EDHOC_PATH, combined_handler, edhoc_error
 from comatrix.edhoc.responder import (Busy, EdhocError, GatewayKey, PendingSessions, Responder, SessionLimits,
                                       split_connection_id)
-from comatrix.oscore import ContextStore
+from comatrix.oscore import ContextStore, OscoreLayer
 from comatrix.oscore.context import SecurityContext
 
 
@@ -183,3 +186,49 @@ def test_config_edhoc_entries(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="kid"):
         build_config({"devices": [entry, twin]}, {})
     assert parse_ccs(one.ccs.encoded) == one.ccs
+
+
+def _edhoc_config(tmp_path: Path, state_dir: bool = True) -> Any:
+    entry = {"user": "@a:x", "password": "p", "edhoc": {"credential": Device().ccs.encoded.hex()}}
+    return build_config({"devices": [entry], **({"state_dir": str(tmp_path / "state")} if state_dir else {})})
+
+
+def test_without_lakers_edhoc_is_not_offered_with_one_warning(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.internet import reactor
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from comatrix.edhoc import responder as module
+    from comatrix.tap import build_edhoc
+
+    config = _edhoc_config(tmp_path)
+    site = Site(lambda failure: None)
+    oscore = OscoreLayer(ContextStore())
+    monkeypatch.setattr(module, "lakers", None)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert build_edhoc(config, Credentials(config.devices, None), oscore, site, reactor) is None
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [event for event in events if event.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1 and "lakers-python is not installed" in warnings[0]["log_format"]
+    assert all(path != EDHOC_PATH for path, _ in site.resources()) and oscore.combined is None
+    assert not (tmp_path / "state" / "edhoc-key.pem").exists()
+
+
+def test_with_lakers_the_gateway_serves_edhoc_and_needs_a_state_dir(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    from comatrix.tap import build_edhoc
+
+    site = Site(lambda failure: None)
+    oscore = OscoreLayer(ContextStore())
+    with pytest.raises(SystemExit, match="need state_dir"):
+        config = _edhoc_config(tmp_path, state_dir=False)
+        build_edhoc(config, Credentials(config.devices, None), oscore, site, reactor)
+    config = _edhoc_config(tmp_path)
+    responder = build_edhoc(config, Credentials(config.devices, None), oscore, site, reactor)
+    assert responder is not None and oscore.combined is not None
+    assert any(path == EDHOC_PATH for path, _ in site.resources())
+    assert (tmp_path / "state" / "edhoc-key.pem").stat().st_mode & 0o777 == 0o600
