@@ -12,6 +12,7 @@ request) and message_3 on its own (answered with message_4).  A
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,7 @@ import pytest
 from comatrix.coap import wire
 from comatrix.edhoc.ccs import generate_key, make_ccs, private_bytes
 from comatrix.edhoc.responder import GatewayKey
+from support.coap_clients import aiocoap_client_cli
 from support.relays import RecordingUdpRelay
 from support.synapse import MatrixUser, SynapseServer
 from test_oscore_aiocoap import AiocoapDevice
@@ -130,3 +132,32 @@ def test_an_unknown_device_gets_no_context_and_plain_coap_reaches_nothing(
     assert "message_3 names a credential no [[devices]] entry has" in log
     assert "EDHOC: OSCORE context" not in log
     assert "GET /time 2.05" not in log.split("names a credential")[1]  # nothing went on after the refusal
+
+
+def test_aiocoap_client_cli_with_an_edhoc_credentials_file(make_gateway, synapse: SynapseServer,
+                                                           synapse_user: Callable[..., MatrixUser],
+                                                           tmp_path: Path) -> None:
+    """The README's example: a ``.diag`` credentials file with the key and both credentials as printed."""
+    import cbor_diag
+
+    gw, provisioned = _gateway_with_key(make_gateway, synapse_user, tmp_path, combined=True)
+    device_ccs = cbor_diag.cbor2diag(provisioned.ccs.encoded)
+    gateway_ccs = cbor_diag.cbor2diag(provisioned.gateway.credential.encoded)
+    credentials = tmp_path / "client.diag"
+    credentials.write_text(
+        f'{{"coap://127.0.0.1:{gw.port}/*": {{"edhoc-oscore": {{\n'
+        f'  "suite": 2, "method": 3, "own_cred_style": "by-key-id",\n'
+        f'  "own_cred": {{14: {device_ccs}}}, "peer_cred": {{14: {gateway_ccs}}},\n'
+        f'  "private_key": {{1: 2, -1: 1, -4: h\'{provisioned.private.hex()}\'}}}}}}}}\n')
+    done = aiocoap_client_cli(["--credentials", str(credentials), gw.uri("time")])
+    assert done.returncode == 0, done.stderr
+    assert abs(int(done.stdout.decode().strip()) - time.time()) < 300
+    room_id = synapse.create_room(provisioned.user.access_token)
+    body = json.dumps({"room_id": room_id, "body": "hello over edhoc"})
+    done = aiocoap_client_cli(["--credentials", str(credentials), "-m", "POST", "--content-format",
+                               "application/cbor", "--payload", body, gw.uri("send")])
+    assert done.returncode == 0, done.stderr
+    latest = synapse.text_messages(provisioned.user.access_token, room_id, limit=1)[0]
+    assert (latest["sender"], latest["content"]["body"]) == (provisioned.user.user_id, "hello over edhoc")
+    # Each run was a new exchange; the second replaced the first one's context.
+    assert gw.log_text().count(f"EDHOC: OSCORE context for credential {provisioned.ccs.fingerprint}") == 2
