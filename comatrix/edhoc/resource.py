@@ -6,8 +6,8 @@ answered 2.04 with message_4 (key confirmation: the device knows the context
 works before its first OSCORE request).  A combined EDHOC + OSCORE request
 (message_3 in front of the OSCORE ciphertext, `comatrix.oscore.layer`) gets
 no message_4: its protected answer confirms the keys.  Failures are answered
-with an EDHOC error message (ERR_CODE 1, a short text), 4.00; a full session
-table with 5.03 and Max-Age.
+with an EDHOC error message (ERR_CODE 1, a short text), 4.00; no free
+connection identifier with 5.03 and Max-Age.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def edhoc_error(text: str, code: Code = Code.BAD_REQUEST, max_age: int | None = 
 
 
 def _busy(exc: Busy) -> Response:
-    return edhoc_error("too many EDHOC sessions, retry later", Code.SERVICE_UNAVAILABLE, exc.retry_after)
+    return edhoc_error("no free connection identifier, retry later", Code.SERVICE_UNAVAILABLE, exc.retry_after)
 
 
 class EdhocResource(CoapResource):

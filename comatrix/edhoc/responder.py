@@ -11,8 +11,9 @@ the gateway's Recipient ID is C_R and its Sender ID C_I.
 
 Pending sessions (a responder waiting for message_3) are bounded in total and
 per source address and expire, so a flood of forged message_1s costs a bounded
-amount of memory; an address at its share loses its oldest session (a device
-that lost message_2 and starts again gets through).  Established contexts are
+amount of memory: an address at its share loses its oldest session (a device
+that lost message_2 and starts again gets through), and a full table its
+oldest session overall.  Established contexts are
 bounded by the entries: one per credential, a new exchange replaces the old one.
 """
 
@@ -63,10 +64,10 @@ class EdhocError(Exception):
 
 
 class Busy(Exception):
-    """No room for another pending session now; retry after ``retry_after`` seconds."""
+    """No connection identifier is free now; retry after ``retry_after`` seconds."""
 
     def __init__(self, retry_after: int) -> None:
-        super().__init__("too many EDHOC sessions")
+        super().__init__("no free connection identifier")
         self.retry_after = retry_after
 
 
@@ -118,6 +119,8 @@ class PendingSessions:
         self.limits = limits
         self.clock = clock
         self._sessions: dict[bytes, _Pending] = {}
+        #: Sessions dropped because the table was full (a sign of a message_1 flood).
+        self.evicted = 0
 
     def __len__(self) -> int:
         self._expire()
@@ -132,8 +135,11 @@ class PendingSessions:
         if len(mine) >= self.limits.per_address:
             del self._sessions[mine[0]]  # insertion order: the oldest first
         elif len(self._sessions) >= self.limits.total:
-            oldest = next(iter(self._sessions.values()))
-            raise Busy(max(1, int(oldest.expires - self.clock()) + 1))
+            # The oldest session anywhere goes: refusing instead would let a slow flood from
+            # forged addresses lock every device out for a whole lifetime, while this way a
+            # flood must outpace a real device's message_2 -> message_3 round trip.
+            del self._sessions[next(iter(self._sessions))]
+            self.evicted += 1
         self._sessions[c_r] = session
 
     def take(self, c_r: bytes) -> _Pending | None:

@@ -14,16 +14,22 @@ import cbor2
 import lakers
 import pytest
 
-from comatrix.coap.message import Security
+from comatrix.coap import wire
+from comatrix.coap.message import Request, Response, Security
+from comatrix.coap.numbers import Code, OptionNumber
+from comatrix.coap.resource import CoapResource
 from comatrix.coap.server import Site
+from comatrix.coap.testing import Harness, option
 from comatrix.config import ConfigError, build_config
 from comatrix.credentials import Credentials
 from comatrix.edhoc.ccs import generate_key, make_ccs, parse_ccs, private_bytes
-from comatrix.edhoc.resource import EDHOC_PATH, combined_handler, edhoc_error
+from comatrix.edhoc.resource import EDHOC_PATH, EdhocResource, combined_handler, edhoc_error
 from comatrix.edhoc.responder import (Busy, EdhocError, GatewayKey, PendingSessions, Responder, SessionLimits,
                                       split_connection_id)
 from comatrix.oscore import ContextStore, OscoreLayer
 from comatrix.oscore.context import SecurityContext
+from comatrix.oscore.layer import EDHOC_OPTION
+from support.oscore_peer import OscorePeer
 
 
 class Clock:
@@ -130,25 +136,40 @@ def test_pending_sessions_are_bounded_per_address_and_in_total_and_expire(gatewa
     clock = Clock()
     device = Device()
     responder = _responder(gateway, [device], clock, SessionLimits(total=4, per_address=2, lifetime=30))
-    for _ in range(10):  # a flood from one address keeps only its newest two sessions
+    # The device starts an exchange, then a flood from one address keeps only its newest two sessions.
+    initiator, message_1 = device.message_1()
+    c_r, message_3 = device.message_3(initiator, responder.message_1("a:127.0.0.2", message_1), gateway)
+    for _ in range(10):
         responder.message_1("a:127.0.0.9", device.message_1()[1])
-    assert len(responder.sessions) == 2
-    responder.message_1("a:127.0.0.10", device.message_1()[1])
-    responder.message_1("a:127.0.0.11", device.message_1()[1])
-    with pytest.raises(Busy) as busy:
-        responder.message_1("a:127.0.0.12", device.message_1()[1])
-    assert 1 <= busy.value.retry_after <= 31
+    assert len(responder.sessions) == 3 and responder.sessions.evicted == 0
+    responder.message_3(c_r, message_3, message_4=False)  # the device was not displaced
+    # A flood from forged addresses: the table stays at its total, the oldest sessions go.
+    initiator, message_1 = device.message_1(b"\x0b")
+    c_r, message_3 = device.message_3(initiator, responder.message_1("a:127.0.0.3", message_1), gateway)
+    for number in range(4):
+        responder.message_1(f"a:10.0.0.{number}", device.message_1()[1])
+    assert len(responder.sessions) == 4 and responder.sessions.evicted >= 1
+    with pytest.raises(EdhocError, match="no EDHOC session"):
+        responder.message_3(c_r, message_3, message_4=False)
     clock.now += 31
     assert len(responder.sessions) == 0
-    initiator, message_1 = device.message_1()
-    c_r, message_3 = device.message_3(initiator, responder.message_1("a:127.0.0.12", message_1), gateway)
-    responder.message_3(c_r, message_3, message_4=False)
     # An exchange older than the lifetime is gone.
     initiator, message_1 = device.message_1(b"\x0c")
     c_r, message_3 = device.message_3(initiator, responder.message_1("a:127.0.0.12", message_1), gateway)
     clock.now += 31
     with pytest.raises(EdhocError, match="no EDHOC session"):
         responder.message_3(c_r, message_3, message_4=False)
+
+
+def test_no_free_connection_identifier_is_busy(gateway: GatewayKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    device = Device()
+    responder = _responder(gateway, [device], limits=SessionLimits(total=1000, per_address=1000))
+    monkeypatch.setattr("comatrix.edhoc.responder.secrets.token_bytes", lambda n: b"\x01\x02")
+    for _ in range(48):  # 47 one-byte ids (the 48th is C_I), then the only two-byte one the stub offers
+        responder.message_1("a:127.0.0.2", device.message_1()[1])
+    with pytest.raises(Busy):
+        responder.message_1("a:127.0.0.2", device.message_1()[1])
+    assert len(responder.sessions) == 48
 
 
 def test_combined_request_payload_and_connection_ids(gateway: GatewayKey) -> None:
@@ -232,3 +253,73 @@ def test_with_lakers_the_gateway_serves_edhoc_and_needs_a_state_dir(tmp_path: Pa
     assert responder is not None and oscore.combined is not None
     assert any(path == EDHOC_PATH for path, _ in site.resources())
     assert (tmp_path / "state" / "edhoc-key.pem").stat().st_mode & 0o777 == 0o600
+
+
+class Asking(CoapResource):
+    """Records who asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Request] = []
+
+    def render_GET(self, request: Request) -> Response:
+        self.seen.append(request)
+        return Response.text("ok")
+
+
+def _served(gateway: GatewayKey, devices: list[Device]) -> tuple[Harness, Asking, Responder]:
+    """The real CoAP server with /.well-known/edhoc, the OSCORE layer with the combined handler, /thing."""
+    responder = _responder(gateway, devices)
+    site = Site()
+    site.put(EDHOC_PATH, EdhocResource(responder))
+    asking = Asking()
+    site.put(("thing",), asking)
+    return Harness(site, protection=OscoreLayer(responder.contexts, combined_handler(responder))), asking, responder
+
+
+def test_over_coap_message_1_2_then_a_combined_request_reaches_the_site_as_the_credential(
+        gateway: GatewayKey) -> None:
+    device = Device()
+    harness, asking, responder = _served(gateway, [device])
+    initiator, message_1 = device.message_1()
+    [reply] = harness.send(Code.POST, EDHOC_PATH, payload=b"\xf5" + message_1)
+    assert (reply.code, option(reply, OptionNumber.CONTENT_FORMAT)) == (Code.CHANGED, b"\x40")
+    c_r, message_3 = device.message_3(initiator, reply.payload, gateway)
+    initiator.completed_without_message_4()
+    peer = OscorePeer(c_r, b"\x0a", bytes(initiator.edhoc_exporter(0, [], 16)),
+                      bytes(initiator.edhoc_exporter(1, [], 8)))  # RFC 9528 Appendix A.1, device side
+    request = wire.decode(peer.request(Code.GET, ("thing",)))
+    combined = wire.encode(request.mtype, request.code, 7, request.token,
+                           sorted(request.options + [(EDHOC_OPTION, b"")]), message_3 + request.payload)
+    [reply] = harness.send_raw(combined)
+    assert peer.verify(reply).payload == b"ok"
+    [seen] = asking.seen
+    assert seen.security == Security("edhoc", device.ccs.fingerprint)
+    # The same combined request again (another message id): its EDHOC session is gone -> 4.00, nothing served.
+    [reply] = harness.send_raw(combined[:2] + b"\x00\x08" + combined[4:])
+    assert reply.code == Code.BAD_REQUEST
+    assert cbor2.loads(reply.payload[1:]) == "no EDHOC session for this C_R (expired or unknown)"
+    assert len(asking.seen) == 1
+
+
+def test_over_coap_message_3_gets_message_4_and_garbage_gets_an_edhoc_error(gateway: GatewayKey) -> None:
+    device = Device()
+    harness, _, responder = _served(gateway, [device])
+    initiator, message_1 = device.message_1()
+    [reply] = harness.send(Code.POST, EDHOC_PATH, payload=b"\xf5" + message_1)
+    c_r, message_3 = device.message_3(initiator, reply.payload, gateway)
+    [reply] = harness.send(Code.POST, EDHOC_PATH, payload=c_r + message_3)
+    assert reply.code == Code.CHANGED
+    initiator.process_message_4(reply.payload)  # lakers accepts it: key confirmation
+    assert responder.contexts.find(c_r) is not None
+    for garbage in (b"", b"\xf5", b"\xf5\x03\x02", b"\x17" + message_3, b"\xff"):
+        [reply] = harness.send(Code.POST, EDHOC_PATH, payload=garbage)
+        assert reply.code == Code.BAD_REQUEST, garbage
+        assert option(reply, OptionNumber.CONTENT_FORMAT) == b"\x40" and cbor2.loads(reply.payload[:1]) == 1
+    [reply] = harness.send(Code.GET, EDHOC_PATH)
+    assert reply.code == Code.METHOD_NOT_ALLOWED
+    # Without a combined handler the EDHOC option is a critical option nobody understands.
+    plain = Harness(Site(), protection=OscoreLayer(ContextStore()))
+    [reply] = plain.send(Code.GET, ("thing",), options=[(9, b"\x09\x00\x05"), (EDHOC_OPTION, b"")],
+                         payload=b"x" * 12)
+    assert reply.code == Code.BAD_OPTION
