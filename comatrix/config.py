@@ -106,8 +106,8 @@ class DeviceCredentials:
             where = str(self.network)
         elif self.oscore is not None:
             where = f"oscore:{self.oscore_identity}"
-        elif self.edhoc is not None:
-            where = f"edhoc:{self.edhoc.identity}"
+        elif self.edhoc is not None:  # the kid, which survives a key rotation
+            where = f"edhoc-kid:{self.edhoc.credential.kid.hex()}"
         else:
             where = f"dtls:{self.psk_identity}"
         seed = f"{self.user}\0{where}".encode("utf-8")

@@ -122,9 +122,7 @@ class Reloader:
         self.credentials.replace_devices(new.devices)
         ended = self._end_dtls_sessions(changes)
         self._swap_oscore_contexts(changes)
-        if self.edhoc is not None:
-            kept = {device.edhoc.identity for device in new.devices if device.edhoc is not None}
-            self.edhoc.forget(lambda identity: identity in kept)
+        self._forget_edhoc_contexts(new)
         restart = settings_needing_restart(self.config, new)
         if restart:
             log.warn("Reload applies only [[devices]]; restart for the changed setting(s): {names}",
@@ -134,6 +132,15 @@ class Reloader:
                  "{contexts} OSCORE context(s) replaced", added=changes.added, removed=changes.removed,
                  ended=ended, contexts=len(changes.oscore_added))
         return changes
+
+    def _forget_edhoc_contexts(self, new: Config) -> None:
+        """EDHOC-made contexts of credentials no entry has any more end; new credentials need EDHOC on."""
+        kept = {device.edhoc.identity for device in new.devices if device.edhoc is not None}
+        if self.edhoc is not None:
+            self.edhoc.forget(lambda identity: identity in kept)
+        elif kept:
+            log.warn("Reload: EDHOC was not offered at start (no entry had edhoc, lakers-python missing "
+                     "or security = off); restart to offer it")
 
     def _end_dtls_sessions(self, changes: DeviceChanges) -> int:
         if not changes.ended_psk_identities or self.dtls is None:
