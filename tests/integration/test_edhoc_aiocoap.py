@@ -31,7 +31,6 @@ from test_oscore_aiocoap import AiocoapDevice
 pytestmark = pytest.mark.integration
 
 CBOR = 60
-EDHOC_PATH = b".well-known"
 
 
 class EdhocProvisioned:
@@ -76,14 +75,24 @@ def _gateway_with_key(make_gateway: Callable[..., Any], synapse_user: Callable[.
     return gw, provisioned
 
 
-def _sizes(records: list[tuple[str, bytes]]) -> list[tuple[str, int, bool]]:
-    """(direction, datagram bytes, whether it is an EDHOC datagram) for each non-empty message."""
+def _sizes(records: list[tuple[str, bytes]]) -> list[tuple[str, int, str]]:
+    """(direction, datagram bytes, kind) per datagram: kind "edhoc" (to /.well-known/edhoc),
+    "edhoc+oscore" (RFC 9668 combined request, EDHOC option 21), "oscore", or "answer" (down)."""
     out = []
     for way, data in records:
-        message = wire.decode(data)
-        edhoc = any(n == 11 and v == b"edhoc" for n, v in message.options) or any(n == 21 for n, _ in message.options)
-        out.append((way, len(data), edhoc))
+        options = wire.decode(data).options
+        kind = ("answer" if way == "down" else "edhoc" if (11, b"edhoc") in options else
+                "edhoc+oscore" if any(number == 21 for number, _ in options) else "oscore")
+        out.append((way, len(data), kind))
     return out
+
+
+def _recorded(relay: RecordingUdpRelay, count: int) -> list[tuple[str, bytes]]:
+    """The first ``count`` datagrams, once the relay has recorded them (bounded wait)."""
+    deadline = time.monotonic() + 5
+    while len(relay.since(0)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return relay.since(0)[:count]
 
 
 @pytest.mark.parametrize("combined", [True, False], ids=["rfc9668-combined", "message_3-then-message_4"])
@@ -99,7 +108,8 @@ def test_aiocoap_edhoc_client_establishes_oscore_and_sends_as_the_entry(
             answer = device.request("GET", "time")
             assert str(answer.code) == "2.05 Content", answer
             assert abs(int(answer.payload) - time.time()) < 300
-            exchange = relay.since(0)
+            # message_1/2, [message_3/4,] the OSCORE GET /time; the relay records just after forwarding.
+            exchange = _recorded(relay, 4 if combined else 6)
             sent = device.request("POST", "send", cbor2.dumps({"room_id": room_id, "body": "via edhoc"}), CBOR)
             assert str(sent.code) == "2.04 Changed", sent
         finally:
@@ -109,7 +119,8 @@ def test_aiocoap_edhoc_client_establishes_oscore_and_sends_as_the_entry(
     sizes = _sizes(exchange)
     print(f"EDHOC exchange ({'combined' if combined else 'separate'}), then GET /time: {sizes}")
     assert [way for way, _, _ in sizes] == ["up", "down"] * (len(sizes) // 2)
-    assert len(sizes) == (4 if combined else 6)  # message_1/2, [message_3/4,] the OSCORE GET /time
+    kinds = [kind for way, _, kind in sizes if way == "up"]
+    assert kinds == (["edhoc", "edhoc+oscore"] if combined else ["edhoc", "edhoc", "oscore"])
     log = gw.log_text()
     assert f"EDHOC: OSCORE context for credential {provisioned.ccs.fingerprint}" in log
     assert provisioned.private.hex() not in log
