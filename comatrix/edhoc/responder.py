@@ -198,6 +198,8 @@ class Responder:
 
     def message_1(self, address: str, message_1: bytes) -> bytes:
         """message_2 for ``message_1`` (without the leading CBOR true)."""
+        if not any(True for _ in self.credentials()):  # no key work for nobody (entries gone on reload)
+            raise EdhocError("no device has an EDHOC credential")
         responder = lakers.EdhocResponder(self.key.private, self.key.credential.encoded)
         c_i, ead_1 = self._call(responder.process_message_1, message_1, failure="message_1 rejected")
         if any(item.is_critical() for item in ead_1):
