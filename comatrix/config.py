@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 from comatrix.coap.message import Security
 from comatrix.coap.server import CoapSettings
 from comatrix.dtls.sessions import DtlsSettings
+from comatrix.edhoc.ccs import Ccs, parse_ccs
 from comatrix.policy import expand_allow
 from comatrix.protection import SECURITY_MODES
 
@@ -59,13 +60,25 @@ class OscoreCredentials:
 
 
 @dataclasses.dataclass(frozen=True)
+class EdhocCredentials:
+    """The ``edhoc = {...}`` table of a ``[[devices]]`` entry: the device's CCS (public, RFC 9528 §3.5.2)."""
+
+    credential: Ccs
+
+    @property
+    def identity(self) -> str:
+        return self.credential.fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
 class DeviceCredentials:
     """Matrix credentials the gateway uses for devices that send no token of their own.
 
     ``network`` is an address or prefix; the longest matching prefix wins.  An
     entry with ``oscore`` is (also) found by its OSCORE recipient id, one with a
-    ``psk_identity`` by the PSK identity a device proves over DTLS; such an entry
-    needs no address.  Either ``access_token`` or ``user`` + ``password`` is given.
+    ``psk_identity`` by the PSK identity a device proves over DTLS, one with
+    ``edhoc`` by the credential it proves in EDHOC; such an entry needs no address.
+    Either ``access_token`` or ``user`` + ``password`` is given.
     """
 
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
@@ -83,6 +96,7 @@ class DeviceCredentials:
     #: DTLS PSK identity and key (RFC 7925); the key is never shown.
     psk_identity: str | None = None
     psk: bytes | None = dataclasses.field(default=None, repr=False)
+    edhoc: EdhocCredentials | None = None
 
     @property
     def login_device_id(self) -> str:
@@ -92,6 +106,8 @@ class DeviceCredentials:
             where = str(self.network)
         elif self.oscore is not None:
             where = f"oscore:{self.oscore_identity}"
+        elif self.edhoc is not None:  # the kid, which survives a key rotation
+            where = f"edhoc-kid:{self.edhoc.credential.kid.hex()}"
         else:
             where = f"dtls:{self.psk_identity}"
         seed = f"{self.user}\0{where}".encode("utf-8")
@@ -106,6 +122,8 @@ class DeviceCredentials:
         """Whether a request that came through ``security`` is this entry's device."""
         if security.scheme == "dtls":
             return self.psk_identity is not None and security.identity == self.psk_identity
+        if security.scheme == "edhoc":
+            return self.edhoc is not None and security.identity == self.edhoc.identity
         return security.scheme == "oscore" and security.identity == self.oscore_identity
 
     def matches(self, host: str) -> bool:
@@ -397,6 +415,7 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     _check_deadlines(config)
     _check_device_ids(config.devices)
     _check_oscore_ids(config.devices)
+    _check_edhoc_kids(config.devices)
     _check_psk_identities(config.devices)
     if config.dtls_port is not None and config.dtls_port == config.port:
         raise ConfigError("dtls_port must differ from port")
@@ -478,6 +497,18 @@ def _check_oscore_ids(devices: Iterable[DeviceCredentials]) -> None:
         seen.add(device.oscore.recipient_id)
 
 
+def _check_edhoc_kids(devices: Iterable[DeviceCredentials]) -> None:
+    """A device may name its credential by kid alone: two entries cannot share one."""
+    seen: set[bytes] = set()
+    for device in devices:
+        if device.edhoc is None:
+            continue
+        kid = device.edhoc.credential.kid
+        if kid in seen:
+            raise ConfigError(f"devices: two entries have EDHOC credentials with the kid {kid.hex()!r}")
+        seen.add(kid)
+
+
 def _coap_settings(table: Any) -> CoapSettings:
     if not isinstance(table, dict):
         raise ConfigError("[coap] must be a table")
@@ -537,13 +568,14 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
         unknown = sorted(set(entry) - {"name", "address", "user", "password", "access_token", "device_id",
-                                       "allow", "oscore", "psk_identity", "psk", "psk_hex"})
+                                       "allow", "oscore", "psk_identity", "psk", "psk_hex", "edhoc"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
         psk_identity, psk = _psk(entry, label)
+        edhoc = _edhoc(entry["edhoc"], label) if "edhoc" in entry else None
         network = None
-        if "address" in entry or (oscore is None and psk_identity is None):
+        if "address" in entry or (oscore is None and psk_identity is None and edhoc is None):
             try:
                 network = ipaddress.ip_network(str(entry.get("address", "")).split("%", 1)[0], strict=False)
             except ValueError:
@@ -561,7 +593,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         devices.append(DeviceCredentials(network=network, user=user, password=password,
                                          access_token=token, device_id=device_id,
                                          allow=_allow(entry.get("allow", []), label), oscore=oscore,
-                                         psk_identity=psk_identity, psk=psk))
+                                         psk_identity=psk_identity, psk=psk, edhoc=edhoc))
     return devices
 
 
@@ -634,6 +666,26 @@ def _oscore(table: Any, label: str) -> OscoreCredentials:
     if len(values["master_secret"]) < OSCORE_MIN_SECRET_BYTES:
         raise ConfigError(f"{label}: oscore.master_secret needs at least {OSCORE_MIN_SECRET_BYTES} bytes")
     return OscoreCredentials(**values)
+
+
+def _edhoc(table: Any, label: str) -> EdhocCredentials:
+    """``edhoc = { credential = "<hex CCS>" }``: the device's public credential."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{label}: edhoc must be a table")
+    unknown = sorted(set(table) - {"credential"})
+    if unknown:
+        raise ConfigError(f"{label}: unknown edhoc key(s) {', '.join(unknown)}")
+    raw = table.get("credential")
+    try:
+        encoded = bytes.fromhex(raw) if isinstance(raw, str) else None
+    except ValueError:
+        encoded = None
+    if encoded is None:
+        raise ConfigError(f"{label}: edhoc needs credential, the device's CCS in hex")
+    try:
+        return EdhocCredentials(parse_ccs(encoded))
+    except ValueError as exc:
+        raise ConfigError(f"{label}: edhoc.credential: {exc}") from None
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

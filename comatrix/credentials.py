@@ -120,6 +120,11 @@ class Credentials:
             for key in [key for key in table if key not in logins]:
                 del table[key]
 
+    def edhoc_credentials(self) -> list[tuple[str, bytes]]:
+        """(identity, CCS) of every current entry with ``edhoc``, for the EDHOC responder."""
+        return [(device.edhoc.identity, device.edhoc.credential.encoded)
+                for device in self._devices if device.edhoc is not None]
+
     async def drop_unconfigured_tokens(self) -> None:
         """Forget kept tokens of logins no entry asks for any more (removed, or now a fixed token)."""
         if self._store is None:

@@ -7,6 +7,9 @@ else is answered 4.01 "security required" before any option (a token in
 option 256, a password in a body, a compact handle) is read.  Requests that
 came through DTLS or OSCORE (`Request.security` set) are not limited here.
 
+``/.well-known/edhoc`` is reachable too when EDHOC is offered: the exchange
+needs no prior security and carries no secret in clear.
+
 ``"optional"`` also serves plain CoAP, for original CoMatrix and MSC3079
 clients that cannot do DTLS or OSCORE: passwords, tokens and handles then cross
 the radio in clear.  ``"off"`` serves plain CoAP only and opens no secured way
@@ -25,8 +28,9 @@ __all__ = ["SECURITY_MODES", "PLAIN_PATHS", "SecurityPolicy"]
 #: Values of the ``security`` config key.
 SECURITY_MODES = ("required", "optional", "off")
 
-#: What plain CoAP may reach under ``security = "required"``: small, secret-free answers.
-PLAIN_PATHS = frozenset({(".well-known", "core"), ("time",)})
+#: What plain CoAP may reach under ``security = "required"``: small, secret-free answers, and
+#: EDHOC, which is how a device gets its OSCORE context (its messages protect themselves).
+PLAIN_PATHS = frozenset({(".well-known", "core"), ("time",), (".well-known", "edhoc")})
 
 
 class SecurityPolicy:
@@ -49,8 +53,8 @@ class SecurityPolicy:
     def announce(self, log: Any) -> None:
         """One line at start saying what plain CoAP may do."""
         if self.mode == "required":
-            log.info("security = required: plain CoAP serves only /time and /.well-known/core; "
-                     "everything else needs DTLS or OSCORE")
+            log.info("security = required: plain CoAP serves only /time, /.well-known/core and "
+                     "/.well-known/edhoc; everything else needs DTLS or OSCORE")
         elif self.mode == "optional":
             log.warn("security = optional: plain CoAP is served too; passwords, tokens and session "
                      "handles of plain requests cross the radio in clear")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet import defer, threads
 
@@ -28,6 +28,9 @@ from comatrix.credentials import Credentials
 from comatrix.dtls.server import DtlsProtocol
 from comatrix.logs import get_logger
 from comatrix.oscore import OscoreLayer
+
+if TYPE_CHECKING:
+    from comatrix.edhoc.responder import Responder
 
 __all__ = ["DeviceChanges", "device_changes", "settings_needing_restart", "Reloader"]
 
@@ -83,7 +86,8 @@ class Reloader:
     """Re-reads the config on SIGHUP and applies its ``[[devices]]`` to the running gateway."""
 
     def __init__(self, config: Config, load: Callable[[], Config], credentials: Credentials, *,
-                 dtls: DtlsProtocol | None = None, oscore: OscoreLayer | None = None, reactor: Any = None) -> None:
+                 dtls: DtlsProtocol | None = None, oscore: OscoreLayer | None = None,
+                 edhoc: "Responder | None" = None, reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -92,6 +96,8 @@ class Reloader:
         self.credentials = credentials
         self.dtls = dtls
         self.oscore = oscore
+        #: EDHOC-made contexts of entries that are gone end on reload; the others stay.
+        self.edhoc = edhoc
         self.reactor = reactor
 
     def install(self) -> None:
@@ -116,6 +122,7 @@ class Reloader:
         self.credentials.replace_devices(new.devices)
         ended = self._end_dtls_sessions(changes)
         self._swap_oscore_contexts(changes)
+        self._forget_edhoc_contexts(new)
         restart = settings_needing_restart(self.config, new)
         if restart:
             log.warn("Reload applies only [[devices]]; restart for the changed setting(s): {names}",
@@ -125,6 +132,15 @@ class Reloader:
                  "{contexts} OSCORE context(s) replaced", added=changes.added, removed=changes.removed,
                  ended=ended, contexts=len(changes.oscore_added))
         return changes
+
+    def _forget_edhoc_contexts(self, new: Config) -> None:
+        """EDHOC-made contexts of credentials no entry has any more end; new credentials need EDHOC on."""
+        kept = {device.edhoc.identity for device in new.devices if device.edhoc is not None}
+        if self.edhoc is not None:
+            self.edhoc.forget(lambda identity: identity in kept)
+        elif kept:
+            log.warn("Reload: EDHOC was not offered at start (no entry had edhoc, lakers-python missing "
+                     "or security = off); restart to offer it")
 
     def _end_dtls_sessions(self, changes: DeviceChanges) -> int:
         if not changes.ended_psk_identities or self.dtls is None:

@@ -43,6 +43,9 @@ from comatrix.reload import Reloader
 from comatrix.ratelimit import Admission, FailedLogins, LimitedTransport, UpstreamLimiter, install
 from comatrix.netif import read_link_local_address
 from comatrix.oscore import SEQUENCE_FILENAME, ContextStore, OscoreLayer, SequenceFile
+from comatrix.edhoc import responder as edhoc
+from comatrix.edhoc.resource import EDHOC_PATH, EdhocResource, combined_handler
+from comatrix.edhoc.responder import Responder
 from comatrix.store import Store
 
 log = get_logger("comatrix")
@@ -252,6 +255,38 @@ def build_oscore(devices: Sequence[DeviceCredentials], state_dir: str | None, re
     return OscoreLayer(contexts)
 
 
+def build_edhoc(config: Config, credentials: Credentials, oscore: OscoreLayer | None, site: Any,
+                reactor: Any) -> Responder | None:
+    """The EDHOC responder at /.well-known/edhoc when an entry has ``edhoc`` and lakers imports.
+
+    Blocking (reads or creates the gateway's key): call it before the reactor runs.
+    """
+    if not any(device.edhoc is not None for device in config.devices):
+        return None
+    if not edhoc.available():
+        log.warn("[[devices]] entries have edhoc, but lakers-python is not installed: EDHOC is not "
+                 "offered (pip install lakers-python); everything else works")
+        return None
+    if oscore is None:
+        log.warn("security = off: the edhoc credentials of [[devices]] entries are not offered")
+        return None
+    if config.state_dir is None:
+        raise SystemExit("comatrix: [[devices]] entries with edhoc need state_dir: the gateway's "
+                         "EDHOC key pair is kept there")
+    try:
+        Path(config.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = edhoc.GatewayKey.load_or_create(config.state_dir)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"comatrix: cannot read or create the EDHOC key: {exc}") from None
+    sessions = edhoc.PendingSessions(edhoc.SessionLimits(), reactor.seconds)
+    responder = edhoc.Responder(key, credentials.edhoc_credentials, oscore.contexts, sessions)
+    site.put(EDHOC_PATH, EdhocResource(responder))
+    oscore.combined = combined_handler(responder)
+    log.info("EDHOC at /.well-known/edhoc for {count} device(s); the gateway's credential: {ccs}",
+             count=len(credentials.edhoc_credentials()), ccs=key.credential.encoded.hex())
+    return responder
+
+
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -284,6 +319,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     oscore = build_oscore(config.devices, config.state_dir, reactor) if policy.secured_ways_in else None
     if oscore is None and any(device.oscore is not None for device in config.devices):
         log.warn("security = off: the oscore contexts of [[devices]] entries are not offered")
+    edhoc_responder = build_edhoc(config, credentials, oscore, site, reactor)
 
     def coap_server(protection: MessageProtection | None = None) -> CoapServer:
         return CoapServer(site, config.coap_settings(), reactor=reactor,
@@ -304,7 +340,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     policy.announce(log)
     reloader = Reloader(config, lambda: load_config(options), credentials,
                         dtls=getattr(dtls[1], "protocol") if dtls is not None else None,  # a udp.Port's
-                        oscore=oscore, reactor=reactor)
+                        oscore=oscore, edhoc=edhoc_responder, reactor=reactor)
     return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader)
 
 

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from comatrix.coap.message import Security
+
 __all__ = ["ALG_AES_CCM_16_64_128", "KEY_LENGTH", "NONCE_LENGTH", "TAG_LENGTH", "MAX_ID_LENGTH",
            "MAX_SEQUENCE", "REPLAY_WINDOW_SIZE", "DecryptionFailed", "SequenceExhausted",
            "derive", "nonce_for", "aad_for", "encode_piv", "ReplayWindow", "SenderSequence",
@@ -174,6 +176,8 @@ class SecurityContext:
         self.replay = ReplayWindow()
         #: The Echo value a request must carry before the replay window is established (B.1.2).
         self.echo: bytes | None = None
+        #: Who requests through this context are, when not its recipient id (EDHOC: the credential).
+        self.identity: Security | None = None
 
     def __repr__(self) -> str:
         return f"<SecurityContext recipient_id={self.recipient_id.hex()!r} sender_id={self.sender_id.hex()!r}>"

@@ -20,13 +20,17 @@ its answers are protected with the same context.
   fragmentation, §4.1.3.4.2) are refused with 4.02.  Inner Block options are
   ordinary inner options, so block-wise runs on the decrypted messages.  In
   answers Observe goes outer (its value) and inner (empty); all else is inner.
+* The EDHOC + OSCORE request (RFC 9668): a request with the EDHOC option
+  carries EDHOC message_3 before the OSCORE ciphertext.  It is handed, with its
+  kid (C_R), to the ``combined`` callable, which finishes the exchange (adding
+  the context) and returns the ciphertext, or the Response refusing it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Union
+from typing import Callable, Union
 
 from comatrix.coap import wire
 from comatrix.coap.message import Response, Security
@@ -40,7 +44,7 @@ from comatrix.oscore.cose import OscoreOption, decode_plaintext, encode_plaintex
 
 log = get_logger(__name__)
 
-__all__ = ["ECHO_OPTION", "OscoreExchange", "OscoreLayer"]
+__all__ = ["ECHO_OPTION", "EDHOC_OPTION", "CombinedHandler", "OscoreExchange", "OscoreLayer"]
 
 #: RFC 9175 Echo (Class E).
 ECHO_OPTION = 252
@@ -48,6 +52,10 @@ ECHO_OPTION = 252
 _OUTER_KEPT = frozenset({OptionNumber.URI_HOST, OptionNumber.URI_PORT})
 _OUTER_BLOCK = frozenset({OptionNumber.BLOCK1, OptionNumber.BLOCK2})
 _ECHO_BYTES = 8
+#: RFC 9668 §3.1: the EDHOC option (critical, empty) of a combined request.
+EDHOC_OPTION = 21
+#: Finishes an EDHOC exchange from (C_R, payload): the OSCORE payload, or a refusal.
+CombinedHandler = Callable[[bytes, bytes], Union[bytes, Response]]
 
 
 @dataclasses.dataclass
@@ -69,10 +77,33 @@ def _refuse(code: Code, text: str) -> Refused:
 class OscoreLayer:
     """Unprotects requests and protects answers for the contexts in a `ContextStore`."""
 
-    def __init__(self, contexts: ContextStore) -> None:
+    def __init__(self, contexts: ContextStore, combined: CombinedHandler | None = None) -> None:
         self.contexts = contexts
+        self.combined = combined
 
     def unprotect(self, message: wire.Datagram) -> Union[Unprotected, Refused]:
+        if any(number == EDHOC_OPTION for number, _ in message.options):
+            return self._combined(message)
+        return self._unprotect(message)
+
+    def _combined(self, message: wire.Datagram) -> Union[Unprotected, Refused]:
+        """RFC 9668 §3.3.1: finish EDHOC with the message_3 in front, then go on as OSCORE."""
+        if self.combined is None:
+            return _refuse(Code.BAD_OPTION, "EDHOC not offered")
+        values = [value for number, value in message.options if number == OptionNumber.OSCORE]
+        try:
+            kid = OscoreOption.decode(values[0]).kid if len(values) == 1 else None
+        except ValueError:
+            kid = None
+        if kid is None:
+            return _refuse(Code.BAD_OPTION, "Failed to decode COSE")
+        outcome = self.combined(kid, message.payload)
+        if isinstance(outcome, Response):
+            return Refused(outcome)
+        options = [(number, value) for number, value in message.options if number != EDHOC_OPTION]
+        return self._unprotect(message._replace(options=options, payload=outcome))
+
+    def _unprotect(self, message: wire.Datagram) -> Union[Unprotected, Refused]:
         values = [value for number, value in message.options if number == OptionNumber.OSCORE]
         try:
             if len(values) != 1:
@@ -120,7 +151,8 @@ class OscoreLayer:
         if any(number == OptionNumber.OBSERVE and value == b"" for number, value in inner.options):
             exchange.fresh_piv = True  # a registration: every notification needs its own Partial IV
         decrypted = wire.Datagram(message.mtype, inner.code, message.mid, message.token, options, inner.payload)
-        return Unprotected(decrypted, Security("oscore", context.recipient_id.hex()), exchange)
+        identity = context.identity or Security("oscore", context.recipient_id.hex())
+        return Unprotected(decrypted, identity, exchange)
 
     @staticmethod
     def _fresh(exchange: OscoreExchange) -> OscoreExchange:

@@ -8,10 +8,14 @@ import stat
 import tomllib
 from pathlib import Path
 
+import lakers
 import pytest
 
 from comatrix.config import build_config, read_config_files
 from comatrix.ctl import main, render_c_header, render_toml_entry
+from comatrix.edhoc.ccs import Ccs, parse_ccs
+from comatrix.edhoc.responder import GatewayKey, PendingSessions, Responder, SessionLimits
+from comatrix.oscore import ContextStore
 
 
 @pytest.fixture
@@ -96,3 +100,54 @@ def test_rendered_entry_and_header_round_trip() -> None:
     assert "#ifndef COMATRIX_DEVICE_N_1_H" in header
     assert "#define COMATRIX_OSCORE_SENDER_ID { 0x01 }" in header
     assert "#define COMATRIX_OSCORE_RECIPIENT_ID { 0 }" in header and "RECIPIENT_ID_LEN 0" in header
+
+
+def credential_of(config: Path, name: str) -> Ccs:
+    table = entry_of(config, name)["edhoc"]
+    assert isinstance(table, dict)
+    return parse_ccs(bytes.fromhex(table["credential"]))
+
+
+def test_add_edhoc_stores_only_the_public_credential_and_prints_a_working_key_pair(config: Path) -> None:
+    state = config.parent / "state"
+    config.write_text(config.read_text() + f'state_dir = "{state}"\n')
+    for name in ("e1", "e2"):
+        status, out = ctl(config, "device", "add", name, "--edhoc", "--user", f"@{name}:x",
+                          "--password-file", "-", stdin="pw")
+        assert status == 0
+    key_file = state / "edhoc-key.pem"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    gateway = GatewayKey.load_or_create(state)  # the same key the gateway will use
+    entry = entry_of(config, "e2")
+    assert set(entry) == {"name", "user", "password", "edhoc"}
+    credential = credential_of(config, "e2")
+    assert credential.kid != credential_of(config, "e1").kid
+    private = re.search(r"private key +([0-9a-f]{64})", out)
+    assert private is not None and private.group(1) not in (config.parent / "devices.d" / "e2.toml").read_text()
+    d = bytes.fromhex(private.group(1))
+    assert f"gateway cred   {gateway.credential.encoded.hex()}" in out
+    assert f"#define COMATRIX_EDHOC_PRIVATE_KEY {{ {', '.join(f'0x{b:02x}' for b in d)} }}" in out
+    assert "#define COMATRIX_EDHOC_KID_I" in out and "COMATRIX_EDHOC_CRED_R_LEN" in out
+    # The printed private key belongs to the stored credential: it passes a real exchange.
+    [one, two] = build_config(read_config_files(config)).devices
+    assert two.edhoc is not None and two.edhoc.credential == credential
+    table = [(device.edhoc.identity, device.edhoc.credential.encoded) for device in (one, two) if device.edhoc]
+    responder = Responder(gateway, lambda: table, ContextStore(), PendingSessions(SessionLimits(), lambda: 0.0))
+    initiator = lakers.EdhocInitiator()
+    message_2 = responder.message_1("a:x", bytes(initiator.prepare_message_1(b"\x01")))
+    c_r = bytes(initiator.parse_message_2(message_2)[0])
+    initiator.verify_message_2(d, credential.encoded, gateway.credential.encoded)
+    message_3, _ = initiator.prepare_message_3(lakers.CredentialTransfer.ByReference, [])
+    _, context = responder.message_3(c_r, bytes(message_3), message_4=False)
+    assert context.identity is not None and context.identity.identity == two.edhoc.identity
+    # list shows the kid; rotate makes a new key pair under the same kid.
+    assert "edhoc" in ctl(config, "device", "list")[1]
+    status, out = ctl(config, "device", "rotate", "e2")
+    rotated = credential_of(config, "e2")
+    assert status == 0 and rotated.kid == credential.kid and rotated.x != credential.x
+
+
+def test_edhoc_without_state_dir_is_refused(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(config, "device", "add", "e", "--edhoc", "--user", "@e:x", "--password-file", "-", stdin="pw")[0] == 1
+    assert "state_dir" in capsys.readouterr().err
+    assert not (config.parent / "devices.d" / "e.toml").exists()

@@ -71,3 +71,31 @@ def test_apply_swaps_credentials_dtls_sessions_and_oscore_contexts() -> None:
     assert contexts.find(b"\x01") is not None  # the unchanged context stays (same object)
     assert reloader.config.devices == new.devices and reloader.config.port == old.port
     assert settings_needing_restart(old, new) == ["port"]
+
+
+def test_a_removed_or_rekeyed_edhoc_credential_loses_its_context_and_others_keep_theirs(tmp_path: Any) -> None:
+    from comatrix.edhoc.ccs import generate_key, make_ccs
+    from comatrix.edhoc.responder import GatewayKey, PendingSessions, Responder, SessionLimits
+
+    def edhoc_entry(user: str, kid: bytes) -> dict[str, Any]:
+        ccs = make_ccs(generate_key().public_key(), kid, user)
+        return {"user": user, "password": "p", "edhoc": {"credential": ccs.encoded.hex()}}
+
+    first, second = edhoc_entry("@d:x", b"\x01"), edhoc_entry("@e:x", b"\x02")
+    old = build_config({"devices": [first, second]})
+    credentials = Credentials(old.devices, matrix=None, store=None)  # type: ignore[arg-type]
+    contexts = ContextStore()
+    responder = Responder(GatewayKey.load_or_create(tmp_path), credentials.edhoc_credentials, contexts,
+                          PendingSessions(SessionLimits(), lambda: 0.0))
+    for recipient_id, device in zip((b"\x05", b"\x06"), old.devices):  # as if both had run EDHOC
+        assert device.edhoc is not None
+        responder._install(device.edhoc.identity, b"\x0a", recipient_id, b"s" * 16, b"")
+    reloader = Reloader(old, lambda: old, credentials, oscore=OscoreLayer(contexts), edhoc=responder)
+    rekeyed = edhoc_entry("@d:x", b"\x01")
+    new = build_config({"devices": [rekeyed, second]})
+    reloader.apply(new)
+    assert contexts.find(b"\x05") is None and contexts.find(b"\x06") is not None
+    assert [identity for identity, _ in credentials.edhoc_credentials()] == [d.edhoc.identity for d in new.devices
+                                                                           if d.edhoc is not None]
+    # The Matrix device id follows the kid, so a rotated key keeps the account's device.
+    assert old.devices[0].login_device_id == new.devices[0].login_device_id
