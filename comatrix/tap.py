@@ -325,7 +325,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         return CoapServer(site, config.coap_settings(), reactor=reactor,
                           understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
                           on_response=_log_request, guard=policy.check, peer_key=device_key,
-                          protection=protection, discovery_paths=VERSIONS_PATHS)
+                          protection=protection, discovery_paths=(*VERSIONS_PATHS, EDHOC_PATH))
 
     server = coap_server(oscore)
     address = resolve_listen_address(config)
