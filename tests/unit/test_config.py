@@ -139,20 +139,11 @@ def test_deadlines_within_the_default_exchange_lifetime_are_accepted() -> None:
 
 @pytest.mark.parametrize("with_state_dir", [False, True])
 def test_a_gateway_without_state_dir_warns_that_its_state_is_volatile(tmp_path: Path, with_state_dir: bool,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     made_stores: list[Any]) -> None:
     from twisted.logger import LogLevel, globalLogPublisher
 
-    from comatrix import tap
     from comatrix.tap import makeService
 
-    stores: list[Any] = []
-    for_state_dir = tap.Store.for_state_dir
-
-    def recorded(state_dir: str | None, reactor: Any = None) -> Any:
-        stores.append(for_state_dir(state_dir, reactor))
-        return stores[-1]
-
-    monkeypatch.setattr(tap.Store, "for_state_dir", recorded)  # to close its database thread after
     events: list[dict[str, object]] = []
     globalLogPublisher.addObserver(events.append)
     args = ["--ip", "127.0.0.1", "--port", "0", "--homeserver", "http://127.0.0.1:9"]
@@ -165,8 +156,6 @@ def test_a_gateway_without_state_dir_warns_that_its_state_is_volatile(tmp_path: 
     finally:
         globalLogPublisher.removeObserver(events.append)
     gateway.port.stopListening()  # type: ignore[attr-defined]
-    for store in stores:
-        store.close()
     warned = [e for e in events if e.get("log_level") == LogLevel.warn
               and "No state_dir" in str(e.get("log_format"))]
     assert len(warned) == (0 if with_state_dir else 1)

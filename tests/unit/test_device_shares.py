@@ -18,15 +18,7 @@ def test_the_share_key_is_the_device_security_context_first() -> None:
     assert tap.device_key(secured) == "dtls:sensor01"
 
 
-def test_make_service_injects_the_device_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    stores: list[Any] = []
-    for_state_dir = tap.Store.for_state_dir
-
-    def recorded(state_dir: str | None, reactor: Any = None) -> Any:
-        stores.append(for_state_dir(state_dir, reactor))
-        return stores[-1]
-
-    monkeypatch.setattr(tap.Store, "for_state_dir", recorded)  # to close its database thread after
+def test_make_service_injects_the_device_key(made_stores: list[Any]) -> None:
     options = tap.Options()
     options.parseOptions(["--ip", "127.0.0.1", "--port", "0", "--homeserver", "http://127.0.0.1:9"])
     gateway: Any = tap.makeService(options)
@@ -34,5 +26,3 @@ def test_make_service_injects_the_device_key(monkeypatch: pytest.MonkeyPatch) ->
         assert gateway.server.peer_key is tap.device_key
     finally:
         gateway.port.stopListening()
-        for store in stores:
-            store.close()
