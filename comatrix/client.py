@@ -121,6 +121,8 @@ class Reply:
 class Link(Protocol):
     """Where datagrams go: plain UDP, or a DTLS session (`comatrix.dtls.client.DtlsClientLink`)."""
 
+    sock: socket.socket
+
     def send(self, data: bytes) -> None: ...
 
     def receive(self, deadline: float) -> bytes | None: ...
@@ -208,6 +210,15 @@ class UdpCoap:
         self._observations: dict[bytes, Deque[wire.Datagram]] = {}
         # Token of each exchange under OSCORE -> the Partial IV of its request (answers are bound to it).
         self._request_pivs: dict[bytes, bytes] = {}
+
+    @property
+    def sock(self) -> socket.socket:
+        """The UDP socket under the link (tests may put a scripted peer in its place)."""
+        return self.link.sock
+
+    @sock.setter
+    def sock(self, value: socket.socket) -> None:
+        self.link.sock = value
 
     def close(self) -> None:
         self.link.close()
