@@ -323,11 +323,19 @@ class UdpCoap:
         return reply, mid
 
     def _encode_request(self, code: int, mid: int, token: bytes, options: list[tuple[int, bytes]],
-                        payload: bytes) -> bytes:
+                        payload: bytes, mtype: int = MessageType.CON) -> bytes:
         if self.oscore is not None:
             code, options, payload, piv = self.oscore.protect(code, options, payload)
             self._request_pivs[token] = piv
-        return wire.encode(MessageType.CON, code, mid, token, options, payload)
+        return wire.encode(mtype, code, mid, token, options, payload)
+
+    def send_non(self, code: int, path: str, *, payload: bytes = b"", content_format: int | None = None,
+                 options: Sequence[tuple[int, bytes]] = ()) -> None:
+        """One non-confirmable request, not waited for (with No-Response: fire and forget, RFC 7967)."""
+        token = secrets.token_bytes(self.token_length)
+        opts = self.request_options(path, content_format=content_format, options=options)
+        self._send(self._encode_request(code, self._next_mid(), token, opts, payload, MessageType.NON))
+        self._request_pivs.pop(token, None)
 
     def _exchange_once(self, code: int, path: str, token: bytes, options: list[tuple[int, bytes]],
                        payload: bytes) -> tuple[Reply, int]:
