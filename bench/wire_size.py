@@ -546,7 +546,10 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   option move inside the ciphertext).  Each security mode logs in on its own
   (sessions and tokens bind to the security identity).  **datagrams p/D/O**:
   how many, plain/DTLS/OSCORE; **largest up**: the largest single datagram
-  device → gateway; **frames**: IEEE 802.15.4 frames needed at
+  device → gateway (an operation with 4 datagrams where the others have 2 was
+  answered separately: Synapse took longer than the gateway's 0.1 s
+  piggy-back wait, so an empty ACK, the answer as CON and its ACK went by;
+  figures from one run on a shared machine); **frames**: IEEE 802.15.4 frames needed at
   {FRAME_PAYLOAD} bytes of UDP payload per frame (``ceil(size/{FRAME_PAYLOAD})`` per
   datagram; 127-byte frames less MAC, 6LoWPAN IPHC and UDP headers; a larger
   datagram goes as that many 6LoWPAN fragments, RFC 4944, whose fragment
