@@ -1,13 +1,17 @@
-"""Bytes on air per device operation: compact profile vs original CoMatrix vs MSC3079 vs HTTP.
+"""Bytes on air per device operation: compact profile vs original CoMatrix vs MSC3079 vs HTTP,
+each in plain CoAP, over DTLS 1.2 (PSK) and with OSCORE.
 
 Starts a real Synapse (server name ``example.org``, so the sender is exactly
 ``@sensor01:example.org``), a TCP relay in front of it, the gateway pointed at
-that relay, and a UDP relay in front of the gateway.  Each operation is driven
-through the UDP relay with the reference device client's CoAP side
-(`comatrix.client.UdpCoap`); the relay records every datagram, both ways
-(requests, responses, empty ACKs, notifications).  The TCP relay records the
-HTTP/1.1 bytes the gateway exchanged with Synapse meanwhile.  Prints one table
-and writes ``docs/wire-size.rst``::
+that relay (``security = "optional"``, a DTLS port, and one ``[[devices]]``
+entry for sensor01 with a PSK identity and an OSCORE context), and UDP relays
+in front of the gateway's CoAP and DTLS ports.  Each operation is driven
+through a UDP relay with the reference device client's CoAP side
+(`comatrix.client.UdpCoap`, plain, with ``psk`` or with ``oscore``); the relay
+records every datagram, both ways (requests, responses, empty ACKs,
+notifications, DTLS handshake flights).  The TCP relay records the HTTP/1.1
+bytes the gateway exchanged with Synapse meanwhile.  Prints the tables and
+writes ``docs/wire-size.rst``::
 
     .venv/bin/python bench/wire_size.py            # writes docs/wire-size.rst
     .venv/bin/python bench/wire_size.py --no-write # print only
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import secrets
 import select
@@ -35,10 +40,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import cbor2  # noqa: E402
 
-from comatrix.client import CompactDevice, DeviceState, OriginalDevice, UdpCoap  # noqa: E402
-from comatrix.coap import wire  # noqa: E402
-from comatrix.coap.numbers import Code, MessageType, OptionNumber  # noqa: E402
+from comatrix.client import CompactDevice, DeviceState, OriginalDevice, UdpCoap, oscore_sequence  # noqa: E402
+from comatrix.coap.numbers import Code, OptionNumber  # noqa: E402
 from comatrix.compact.codec import BUDGETS, SendRequest  # noqa: E402
+from comatrix.oscore.client import OscoreClient  # noqa: E402
+from comatrix.oscore.context import SecurityContext  # noqa: E402
+from support import free_port  # noqa: E402
 from support.gateway import GatewayProcess  # noqa: E402
 from support.synapse import SynapseServer  # noqa: E402
 
@@ -46,17 +53,28 @@ FRAME_PAYLOAD = 80  # bytes of CoAP per IEEE 802.15.4 frame (facts §1)
 BODY20 = "temperature=21.5C ok"
 OPERATIONS = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time")
 FORMS = ("compact", "original", "msc3079", "http")
+SECURITIES = ("plain", "dtls", "oscore")
+#: The bench device's provisioning (a [[devices]] entry with both kinds of key material).
+PSK_IDENTITY = "sensor01"
+OSCORE_SENDER_ID = b"\x01"  # the device's (the entry's recipient_id)
+OSCORE_RECIPIENT_ID = b""  # the gateway's
+#: Goals of issue 11 for the compact send request (bytes up).
+GOALS = {"oscore": 64, "dtls": 80}
 
 
 class UdpRelay:
-    """client <-> relay <-> gateway, recording every datagram as ("up"|"down", bytes)."""
+    """clients <-> relay <-> gateway, recording every datagram as ("up"|"down", bytes).
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    Each client address gets its own socket towards the gateway, so the gateway
+    sees distinct peers (DTLS sessions are per peer address).
+    """
+
+    def __init__(self, target: tuple[str, int], scheme: str = "coap") -> None:
+        self.target = target
+        self.scheme = scheme
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
-        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.back.connect(target)
-        self.client: Any = None
+        self.backs: dict[Any, socket.socket] = {}
         self.log: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
         self.running = True
@@ -64,23 +82,33 @@ class UdpRelay:
 
     @property
     def uri(self) -> str:
-        return f"coap://127.0.0.1:{self.front.getsockname()[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.front.getsockname()[1]}"
+
+    def _back(self, client: Any) -> socket.socket:
+        back = self.backs.get(client)
+        if back is None:
+            back = self.backs[client] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            back.connect(self.target)
+        return back
 
     def _run(self) -> None:
         while self.running:
-            ready, _, _ = select.select([self.front, self.back], [], [], 0.2)
+            clients = {back: client for client, back in self.backs.items()}
+            ready, _, _ = select.select([self.front, *clients], [], [], 0.2)
             for sock in ready:
-                if sock is self.front:
-                    data, self.client = self.front.recvfrom(4096)
-                    with self.lock:
-                        self.log.append(("up", data))
-                    self.back.send(data)
-                else:
-                    data = self.back.recv(4096)
-                    with self.lock:
-                        self.log.append(("down", data))
-                    if self.client is not None:
-                        self.front.sendto(data, self.client)
+                try:
+                    if sock is self.front:
+                        data, client = self.front.recvfrom(4096)
+                        with self.lock:
+                            self.log.append(("up", data))
+                        self._back(client).send(data)
+                    else:
+                        data = sock.recv(4096)
+                        with self.lock:
+                            self.log.append(("down", data))
+                        self.front.sendto(data, clients[sock])
+                except OSError:
+                    continue
 
     def mark(self) -> int:
         with self.lock:
@@ -168,14 +196,19 @@ def coap_row(datagrams: list[tuple[str, bytes]], note: str = "") -> Row:
 
 
 class Bench:
-    def __init__(self, udp: UdpRelay, tcp: TcpRelay) -> None:
-        self.udp = udp
-        self.tcp = tcp
-        self.results: dict[tuple[str, str], Row] = {}
+    """Results by (operation, form, security); each security has its relay."""
 
-    def measure(self, op: str, form: str, call: Callable[[], Any], *, settle: float = 0.3,
-                http_form: str | None = None) -> Any:
-        mark = self.udp.mark()
+    def __init__(self, relays: dict[str, UdpRelay], tcp: TcpRelay) -> None:
+        self.relays = relays
+        self.tcp = tcp
+        self.results: dict[tuple[str, str, str], Row] = {}
+        #: Rows of whole exchanges that are not device operations (handshakes), by name.
+        self.extra: dict[str, Row] = {}
+
+    def measure(self, op: str, form: str, call: Callable[[], Any], *, security: str = "plain",
+                settle: float = 0.3, http_form: str | None = None) -> Any:
+        relay = self.relays[security]
+        mark = relay.mark()
         http_before = self.tcp.counters()
         try:
             result = call()
@@ -183,11 +216,21 @@ class Bench:
         except Exception as exc:  # a form that cannot do an operation: reported in the table
             result, note = None, f"failed: {exc}"[:60]
         time.sleep(settle)  # late datagrams of the exchange (empty ACKs, a separate response)
-        self.results[(op, form)] = coap_row(self.udp.since(mark), note)
+        self.results[(op, form, security)] = coap_row(relay.since(mark), note)
         if http_form is not None:
             http_after = self.tcp.counters()
-            self.results[(op, http_form)] = Row(up=http_after[0] - http_before[0],
-                                                down=http_after[1] - http_before[1])
+            self.results[(op, http_form, "plain")] = Row(up=http_after[0] - http_before[0],
+                                                         down=http_after[1] - http_before[1])
+        return result
+
+    def measure_extra(self, name: str, security: str, call: Callable[[], Any], note: str = "") -> Any:
+        relay = self.relays[security]
+        mark = relay.mark()
+        result = call()
+        time.sleep(0.3)
+        datagrams = relay.since(mark)
+        sizes = " ".join(f"{'u' if way == 'up' else 'd'}{len(data)}" for way, data in datagrams)
+        self.extra[name] = coap_row(datagrams, f"{note} [{sizes}]" if datagrams else note)
         return result
 
 
@@ -203,136 +246,276 @@ def msc3079_request(coap: UdpCoap, code: int, path: str, token: str | None = Non
     return cbor2.loads(reply.payload) if reply.payload else None
 
 
+@dataclasses.dataclass
+class Keys:
+    """The bench device's key material (secrets: generated per run, never printed)."""
+
+    psk: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
+    master_secret: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(16))
+    master_salt: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(8))
+
+    def device_entry(self, user_id: str, password: str) -> str:
+        return (f'[[devices]]\nuser = "{user_id}"\npassword = "{password}"\n'
+                f'psk_identity = "{PSK_IDENTITY}"\npsk = "{self.psk}"\n'
+                f'oscore = {{ recipient_id = "{OSCORE_SENDER_ID.hex()}", sender_id = "{OSCORE_RECIPIENT_ID.hex()}", '
+                f'master_secret = "{self.master_secret.hex()}", master_salt = "{self.master_salt.hex()}" }}\n')
+
+
 def run(write: bool) -> str:
     with tempfile.TemporaryDirectory(prefix="comatrix-wire-") as tmp:
         synapse = SynapseServer(Path(tmp) / "synapse", server_name="example.org")
         synapse.start()
         tcp = TcpRelay(("127.0.0.1", synapse.port))
+        password = secrets.token_urlsafe(15)
+        sensor_id, sensor_http_token, _ = synapse.register("sensor01", password)
+        keys = Keys()
+        dtls_port = free_port("127.0.0.1", socket.SOCK_DGRAM)
         gateway = GatewayProcess(tcp.url, Path(tmp) / "gateway", log_level="debug",
-                                 config_text="[limits]\ndevice_rate = 0\nglobal_rate = 0\n")
+                                 config_text=f'security = "optional"\ndtls_port = {dtls_port}\n\n'
+                                             "[limits]\ndevice_rate = 0\nglobal_rate = 0\n\n"
+                                             + keys.device_entry(sensor_id, password))
         gateway.start()
         try:
-            return drive(synapse, gateway, tcp, write)
+            return drive(synapse, gateway, tcp, write, Device(password, sensor_id, sensor_http_token, keys,
+                                                              dtls_port))
         finally:
             gateway.stop()
             synapse.stop()
 
 
-def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write: bool) -> str:
-    udp = UdpRelay(("127.0.0.1", gateway.port))
-    bench = Bench(udp, tcp)
-    password = secrets.token_urlsafe(15)
-    sensor_id, sensor_http_token, _ = synapse.register("sensor01", password)
+@dataclasses.dataclass
+class Device:
+    password: str
+    user_id: str
+    http_token: str
+    keys: Keys
+    dtls_port: int
+
+
+class Connector:
+    """New `UdpCoap` clients through the relays: plain, DTLS (a handshake each) or OSCORE."""
+
+    def __init__(self, relays: dict[str, UdpRelay], keys: Keys) -> None:
+        self.relays = relays
+        self.keys = keys
+        self.oscore_state = DeviceState(None)  # one sender sequence for every OSCORE client
+
+    def __call__(self, security: str) -> UdpCoap:
+        uri = self.relays[security].uri
+        if security == "dtls":
+            return UdpCoap(uri, psk=(PSK_IDENTITY, self.keys.psk.encode("utf-8")))
+        if security == "oscore":
+            context = SecurityContext(OSCORE_SENDER_ID, OSCORE_RECIPIENT_ID, self.keys.master_secret,
+                                      self.keys.master_salt)
+            return UdpCoap(uri, oscore=OscoreClient(context, oscore_sequence(self.oscore_state, "bench")))
+        return UdpCoap(uri)
+
+
+def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write: bool, sensor: Device) -> str:
+    plain = UdpRelay(("127.0.0.1", gateway.port))
+    relays = {"plain": plain, "oscore": plain, "dtls": UdpRelay(("127.0.0.1", sensor.dtls_port), "coaps")}
+    bench = Bench(relays, tcp)
+    connect = Connector(relays, sensor.keys)
     owner_id, owner_token, _ = synapse.register("owner" + secrets.token_hex(3), secrets.token_urlsafe(15))
     room_id = synapse.create_room(owner_token)
-    synapse.invite(owner_token, room_id, sensor_id)
+    synapse.invite(owner_token, room_id, sensor.user_id)
 
-    # Original CoMatrix form (its HTTP bytes are the "http" column: one homeserver call each).
-    original = OriginalDevice(UdpCoap(udp.uri), DeviceState(None))
-    bench.measure("time", "original", original.time)
-    bench.measure("login", "original", lambda: original.login("sensor01", password), http_form="http")
-    bench.measure("join", "original", lambda: original.join(room_id), http_form="http")
-    bench.measure("send", "original", lambda: original.send(room_id, BODY20), http_form="http")
-    bench.measure("getmsg", "original", lambda: original.getmsg(room_id), http_form="http")
-    bench.measure("logout", "original", original.logout, http_form="http")
-
-    # MSC3079, if the gateway serves it (/0 versions).
-    coap = UdpCoap(udp.uri)
-    versions = coap.request(Code.GET, "0")
-    if versions.ok:
-        state: dict[str, Any] = {}
-        login_body = {2: "m.login.password", 65: {2: "m.id.user", 66: "sensor01"}, 69: password}
-
-        def msc_login() -> None:
-            state["token"] = msc3079_request(coap, Code.POST, "1", body=login_body)[73]
-
-        bench.measure("login", "msc3079", msc_login)
-        bench.measure("join", "msc3079", lambda: msc3079_request(coap, Code.POST, f"K/{room_id}",
-                                                                 state.get("token"), {}))
-        txn = "m" + secrets.token_hex(4)
-        bench.measure("send", "msc3079", lambda: msc3079_request(
-            coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}", state.get("token"), {28: "m.text", 27: BODY20}))
-        bench.measure("getmsg", "msc3079", lambda: msc3079_request(
-            coap, Code.GET, f"E/{room_id}", state.get("token"),
-            query=("dir=b", "limit=1", 'filter={"types":["m.room.message"]}')))
-        bench.measure("logout", "msc3079", lambda: msc3079_request(coap, Code.POST, "3", state.get("token"), {}))
-    msc_note = "not measured (full /sync pushes)" if versions.ok else "n/a: no MSC3079 endpoint"
-
-    # The compact profile.
-    device = CompactDevice(UdpCoap(udp.uri), DeviceState(None))
-    bench.measure("time", "compact", device.time)
-    bench.measure("login", "compact", lambda: device.login("sensor01", password))
-    bench.results[("login", "compact")].note = "login + GET /z (seeds seq)"
-    bench.measure("join", "compact", lambda: device.join(room_id))
-    bench.measure("send", "compact", lambda: device.send(room_id, BODY20))
-
-    def quiet_send() -> None:
-        """Fire-and-forget: NON with No-Response 0x02 (RFC 7967); nothing comes back on success."""
-        seq = int(device.compact.get("seq", 0)) + 1000
-        payload = SendRequest(device.handle, device.compact["rooms"][room_id], seq, BODY20).encode()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.sendto(wire.encode(MessageType.NON, Code.POST, 0x5157, b"\x51",
-                                    [(OptionNumber.URI_PATH, b"w"), (OptionNumber.CONTENT_FORMAT, b"\x3c"),
-                                     (OptionNumber.NO_RESPONSE, b"\x02")], payload),
-                        udp.front.getsockname())
-
-    bench.measure("send NON+NR", "compact", quiet_send, settle=1.0)
-    bench.results[("send NON+NR", "compact")].note = "NON, No-Response 0x02: no answer on success"
-    bench.measure("getmsg", "compact", lambda: device.getmsg(room_id))
-
-    # One Observe notification: the device watches, sensor01 posts the 20-char body over HTTP.
-    watch_coap = UdpCoap(udp.uri)
-    watcher = CompactDevice(watch_coap, DeviceState(None, {"compact": dict(device.compact)}))
-    got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.extend(watcher.watch(room_id, count=1, timeout=20)), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while "sync loop started" not in gateway.log_text():  # logged when the observation is made
-        if time.monotonic() > deadline:
-            raise SystemExit("the observation was not made")
-        time.sleep(0.05)
-    mark = udp.mark()
-    http_before = tcp.counters()
-    sent_at = time.monotonic()
-    synapse.send_text(sensor_http_token, room_id, BODY20)
-    thread.join(20)
-    latency = time.monotonic() - sent_at
+    # Exchanges that are not operations: what a secured device pays once.
+    first_dtls = bench.measure_extra("DTLS-PSK handshake", "dtls", lambda: connect("dtls"),
+                                     "TLS_PSK_WITH_AES_128_CCM_8, cookie exchange; u/d: datagram sizes up/down")
+    first_dtls.close()
     time.sleep(0.3)
-    pushed = [(way, data) for way, data in udp.since(mark)]
-    bench.results[("notification", "compact")] = coap_row(pushed, f"arrived {latency * 1000:.0f} ms after the HTTP send")
-    http_after = tcp.counters()
-    bench.results[("notification", "http")] = Row(up=http_after[0] - http_before[0],
-                                                  down=http_after[1] - http_before[1],
-                                                  note="the gateway's /sync (+ /messages if walked)")
-    bench.measure("logout", "compact", device.logout)
-    udp.running = False
-    table = render(bench.results, msc_note)
+    first_oscore = connect("oscore")
+    bench.measure_extra("OSCORE Echo round trip", "oscore", lambda: first_oscore.request(Code.GET, "z"),
+                        "1st request after a gateway start: GET /z, 4.01 Echo, repeat, 2.05")
+    first_oscore.close()
+    measure_edhoc(bench)
+
+    versions = UdpCoap(plain.uri).request(Code.GET, "0")
+    for security in SECURITIES:
+        original_form(bench, connect, security, sensor, room_id)
+        if versions.ok:
+            msc3079_form(bench, connect, security, sensor, room_id)
+        compact_form(bench, connect, security, sensor, room_id, gateway, synapse)
+    msc_note = "not measured (full /sync pushes)" if versions.ok else "n/a: no MSC3079 endpoint"
+    for relay in set(relays.values()):
+        relay.running = False
+    table = render(bench.results, msc_note) + "\n\n" + render_extra(bench.extra) + "\n\n" + goals(bench.results)
     print(table)
     if write:
         (REPO / "docs" / "wire-size.rst").write_text(document(table))
     return table
 
 
-def render(results: dict[tuple[str, str], Row], msc_note: str) -> str:
-    header = ("operation", "form", "bytes up", "bytes down", "datagrams", "largest up/down", "frames", "note")
+def measure_edhoc(bench: Bench) -> None:
+    """Hook for the EDHOC (RFC 9528) exchange row: filled in once ``comatrix.edhoc`` exists.
+
+    It should connect an EDHOC initiator through ``bench.relays["oscore"]`` (EDHOC runs on
+    the CoAP port, ``POST /.well-known/edhoc``) and record the whole exchange with
+    ``bench.measure_extra("EDHOC exchange", "oscore", call, note)``.
+    """
+    if importlib.util.find_spec("comatrix.edhoc") is None:
+        bench.extra["EDHOC exchange"] = Row(note="not measured: comatrix.edhoc is not on this branch yet")
+    else:
+        bench.extra["EDHOC exchange"] = Row(note="not measured: comatrix.edhoc exists; add it to measure_edhoc()")
+
+
+def original_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str) -> None:
+    """The original CoMatrix form (its plain HTTP bytes are the "http" column: one homeserver call each)."""
+    http = "http" if security == "plain" else None
+    original = OriginalDevice(connect(security), DeviceState(None))
+    bench.measure("time", "original", original.time, security=security)
+    bench.measure("login", "original", lambda: original.login("sensor01", sensor.password),
+                  security=security, http_form=http)
+    bench.measure("join", "original", lambda: original.join(room_id), security=security, http_form=http)
+    bench.measure("send", "original", lambda: original.send(room_id, BODY20), security=security, http_form=http)
+    bench.measure("getmsg", "original", lambda: original.getmsg(room_id), security=security, http_form=http)
+    bench.measure("logout", "original", original.logout, security=security, http_form=http)
+    original.coap.close()
+
+
+def msc3079_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str) -> None:
+    coap = connect(security)
+    state: dict[str, Any] = {}
+    login_body = {2: "m.login.password", 65: {2: "m.id.user", 66: "sensor01"}, 69: sensor.password}
+
+    def msc_login() -> None:
+        state["token"] = msc3079_request(coap, Code.POST, "1", body=login_body)[73]
+
+    bench.measure("login", "msc3079", msc_login, security=security)
+    bench.measure("join", "msc3079", lambda: msc3079_request(coap, Code.POST, f"K/{room_id}",
+                                                             state.get("token"), {}), security=security)
+    txn = "m" + secrets.token_hex(4)
+    bench.measure("send", "msc3079", lambda: msc3079_request(
+        coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}", state.get("token"), {28: "m.text", 27: BODY20}),
+        security=security)
+    bench.measure("getmsg", "msc3079", lambda: msc3079_request(
+        coap, Code.GET, f"E/{room_id}", state.get("token"),
+        query=("dir=b", "limit=1", 'filter={"types":["m.room.message"]}')), security=security)
+    bench.measure("logout", "msc3079", lambda: msc3079_request(coap, Code.POST, "3", state.get("token"), {}),
+                  security=security)
+    coap.close()
+
+
+def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str,
+                 gateway: GatewayProcess, synapse: SynapseServer) -> None:
+    device = CompactDevice(connect(security), DeviceState(None))
+    bench.measure("time", "compact", device.time, security=security)
+    bench.measure("login", "compact", lambda: device.login("sensor01", sensor.password), security=security)
+    bench.results[("login", "compact", security)].note = "login + GET /z (seeds seq)"
+    bench.measure("join", "compact", lambda: device.join(room_id), security=security)
+    bench.measure("send", "compact", lambda: device.send(room_id, BODY20), security=security)
+
+    def quiet_send() -> None:
+        """Fire-and-forget: NON with No-Response 0x02 (RFC 7967); nothing comes back on success."""
+        seq = int(device.compact.get("seq", 0)) + 1000
+        payload = SendRequest(device.handle, device.compact["rooms"][room_id], seq, BODY20).encode()
+        device.coap.send_non(Code.POST, "w", payload=payload, content_format=60,
+                             options=[(OptionNumber.NO_RESPONSE, b"\x02")])
+
+    bench.measure("send NON+NR", "compact", quiet_send, security=security, settle=1.0)
+    bench.results[("send NON+NR", "compact", security)].note = "NON, No-Response 0x02: no answer on success"
+    bench.measure("getmsg", "compact", lambda: device.getmsg(room_id), security=security)
+    notification(bench, connect, security, device, sensor, room_id, gateway, synapse)
+    bench.measure("logout", "compact", device.logout, security=security)
+    device.coap.close()
+
+
+def notification(bench: Bench, connect: Connector, security: str, device: CompactDevice, sensor: Device,
+                 room_id: str, gateway: GatewayProcess, synapse: SynapseServer) -> None:
+    """One Observe notification: the device watches, sensor01 posts the 20-char body over HTTP."""
+    watcher = CompactDevice(connect(security), DeviceState(None, {"compact": dict(device.compact)}))
+    got: list[Any] = []
+    loops_before = gateway.log_text().count("sync loop started")
+    thread = threading.Thread(target=lambda: got.extend(watcher.watch(room_id, count=1, timeout=20)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while gateway.log_text().count("sync loop started") == loops_before:  # logged when the observation is made
+        if time.monotonic() > deadline:
+            raise SystemExit("the observation was not made")
+        time.sleep(0.05)
+    time.sleep(0.3)  # the registration's answer has gone by
+    relay = bench.relays[security]
+    mark = relay.mark()
+    http_before = bench.tcp.counters()
+    sent_at = time.monotonic()
+    synapse.send_text(sensor.http_token, room_id, BODY20)
+    thread.join(20)
+    latency = time.monotonic() - sent_at
+    time.sleep(0.3)
+    note = f"arrived {latency * 1000:.0f} ms after the HTTP send" if got else "no notification"
+    bench.results[("notification", "compact", security)] = coap_row(relay.since(mark), note)
+    if security == "plain":
+        http_after = bench.tcp.counters()
+        bench.results[("notification", "http", "plain")] = Row(
+            up=http_after[0] - http_before[0], down=http_after[1] - http_before[1],
+            note="the gateway's /sync (+ /messages if walked)")
+    watcher.coap.close()
+    time.sleep(0.3)  # its DTLS close_notify (both ways) must not count in the next operation
+
+
+def _cells(rows: list[Row | None], value: Callable[[Row], str]) -> str:
+    return "/".join("-" if row is None or row.note.startswith("failed") else value(row) for row in rows)
+
+
+def render(results: dict[tuple[str, str, str], Row], msc_note: str) -> str:
+    header = ("operation", "form", "plain up/down", "DTLS up/down", "OSCORE up/down", "datagrams p/D/O",
+              "largest up p/D/O", "frames p/D/O", "note")
     lines: list[tuple[str, ...]] = []
     for op in OPERATIONS:
         for form in FORMS:
-            row = results.get((op, form))
-            if row is None:
+            rows = [results.get((op, form, security)) for security in SECURITIES]
+            plain = rows[0]
+            if all(row is None for row in rows):
                 note = msc_note if form == "msc3079" and op == "notification" else "n/a"
-                lines.append((op, form, "-", "-", "-", "-", "-", note))
+                lines.append((op, form, "-", "-", "-", "-", "-", "-", note))
                 continue
             if form == "http":
-                lines.append((op, form, str(row.up), str(row.down), "-", "-", "-", row.note or "HTTP/1.1 to Synapse"))
+                assert plain is not None
+                lines.append((op, form, f"{plain.up}/{plain.down}", "-", "-", "-", "-", "-",
+                              plain.note or "HTTP/1.1 to Synapse"))
                 continue
             budget = ""
             if form == "compact" and op in BUDGETS:
                 request_budget, response_budget = BUDGETS[op]
                 budget = f"budget {request_budget or '-'}/{response_budget}"
-            lines.append((op, form, str(row.up), str(row.down), str(row.datagrams),
-                          f"{row.largest_up}/{row.largest_down}", str(row.frames),
-                          "; ".join(part for part in (budget, row.note) if part)))
+            notes = [budget, plain_note(plain)] + [
+                f"{security}: {row.note}" for security, row in zip(SECURITIES[1:], rows[1:])
+                if row is not None and row.note and row.note != plain_note(plain)]
+            lines.append((op, form, *(_cells([row], lambda r: f"{r.up}/{r.down}") for row in rows),
+                          _cells(rows, lambda r: str(r.datagrams)), _cells(rows, lambda r: str(r.largest_up)),
+                          _cells(rows, lambda r: str(r.frames)), "; ".join(part for part in notes if part)))
+    return _table(header, lines)
+
+
+def plain_note(row: Row | None) -> str:
+    return row.note if row is not None else ""
+
+
+def render_extra(extra: dict[str, Row]) -> str:
+    header = ("exchange", "bytes up", "bytes down", "datagrams", "largest up/down", "frames", "note")
+    lines: list[tuple[str, ...]] = []
+    for name, row in extra.items():
+        if not row.datagrams:
+            lines.append((name, "-", "-", "-", "-", "-", row.note))
+            continue
+        lines.append((name, str(row.up), str(row.down), str(row.datagrams), f"{row.largest_up}/{row.largest_down}",
+                      str(row.frames), row.note))
+    return _table(header, lines)
+
+
+def goals(results: dict[tuple[str, str, str], Row]) -> str:
+    """Issue 11's goals for the compact send request, measured."""
+    parts = []
+    for security, goal in GOALS.items():
+        row = results.get(("send", "compact", security))
+        size = row.largest_up if row is not None else None
+        verdict = "-" if size is None else ("met" if size <= goal else "NOT met")
+        parts.append(f"compact send with {security.upper()}: {size} bytes up (goal <= {goal}: {verdict})")
+    return "Goals: " + "; ".join(parts) + "."
+
+
+def _table(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
     widths = [max(len(header[i]), *(len(line[i]) for line in lines)) for i in range(len(header))]
     rule = "  ".join("=" * width for width in widths)
 
@@ -353,11 +536,32 @@ relay between the gateway and Synapse {_synapse_version()} (server name
 ``example.org``, so the sender is ``@sensor01:example.org``; room version 12,
 so room ids are ``!`` + 43 characters; 20-character message body).
 
-* **bytes up / down**: sum of the UDP payloads (whole CoAP messages, no
-  DTLS/OSCORE) device → gateway and gateway → device, including empty ACKs and
-  separate responses; **datagrams**: how many; **largest**: the largest single
-  datagram each way; **frames**: IEEE 802.15.4 frames needed at
-  {FRAME_PAYLOAD} bytes of CoAP per frame (``ceil(size/{FRAME_PAYLOAD})`` per datagram).
+* **plain / DTLS / OSCORE up/down**: sum of the UDP payloads device → gateway
+  and gateway → device, including empty ACKs and separate responses, for the
+  same operation in plain CoAP, in CoAP over DTLS 1.2 (``coaps://``, PSK,
+  TLS_PSK_WITH_AES_128_CCM_8: each CoAP message is one record, 13 bytes of
+  header + 8 of explicit nonce + 8 of tag = 29 bytes more per datagram), and
+  with OSCORE (RFC 8613, AES-CCM-16-64-128: the OSCORE option with the
+  Partial IV and kid, the 8-byte tag, the inner code; Uri-Path and every other
+  option move inside the ciphertext).  Each security mode logs in on its own
+  (sessions and tokens bind to the security identity).  **datagrams p/D/O**:
+  how many, plain/DTLS/OSCORE; **largest up**: the largest single datagram
+  device → gateway (an operation with 4 datagrams where the others have 2 was
+  answered separately: Synapse took longer than the gateway's 0.1 s
+  piggy-back wait, so an empty ACK, the answer as CON and its ACK went by;
+  figures from one run on a shared machine); **frames**: IEEE 802.15.4 frames needed at
+  {FRAME_PAYLOAD} bytes of UDP payload per frame (``ceil(size/{FRAME_PAYLOAD})`` per
+  datagram; 127-byte frames less MAC, 6LoWPAN IPHC and UDP headers; a larger
+  datagram goes as that many 6LoWPAN fragments, RFC 4944, whose fragment
+  headers the estimate leaves out).  ``-``: not measured or failed (see the note).
+* **Exchanges** (second table): what a secured device pays once, counted the
+  same way.  The DTLS-PSK handshake runs once per session (``comatrix-device``
+  does one per run; firmware keeps the session): ClientHello, the stateless
+  HelloVerifyRequest cookie round, the PSK key exchange and both Finished
+  messages.  OSCORE needs no handshake; after a gateway start the first request
+  of each device is answered with a 4.01 Echo challenge (RFC 8613 B.1.2) and
+  repeated.  EDHOC (RFC 9528) establishes an OSCORE context without a
+  pre-shared master secret.
 * **compact**: the compact profile (``docs/protocol.rst``), with its budgets
   (request/response bytes per message).  **original**: the original CoMatrix
   form (Proxy-Uri with the homeserver URL ``http://[fd00::1]:8008`` and a path
@@ -367,7 +571,9 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   **http**: HTTP/1.1 bytes the gateway exchanged with Synapse for the original
   form's operation (one call each); for ``notification``, during the compact
   notification (the session's ``/sync`` long-poll answer, plus a forward
-  ``/messages`` page when the gateway had to walk the room).
+  ``/messages`` page when the gateway had to walk the room).  The original
+  form keeps its Proxy-Uri inside the OSCORE ciphertext (the gateway is the
+  origin server, not a proxy).
 
 ::
 

@@ -15,6 +15,17 @@ original CoMatrix form (Proxy-Uri + option 256, full Matrix key names) with
 Its session handle, seq counter, room handles and cursors live in a small JSON
 state file (0600; ``--state FILE``, default ``$XDG_STATE_HOME/comatrix-device/state.json``).
 
+Every command also runs protected, as a provisioned device does::
+
+    comatrix-device --gateway coaps://[::1] --psk-identity sensor01 --psk-key KEY send ROOM hi  # DTLS 1.2 PSK
+    comatrix-device --oscore sensor02.toml send ROOM hi                                         # OSCORE
+
+DTLS (`comatrix.dtls.client`): one handshake per run, TLS_PSK_WITH_AES_128_CCM_8,
+then every CoAP message is one record.  OSCORE (`comatrix.oscore.client`, context
+file format there): requests protected with the device's sender context, the
+sender sequence number kept in the state file (stored before use), a gateway's
+4.01 Echo challenge answered by repeating the request with the Echo option.
+
 The CoAP side is a deliberately small hand-written UDP client (`UdpCoap`), not
 aiocoap: a firmware author should be able to read every byte it sends (2-byte
 tokens, only the options the spec names, RFC 7252 retransmission with the same
@@ -37,7 +48,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Deque, Generator, Iterator, Sequence
+from typing import Any, Callable, Deque, Generator, Iterator, Protocol, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
 import cbor2
@@ -48,6 +59,9 @@ from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
 from comatrix.compact.codec import PATHS, HandleRequest, JoinRequest, LoginRequest, Message, MessagesRequest, SendRequest
+from comatrix.dtls.client import DtlsClientLink
+from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
+from comatrix.oscore.layer import ECHO_OPTION
 
 __all__ = ["CoapResponseError", "CompactDevice", "DeviceState", "NoResponse", "OriginalDevice", "Reply",
            "UdpCoap", "main"]
@@ -55,6 +69,8 @@ __all__ = ["CoapResponseError", "CompactDevice", "DeviceState", "NoResponse", "O
 #: MSC3079's access-token option, used by the original CoMatrix form.
 ACCESS_TOKEN_OPTION = 256
 DEFAULT_GATEWAY = "coap://[::1]:5683"
+#: RFC 7252 §6.2: the coaps:// default port.
+DEFAULT_COAPS_PORT = 5684
 #: What the original CoMatrix firmware put in front of the Proxy-Uri path (its homeserver URL).
 DEFAULT_PROXY_BASE = "http://[fd00::1]:8008"
 
@@ -104,6 +120,59 @@ class Reply:
         return self
 
 
+class Link(Protocol):
+    """Where datagrams go: plain UDP, or a DTLS session (`comatrix.dtls.client.DtlsClientLink`)."""
+
+    sock: socket.socket
+
+    def send(self, data: bytes) -> None: ...
+
+    def receive(self, deadline: float) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
+class UdpLink:
+    """Plain CoAP over UDP: one socket, datagrams as they are."""
+
+    def __init__(self, family: int, address: Any, source: str | None = None) -> None:
+        self.address = address
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        if source is not None:  # a specific source address (tests: another device on loopback)
+            self.sock.bind((source, 0))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, self.address)
+
+    def receive(self, deadline: float) -> bytes | None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        self.sock.settimeout(remaining)
+        try:
+            data, _ = self.sock.recvfrom(2048)
+        except socket.timeout:
+            return None
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def resolve_gateway(gateway: str) -> tuple[str, int, Any]:
+    """(scheme, address family, socket address) of a ``coap://`` or ``coaps://`` URI."""
+    parts = urlsplit(gateway)
+    if parts.scheme not in ("coap", "coaps") or not parts.hostname:
+        raise ValueError("gateway must be a coap://host[:port] or coaps://host[:port] URI")
+    host = unquote(parts.hostname)
+    if "%" not in host and parts.netloc.find("%25") >= 0:  # urlsplit drops an IPv6 zone
+        host += "%" + unquote(parts.netloc.split("%25", 1)[1].split("]", 1)[0])
+    default_port = DEFAULT_COAPS_PORT if parts.scheme == "coaps" else 5683
+    infos = socket.getaddrinfo(host, parts.port or default_port, type=socket.SOCK_DGRAM)
+    family, _, _, _, address = infos[0]
+    return parts.scheme, family, address
+
+
 def _uint_option(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
@@ -121,19 +190,18 @@ class UdpCoap:
     PENDING_NOTIFICATIONS = 64
 
     def __init__(self, gateway: str, *, trace: Trace | None = None, token_length: int = 2,
-                 ack_timeout: float | None = None, source: str | None = None) -> None:
-        parts = urlsplit(gateway)
-        if parts.scheme != "coap" or not parts.hostname:
-            raise ValueError("gateway must be a coap://host[:port] URI")
-        host = unquote(parts.hostname)
-        if "%" not in host and parts.netloc.find("%25") >= 0:  # urlsplit drops an IPv6 zone
-            host += "%" + unquote(parts.netloc.split("%25", 1)[1].split("]", 1)[0])
-        infos = socket.getaddrinfo(host, parts.port or 5683, type=socket.SOCK_DGRAM)
-        family, _, _, _, address = infos[0]
+                 ack_timeout: float | None = None, source: str | None = None,
+                 psk: tuple[str, bytes] | None = None, oscore: OscoreClient | None = None) -> None:
+        """``gateway`` is ``coap://`` (plain, or OSCORE with ``oscore``) or ``coaps://`` (DTLS with ``psk``)."""
+        scheme, family, address = resolve_gateway(gateway)
+        if (scheme == "coaps") != (psk is not None):
+            raise ValueError("coaps:// needs a PSK (--psk-identity/--psk-key), and a PSK needs coaps://")
+        if psk is not None and oscore is not None:
+            raise ValueError("choose DTLS or OSCORE, not both")
+        self.link: Link = (UdpLink(family, address, source) if psk is None
+                           else DtlsClientLink(family, address, psk[0], psk[1], source=source))
         self.address: Any = address
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        if source is not None:  # a specific source address (tests: another device on loopback)
-            self.sock.bind((source, 0))
+        self.oscore = oscore
         self.trace = trace
         self.token_length = token_length
         if ack_timeout is not None:
@@ -142,9 +210,20 @@ class UdpCoap:
         # Token of each live observation -> its notifications that arrived (and were
         # ACKed) during another exchange, for `observe` to hand out next.
         self._observations: dict[bytes, Deque[wire.Datagram]] = {}
+        # Token of each exchange under OSCORE -> the Partial IV of its request (answers are bound to it).
+        self._request_pivs: dict[bytes, bytes] = {}
+
+    @property
+    def sock(self) -> socket.socket:
+        """The UDP socket under the link (tests may put a scripted peer in its place)."""
+        return self.link.sock
+
+    @sock.setter
+    def sock(self, value: socket.socket) -> None:
+        self.link.sock = value
 
     def close(self) -> None:
-        self.sock.close()
+        self.link.close()
 
     def __enter__(self) -> "UdpCoap":
         return self
@@ -161,18 +240,13 @@ class UdpCoap:
     def _send(self, data: bytes) -> None:
         if self.trace is not None:
             self.trace("up", data)
-        self.sock.sendto(data, self.address)
+        self.link.send(data)
 
     def _receive(self, deadline: float) -> wire.Datagram | None:
         """The next well-formed datagram from the gateway before ``deadline``, else None."""
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self.sock.settimeout(remaining)
-            try:
-                data, _ = self.sock.recvfrom(2048)
-            except socket.timeout:
+            data = self.link.receive(deadline)
+            if data is None:
                 return None
             if self.trace is not None:
                 self.trace("down", data)
@@ -199,9 +273,8 @@ class UdpCoap:
         return True
 
     @staticmethod
-    def build(mtype: int, code: int, mid: int, token: bytes, path: str, *, payload: bytes = b"",
-              content_format: int | None = None, observe: int | None = None,
-              options: Sequence[tuple[int, bytes]] = ()) -> bytes:
+    def request_options(path: str, *, content_format: int | None = None, observe: int | None = None,
+                        options: Sequence[tuple[int, bytes]] = ()) -> list[tuple[int, bytes]]:
         opts: list[tuple[int, bytes]] = []
         if observe is not None:
             opts.append((OptionNumber.OBSERVE, _uint_option(observe)))
@@ -210,7 +283,23 @@ class UdpCoap:
             opts.append((OptionNumber.CONTENT_FORMAT, _uint_option(content_format)))
         opts += list(options)
         opts.sort(key=lambda option: option[0])
+        return opts
+
+    @classmethod
+    def build(cls, mtype: int, code: int, mid: int, token: bytes, path: str, *, payload: bytes = b"",
+              content_format: int | None = None, observe: int | None = None,
+              options: Sequence[tuple[int, bytes]] = ()) -> bytes:
+        opts = cls.request_options(path, content_format=content_format, observe=observe, options=options)
         return wire.encode(mtype, code, mid, token, opts, payload)
+
+    def _answer(self, message: wire.Datagram) -> Reply | None:
+        """The answer as the application sees it: under OSCORE verified and decrypted (None: not valid)."""
+        if self.oscore is None:
+            return _reply(message)
+        try:
+            return _reply(self.oscore.unprotect(message, self._request_pivs[message.token]))
+        except (KeyError, OscoreError):
+            return None
 
     # -- exchanges ------------------------------------------------------------------
 
@@ -224,12 +313,12 @@ class UdpCoap:
         (Block2) is completed with one request per block.
         """
         token = secrets.token_bytes(self.token_length)
-        reply, _ = self._exchange(code, path, token, payload, content_format, observe, options)
+        reply = self._final(code, path, token, payload, content_format, observe, options)
         echo = reply.option(ECHO)
         if reply.code == Code.UNAUTHORIZED and echo is not None:
             options = (*options, (ECHO, echo))
-            reply, _ = self._exchange(code, path, secrets.token_bytes(self.token_length), payload,
-                                      content_format, observe, options)
+            reply = self._final(code, path, secrets.token_bytes(self.token_length), payload,
+                                content_format, observe, options)
         return self._rest_of_blocks(code, path, payload, content_format, options, reply)
 
     def _rest_of_blocks(self, code: int, path: str, payload: bytes, content_format: int | None,
@@ -244,8 +333,8 @@ class UdpCoap:
             asked = Block(len(body) >> (4 + block.szx), False, block.szx)
             following = [option for option in options if option[0] != OptionNumber.BLOCK2]
             following.append((OptionNumber.BLOCK2, asked.encode()))
-            reply, _ = self._exchange(code, path, secrets.token_bytes(self.token_length), payload,
-                                      content_format, None, following)
+            reply = self._final(code, path, secrets.token_bytes(self.token_length), payload,
+                                content_format, None, following)
             raw = reply.option(OptionNumber.BLOCK2)
             if not reply.ok or raw is None:
                 return reply
@@ -255,11 +344,45 @@ class UdpCoap:
             body += reply.payload
         return dataclasses.replace(first, payload=body)
 
+    def _final(self, code: int, path: str, token: bytes, payload: bytes, content_format: int | None,
+               observe: int | None, options: Sequence[tuple[int, bytes]]) -> Reply:
+        """The final reply of one exchange; its token's OSCORE request state is dropped after."""
+        try:
+            reply, _ = self._exchange(code, path, token, payload, content_format, observe, options)
+        finally:
+            self._request_pivs.pop(token, None)
+        return reply
+
     def _exchange(self, code: int, path: str, token: bytes, payload: bytes, content_format: int | None,
                   observe: int | None, options: Sequence[tuple[int, bytes]]) -> tuple[Reply, int]:
+        opts = self.request_options(path, content_format=content_format, observe=observe, options=options)
+        reply, mid = self._exchange_once(code, path, token, opts, payload)
+        echo = reply.option(ECHO_OPTION) if self.oscore is not None else None
+        if echo is not None and reply.code == Code.UNAUTHORIZED:
+            # RFC 8613 B.1.2 / RFC 9175: the gateway does not know our sequence numbers
+            # yet (it restarted); repeating the request with its Echo value proves freshness.
+            reply, mid = self._exchange_once(code, path, token, opts + [(ECHO_OPTION, echo)], payload)
+        return reply, mid
+
+    def _encode_request(self, code: int, mid: int, token: bytes, options: list[tuple[int, bytes]],
+                        payload: bytes, mtype: int = MessageType.CON) -> bytes:
+        if self.oscore is not None:
+            code, options, payload, piv = self.oscore.protect(code, options, payload)
+            self._request_pivs[token] = piv
+        return wire.encode(mtype, code, mid, token, options, payload)
+
+    def send_non(self, code: int, path: str, *, payload: bytes = b"", content_format: int | None = None,
+                 options: Sequence[tuple[int, bytes]] = ()) -> None:
+        """One non-confirmable request, not waited for (with No-Response: fire and forget, RFC 7967)."""
+        token = secrets.token_bytes(self.token_length)
+        opts = self.request_options(path, content_format=content_format, options=options)
+        self._send(self._encode_request(code, self._next_mid(), token, opts, payload, MessageType.NON))
+        self._request_pivs.pop(token, None)
+
+    def _exchange_once(self, code: int, path: str, token: bytes, options: list[tuple[int, bytes]],
+                       payload: bytes) -> tuple[Reply, int]:
         mid = self._next_mid()
-        data = self.build(MessageType.CON, code, mid, token, path, payload=payload,
-                          content_format=content_format, observe=observe, options=options)
+        data = self._encode_request(code, mid, token, options, payload)
         timeout = random.uniform(self.ACK_TIMEOUT, self.ACK_TIMEOUT * self.ACK_RANDOM_FACTOR)
         acknowledged = False
         for _attempt in range(self.MAX_RETRANSMIT + 1):
@@ -273,10 +396,14 @@ class UdpCoap:
                     if message.code == Code.EMPTY:
                         acknowledged = True  # separate response follows
                         break
-                    return _reply(message), mid
+                    if (reply := self._answer(message)) is not None:
+                        return reply, mid
+                    continue
                 if message.token == token and message.code != Code.EMPTY:
-                    self._ack(message)
-                    return _reply(message), mid
+                    if (reply := self._answer(message)) is not None:
+                        self._ack(message)
+                        return reply, mid
+                    continue
                 if self._keep_notification(message):
                     continue
                 if message.mtype == MessageType.CON:  # not ours: reject
@@ -292,8 +419,10 @@ class UdpCoap:
             if message is None:
                 raise NoResponse(f"no separate response to {Code(code).name} /{path}")
             if message.token == token and message.code != Code.EMPTY:
-                self._ack(message)
-                return _reply(message), mid
+                if (reply := self._answer(message)) is not None:
+                    self._ack(message)
+                    return reply, mid
+                continue
             if self._keep_notification(message):
                 continue
             if message.mtype == MessageType.CON:
@@ -335,12 +464,15 @@ class UdpCoap:
                 if message.mid in seen:
                     continue  # a retransmitted CON notification
                 seen.add(message.mid)
-                reply = _reply(message)
+                reply = self._answer(message)
+                if reply is None:
+                    continue  # under OSCORE: forged or replayed
                 yield reply
                 if not reply.ok or reply.option(OptionNumber.OBSERVE) is None:
                     return
         finally:
             del self._observations[token]
+            self._request_pivs.pop(token, None)
 
 
 def _reply(message: wire.Datagram) -> Reply:
@@ -374,8 +506,25 @@ class DeviceState:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(self.data, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())  # an OSCORE sequence number is stored before it is used
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
+
+
+def oscore_sequence(state: DeviceState, context_name: str) -> Callable[[], int]:
+    """The OSCORE sender sequence numbers of one context, persisted in the state file.
+
+    RFC 8613 Appendix B.1.1 with K = 1: the next number is written (and fsynced)
+    before a number is used, so none is used twice, across crashes too.
+    """
+    def take() -> int:
+        numbers = state.section("oscore")
+        value = int(numbers.get(context_name, 0))
+        numbers[context_name] = value + 1
+        state.save()
+        return value
+    return take
 
 
 def default_state_path() -> Path:
@@ -620,8 +769,16 @@ class OriginalDevice:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comatrix-device", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gateway", default=os.environ.get("COMATRIX_GATEWAY", DEFAULT_GATEWAY),
-                        help=f"gateway URI [default: $COMATRIX_GATEWAY or {DEFAULT_GATEWAY}]")
+    parser.add_argument("--gateway", default=os.environ.get("COMATRIX_GATEWAY"),
+                        help=f"gateway URI, coap:// or (DTLS) coaps:// [default: $COMATRIX_GATEWAY or "
+                             f"{DEFAULT_GATEWAY}; with --psk-identity coaps://[::1]:{DEFAULT_COAPS_PORT}]")
+    security = parser.add_argument_group("security (DTLS 1.2 PSK or OSCORE; default: plain CoAP)")
+    security.add_argument("--psk-identity", metavar="ID", help="DTLS PSK identity (needs a coaps:// gateway)")
+    security.add_argument("--psk-key", metavar="KEY", default=os.environ.get("COMATRIX_PSK_KEY"),
+                          help="DTLS PSK as text, as comatrixctl prints it [default: $COMATRIX_PSK_KEY]")
+    security.add_argument("--oscore", metavar="CONTEXT", type=Path,
+                          help="OSCORE context file (TOML or JSON: sender_id, recipient_id, master_secret, "
+                               "master_salt in hex, the device's view)")
     parser.add_argument("--state", type=Path, default=None, help="state file [default: %(default)s]")
     parser.add_argument("--original", action="store_true", help="speak the original CoMatrix form")
     parser.add_argument("--proxy-base", default=DEFAULT_PROXY_BASE,
@@ -658,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     state = DeviceState.load(args.state or default_state_path())
     try:
-        with UdpCoap(args.gateway) as coap:
+        with _connect(args, state) as coap:
             return _run(args, coap, state)
     except CoapResponseError as error:
         print(f"comatrix-device: {error}", file=sys.stderr)
@@ -666,9 +823,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoResponse as error:
         print(f"comatrix-device: {error}", file=sys.stderr)
         return 3
-    except (OSError, ValueError, codec.CodecError) as error:
+    except (OSError, ValueError, codec.CodecError, OscoreError, RuntimeError) as error:
         print(f"comatrix-device: {error}", file=sys.stderr)
         return 2
+
+
+def _connect(args: argparse.Namespace, state: DeviceState) -> UdpCoap:
+    """The CoAP client the options ask for: plain, over DTLS (PSK), or with OSCORE."""
+    if args.psk_identity is not None:
+        if args.oscore is not None:
+            raise ValueError("choose DTLS (--psk-identity) or OSCORE (--oscore), not both")
+        if not args.psk_key:
+            raise ValueError("DTLS needs both --psk-identity and --psk-key (or $COMATRIX_PSK_KEY)")
+        gateway = args.gateway or f"coaps://[::1]:{DEFAULT_COAPS_PORT}"
+        return UdpCoap(gateway, psk=(args.psk_identity, args.psk_key.encode("utf-8")))
+    oscore = None
+    if args.oscore is not None:
+        context = load_device_context(args.oscore)
+        name = f"{context.sender_id.hex()}:{context.recipient_id.hex()}"
+        oscore = OscoreClient(context, oscore_sequence(state, name))
+    return UdpCoap(args.gateway or DEFAULT_GATEWAY, oscore=oscore)
 
 
 def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:

@@ -1,4 +1,4 @@
-"""A small ctypes binding to OpenSSL's ``libssl.so.3``: what a DTLS 1.2 PSK server needs.
+"""A small ctypes binding to OpenSSL's ``libssl.so.3``: what a DTLS 1.2 PSK server (and client) needs.
 
 Why ctypes and not pyOpenSSL: pyOpenSSL has no public PSK API in any version,
 and its private cffi bindings differ between Debian 12 (pyOpenSSL 23.0 on
@@ -12,6 +12,9 @@ Each `Connection` owns one ``SSL`` object with two memory BIOs: the caller feeds
 received datagrams in and sends what comes out, so no socket and no thread is
 involved.  Everything here is non-blocking and runs in the reactor thread.
 Secrets (PSKs) pass only through the PSK callback into OpenSSL's buffer.
+
+`ClientContext` is the client side (``comatrix-device``'s coaps:// link): the same
+`Connection`, in the connect state, offering the one RFC 7925 suite.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import hmac
 import os
 from typing import Callable
 
-__all__ = ["DtlsUnavailable", "ServerContext", "Connection", "HandshakeFailed", "RFC7925_CIPHERS"]
+__all__ = ["DtlsUnavailable", "ServerContext", "ClientContext", "Connection", "HandshakeFailed",
+           "RFC7925_CIPHERS"]
 
 #: PSK suites in server preference order: RFC 7925's mandatory CCM_8 first (8-byte tag,
 #: the least overhead on air), then the other AES-CCM/GCM PSK suites OpenSSL offers.
@@ -34,12 +38,16 @@ _DTLS1_2_VERSION = 0xFEFD
 _SSL_CTRL_SET_MTU = 17
 _DTLS_CTRL_GET_TIMEOUT = 73
 _DTLS_CTRL_HANDLE_TIMEOUT = 74
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_OFF = 0
+_SSL_CTRL_SET_SIGALGS_LIST = 98
 _SSL_CTRL_SET_MIN_PROTO_VERSION = 123
 _SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 _SSL_OP_NO_QUERY_MTU = 1 << 12
 _SSL_OP_COOKIE_EXCHANGE = 1 << 13
 _SSL_OP_NO_TICKET = 1 << 14
 _SSL_OP_NO_COMPRESSION = 1 << 17
+_SSL_OP_NO_ENCRYPT_THEN_MAC = 1 << 19
 _SSL_OP_CIPHER_SERVER_PREFERENCE = 1 << 22
 _SSL_OP_NO_RENEGOTIATION = 1 << 30
 _SSL_ERROR_SSL = 1
@@ -55,6 +63,8 @@ _PSK_MAX = 64
 
 _PSK_CB = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_char_p,
                            ctypes.POINTER(ctypes.c_ubyte), ctypes.c_uint)
+_PSK_CLIENT_CB = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
+                                  ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint)
 _COOKIE_GEN_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte),
                                   ctypes.POINTER(ctypes.c_uint))
 _COOKIE_VERIFY_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte),
@@ -79,6 +89,9 @@ class _Timeval(ctypes.Structure):
 
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "DTLS_server_method": (ctypes.c_void_p, []),
+    "DTLS_client_method": (ctypes.c_void_p, []),
+    "SSL_CTX_set_psk_client_callback": (None, [ctypes.c_void_p, _PSK_CLIENT_CB]),
+    "SSL_set_connect_state": (None, [ctypes.c_void_p]),
     "SSL_CTX_new": (ctypes.c_void_p, [ctypes.c_void_p]),
     "SSL_CTX_free": (None, [ctypes.c_void_p]),
     "SSL_CTX_ctrl": (ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]),
@@ -145,7 +158,36 @@ def load() -> ctypes.CDLL:
     return library
 
 
-class ServerContext:
+class _Context:
+    """One DTLS 1.2-only ``SSL_CTX`` (either role) with the given PSK suites."""
+
+    def __init__(self, method: str, ciphers: tuple[str, ...], options: int) -> None:
+        lib = self._lib = load()
+        #: The peer whose datagram is being listened to (servers: set by `Connection.listen`).
+        self.cookie_peer = b""
+        ctx = lib.SSL_CTX_new(getattr(lib, method)())
+        if not ctx:
+            raise DtlsUnavailable("SSL_CTX_new failed")
+        self.ctx = ctx
+        lib.SSL_CTX_ctrl(ctx, _SSL_CTRL_SET_MIN_PROTO_VERSION, _DTLS1_2_VERSION, None)
+        lib.SSL_CTX_ctrl(ctx, _SSL_CTRL_SET_MAX_PROTO_VERSION, _DTLS1_2_VERSION, None)
+        lib.SSL_CTX_set_options(ctx, _SSL_OP_NO_QUERY_MTU | _SSL_OP_NO_TICKET | _SSL_OP_NO_COMPRESSION
+                                | _SSL_OP_NO_RENEGOTIATION | options)
+        # No resumption (no cache, no tickets): a server then sends an empty session id,
+        # 32 bytes less in every ServerHello.
+        lib.SSL_CTX_ctrl(ctx, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+        if lib.SSL_CTX_set_cipher_list(ctx, ":".join(ciphers).encode("ascii")) != 1:
+            lib.ERR_clear_error()
+            self.free()
+            raise DtlsUnavailable("libssl offers none of the RFC 7925 PSK cipher suites")
+
+    def free(self) -> None:
+        if self.ctx:
+            self._lib.SSL_CTX_free(self.ctx)
+            self.ctx = None
+
+
+class ServerContext(_Context):
     """One ``SSL_CTX``: DTLS 1.2 only, the PSK suites, PSK lookup and address-bound cookies.
 
     ``psk_for(identity)`` returns the key for a PSK identity, or None for an unknown one.
@@ -155,23 +197,10 @@ class ServerContext:
 
     def __init__(self, psk_for: Callable[[str], bytes | None],
                  ciphers: tuple[str, ...] = RFC7925_CIPHERS) -> None:
-        lib = self._lib = load()
+        super().__init__("DTLS_server_method", ciphers, _SSL_OP_COOKIE_EXCHANGE | _SSL_OP_CIPHER_SERVER_PREFERENCE)
+        lib, ctx = self._lib, self.ctx
         self._psk_for = psk_for
         self._secrets = [os.urandom(32), os.urandom(32)]
-        #: The peer whose datagram is being listened to (set by `Connection.listen`).
-        self.cookie_peer = b""
-        ctx = lib.SSL_CTX_new(lib.DTLS_server_method())
-        if not ctx:
-            raise DtlsUnavailable("SSL_CTX_new failed")
-        self.ctx = ctx
-        lib.SSL_CTX_ctrl(ctx, _SSL_CTRL_SET_MIN_PROTO_VERSION, _DTLS1_2_VERSION, None)
-        lib.SSL_CTX_ctrl(ctx, _SSL_CTRL_SET_MAX_PROTO_VERSION, _DTLS1_2_VERSION, None)
-        lib.SSL_CTX_set_options(ctx, _SSL_OP_NO_QUERY_MTU | _SSL_OP_COOKIE_EXCHANGE | _SSL_OP_NO_TICKET
-                                | _SSL_OP_NO_COMPRESSION | _SSL_OP_CIPHER_SERVER_PREFERENCE
-                                | _SSL_OP_NO_RENEGOTIATION)
-        if lib.SSL_CTX_set_cipher_list(ctx, ":".join(ciphers).encode("ascii")) != 1:
-            lib.ERR_clear_error()
-            raise DtlsUnavailable("libssl offers none of the RFC 7925 PSK cipher suites")
         # The callbacks must outlive the SSL_CTX: keep references on self.
         self._psk_cb = _PSK_CB(self._psk_callback)
         self._gen_cb = _COOKIE_GEN_CB(self._cookie_generate)
@@ -185,11 +214,6 @@ class ServerContext:
 
     def cookie(self, peer: bytes, secret_index: int = 0) -> bytes:
         return hmac.new(self._secrets[secret_index], peer, hashlib.sha256).digest()[:COOKIE_BYTES]
-
-    def free(self) -> None:
-        if self.ctx:
-            self._lib.SSL_CTX_free(self.ctx)
-            self.ctx = None
 
     def _psk_callback(self, ssl: int, identity: bytes | None, out: "ctypes._Pointer[ctypes.c_ubyte]",
                       max_len: int) -> int:
@@ -217,6 +241,35 @@ class ServerContext:
                        for index in (0, 1)))
 
 
+class ClientContext(_Context):
+    """A client ``SSL_CTX`` that offers one PSK identity and key (RFC 7925: CCM_8 only by default)."""
+
+    def __init__(self, identity: str, key: bytes, ciphers: tuple[str, ...] = RFC7925_CIPHERS[:1]) -> None:
+        encoded = identity.encode("utf-8")
+        if not encoded or b"\0" in encoded or not key or len(key) > _PSK_MAX:
+            raise ValueError(f"a PSK identity (no NUL) and a key of 1-{_PSK_MAX} bytes are needed")
+        # Bytes on air: encrypt-then-MAC means nothing to an AEAD suite, and a PSK suite
+        # signs nothing, so the ClientHello names one signature algorithm, not 21 (-42 bytes).
+        super().__init__("DTLS_client_method", ciphers, _SSL_OP_NO_ENCRYPT_THEN_MAC)
+        sigalgs = ctypes.c_char_p(b"ECDSA+SHA256")
+        self._lib.SSL_CTX_ctrl(self.ctx, _SSL_CTRL_SET_SIGALGS_LIST, 0, ctypes.cast(sigalgs, ctypes.c_void_p))
+        self._identity = encoded
+        self._key = key
+        self._psk_cb = _PSK_CLIENT_CB(self._psk_callback)  # must outlive the SSL_CTX
+        self._lib.SSL_CTX_set_psk_client_callback(self.ctx, self._psk_cb)
+
+    def __repr__(self) -> str:
+        return "<ClientContext>"
+
+    def _psk_callback(self, ssl: int, hint: bytes | None, identity_out: int, max_identity: int,
+                      psk_out: int, max_psk: int) -> int:
+        if len(self._identity) + 1 > max_identity or len(self._key) > max_psk:
+            return 0
+        ctypes.memmove(identity_out, self._identity + b"\0", len(self._identity) + 1)
+        ctypes.memmove(psk_out, self._key, len(self._key))
+        return len(self._key)
+
+
 _buffers: list[ctypes.Array[ctypes.c_char]] = []
 
 
@@ -228,9 +281,9 @@ def _read_buffer() -> "ctypes.Array[ctypes.c_char]":
 
 
 class Connection:
-    """One server-side ``SSL`` object between two memory BIOs."""
+    """One ``SSL`` object between two memory BIOs (server side unless the context is a `ClientContext`)."""
 
-    def __init__(self, context: ServerContext, mtu: int) -> None:
+    def __init__(self, context: _Context, mtu: int) -> None:
         lib = self._lib = context._lib
         self.context = context
         ssl = lib.SSL_new(context.ctx)
@@ -241,7 +294,10 @@ class Connection:
         self._wbio = lib.BIO_new(lib.BIO_s_mem())
         lib.SSL_set_bio(ssl, self._rbio, self._wbio)  # the SSL owns both BIOs from here on
         lib.SSL_ctrl(ssl, _SSL_CTRL_SET_MTU, mtu, None)
-        lib.SSL_set_accept_state(ssl)
+        if isinstance(context, ClientContext):
+            lib.SSL_set_connect_state(ssl)
+        else:
+            lib.SSL_set_accept_state(ssl)
         self._buffer = _read_buffer()
         #: The peer address this connection's cookie was made for (set by `listen`).
         self.peer = b""

@@ -35,39 +35,16 @@ def cookie_of(hello_verify_request: bytes) -> bytes:
 
 
 class PskClient:
-    """A DTLS 1.2 PSK client on memory BIOs (OpenSSL through `comatrix.dtls.libssl`), for unit tests."""
+    """A DTLS 1.2 PSK client on memory BIOs (`comatrix.dtls.libssl.ClientContext`), for unit tests."""
 
     def __init__(self, identity: str, key: bytes, ciphers: str = "PSK-AES128-CCM8") -> None:
-        import ctypes
-
         from comatrix.dtls import libssl
 
-        lib = libssl.load()
-        callback_type = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
-                                         ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint)
-        lib.DTLS_client_method.restype = ctypes.c_void_p
-        lib.SSL_CTX_set_psk_client_callback.argtypes = [ctypes.c_void_p, callback_type]
-        lib.SSL_CTX_set_psk_client_callback.restype = None
-        lib.SSL_set_connect_state.argtypes = [ctypes.c_void_p]
-        lib.SSL_set_connect_state.restype = None
-
-        def give(ssl: int, hint: bytes | None, identity_out: int, max_identity: int, psk_out: int,
-                 max_psk: int) -> int:
-            ctypes.memmove(identity_out, identity.encode() + b"\0", len(identity) + 1)
-            ctypes.memmove(psk_out, key, len(key))
-            return len(key)
-
-        self._callback = callback_type(give)
+        self.context = libssl.ClientContext(identity, key, tuple(ciphers.split(":")))
         self.failed = False
         #: Every flight this client sent, in order (the tests replay some).
         self.sent: list[bytes] = []
-        self.lib, self._lib = lib, lib
-        self.cookie_peer = b""
-        self.ctx = lib.SSL_CTX_new(lib.DTLS_client_method())
-        lib.SSL_CTX_set_cipher_list(self.ctx, ciphers.encode())
-        lib.SSL_CTX_set_psk_client_callback(self.ctx, self._callback)
-        self.connection = libssl.Connection(self, 1232)  # type: ignore[arg-type]
-        lib.SSL_set_connect_state(self.connection.ssl)
+        self.connection = libssl.Connection(self.context, 1232)
 
     def step(self, received: list[bytes]) -> bytes:
         """Feed what the server sent, advance the handshake, return what to send."""
@@ -84,4 +61,4 @@ class PskClient:
 
     def close(self) -> None:
         self.connection.free()
-        self.lib.SSL_CTX_free(self.ctx)
+        self.context.free()
