@@ -113,22 +113,27 @@ class RecordingUdpRelay:
         with self._lock:
             return self.datagrams[mark:]
 
+    def _record(self, way: str, data: bytes) -> None:
+        with self._lock:
+            self.datagrams.append((way, data))
+
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self.listener, selectors.EVENT_READ, "up")
         selector.register(self.upstream, selectors.EVENT_READ, "down")
         while not self._stop.is_set():
             for key, _ in selector.select(timeout=0.05):
+                # Recorded before it is forwarded: once a peer has an answer, the relay has it too.
                 try:
                     if key.data == "up":
                         data, self._client = self.listener.recvfrom(65536)
+                        self._record("up", data)
                         self.upstream.send(data)
                     else:
                         data = self.upstream.recv(65536)
+                        self._record("down", data)
                         if self._client is not None:
                             self.listener.sendto(data, self._client)
                 except OSError:
                     continue  # e.g. ICMP port unreachable while the gateway restarts
-                with self._lock:
-                    self.datagrams.append((key.data, data))
         selector.close()
