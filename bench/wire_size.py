@@ -4,12 +4,13 @@ each in plain CoAP, over DTLS 1.2 (PSK) and with OSCORE.
 Starts a real Synapse (server name ``example.org``, so the sender is exactly
 ``@sensor01:example.org``), a TCP relay in front of it, the gateway pointed at
 that relay (``security = "optional"``, a DTLS port, and one ``[[devices]]``
-entry for sensor01 with a PSK identity and an OSCORE context), and UDP relays
-in front of the gateway's CoAP and DTLS ports.  Each operation is driven
+entry for sensor01 with a PSK identity, an OSCORE context and an EDHOC
+credential), and UDP relays in front of the gateway's CoAP and DTLS ports.  Each operation is driven
 through a UDP relay with the reference device client's CoAP side
 (`comatrix.client.UdpCoap`, plain, with ``psk`` or with ``oscore``); the relay
 records every datagram, both ways (requests, responses, empty ACKs,
-notifications, DTLS handshake flights).  The TCP relay records the HTTP/1.1
+notifications, DTLS handshake flights, EDHOC messages; the EDHOC initiator is
+aiocoap's, lakers inside).  The TCP relay records the HTTP/1.1
 bytes the gateway exchanged with Synapse meanwhile.  Prints the tables and
 writes ``docs/wire-size.rst``::
 
@@ -22,8 +23,8 @@ Figures, not assertions (the byte budgets are asserted in the test suite).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
-import importlib.util
 import math
 import secrets
 import select
@@ -39,10 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import cbor2  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from comatrix.client import CompactDevice, DeviceState, OriginalDevice, UdpCoap, oscore_sequence  # noqa: E402
+from comatrix.coap import wire  # noqa: E402
 from comatrix.coap.numbers import Code, OptionNumber  # noqa: E402
 from comatrix.compact.codec import BUDGETS, SendRequest  # noqa: E402
+from comatrix.edhoc import responder as edhoc  # noqa: E402
+from comatrix.edhoc.ccs import Ccs, generate_key, make_ccs, private_bytes  # noqa: E402
 from comatrix.oscore.client import OscoreClient  # noqa: E402
 from comatrix.oscore.context import SecurityContext  # noqa: E402
 from support import free_port  # noqa: E402
@@ -58,6 +63,7 @@ SECURITIES = ("plain", "dtls", "oscore")
 PSK_IDENTITY = "sensor01"
 OSCORE_SENDER_ID = b"\x01"  # the device's (the entry's recipient_id)
 OSCORE_RECIPIENT_ID = b""  # the gateway's
+EDHOC_KID = b"\x01"  # the kid of the device's CCS (ID_CRED_I by reference)
 #: Goals of issue 11 for the compact send request (bytes up).
 GOALS = {"oscore": 64, "dtls": 80}
 
@@ -223,12 +229,14 @@ class Bench:
                                                          down=http_after[1] - http_before[1])
         return result
 
-    def measure_extra(self, name: str, security: str, call: Callable[[], Any], note: str = "") -> Any:
+    def measure_extra(self, name: str, security: str, call: Callable[[], Any], note: str = "",
+                      keep: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]] = list) -> Any:
+        """One row for an exchange; ``keep`` picks the datagrams that belong to it from all recorded."""
         relay = self.relays[security]
         mark = relay.mark()
         result = call()
         time.sleep(0.3)
-        datagrams = relay.since(mark)
+        datagrams = keep(relay.since(mark))
         sizes = " ".join(f"{'u' if way == 'up' else 'd'}{len(data)}" for way, data in datagrams)
         self.extra[name] = coap_row(datagrams, f"{note} [{sizes}]" if datagrams else note)
         return result
@@ -253,12 +261,24 @@ class Keys:
     psk: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
     master_secret: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(16))
     master_salt: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(8))
+    #: The device's EDHOC key pair (P-256, as comatrixctl device add --edhoc makes); the entry
+    #: holds only its credential.
+    edhoc_key: ec.EllipticCurvePrivateKey = dataclasses.field(default_factory=generate_key)
+
+    @property
+    def edhoc_private(self) -> bytes:
+        return private_bytes(self.edhoc_key)
+
+    @property
+    def edhoc_credential(self) -> Ccs:
+        return make_ccs(self.edhoc_key.public_key(), EDHOC_KID, PSK_IDENTITY)
 
     def device_entry(self, user_id: str, password: str) -> str:
         return (f'[[devices]]\nuser = "{user_id}"\npassword = "{password}"\n'
                 f'psk_identity = "{PSK_IDENTITY}"\npsk = "{self.psk}"\n'
                 f'oscore = {{ recipient_id = "{OSCORE_SENDER_ID.hex()}", sender_id = "{OSCORE_RECIPIENT_ID.hex()}", '
-                f'master_secret = "{self.master_secret.hex()}", master_salt = "{self.master_salt.hex()}" }}\n')
+                f'master_secret = "{self.master_secret.hex()}", master_salt = "{self.master_salt.hex()}" }}\n'
+                f'edhoc = {{ credential = "{self.edhoc_credential.encoded.hex()}" }}\n')
 
 
 def run(write: bool) -> str:
@@ -270,6 +290,9 @@ def run(write: bool) -> str:
         sensor_id, sensor_http_token, _ = synapse.register("sensor01", password)
         keys = Keys()
         dtls_port = free_port("127.0.0.1", socket.SOCK_DGRAM)
+        state_dir = Path(tmp) / "gateway" / "state"  # GatewayProcess's, under its workdir
+        state_dir.mkdir(parents=True)
+        gateway_key = edhoc.GatewayKey.load_or_create(state_dir)  # as comatrixctl device add --edhoc does
         gateway = GatewayProcess(tcp.url, Path(tmp) / "gateway", log_level="debug",
                                  config_text=f'security = "optional"\ndtls_port = {dtls_port}\n\n'
                                              "[limits]\ndevice_rate = 0\nglobal_rate = 0\n\n"
@@ -277,7 +300,7 @@ def run(write: bool) -> str:
         gateway.start()
         try:
             return drive(synapse, gateway, tcp, write, Device(password, sensor_id, sensor_http_token, keys,
-                                                              dtls_port))
+                                                              dtls_port, gateway_key.credential))
         finally:
             gateway.stop()
             synapse.stop()
@@ -290,6 +313,8 @@ class Device:
     http_token: str
     keys: Keys
     dtls_port: int
+    #: The gateway's EDHOC credential (CRED_R), as comatrixctl prints it for a device.
+    gateway_edhoc: Ccs
 
 
 class Connector:
@@ -329,7 +354,7 @@ def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write:
     bench.measure_extra("OSCORE Echo round trip", "oscore", lambda: first_oscore.request(Code.GET, "z"),
                         "1st request after a gateway start: GET /z, 4.01 Echo, repeat, 2.05")
     first_oscore.close()
-    measure_edhoc(bench)
+    measure_edhoc(bench, sensor)
 
     versions = UdpCoap(plain.uri).request(Code.GET, "0")
     for security in SECURITIES:
@@ -347,17 +372,58 @@ def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write:
     return table
 
 
-def measure_edhoc(bench: Bench) -> None:
-    """Hook for the EDHOC (RFC 9528) exchange row: filled in once ``comatrix.edhoc`` exists.
+def measure_edhoc(bench: Bench, sensor: Device) -> None:
+    """The EDHOC (RFC 9528) exchange rows: aiocoap's initiator through the CoAP relay, both flows.
 
-    It should connect an EDHOC initiator through ``bench.relays["oscore"]`` (EDHOC runs on
-    the CoAP port, ``POST /.well-known/edhoc``) and record the whole exchange with
-    ``bench.measure_extra("EDHOC exchange", "oscore", call, note)``.
+    Each flow is a fresh client, so a whole exchange (method 3, cipher suite 2,
+    credentials named by kid) followed by ``GET /time`` over the new OSCORE
+    context.  Combined (RFC 9668): message_1, message_2, message_3 riding on
+    that first OSCORE request, its answer -- all counted.  Separate: message_1,
+    message_2, message_3, message_4 are counted; the ``GET /time`` after them is not.
     """
-    if importlib.util.find_spec("comatrix.edhoc") is None:
-        bench.extra["EDHOC exchange"] = Row(note="not measured: comatrix.edhoc is not on this branch yet")
-    else:
-        bench.extra["EDHOC exchange"] = Row(note="not measured: comatrix.edhoc exists; add it to measure_edhoc()")
+    if not edhoc.available():
+        for name in ("EDHOC combined", "EDHOC m3 + m4"):
+            bench.extra[name] = Row(note="not measured: lakers-python is not installed")
+        return
+    uri = bench.relays["oscore"].uri
+    bench.measure_extra("EDHOC combined", "oscore", lambda: edhoc_then_time(uri, sensor, combined=True),
+                        "RFC 9668: m1, m2, m3 + OSCORE GET /time, its 2.05; u/d: datagram sizes up/down")
+    bench.measure_extra("EDHOC m3 + m4", "oscore", lambda: edhoc_then_time(uri, sensor, combined=False),
+                        "m1, m2, m3, m4 (the OSCORE GET /time after them not counted)", keep=edhoc_messages)
+
+
+def edhoc_messages(datagrams: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The datagrams before the first request that is not to /.well-known/edhoc."""
+    for index, (way, data) in enumerate(datagrams):
+        if way == "up" and (OptionNumber.URI_PATH, b"edhoc") not in wire.decode(data).options:
+            return datagrams[:index]
+    return datagrams
+
+
+def edhoc_then_time(uri: str, sensor: Device, *, combined: bool) -> None:
+    """A fresh aiocoap client does one EDHOC exchange with the gateway, then GET /time over its context."""
+    import aiocoap
+
+    credentials = {f"{uri}/*": {"edhoc-oscore": {
+        "suite": 2, "method": 3, "own_cred_style": "by-key-id",
+        "own_cred": {14: cbor2.loads(sensor.keys.edhoc_credential.encoded)},
+        "private_key": {1: 2, -1: 1, -4: sensor.keys.edhoc_private},
+        "peer_cred": {14: cbor2.loads(sensor.gateway_edhoc.encoded)},
+        "use_combined_edhoc": combined,
+    }}}
+
+    async def go() -> Any:
+        context = await aiocoap.Context.create_client_context()
+        context.client_credentials.load_from_dict(credentials)
+        try:
+            request = aiocoap.Message(code=aiocoap.GET, uri=f"{uri}/time")
+            return await asyncio.wait_for(context.request(request).response, 30)
+        finally:
+            await context.shutdown()
+
+    answer = asyncio.run(go())
+    if not answer.code.is_successful():
+        raise SystemExit(f"GET /time after EDHOC: {answer.code}")
 
 
 def original_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str) -> None:
@@ -561,7 +627,15 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   messages.  OSCORE needs no handshake; after a gateway start the first request
   of each device is answered with a 4.01 Echo challenge (RFC 8613 B.1.2) and
   repeated.  EDHOC (RFC 9528) establishes an OSCORE context without a
-  pre-shared master secret.
+  pre-shared master secret: aiocoap's initiator (lakers inside) and the
+  gateway's responder, method 3 (static DH keys both sides), cipher suite 2
+  (P-256, AES-CCM-16-64-128), P-256 credentials (CCS) named by kid, 1-byte
+  connection identifiers.  Two flows, each a whole exchange of a fresh
+  client: **combined** (RFC 9668, aiocoap's default) counts message_1,
+  message_2, message_3 riding in front of the first OSCORE request (here
+  ``GET /time``) and that request's answer; **m3 + m4** counts message_1,
+  message_2, message_3 and message_4 (key confirmation), not the OSCORE
+  request that follows.
 * **compact**: the compact profile (``docs/protocol.rst``), with its budgets
   (request/response bytes per message).  **original**: the original CoMatrix
   form (Proxy-Uri with the homeserver URL ``http://[fd00::1]:8008`` and a path
