@@ -118,13 +118,21 @@ class DeviceCredentials:
         """The identity of requests through this entry's OSCORE context (its recipient id in hex)."""
         return self.oscore.recipient_id.hex() if self.oscore is not None else None
 
+    @property
+    def securities(self) -> frozenset[Security]:
+        """The security contexts a request of this entry's device can come through."""
+        found = set()
+        if self.psk_identity is not None:
+            found.add(Security("dtls", self.psk_identity))
+        if self.oscore_identity is not None:
+            found.add(Security("oscore", self.oscore_identity))
+        if self.edhoc is not None:
+            found.add(Security("edhoc", self.edhoc.identity))
+        return frozenset(found)
+
     def identifies(self, security: Security) -> bool:
         """Whether a request that came through ``security`` is this entry's device."""
-        if security.scheme == "dtls":
-            return self.psk_identity is not None and security.identity == self.psk_identity
-        if security.scheme == "edhoc":
-            return self.edhoc is not None and security.identity == self.edhoc.identity
-        return security.scheme == "oscore" and security.identity == self.oscore_identity
+        return security in self.securities
 
     def matches(self, host: str) -> bool:
         if self.network is None:

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from comatrix.logs import get_logger
 from comatrix.coap.errors import Unauthorized
-from comatrix.coap.message import Request
+from comatrix.coap.message import Request, Security
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION
 from comatrix.config import DeviceCredentials
 from comatrix.policy import check_shared
@@ -113,8 +113,8 @@ class Credentials:
         # Longest prefix first, so a single address beats the prefix it belongs to.
         self._devices = sorted(devices, key=lambda device: -1 if device.network is None else device.network.prefixlen,
                                reverse=True)
-        self._by_psk_identity = {device.psk_identity: device for device in devices
-                                 if device.psk_identity is not None}
+        # Identities are unique across entries (checked by the config): one lookup per request.
+        self._by_security = {security: device for device in devices for security in device.securities}
         logins = {_login_key(device) for device in devices}
         for table in (self._tokens, self._refused):
             for key in [key for key in table if key not in logins]:
@@ -143,16 +143,16 @@ class Credentials:
 
     def psk_for(self, identity: str) -> bytes | None:
         """The DTLS PSK of ``identity`` (None: no such entry, the handshake fails)."""
-        device = self._by_psk_identity.get(identity)
+        device = self._by_security.get(Security("dtls", identity))
         return device.psk if device is not None else None
 
     def entry_for(self, request: Request) -> DeviceCredentials | None:
         """The entry a request acts through: found by its security identity first, then its address."""
         security = request.security
         if security is not None:
-            for device in self._devices:
-                if device.identifies(security):
-                    return device
+            device = self._by_security.get(security)
+            if device is not None:
+                return device
         return self.device_for(request.peer.host)
 
     async def token_for(self, request: Request, *, operation: str) -> str:
