@@ -42,7 +42,7 @@ from comatrix.client import CompactDevice, DeviceState, UdpCoap
 from comatrix.coap import wire
 from comatrix.coap.numbers import MessageType
 from comatrix.compact.codec import PATHS
-from support.relays import CountingTcpRelay
+from support.relays import CountingTcpRelay, RelayThread
 from support.secrets import remember
 from support.synapse import SynapseServer
 
@@ -150,7 +150,7 @@ class RawCoapClient:
 # --------------------------------------------------------------------------- relays
 
 
-class LossyRelay:
+class LossyRelay(RelayThread):
     """A UDP proxy between one client and the gateway that drops and reorders datagrams.
 
     Each direction drops ``loss`` of the datagrams (seeded RNG) and holds back
@@ -159,6 +159,7 @@ class LossyRelay:
     """
 
     HOLD = 0.05
+    name = "lossy-relay"
 
     def __init__(self, target: tuple[str, int], *, loss: float, reorder: float, seed: int) -> None:
         self.target = target
@@ -175,18 +176,7 @@ class LossyRelay:
         #: Message IDs of the CON POST requests the client sent (before any loss).
         self.posted_mids: set[bytes] = set()
         self._held: dict[str, tuple[bytes, float] | None] = {"up": None, "down": None}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lossy-relay", daemon=True)
-
-    def __enter__(self) -> "LossyRelay":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.front.close()
-        self.back.close()
+        super().__init__(self.front, self.back)
 
     def _emit(self, direction: str, data: bytes) -> None:
         if direction == "up":

@@ -6,11 +6,43 @@ import selectors
 import socket
 import threading
 
-__all__ = ["CountingTcpRelay", "RecordingUdpRelay"]
+from typing import Any
+
+__all__ = ["RelayThread", "CountingTcpRelay", "RecordingUdpRelay"]
 
 
-class CountingTcpRelay:
+class RelayThread:
+    """What every relay shares: a daemon thread running ``_run`` while the ``with`` block lasts.
+
+    ``_run`` loops until ``self._stop`` is set; the sockets in ``self._sockets`` are closed
+    when the block ends.
+    """
+
+    name = "relay"
+
+    def __init__(self, *sockets: socket.socket) -> None:
+        self._sockets = sockets
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self._sockets:
+            sock.close()
+
+
+class CountingTcpRelay(RelayThread):
     """A TCP relay in front of Synapse that counts connections and HTTP requests passing through."""
+
+    name = "tcp-relay"
 
     METHODS = (b"GET ", b"PUT ", b"POST ", b"DELETE ", b"HEAD ", b"OPTIONS ")
 
@@ -23,21 +55,11 @@ class CountingTcpRelay:
         self.port = self.listener.getsockname()[1]
         self.connections = 0
         self.requests: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tcp-relay", daemon=True)
+        super().__init__(self.listener)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "CountingTcpRelay":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.listener.close()
 
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
@@ -74,13 +96,15 @@ class CountingTcpRelay:
         selector.close()
 
 
-class RecordingUdpRelay:
+class RecordingUdpRelay(RelayThread):
     """A UDP relay in front of the gateway that records every datagram as ("up"|"down", bytes).
 
     One client at a time (answers go to whoever sent last).  The gateway sees the
     relay's address, not the client's: what identifies the device must be in the
     datagrams themselves.
     """
+
+    name = "udp-relay"
 
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -92,18 +116,7 @@ class RecordingUdpRelay:
         self.datagrams: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._client: tuple[str, int] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="udp-relay", daemon=True)
-
-    def __enter__(self) -> "RecordingUdpRelay":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.listener.close()
-        self.upstream.close()
+        super().__init__(self.listener, self.upstream)
 
     def mark(self) -> int:
         with self._lock:
