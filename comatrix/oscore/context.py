@@ -96,7 +96,10 @@ class ReplayWindow:
         if top is None:
             self.establish(sequence)
         elif sequence > top:
-            self._seen = ((self._seen << (sequence - top)) | 1) & ((1 << self.size) - 1)
+            # A jump past the window forgets it whole: never shift by the jump itself
+            # (a Partial IV near 2**40 would build a 2**40-bit integer).
+            shift = sequence - top
+            self._seen = 1 if shift >= self.size else ((self._seen << shift) | 1) & ((1 << self.size) - 1)
             self._top = sequence
         else:
             self._seen |= 1 << (top - sequence)

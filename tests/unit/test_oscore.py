@@ -189,6 +189,15 @@ def test_replay_window_slides_over_32() -> None:
     assert not window.is_fresh(105)
 
 
+def test_a_jump_to_the_largest_partial_iv_costs_a_small_window() -> None:
+    window = ReplayWindow()
+    window.establish(5)
+    top = (1 << 40) - 1  # the largest 5-byte Partial IV, from a device with the key
+    window.mark(top)
+    assert not window.is_fresh(top) and window.is_fresh(top - 1) and not window.is_fresh(6)
+    assert window._seen.bit_length() <= REPLAY_WINDOW_SIZE
+
+
 # ---------------------------------------------------------------- the layer inside the CoAP server
 
 RID, SID = b"\x01", b""
