@@ -424,17 +424,32 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
     def forget_peer(self, addr: Address) -> None:
         """Drop everything kept for ``addr``: the security session it was made in ended.
 
-        Observations, duplicate answers, Block1 uploads and Block2 representations
-        all belong to that session; a later one from the same address (perhaps with
-        another identity) must not receive them.
+        Observations, duplicate answers, Block1 uploads, Block2 representations,
+        answers kept for an Echo repeat, CON messages awaiting their ACK (and those
+        queued behind them) and requests still being answered all belong to that
+        session; a later one from the same address (perhaps with another identity)
+        must not receive them.
         """
         for observer in [observer for key, observer in self._observers.items() if key[0] == addr]:
             self._remove_observer(observer)
         for upload_key in [key for key in self._uploads if key[0] == addr]:
             self._drop_upload(upload_key)
-        for cache in (self._dedup, self._representations):
+        for cache in (self._dedup, self._representations, self._challenged):
             for key in [key for key in cache if key[0] == addr]:
                 cache.pop(key)
+        for queued in self._queued.pop(addr, ()):
+            queued.settle(0)
+        for outgoing in [outgoing for outgoing in self._outgoing.values() if outgoing.addr == addr]:
+            self._outgoing_done(outgoing)
+            outgoing.settle(0)
+        for incoming in [incoming for incoming in self._pending if incoming.addr == addr]:
+            incoming.done = True  # its answer, when the resource gives it, goes nowhere
+            if incoming.ack_timer is not None and incoming.ack_timer.active():
+                incoming.ack_timer.cancel()
+            incoming.ack_timer = None
+            self._pending.discard(incoming)
+        if not self._pending and self._idle_waiters:
+            self._fire_idle()
 
     def stop_accepting(self) -> None:
         self._accepting = False

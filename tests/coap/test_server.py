@@ -15,7 +15,7 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.coap.server import REQUEST_TAG, CoapSettings, Site
-from comatrix.coap.testing import PendingResource, Harness, option
+from comatrix.coap.testing import DEFAULT_PEER, PendingResource, Harness, option
 
 CON, NON, ACK, RST = MessageType.CON, MessageType.NON, MessageType.ACK, MessageType.RST
 
@@ -94,6 +94,24 @@ def test_con_separate_response_retransmitted_until_acked() -> None:
     [again] = h.advance(3.0)
     assert again.mid == response.mid
     h.send_raw(wire.empty(ACK, response.mid))
+    assert h.advance(100) == []
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_forgotten_peer_gets_no_retransmission_and_no_late_answer() -> None:
+    # A security session ended (comatrix.dtls): nothing of it may reach the next one from that address.
+    h, resources = make()
+    slow = resources["slow"]
+    h.send(Code.GET, ["slow"], mid=5, token=b"t")
+    h.advance(0.1)
+    slow.pending[0].callback(Response(payload=b"late"))  # type: ignore[attr-defined]
+    [response] = h.replies()
+    assert response.mtype == CON
+    h.send(Code.GET, ["slow"], mid=6, token=b"u")  # still being answered when the session ends
+    h.replies()
+    h.server.forget_peer(DEFAULT_PEER)
+    assert h.server.in_flight() == 0
+    slow.pending[1].callback(Response(payload=b"too late"))  # type: ignore[attr-defined]
     assert h.advance(100) == []
     assert h.clock.getDelayedCalls() == []
 
