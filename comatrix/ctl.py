@@ -42,8 +42,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from comatrix.config import (DEFAULT_DTLS_PORT, DEVICES_DIR, Config, ConfigError, build_config,
-                             read_config_files)
+from comatrix.config import (DEFAULT_DTLS_PORT, DEVICES_DIR, Config, ConfigError, DeviceCredentials,
+                             build_config, read_config_files)
 from comatrix.edhoc.ccs import generate_key, make_ccs, parse_ccs, private_bytes
 from comatrix.edhoc.responder import KEY_FILENAME, GatewayKey
 from comatrix.netif import read_link_local_address
@@ -76,7 +76,7 @@ class DeviceFile:
     """One ``devices.d/NAME.toml``: its path and its single ``[[devices]]`` entry."""
 
     path: Path
-    entry: dict[str, Any]
+    entry: dict[str, Any] = dataclasses.field(repr=False)  # holds passwords and keys
 
     @property
     def name(self) -> str:
@@ -212,10 +212,13 @@ def new_oscore_secrets() -> dict[str, str]:
             "master_salt": secrets.token_bytes(OSCORE_SALT_BYTES).hex()}
 
 
-def free_recipient_id(devices: Sequence[DeviceFile], gateway_sender_id: str = "") -> str:
-    """The shortest OSCORE id no provisioned device sends with yet (1 byte for 256 devices)."""
-    taken = {str(device.entry["oscore"]["recipient_id"]).lower() for device in devices
-             if "oscore" in device.entry}
+def free_recipient_id(devices: Sequence[DeviceCredentials], gateway_sender_id: str = "") -> str:
+    """The shortest OSCORE id no configured device sends with yet (1 byte for 256 devices).
+
+    ``devices`` are all the gateway's entries (config, credentials file, devices.d):
+    an id taken anywhere would make the config refuse to load.
+    """
+    taken = {device.oscore_identity for device in devices}
     for length in (1, 2, 3):
         for number in range(256 ** length):
             candidate = number.to_bytes(length, "big").hex()
@@ -231,9 +234,9 @@ def _edhoc_kid(entry: dict[str, Any]) -> bytes | None:
         return None
 
 
-def free_edhoc_kid(devices: Sequence[DeviceFile]) -> bytes:
-    """A kid no provisioned device's credential has: one byte (a one-byte ID_CRED_I) while they last."""
-    taken = {_edhoc_kid(device.entry) for device in devices if "edhoc" in device.entry}
+def free_edhoc_kid(devices: Sequence[DeviceCredentials]) -> bytes:
+    """A kid no configured device's credential has: one byte (a one-byte ID_CRED_I) while they last."""
+    taken = {device.edhoc.credential.kid for device in devices if device.edhoc is not None}
     for value in (*range(0x00, 0x18), *range(0x20, 0x38)):
         if bytes((value,)) not in taken:
             return bytes((value,))
@@ -372,11 +375,12 @@ def cmd_add(args: argparse.Namespace, config: Config, directory: Path, out: Text
         entry["psk_identity"] = args.name
         entry.update(new_psk())
     if args.oscore:
-        entry["oscore"] = {"recipient_id": free_recipient_id(devices), "sender_id": "", **new_oscore_secrets()}
+        entry["oscore"] = {"recipient_id": free_recipient_id(config.devices), "sender_id": "",
+                           **new_oscore_secrets()}
     edhoc = None
     if args.edhoc:
         gateway_key = gateway_edhoc_key(config)
-        entry["edhoc"], private_key = new_edhoc_key(args.name, free_edhoc_kid(devices))
+        entry["edhoc"], private_key = new_edhoc_key(args.name, free_edhoc_kid(config.devices))
         edhoc = EdhocMaterial(private_key, gateway_key.credential.encoded)
     write_device_file(directory / f"{args.name}.toml", entry)
     _print_material(out, args.name, entry, config, edhoc)
@@ -392,7 +396,7 @@ def cmd_rotate(args: argparse.Namespace, config: Config, directory: Path, out: T
         entry["oscore"] = {**entry["oscore"], **new_oscore_secrets()}
     edhoc = None
     if "edhoc" in entry:
-        kid = _edhoc_kid(entry) or free_edhoc_kid(read_devices(directory))
+        kid = _edhoc_kid(entry) or free_edhoc_kid(config.devices)
         entry["edhoc"], private_key = new_edhoc_key(args.name, kid)
         edhoc = EdhocMaterial(private_key, gateway_edhoc_key(config).credential.encoded)
     if not device.kinds():

@@ -151,3 +151,14 @@ def test_edhoc_without_state_dir_is_refused(config: Path, capsys: pytest.Capture
     assert ctl(config, "device", "add", "e", "--edhoc", "--user", "@e:x", "--password-file", "-", stdin="pw")[0] == 1
     assert "state_dir" in capsys.readouterr().err
     assert not (config.parent / "devices.d" / "e.toml").exists()
+
+
+def test_ids_taken_outside_devices_d_are_not_handed_out_again(config: Path) -> None:
+    # An entry of the main config (or the credentials file) holds OSCORE id 00 already.
+    config.write_text(config.read_text() + '[[devices]]\nuser = "@old:x"\naccess_token = "t"\n'
+                      'oscore = { recipient_id = "00", sender_id = "", master_secret = "' + "ab" * 16 + '" }\n')
+    config.chmod(0o600)
+    assert ctl(config, "device", "add", "new", "--oscore", "--user", "@new:x", "--password-file", "-",
+               stdin="pw")[0] == 0
+    assert entry_of(config, "new")["oscore"]["recipient_id"] == "01"  # type: ignore[index]
+    assert len(build_config(read_config_files(config)).devices) == 2  # the config still loads
