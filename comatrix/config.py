@@ -102,16 +102,20 @@ class DeviceCredentials:
     def login_device_id(self) -> str:
         if self.device_id:
             return self.device_id
-        if self.network is not None:
-            where = str(self.network)
-        elif self.oscore is not None:
-            where = f"oscore:{self.oscore_identity}"
-        elif self.edhoc is not None:  # the kid, which survives a key rotation
-            where = f"edhoc-kid:{self.edhoc.credential.kid.hex()}"
-        else:
-            where = f"dtls:{self.psk_identity}"
-        seed = f"{self.user}\0{where}".encode("utf-8")
+        seed = f"{self.user}\0{self.label}".encode("utf-8")
         return "COMATRIX" + hashlib.sha256(seed).hexdigest()[:12].upper()
+
+    @property
+    def label(self) -> str:
+        """Which devices the entry is for, in one stable phrase: its address or prefix, else the
+        identity it is found by (for EDHOC the kid, which survives a key rotation)."""
+        if self.network is not None:
+            return str(self.network)
+        if self.oscore is not None:
+            return f"oscore:{self.oscore_identity}"
+        if self.edhoc is not None:
+            return f"edhoc-kid:{self.edhoc.credential.kid.hex()}"
+        return f"dtls:{self.psk_identity}"
 
     @property
     def oscore_identity(self) -> str | None:

@@ -186,9 +186,8 @@ def log_policy(config: Config) -> None:
         log.info("Registration is closed: every register path answers 4.03 (allow_registration = false)")
     for device in config.devices:
         if device.allow:
-            where = str(device.network) if device.network is not None else f"dtls:{device.psk_identity}"
-            log.info("Devices in {network} may also use, with shared credentials: {operations}",
-                     network=where, operations=", ".join(sorted(device.allow)))
+            log.info("Devices of {entry} may also use, with shared credentials: {operations}",
+                     entry=device.label, operations=", ".join(sorted(device.allow)))
 
 
 def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:
