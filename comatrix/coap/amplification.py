@@ -52,7 +52,7 @@ MAX_STRAYS = 16
 
 
 class _Peer:
-    __slots__ = ("received", "sent", "verified_at", "strays", "tat")
+    __slots__ = ("received", "sent", "verified_at", "strays", "tat", "mid_offset")
 
     def __init__(self) -> None:
         self.received = 0
@@ -60,6 +60,7 @@ class _Peer:
         self.verified_at: float | None = None
         self.strays = 0
         self.tat = 0.0  # discovery: theoretical arrival time of the next request
+        self.mid_offset: int | None = None  # derived once (an HMAC), not per message
 
 
 class PeerGuard:
@@ -151,8 +152,11 @@ class PeerGuard:
 
     def mid_offset(self, host: str) -> int:
         """A secret, stable 16-bit offset for the Message IDs we use towards ``host``."""
-        digest = hmac.digest(self._key, b"mid\0" + host.encode("utf-8"), hashlib.sha256)
-        return int.from_bytes(digest[:2], "big")
+        peer = self._peer(host)
+        if peer.mid_offset is None:
+            digest = hmac.digest(self._key, b"mid\0" + host.encode("utf-8"), hashlib.sha256)
+            peer.mid_offset = int.from_bytes(digest[:2], "big")
+        return peer.mid_offset
 
     # ------------------------------------------------------------------ Echo
 
