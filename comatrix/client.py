@@ -61,7 +61,6 @@ from comatrix.compact import codec
 from comatrix.compact.codec import PATHS, HandleRequest, JoinRequest, LoginRequest, Message, MessagesRequest, SendRequest
 from comatrix.dtls.client import DtlsClientLink
 from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
-from comatrix.oscore.layer import ECHO_OPTION
 
 __all__ = ["CoapResponseError", "CompactDevice", "DeviceState", "NoResponse", "OriginalDevice", "Reply",
            "UdpCoap", "main"]
@@ -314,11 +313,6 @@ class UdpCoap:
         """
         token = secrets.token_bytes(self.token_length)
         reply = self._final(code, path, token, payload, content_format, observe, options)
-        echo = reply.option(ECHO)
-        if reply.code == Code.UNAUTHORIZED and echo is not None:
-            options = (*options, (ECHO, echo))
-            reply = self._final(code, path, secrets.token_bytes(self.token_length), payload,
-                                content_format, observe, options)
         return self._rest_of_blocks(code, path, payload, content_format, options, reply)
 
     def _rest_of_blocks(self, code: int, path: str, payload: bytes, content_format: int | None,
@@ -357,11 +351,12 @@ class UdpCoap:
                   observe: int | None, options: Sequence[tuple[int, bytes]]) -> tuple[Reply, int]:
         opts = self.request_options(path, content_format=content_format, observe=observe, options=options)
         reply, mid = self._exchange_once(code, path, token, opts, payload)
-        echo = reply.option(ECHO_OPTION) if self.oscore is not None else None
+        echo = reply.option(ECHO)
         if echo is not None and reply.code == Code.UNAUTHORIZED:
-            # RFC 8613 B.1.2 / RFC 9175: the gateway does not know our sequence numbers
-            # yet (it restarted); repeating the request with its Echo value proves freshness.
-            reply, mid = self._exchange_once(code, path, token, opts + [(ECHO_OPTION, echo)], payload)
+            # RFC 9175: the gateway has not verified our address yet (amplification limit) or,
+            # over OSCORE, does not know our sequence numbers yet (it restarted, RFC 8613
+            # B.1.2); repeating the request once with its Echo value answers both.
+            reply, mid = self._exchange_once(code, path, token, opts + [(ECHO, echo)], payload)
         return reply, mid
 
     def _encode_request(self, code: int, mid: int, token: bytes, options: list[tuple[int, bytes]],

@@ -33,6 +33,7 @@ import os
 from typing import Callable, Union
 
 from comatrix.coap import wire
+from comatrix.coap.amplification import ECHO
 from comatrix.coap.message import Response, Security
 from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
 from comatrix.coap.secured import ProtectionUnavailable, Refused, Unprotected
@@ -47,7 +48,7 @@ log = get_logger(__name__)
 __all__ = ["ECHO_OPTION", "EDHOC_OPTION", "CombinedHandler", "OscoreExchange", "OscoreLayer"]
 
 #: RFC 9175 Echo (Class E).
-ECHO_OPTION = 252
+ECHO_OPTION = ECHO  # RFC 9175 Echo, defined once (comatrix.coap.amplification)
 #: Outer request options the server still reads after verification (Class U, §4.1.3.2).
 _OUTER_KEPT = frozenset({OptionNumber.URI_HOST, OptionNumber.URI_PORT})
 _OUTER_BLOCK = frozenset({OptionNumber.BLOCK1, OptionNumber.BLOCK2})
