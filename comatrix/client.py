@@ -55,6 +55,7 @@ import cbor2
 
 from comatrix.coap import wire
 from comatrix.coap.amplification import ECHO
+from comatrix.durable import write_durably
 from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
@@ -356,7 +357,11 @@ class UdpCoap:
             # RFC 9175: the gateway has not verified our address yet (amplification limit) or,
             # over OSCORE, does not know our sequence numbers yet (it restarted, RFC 8613
             # B.1.2); repeating the request once with its Echo value answers both.
-            reply, mid = self._exchange_once(code, path, token, opts + [(ECHO, echo)], payload)
+            repeat = secrets.token_bytes(self.token_length)  # a late copy of the challenge cannot match it
+            try:
+                reply, mid = self._exchange_once(code, path, repeat, opts + [(ECHO, echo)], payload)
+            finally:
+                self._request_pivs.pop(repeat, None)
         return reply, mid
 
     def _encode_request(self, code: int, mid: int, token: bytes, options: list[tuple[int, bytes]],
@@ -497,14 +502,8 @@ class DeviceState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.data, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())  # an OSCORE sequence number is stored before it is used
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        # An OSCORE sequence number is stored, durably, before it is used.
+        write_durably(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
 def oscore_sequence(state: DeviceState, context_name: str) -> Callable[[], int]:

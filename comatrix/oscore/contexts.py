@@ -16,12 +16,12 @@ a second writer to the session database, and it has no secret in it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, threads
 
+from comatrix.durable import write_durably
 from comatrix.logs import get_logger
 from comatrix.oscore.context import MAX_SEQUENCE, SecurityContext, SenderSequence
 
@@ -82,18 +82,7 @@ class SequenceFile:
         return written.addCallbacks(lambda _: True, failed)
 
     def _write(self, bounds: dict[str, int]) -> None:
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(bounds, out, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_durably(self.path, json.dumps(bounds, sort_keys=True))
 
 
 def context_key(context: SecurityContext) -> str:
