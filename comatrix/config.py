@@ -97,6 +97,12 @@ class DeviceCredentials:
     psk_identity: str | None = None
     psk: bytes | None = dataclasses.field(default=None, repr=False)
     edhoc: EdhocCredentials | None = None
+    #: A device user of the application service (``appservice = true``): the gateway acts as
+    #: ``user`` with the ``as_token``; no password, no token, no login.
+    appservice: bool = False
+    #: Who may invite the device's user (``allow_invites_from``): user ids, ``*:server`` or ``*``.
+    #: None: users of the device user's own server.
+    allow_invites_from: tuple[str, ...] | None = None
 
     @property
     def login_device_id(self) -> str:
@@ -148,6 +154,19 @@ class DeviceCredentials:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return address.version == self.network.version and address in self.network
+
+
+#: ``[appservice] port`` when not configured.
+DEFAULT_APPSERVICE_PORT = 8010
+
+
+@dataclasses.dataclass(frozen=True)
+class AppserviceSettings:
+    """The ``[appservice]`` table: the registration file, and where the homeserver pushes transactions."""
+
+    registration: str
+    bind: str = "127.0.0.1"
+    port: int = DEFAULT_APPSERVICE_PORT
 
 
 #: Longest PSK identity accepted (RFC 4279 allows 2^16-1; devices use a few bytes).
@@ -256,6 +275,8 @@ class Config:
     #: a ``[[devices]]`` entry has a PSK.
     dtls_port: int | None = None
     dtls: DtlsSettings = DtlsSettings()
+    #: Application-service mode (`comatrix.appservice`), None when off.
+    appservice: AppserviceSettings | None = None
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -281,16 +302,22 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
     A file that holds a secret must not be open to others (see `check_secret_file_mode`).
     """
+    raw, mode = read_file_and_mode(path, "config file")
     try:
-        with open(path, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            values = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+        values = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"invalid TOML in {path}: {exc}") from None
     check_secret_file_mode(path, mode, values)
     return values
+
+
+def read_file_and_mode(path: str | Path, what: str) -> tuple[bytes, int]:
+    """A file's bytes and its mode, read through one open file (no race between the two)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(), os.fstat(handle.fileno()).st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 def check_secret_file_mode(path: str | Path, mode: int, values: Any) -> None:
@@ -383,6 +410,8 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         kwargs["dtls_port"] = dtls_port
     if "dtls" in values:
         kwargs["dtls"] = _dtls_settings(values["dtls"])
+    if "appservice" in values:
+        kwargs["appservice"] = _appservice_settings(values["appservice"])
     for key in ("request_timeout", "connect_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
         if key in values:
             number = _number(values, key)
@@ -416,6 +445,8 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     if credentials_file:
         devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
     kwargs["devices"] = tuple(devices)
+    if "appservice" not in kwargs and any(device.appservice for device in devices):
+        raise ConfigError("[[devices]] entries with appservice = true need an [appservice] table")
     if kwargs.get("security") == "off":
         kwargs.pop("dtls_port", None)  # "off" opens no secured way in, even when configured
     elif "dtls_port" not in kwargs and any(device.psk for device in devices):
@@ -521,6 +552,31 @@ def _check_edhoc_kids(devices: Iterable[DeviceCredentials]) -> None:
         seen.add(kid)
 
 
+def _appservice_settings(table: Any) -> AppserviceSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[appservice] must be a table")
+    unknown = sorted(set(table) - {"registration", "bind", "port"})
+    if unknown:
+        raise ConfigError(f"[appservice]: unknown key(s) {', '.join(unknown)}")
+    if "registration" not in table:
+        raise ConfigError("[appservice]: registration (the registration file's path) is required")
+    registration = _string(table, "registration")
+    bind = _string(table, "bind") if "bind" in table else AppserviceSettings.bind
+    port = _integer(table, "port") if "port" in table else DEFAULT_APPSERVICE_PORT
+    if not 0 <= port <= 65535:
+        raise ConfigError("[appservice] port must be between 0 and 65535")
+    return AppserviceSettings(registration=registration, bind=bind, port=port)
+
+
+_INVITER = re.compile(r"\*|\*:[^\s:]+(:[0-9]+)?|@[^\s:]+:[^\s:]+(:[0-9]+)?")
+
+
+def _inviters(value: Any, label: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and _INVITER.fullmatch(item) for item in value):
+        raise ConfigError(f"{label}: allow_invites_from must be a list of user ids, \"*:server\" or \"*\"")
+    return tuple(value)
+
+
 def _coap_settings(table: Any) -> CoapSettings:
     if not isinstance(table, dict):
         raise ConfigError("[coap] must be a table")
@@ -580,7 +636,8 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{label} must be a table")
         unknown = sorted(set(entry) - {"name", "address", "user", "password", "access_token", "device_id",
-                                       "allow", "oscore", "psk_identity", "psk", "psk_hex", "edhoc"})
+                                       "allow", "oscore", "psk_identity", "psk", "psk_hex", "edhoc",
+                                       "appservice", "allow_invites_from"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
@@ -593,8 +650,14 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             except ValueError:
                 raise ConfigError(f"{label}: address must be an IP address or prefix") from None
         token, user, password = entry.get("access_token"), entry.get("user"), entry.get("password")
-        if not token and not (user and password):
-            raise ConfigError(f"{label}: give access_token, or user and password")
+        appservice = entry.get("appservice", False)
+        if not isinstance(appservice, bool):
+            raise ConfigError(f"{label}: appservice must be true or false")
+        if appservice and (token or password or not user):
+            raise ConfigError(f"{label}: an appservice device has a user and neither password nor access_token")
+        if not appservice and not token and not (user and password):
+            raise ConfigError(f"{label}: give access_token, or user and password (or appservice = true)")
+        inviters = _inviters(entry["allow_invites_from"], label) if "allow_invites_from" in entry else None
         device_id = entry.get("device_id")
         for key, value in (("access_token", token), ("user", user), ("password", password),
                            ("device_id", device_id)):
@@ -605,7 +668,8 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         devices.append(DeviceCredentials(network=network, user=user, password=password,
                                          access_token=token, device_id=device_id,
                                          allow=_allow(entry.get("allow", []), label), oscore=oscore,
-                                         psk_identity=psk_identity, psk=psk, edhoc=edhoc))
+                                         psk_identity=psk_identity, psk=psk, edhoc=edhoc,
+                                         appservice=appservice, allow_invites_from=inviters))
     return devices
 
 

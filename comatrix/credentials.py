@@ -18,6 +18,10 @@ both seed their counters from ``/time`` must not swallow each other's messages.
 Such a shared token is handed out only for the operations `comatrix.policy`
 lets the entry use (least privilege: forging a source address inside the prefix
 must not give away the whole account).
+
+An entry with ``appservice = true`` (application-service mode) acts as its
+``user`` with the gateway's ``as_token`` (`AppserviceToken`): nothing to log in,
+nothing kept, nothing secret on the air.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from comatrix.coap.errors import Unauthorized
 from comatrix.coap.message import Request, Security
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION
 from comatrix.config import DeviceCredentials
+from comatrix.matrix.api import AppserviceToken
 from comatrix.policy import check_shared
 
 if TYPE_CHECKING:
@@ -105,7 +110,23 @@ class Credentials:
         #: Per login: the token the homeserver last refused (a kept copy of it is not reused).
         self._refused: dict[LoginKey, str] = {}
         self._waiters: dict[LoginKey, list[defer.Deferred[str]]] = {}
+        #: The application service's as_token (application-service mode), else None.
+        self._as_token: str | None = None
         self.replace_devices(devices)
+
+    def act_as_appservice(self, as_token: str) -> None:
+        """Application-service mode: entries with ``appservice = true`` act with ``as_token``."""
+        self._as_token = as_token
+
+    def acting_token(self, user_id: str) -> AppserviceToken:
+        """The token that acts as ``user_id`` of the namespace (application-service mode only)."""
+        if self._as_token is None:
+            raise Unauthorized("application-service mode is off")
+        return AppserviceToken(self._as_token, user_id)
+
+    def appservice_entry(self, user_id: str) -> DeviceCredentials | None:
+        """The provisioned device whose user is ``user_id`` (application-service mode)."""
+        return self._by_appservice_user.get(user_id)
 
     def replace_devices(self, devices: Sequence[DeviceCredentials]) -> None:
         """Use these entries from now on (SIGHUP).  Tokens of logins no entry names any more
@@ -115,6 +136,8 @@ class Credentials:
                                reverse=True)
         # Identities are unique across entries (checked by the config): one lookup per request.
         self._by_security = {security: device for device in devices for security in device.securities}
+        self._by_appservice_user = {device.user: device for device in devices
+                                    if device.appservice and device.user is not None}
         logins = {_login_key(device) for device in devices}
         for table in (self._tokens, self._refused):
             for key in [key for key in table if key not in logins]:
@@ -167,6 +190,8 @@ class Credentials:
         if device is None:
             raise Unauthorized("no credentials")
         check_shared(device.allow, operation)
+        if device.appservice and device.user is not None:
+            return self.acting_token(device.user)
         if device.access_token:
             return device.access_token
         return await self._login(device)
@@ -174,7 +199,8 @@ class Credentials:
     def forget(self, request: Request, token: str) -> bool:
         """Drop a gateway-held token the homeserver refused; True if it was ours (retry worth it)."""
         device = self.entry_for(request)
-        if device is None or device.access_token or token_from_request(request) is not None:
+        if (device is None or device.access_token or device.appservice
+                or token_from_request(request) is not None):
             return False
         key = _login_key(device)
         if self._tokens.get(key) != token:

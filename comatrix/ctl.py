@@ -16,6 +16,16 @@ operator edits by hand.  Key material comes from the OS CSPRNG (`secrets`).
     comatrixctl device rotate sensor01
     comatrixctl device remove sensor02
 
+In application-service mode (``[appservice]`` in the config) a device needs no
+Matrix account of its own: ``device add NAME`` (without ``--user``) creates
+``@<prefix>NAME:<server>`` through the application service and sets its display
+name; ``--address ADDR|PREFIX`` binds it to a source address for plain CoAP
+(a security context binds it otherwise); ``device remove`` deactivates the
+user.  ``appservice generate`` writes the registration the homeserver loads::
+
+    comatrixctl appservice generate --url http://127.0.0.1:8010 -o /etc/comatrix/appservice.yaml
+    comatrixctl device add sensor01 --address fe80::1234
+
 ``add`` and ``rotate`` print what the firmware needs (identity, key, gateway
 address and port) as text and as a C header.  The running gateway picks the
 change up on SIGHUP (``systemctl reload comatrix``).
@@ -46,6 +56,8 @@ from comatrix.config import (DEFAULT_DTLS_PORT, DEVICES_DIR, Config, ConfigError
                              build_config, read_config_files)
 from comatrix.edhoc.ccs import generate_key, make_ccs, parse_ccs, private_bytes
 from comatrix.edhoc.responder import KEY_FILENAME, GatewayKey
+from comatrix.appservice.admin import AdminError, appservice_homeserver
+from comatrix.appservice.registration import DEFAULT_ID, DEFAULT_PREFIX, generate
 from comatrix.netif import read_link_local_address
 
 __all__ = ["main", "DEVICES_DIR", "DeviceFile", "render_toml_entry", "render_c_header"]
@@ -110,6 +122,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
@@ -366,11 +380,26 @@ def cmd_add(args: argparse.Namespace, config: Config, directory: Path, out: Text
     devices = read_devices(directory)
     if any(device.name == args.name for device in devices):
         raise CtlError(f"a device named {args.name} exists already (rotate or remove it)")
-    entry: dict[str, Any] = {"name": args.name, "user": args.user}
-    if args.password_file:
-        entry["password"] = _read_secret(args.password_file, stdin)
+    entry: dict[str, Any] = {"name": args.name}
+    if args.user is None:
+        entry["user"] = appservice_homeserver(config).create_device_user(args.name)
+        entry["appservice"] = True
+        out.write(f"created {entry['user']} through the application service\n")
     else:
-        entry["access_token"] = _read_secret(args.access_token_file, stdin)
+        entry["user"] = args.user
+        if args.password_file:
+            entry["password"] = _read_secret(args.password_file, stdin)
+        elif args.access_token_file:
+            entry["access_token"] = _read_secret(args.access_token_file, stdin)
+        else:
+            raise CtlError("--user needs --password-file or --access-token-file")
+    if args.allow_invites_from:
+        entry["allow_invites_from"] = list(args.allow_invites_from)
+    if args.address:
+        try:
+            entry["address"] = str(ipaddress.ip_network(args.address.split("%", 1)[0], strict=False))
+        except ValueError:
+            raise CtlError("--address must be an IP address or prefix") from None
     if args.psk:
         entry["psk_identity"] = args.name
         entry.update(new_psk())
@@ -407,6 +436,10 @@ def cmd_rotate(args: argparse.Namespace, config: Config, directory: Path, out: T
 
 def cmd_remove(args: argparse.Namespace, config: Config, directory: Path, out: TextIO, stdin: TextIO) -> None:
     device = _find(read_devices(directory), args.name)
+    if device.entry.get("appservice"):
+        user = str(device.entry["user"])
+        appservice_homeserver(config).deactivate(user)
+        out.write(f"deactivated {user}\n")
     device.path.unlink()
     out.write(f"removed {args.name} ({device.path})\nThen: systemctl reload comatrix\n")
 
@@ -426,6 +459,43 @@ def cmd_list(args: argparse.Namespace, config: Config, directory: Path, out: Tex
                   f"{entry.get('user', '-')}\n")
 
 
+def cmd_appservice_generate(args: argparse.Namespace, config: Config, directory: Path, out: TextIO,
+                            stdin: TextIO) -> None:
+    try:
+        registration = generate(args.url, id=args.id, prefix=args.prefix)
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
+    text = registration.to_yaml()
+    if args.output in (None, "-"):
+        out.write(text)
+        return
+    path = Path(args.output)
+    if path.exists():
+        raise CtlError(f"{path} exists already: the tokens in it are in use (remove it first to replace them)")
+    write_durably_private(path, text)
+    out.write(f"wrote {path} (id {registration.id}, users {registration.user_regex})\n"
+              f"Then: add it to the homeserver's app_service_config_files, restart the homeserver, and set\n"
+              f"  [appservice]\n  registration = \"{path}\"\n"
+              f"in the gateway's config.\n")
+
+
+def write_durably_private(path: Path, text: str) -> None:
+    """A new file that only its owner (and the service group) may read, written whole or not at all."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(handle, FILE_MODE)
+        _give_to_service_group(handle, close=False)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 Command = Callable[[argparse.Namespace, Config, Path, TextIO, TextIO], None]
 
 
@@ -443,8 +513,13 @@ def parser() -> argparse.ArgumentParser:
     kinds.add_argument("--oscore", action="store_true", help="OSCORE master secret and ids")
     kinds.add_argument("--edhoc", action="store_true",
                        help="EDHOC key pair (P-256): OSCORE keys agreed at run time, no shared secret")
-    add.add_argument("--user", required=True, help="the Matrix user the device acts as")
-    secret = add.add_mutually_exclusive_group(required=True)
+    add.add_argument("--user", help="the Matrix user the device acts as (without it, in appservice mode: "
+                     "@<prefix>NAME, created through the application service)")
+    add.add_argument("--allow-invites-from", metavar="USER|*:SERVER", action="append",
+                     help="who may invite the device's user, repeatable [users of its own server]")
+    add.add_argument("--address", metavar="ADDR|PREFIX", help="bind the device to this source address "
+                     "or prefix for plain CoAP")
+    secret = add.add_mutually_exclusive_group()
     secret.add_argument("--password-file", metavar="FILE", help="the user's password ('-': stdin)")
     secret.add_argument("--access-token-file", metavar="FILE", help="an access token ('-': stdin)")
     add.set_defaults(run=cmd_add)
@@ -455,20 +530,37 @@ def parser() -> argparse.ArgumentParser:
         action.add_argument("name")
         action.set_defaults(run=run)
     actions.add_parser("list", help="provisioned devices (no secrets)").set_defaults(run=cmd_list)
+
+    appservice = groups.add_parser("appservice", help="application-service mode")
+    appservice_actions = appservice.add_subparsers(dest="action", required=True)
+    generate_parser = appservice_actions.add_parser(
+        "generate", help="write the registration file for the homeserver's app_service_config_files")
+    generate_parser.add_argument("--url", required=True,
+                                 help="where the homeserver reaches the gateway ([appservice] bind and port)")
+    generate_parser.add_argument("--id", default=DEFAULT_ID, help=f"the application service's id [{DEFAULT_ID}]")
+    generate_parser.add_argument("--prefix", default=DEFAULT_PREFIX,
+                                 help=f"device users are @<prefix>NAME [{DEFAULT_PREFIX}]")
+    generate_parser.add_argument("-o", "--output", metavar="FILE", help="write here (0640) instead of stdout")
+    generate_parser.set_defaults(run=cmd_appservice_generate)
     return top
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> int:
     args = parser().parse_args(argv)
-    if args.action == "add" and not (args.psk or args.oscore or args.edhoc):
-        print("comatrixctl: device add needs --psk, --oscore and/or --edhoc", file=sys.stderr)
+    if args.group == "device" and args.action == "add" and not (args.psk or args.oscore or args.edhoc
+                                                                 or args.address):
+        print("comatrixctl: device add needs --psk, --oscore, --edhoc and/or --address", file=sys.stderr)
         return 2
     config_path = Path(args.config)
     try:
+        if args.group == "appservice":
+            # Generating the registration needs no config: it comes before the config names it.
+            args.run(args, Config(), devices_dir(config_path), out, stdin)
+            return 0
         config = build_config(read_config_files(config_path))
         run: Command = args.run
         run(args, config, devices_dir(config_path), out, stdin)
-    except (CtlError, ConfigError) as exc:
+    except (CtlError, ConfigError, AdminError) as exc:
         print(f"comatrixctl: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from comatrix.appservice.stream import EventStream
     from comatrix.config import Config
     from comatrix.credentials import Credentials
     from comatrix.matrix.client import MatrixClient
@@ -78,3 +79,6 @@ class PluginContext:
     reactor: Any
     #: The gateway's persistent state (SQLite under ``state_dir``); None in hand-built contexts.
     store: "Store | None" = None
+    #: Application-service mode: the one stream of new events (``events.subscribe(listener)``
+    #: calls ``listener(room_id, events)`` for every room with news); None in the other modes.
+    events: "EventStream | None" = None

@@ -42,6 +42,11 @@ Per ``[[devices]]`` entry the gateway logs in for (`comatrix.credentials`): the
 access token of that login, keyed by user and Matrix device id, so a restart
 reuses it instead of logging in again (a homeserver may keep every token of a
 re-used device id valid, and each login counts against its login rate limit).
+
+In application-service mode (`comatrix.appservice`): the id of the last
+transaction handled (a retried one is answered without being handled again)
+and the ids of the last `EVENTS_REMEMBERED` events pushed, so an event in two
+transactions (before and after a restart) reaches nobody twice.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import collections
 import dataclasses
 import os
 import sqlite3
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
@@ -67,6 +72,8 @@ DB_FILENAME = "comatrix.sqlite3"
 MESSAGES_KEPT = 64
 #: /sync resume points kept (one per observation: access token x CoAP token).
 SYNC_POSITIONS_KEPT = 4096
+#: Event ids of application-service transactions remembered (to drop an event pushed twice).
+EVENTS_REMEMBERED = 20000
 #: Session and room records kept in the read cache (each), least recently used go first.
 RECORDS_CACHED = 4096
 
@@ -105,6 +112,14 @@ _SCHEMA = (
         position TEXT NOT NULL,
         updated REAL NOT NULL,
         PRIMARY KEY (token_hash, observer))""",
+    """CREATE TABLE IF NOT EXISTS appservice_transactions (
+        slot INTEGER PRIMARY KEY CHECK (slot = 0),
+        txn_id TEXT NOT NULL,
+        updated REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS appservice_events (
+        event_id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS appservice_events_seq ON appservice_events (seq)""",
     """CREATE TABLE IF NOT EXISTS device_tokens (
         user_id TEXT NOT NULL,
         device_id TEXT NOT NULL,
@@ -364,6 +379,54 @@ class Store:
             self._generation += 1
             self._rooms.pop((session_id, handle), None)
 
+    async def append_messages(self, arrivals: Iterable[tuple[int, int, Sequence[StoredMessage]]],
+                              keep: int = MESSAGES_KEPT) -> list[list[StoredMessage]]:
+        """Number pushed messages for many (session, room handle)s in one transaction.
+
+        Each arrival's candidates (their ``cursor`` ignored) that the handle has not
+        numbered yet get the next cursors; the walk position (``after_token``) stays:
+        a later walk from it skips them as known.  Returns what each arrival numbered.
+        """
+        batch = list(arrivals)
+
+        def write(txn: Any) -> list[list[StoredMessage]]:
+            numbered: list[list[StoredMessage]] = []
+            for session_id, handle, candidates in batch:
+                txn.execute("SELECT last_cursor FROM compact_rooms WHERE session_id = ? AND handle = ?",
+                            (session_id, handle))
+                row = txn.fetchone()
+                fresh: list[StoredMessage] = []
+                numbered.append(fresh)
+                if row is None:
+                    continue
+                txn.execute("SELECT event_id FROM compact_messages WHERE session_id = ? AND room_handle = ?",
+                            (session_id, handle))
+                known = {known_row[0] for known_row in txn.fetchall()}
+                cursor = int(row[0])
+                for message in candidates:
+                    if message.event_id not in known:
+                        known.add(message.event_id)
+                        cursor += 1
+                        fresh.append(dataclasses.replace(message, cursor=cursor))
+                if not fresh:
+                    continue
+                txn.executemany(
+                    "INSERT OR REPLACE INTO compact_messages (session_id, room_handle, cursor, event_id,"
+                    " sender, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(session_id, handle, m.cursor, m.event_id, m.sender, m.body, m.ts) for m in fresh])
+                txn.execute("UPDATE compact_rooms SET last_cursor = ? WHERE session_id = ? AND handle = ?",
+                            (cursor, session_id, handle))
+                txn.execute("DELETE FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor <= ?",
+                            (session_id, handle, cursor - keep))
+            return numbered
+        try:
+            result: list[list[StoredMessage]] = await self._pool.runInteraction(write)
+            return result
+        finally:
+            self._generation += 1
+            for session_id, handle, _candidates in batch:
+                self._rooms.pop((session_id, handle), None)
+
     async def message_at_or_after(self, session_id: int, handle: int, cursor: int) -> StoredMessage | None:
         """The kept message with the smallest cursor >= ``cursor`` (a larger one means a gap)."""
         rows = await self._pool.runQuery(
@@ -416,6 +479,42 @@ class Store:
                                           (sqlite3.Binary(token_hash), sqlite3.Binary(observer)))
 
     # ------------------------------------------------------------------ configured devices
+
+    # ------------------------------------------------------------------ application service
+
+    async def last_appservice_transaction(self) -> str | None:
+        rows = await self._pool.runQuery("SELECT txn_id FROM appservice_transactions WHERE slot = 0")
+        return str(rows[0][0]) if rows else None
+
+    async def seen_events(self, event_ids: Iterable[str]) -> set[str]:
+        """Which of ``event_ids`` an earlier transaction pushed already."""
+        wanted = list(event_ids)
+
+        def select(txn: Any) -> set[str]:
+            seen: set[str] = set()
+            for start in range(0, len(wanted), 500):  # below SQLite's host-parameter limit
+                chunk = wanted[start:start + 500]
+                txn.execute("SELECT event_id FROM appservice_events WHERE event_id IN"
+                            f" ({','.join('?' * len(chunk))})", chunk)
+                seen.update(row[0] for row in txn.fetchall())
+            return seen
+        if not wanted:
+            return set()
+        seen: set[str] = await self._pool.runInteraction(select)
+        return seen
+
+    async def finish_appservice_transaction(self, txn_id: str, event_ids: Sequence[str], now: float,
+                                            keep: int = EVENTS_REMEMBERED) -> None:
+        """Record a handled transaction and its events, in one transaction; forget the oldest events."""
+        def write(txn: Any) -> None:
+            txn.execute("INSERT OR REPLACE INTO appservice_transactions (slot, txn_id, updated) VALUES (0, ?, ?)",
+                        (txn_id, now))
+            txn.execute("SELECT COALESCE(MAX(seq), 0) FROM appservice_events")
+            seq = int(txn.fetchone()[0])
+            txn.executemany("INSERT OR IGNORE INTO appservice_events (event_id, seq) VALUES (?, ?)",
+                            [(event_id, seq + 1 + index) for index, event_id in enumerate(event_ids)])
+            txn.execute("DELETE FROM appservice_events WHERE seq <= ?", (seq + len(event_ids) - keep,))
+        await self._pool.runInteraction(write)
 
     async def device_token(self, user_id: str, device_id: str) -> str | None:
         """The token kept for the gateway's login as ``device_id`` of ``user_id``, if any."""

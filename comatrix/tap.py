@@ -47,6 +47,11 @@ from comatrix.edhoc import responder as edhoc
 from comatrix.edhoc.resource import EDHOC_PATH, EdhocResource, combined_handler
 from comatrix.edhoc.responder import Responder
 from comatrix.store import Store
+from comatrix.appservice.invites import Invitations
+from comatrix.appservice.registration import Registration, load_registration
+from comatrix.appservice.server import AppserviceResource
+from comatrix.appservice.stream import EventStream
+from twisted.web import server as web_server
 
 log = get_logger("comatrix")
 
@@ -131,8 +136,9 @@ class GatewayService(service.Service):
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
                  matrix: MatrixClient, credentials: Credentials, store: Store | None = None,
                  dtls: tuple[CoapServer, IListeningPort] | None = None,
-                 reloader: Reloader | None = None) -> None:
+                 reloader: Reloader | None = None, appservice: IListeningPort | None = None) -> None:
         self.config = config
+        self.appservice = appservice
         self.reloader = reloader
         self.server = server
         self.port = port
@@ -170,6 +176,9 @@ class GatewayService(service.Service):
                  count=sum(server.in_flight() for server in servers))
         for server in servers:
             server.stop_accepting()
+        if self.appservice is not None:
+            # The homeserver keeps what it could not push, and pushes it after the restart.
+            yield defer.maybeDeferred(self.appservice.stopListening)
         yield defer.gatherResults([server.wait_idle(self.config.shutdown_grace) for server in servers])
         if self.dtls is not None:
             yield defer.maybeDeferred(self.dtls[1].stopListening)
@@ -286,6 +295,51 @@ def build_edhoc(config: Config, credentials: Credentials, oscore: OscoreLayer | 
     return responder
 
 
+class _QuietSite(web_server.Site):
+    """The appservice API's site: no access log line per transaction (the stream logs what matters)."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def build_appservice(config: Config, credentials: Credentials, matrix: MatrixClient, store: Store,
+                     reactor: Any) -> tuple[Registration, EventStream] | None:
+    """Application-service mode, when ``[appservice]`` is configured: its registration and event stream.
+
+    Blocking (reads the registration): call it before the reactor runs.
+    """
+    settings = config.appservice
+    if settings is None:
+        return None
+    try:
+        registration = load_registration(settings.registration)
+    except ConfigError as exc:
+        raise SystemExit(f"comatrix: {exc}") from None
+    for device in config.devices:
+        if device.appservice and (device.user is None or not registration.owns(device.user)):
+            raise SystemExit(f"comatrix: [[devices]] {device.label}: {device.user} is not in the appservice "
+                             f"namespace {registration.user_regex}")
+    credentials.act_as_appservice(registration.as_token)
+    stream = EventStream(store, reactor)
+    stream.subscribe(Invitations(credentials, matrix))
+    return registration, stream
+
+
+def listen_appservice(config: Config, registration: Registration, stream: EventStream,
+                      credentials: Credentials, reactor: Any) -> IListeningPort:
+    settings = config.appservice
+    assert settings is not None
+    api = AppserviceResource(registration.hs_token, stream,
+                             lambda user_id: credentials.appservice_entry(user_id) is not None)
+    port = _listen(lambda: reactor.listenTCP(settings.port, _QuietSite(api), interface=settings.bind),
+                   settings.bind, settings.port)
+    devices = sum(1 for device in config.devices if device.appservice)
+    log.info("Application service {id}: transactions on http://{bind}:{port}, namespace {regex}, "
+             "{count} device user(s)", id=registration.id, bind=settings.bind, port=getattr(port.getHost(), "port", settings.port),
+             regex=registration.user_regex, count=devices)
+    return port
+
+
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -309,8 +363,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
     store = Store.for_state_dir(config.state_dir, reactor)
     credentials = Credentials(config.devices, matrix, store)
+    appservice = build_appservice(config, credentials, matrix, store, reactor)
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
-                            state={}, reactor=reactor, store=store)
+                            state={}, reactor=reactor, store=store,
+                            events=appservice[1] if appservice is not None else None)
     long_poller(context)  # sized to the open-file limit now, and logged, whatever plugins use it
     site = build_site(plugins, context, error_response)
     install(site, Admission(limits, reactor))
@@ -337,10 +393,12 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                                                          address, dtls_port, reactor=reactor),
                                      address, dtls_port))
     policy.announce(log)
+    appservice_port = (listen_appservice(config, *appservice, credentials, reactor)
+                       if appservice is not None else None)
     reloader = Reloader(config, lambda: load_config(options), credentials,
                         dtls=getattr(dtls[1], "protocol") if dtls is not None else None,  # a udp.Port's
                         oscore=oscore, edhoc=edhoc_responder, reactor=reactor)
-    return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader)
+    return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader, appservice_port)
 
 
 def _listen(bind: Callable[[], IListeningPort], address: str, number: int) -> IListeningPort:

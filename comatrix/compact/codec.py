@@ -124,7 +124,8 @@ class LoginRequest:
     @classmethod
     def decode(cls, payload: bytes) -> "LoginRequest":
         user, password = _array(payload, (2,), "login")
-        return cls(_text(user, "user", MAX_USER), _text(password, "password", MAX_PASSWORD))
+        # An empty password is a provisioned device user's login (application-service mode).
+        return cls(_text(user, "user", MAX_USER), "" if password == "" else _text(password, "password", MAX_PASSWORD))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,15 @@ what a device relies on is the per-room walk position (``after_token``) and
 the numbering in the store, so a device that observes again after a gateway
 restart gets what arrived meanwhile, with the next cursors.  Homeserver
 trouble is waited out with jittered exponential back-off (`Backoff`).
+
+Application-service mode.  A provisioned device user (`comatrix.appservice`)
+opens a session with no password (`open_appservice_session`): no homeserver
+login, no Matrix device, and the session acts with the ``as_token`` as its user.
+Its watch holds no /sync long-poll: it joins the transaction-fed index (room id
+-> watching sessions), and the event stream's listener (`rooms_arrived`)
+numbers each room's new messages for all its watching sessions in one store
+transaction and pushes them in one batch (``on_messages``).  The walk position
+stays where it was: a later walk skips what was numbered from transactions.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ import hashlib
 import math
 import random
 import secrets
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -69,6 +78,7 @@ from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, Lease, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
 from comatrix.matrix.client import MatrixClient
+from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
 from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
 from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
@@ -110,6 +120,11 @@ MAX_STORED_NUMBER = 2**63 - 1
 Session = SessionRecord
 #: Called for each newly numbered message of a session's room: (session, room handle, message).
 MessageSink = Callable[[SessionRecord, int, StoredMessage], None]
+#: Called with a batch of newly numbered messages of many sessions at once; returns the ids of the
+#: sessions none of whose observers took a message (no longer watching).
+BatchSink = Callable[[Sequence[tuple[SessionRecord, int, StoredMessage]]], set[int]]
+#: What an appservice session's access token is stored as: it has none of its own.
+APPSERVICE_SESSION_TOKEN = ""
 
 
 def handle_hash(handle: bytes) -> bytes:
@@ -149,9 +164,12 @@ class CompactService:
     def __init__(self, matrix: MatrixClient, store: Store, reactor: Any, *,
                  rooms: Mapping[str, str] | None = None, long_poll_seconds: float = LONG_POLL_SECONDS,
                  long_polls: LongPoller | None = None, jitter: Callable[[], float] = random.random,
-                 limits: LimitSettings = LimitSettings()) -> None:
+                 limits: LimitSettings = LimitSettings(),
+                 acting: Callable[[str], AppserviceToken] | None = None) -> None:
         """``long_polls``: the gateway's long-poll pool (without: /sync goes through ``matrix``);
-        ``limits``: the session caps and idle timeout (``[limits]``)."""
+        ``limits``: the session caps and idle timeout (``[limits]``); ``acting``: in
+        application-service mode, the token acting as a user of the namespace (then watches
+        of appservice sessions are fed by `rooms_arrived`, not /sync)."""
         self.matrix = matrix
         self.store = store
         self.reactor = reactor
@@ -162,6 +180,11 @@ class CompactService:
         #: Random source of the loops' back-off jitter (tests make it deterministic).
         self.jitter = jitter
         self.on_message: MessageSink | None = None
+        self.on_messages: BatchSink | None = None
+        self.acting = acting
+        #: Transaction-fed watches: session id -> session, and room id -> {session id: room handle}.
+        self._fed: dict[int, SessionRecord] = {}
+        self._fed_rooms: dict[str, dict[int, int]] = {}
         #: Returns whether a session still has observers (set by the messages resource).
         self.is_observed: Callable[[SessionRecord], bool] = lambda session: False
         self._locks: dict[tuple[int, int], defer.DeferredLock] = {}
@@ -185,22 +208,38 @@ class CompactService:
         ``device_key`` (default: the address as `comatrix.identity` keys plain CoAP) is
         whose share the session counts against; over a cap nothing reaches the homeserver.
         """
+        async def matrix_login() -> tuple[str, str, str | None]:
+            login = await self.matrix.login(user, password, initial_device_display_name="CoMatrix compact device")
+            return login.access_token, login.user_id, login.device_id
+        return await self._open(matrix_login, peer, device_key, security)
+
+    async def open_appservice_session(self, user_id: str, peer: Peer, device_key: str | None = None,
+                                      security: Security | None = None) -> bytes:
+        """A session of a provisioned device user (application-service mode): no login, no Matrix device."""
+        if self.acting is None:
+            raise Unauthorized("application-service mode is off")
+
+        async def no_login() -> tuple[str, str, str | None]:
+            return APPSERVICE_SESSION_TOKEN, user_id, None
+        return await self._open(no_login, peer, device_key, security)
+
+    async def _open(self, login: Callable[[], Awaitable[tuple[str, str, str | None]]], peer: Peer,
+                    device_key: str | None, security: Security | None) -> bytes:
         key = device_key if device_key is not None else "a:" + plain_address(peer.host)
         self._opening[key] = self._opening.get(key, 0) + 1  # reserved before the check: logins race
         try:
             await self._admit(key)
-            login = await self.matrix.login(user, password,
-                                            initial_device_display_name="CoMatrix compact device")
+            access_token, user_id, device_id = await login()
             handle = secrets.token_bytes(HANDLE_SIZE)
             now = self.reactor.seconds()
-            session_id = await self.store.create_session(handle_hash(handle), login.access_token, login.user_id,
-                                                         login.device_id, _binding(peer, security), now, key)
+            session_id = await self.store.create_session(handle_hash(handle), access_token, user_id,
+                                                         device_id, _binding(peer, security), now, key)
         finally:
             left = self._opening.pop(key) - 1
             if left:
                 self._opening[key] = left
         self._touched[session_id] = now
-        log.info("Compact session {id} opened for {user} at {peer}", id=session_id, user=login.user_id,
+        log.info("Compact session {id} opened for {user} at {peer}", id=session_id, user=user_id,
                  peer=_binding(peer, security))
         return handle
 
@@ -233,7 +272,15 @@ class CompactService:
                      id=record.id, peer=str(peer))
             raise Forbidden("session bound to another address")
         self._touch(record.id)
-        return record
+        return self._acting_record(record)
+
+    def _acting_record(self, record: SessionRecord) -> SessionRecord:
+        """An appservice session's record with the token acting as its user."""
+        if record.access_token != APPSERVICE_SESSION_TOKEN:
+            return record
+        if self.acting is None:
+            raise Unauthorized("application-service mode is off")
+        return dataclasses.replace(record, access_token=self.acting(record.user_id))
 
     def _touch(self, session_id: int) -> None:
         """Note a use of the session; written to the store at most every `touch_interval` seconds."""
@@ -253,6 +300,7 @@ class CompactService:
         log.info("Compact session {id} closed", id=session.id)
 
     async def _forget(self, session: SessionRecord) -> None:
+        self._unfeed(session.id)
         await self.store.delete_session(session.id)
         self._touched.pop(session.id, None)
         for key in [key for key in self._locks if key[0] == session.id]:
@@ -260,6 +308,8 @@ class CompactService:
 
     async def _logout_matrix(self, session: SessionRecord) -> None:
         """Log the session's Matrix device out; a token the homeserver no longer knows is fine."""
+        if session.access_token == APPSERVICE_SESSION_TOKEN or isinstance(session.access_token, AppserviceToken):
+            return  # an appservice session has no login of its own to end
         try:
             await self.matrix.logout(session.access_token)
         except MatrixError as error:
@@ -322,6 +372,8 @@ class CompactService:
     async def join(self, session: SessionRecord, room: str) -> int:
         room_id = await self.matrix.join(session.access_token, self.resolve_reference(room))
         handle = await self.store.room_handle(session.id, room_id)
+        if session.id in self._fed:
+            self._fed_rooms.setdefault(room_id, {})[session.id] = handle
         await self.advance(session, handle)  # anchors the timeline: cursors count from the join
         return handle
 
@@ -463,6 +515,9 @@ class CompactService:
         A new loop takes a long-poll slot of the current device (the one whose
         observation starts it); without a free one: 4.29 / 5.03 with Max-Age.
         """
+        if isinstance(session.access_token, AppserviceToken) and self.acting is not None:
+            self._feed(session)
+            return
         loop = self._loops.get(session.id)
         if loop is not None and not loop.stopped:
             return
@@ -470,7 +525,60 @@ class CompactService:
         loop.deferred = defer.ensureDeferred(self._run(loop))
         loop.deferred.addErrback(self._loop_failed, loop)
 
+    def _feed(self, session: SessionRecord) -> None:
+        """Watch an appservice session from the event stream: index its rooms, then catch them up."""
+        if session.id in self._fed:
+            return
+        self._fed[session.id] = session
+        indexed = defer.ensureDeferred(self._index_and_catch_up(session))
+        indexed.addErrback(lambda failure: log.failure("Could not start the watch of compact session {id}",
+                                                       failure, id=session.id))
+
+    async def _index_and_catch_up(self, session: SessionRecord) -> None:
+        records = await self.store.rooms(session.id)
+        if session.id not in self._fed:
+            return
+        for record in records:
+            self._fed_rooms.setdefault(record.room_id, {})[session.id] = record.handle
+        # What arrived between the device's FETCH and the index is found by one walk per room.
+        await self.messages_arrived(session, {record.room_id for record in records})
+
+    def _unfeed(self, session_id: int) -> None:
+        if self._fed.pop(session_id, None) is None:
+            return
+        for room_id in [room_id for room_id, sessions in self._fed_rooms.items() if session_id in sessions]:
+            del self._fed_rooms[room_id][session_id]
+            if not self._fed_rooms[room_id]:
+                del self._fed_rooms[room_id]
+
+    async def rooms_arrived(self, room_id: str, events: Sequence[Event]) -> None:
+        """An event-stream listener: number ``events`` for every session watching ``room_id``, push them."""
+        watchers = self._fed_rooms.get(room_id)
+        candidates = [_stored(0, event) for event in events if _usable(event)]
+        if not watchers or not candidates:
+            return
+        pairs = sorted(watchers.items())
+        locks = [self._lock(session_id, handle) for session_id, handle in pairs]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            numbered = await self.store.append_messages(
+                [(session_id, handle, candidates) for session_id, handle in pairs])
+        finally:
+            for lock in locks:
+                lock.release()
+        batch = [(self._fed[session_id], handle, message)
+                 for (session_id, handle), fresh in zip(pairs, numbered) if session_id in self._fed
+                 for message in fresh]
+        if batch and self.on_messages is not None:
+            for session_id in self.on_messages(batch):
+                if not self.is_observed(self._fed[session_id]):
+                    log.debug("Compact session {id} has no observers left: its watch ends", id=session_id)
+                    self._unfeed(session_id)
+
     def watching(self, session_id: int) -> bool:
+        if session_id in self._fed:
+            return True
         loop = self._loops.get(session_id)
         return loop is not None and not loop.stopped
 

@@ -20,8 +20,10 @@ from urllib.parse import quote
 
 __all__ = [
     "CLIENT_V3",
+    "AppserviceToken",
     "MatrixRequest",
     "create_room",
+    "deactivate",
     "generic",
     "invite",
     "join",
@@ -36,6 +38,8 @@ __all__ = [
     "room_state_event",
     "send_event",
     "send_state_event",
+    "register_appservice_user",
+    "set_displayname",
     "sync",
     "versions",
     "whoami",
@@ -64,6 +68,42 @@ def redact_body(value: Any) -> Any:
     return value
 
 
+class AppserviceToken(str):
+    """An application service's ``as_token`` acting as one user of its namespace.
+
+    The string value is the ``as_token`` (sent as the bearer token); `user_id`
+    is the user it asserts, added as the ``user_id`` query parameter of every
+    request made with it (Application Service API, identity assertion).  Two
+    such tokens are equal only when they act as the same user, so tables keyed
+    by token (sync loops, sticky tokens) keep the users apart.
+    """
+
+    user_id: str
+
+    def __new__(cls, as_token: str, user_id: str) -> "AppserviceToken":
+        token = super().__new__(cls, as_token)
+        token.user_id = user_id
+        return token
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AppserviceToken):
+            return str.__eq__(self, other) and self.user_id == other.user_id
+        return False
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((str.__str__(self), self.user_id))
+
+    def __repr__(self) -> str:
+        return f"<AppserviceToken for {self.user_id}>"
+
+
+#: Query parameters that pick the user or device a request acts as; only the gateway sets them.
+_ASSERTION_KEYS = frozenset({"user_id", "device_id", "org.matrix.msc3202.device_id"})
+
+
 def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -83,9 +123,14 @@ class MatrixRequest:
         base = base_url.rstrip("/")
         path = "/".join(quote(segment, safe="") for segment in self.path)
         url = f"{base}/{path}"
-        if self.query:
+        query = self.query
+        if isinstance(self.access_token, AppserviceToken):
+            # Whatever a device put in the query, the request acts as the token's user only.
+            query = tuple((k, v) for k, v in query if k not in _ASSERTION_KEYS)
+            query += (("user_id", self.access_token.user_id),)
+        if query:
             url += "?" + "&".join(
-                f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.query
+                f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query
             )
         return url
 
@@ -155,6 +200,22 @@ def login_password(
     if initial_device_display_name is not None:
         body["initial_device_display_name"] = initial_device_display_name
     return MatrixRequest("POST", _v3("login"), (), body)
+
+
+def register_appservice_user(as_token: str, localpart: str) -> MatrixRequest:
+    """``POST /register`` of a user in the application service's namespace (no password, no login)."""
+    body: JsonDict = {"type": "m.login.application_service", "username": localpart, "inhibit_login": True}
+    return MatrixRequest("POST", _v3("register"), (("kind", "user"),), body, as_token)
+
+
+def set_displayname(token: str, user_id: str, displayname: str) -> MatrixRequest:
+    """``PUT /profile/{userId}/displayname``."""
+    return MatrixRequest("PUT", _v3("profile", user_id, "displayname"), (), {"displayname": displayname}, token)
+
+
+def deactivate(token: str) -> MatrixRequest:
+    """``POST /account/deactivate`` (an application service may deactivate its users without UIA)."""
+    return MatrixRequest("POST", _v3("account", "deactivate"), (), {"erase": False}, token)
 
 
 def logout(token: str) -> MatrixRequest:

@@ -19,9 +19,9 @@ How many sessions a device may hold and how long an unused one lives are
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from comatrix.coap.errors import UnsupportedContentFormat
+from comatrix.coap.errors import BadRequest, Forbidden, UnsupportedContentFormat
 from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code
 from comatrix.coap.resource import CoapResource, LinkAttributes
@@ -56,8 +56,12 @@ def compact_service(context: PluginContext) -> CompactService:
         context.config.state_dir, context.reactor)
     # /sync long-polls use the gateway's uncapped long-poll pool (shared with MSC3079), each with
     # its own deadline: watching devices must not hold the upstream cap's slots.
+    events = context.events
     service = CompactService(context.matrix, store, context.reactor, rooms=rooms,
-                             long_polls=long_poller(context), limits=context.config.limits)
+                             long_polls=long_poller(context), limits=context.config.limits,
+                             acting=context.credentials.acting_token if events is not None else None)
+    if events is not None:
+        events.subscribe(service.rooms_arrived)  # watches of device users are fed by transactions
     context.state[STATE_KEY] = service
     add_trigger = getattr(context.reactor, "addSystemEventTrigger", None)
     if add_trigger is not None:
@@ -96,9 +100,23 @@ class LoginResource(CompactResource):
 
     async def render_POST(self, request: Request) -> Response:
         login = LoginRequest.decode(self.payload(request))
-        handle = await self.service.login(login.user, login.password, request.peer, device_of(request).key,
-                                          request.security)
+        device_key = device_of(request).key
+        if login.password:
+            handle = await self.service.login(login.user, login.password, request.peer, device_key,
+                                              request.security)
+        else:
+            handle = await self.service.open_appservice_session(self._device_user(request, login.user),
+                                                                request.peer, device_key, request.security)
         return _cbor(codec.encode_handle(handle), Code.CREATED)
+
+    def _device_user(self, request: Request, user: str) -> str:
+        """The user of a provisioned device that logs in without a password (application-service mode)."""
+        entry = self.context.credentials.entry_for(request)
+        if entry is None or not entry.appservice or entry.user is None:
+            raise BadRequest("password must be a non-empty text string")
+        if user not in (entry.user, entry.user[1:].split(":", 1)[0]):
+            raise Forbidden("not this device's user")
+        return entry.user
 
 
 class LogoutResource(CompactResource):
@@ -147,7 +165,10 @@ class MessagesResource(CompactResource):
         super().__init__(context)
         #: While a message is being pushed: (session handle hash, room handle, encoded message).
         self._pushing: tuple[bytes, int, bytes] | None = None
+        #: While a batch is being pushed: (session handle hash, room handle) -> encoded message.
+        self._pushing_batch: dict[tuple[bytes, int], bytes] = {}
         self.service.on_message = self._push
+        self.service.on_messages = self._push_batch
         self.service.is_observed = self._observed
 
     def render_FETCH(self, request: Request) -> Any:
@@ -155,6 +176,10 @@ class MessagesResource(CompactResource):
         if pushing is not None and _selects(request, pushing[0], pushing[1]):
             # A notification: the pushed message (rendered synchronously inside notify).
             return _cbor(pushing[2], Code.CONTENT)
+        if self._pushing_batch:
+            message = self._pushing_batch.get(_registration(request.payload) or (b"", -1))
+            if message is not None:
+                return _cbor(message, Code.CONTENT)
         return self._fetch(request)
 
     async def _fetch(self, request: Request) -> Response:
@@ -176,6 +201,31 @@ class MessagesResource(CompactResource):
             self.notify_observers(lambda request: _selects(request, session.handle_hash, room_handle))
         finally:
             self._pushing = None
+
+    def _push_batch(self, batch: Sequence[tuple[SessionRecord, int, StoredMessage]]) -> set[int]:
+        """Push many sessions' messages with one pass over the observers per round (a round holds
+        at most one message per session and room, oldest first); returns the sessions no observer took."""
+        queues: dict[tuple[bytes, int], list[bytes]] = {}
+        sessions: dict[bytes, int] = {}
+        for session, room_handle, message in batch:
+            queues.setdefault((session.handle_hash, room_handle), []).append(_device_message(message))
+            sessions[session.handle_hash] = session.id
+        taken: set[bytes] = set()
+
+        def selects(request: Request) -> bool:
+            registration = _registration(request.payload)
+            if registration is None or registration not in self._pushing_batch:
+                return False
+            taken.add(registration[0])
+            return True
+        for round_number in range(max(len(queue) for queue in queues.values())):
+            self._pushing_batch = {key: queue[round_number] for key, queue in queues.items()
+                                   if round_number < len(queue)}
+            try:
+                self.notify_observers(selects)
+            finally:
+                self._pushing_batch = {}
+        return {session_id for hash_, session_id in sessions.items() if hash_ not in taken}
 
     def _observed(self, session: SessionRecord) -> bool:
         return any(_selects(request, session.handle_hash, None) for request in self.observer_requests())
