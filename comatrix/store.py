@@ -380,12 +380,15 @@ class Store:
             self._rooms.pop((session_id, handle), None)
 
     async def append_messages(self, arrivals: Iterable[tuple[int, int, Sequence[StoredMessage]]],
+                              after_last: str | None = None,
                               keep: int = MESSAGES_KEPT) -> list[list[StoredMessage]]:
         """Number pushed messages for many (session, room handle)s in one transaction.
 
         Each arrival's candidates (their ``cursor`` ignored) that the handle has not
-        numbered yet get the next cursors; the walk position (``after_token``) stays:
-        a later walk from it skips them as known.  Returns what each arrival numbered.
+        numbered yet get the next cursors.  ``after_last``: the pagination token just
+        after the last candidate; it becomes the walk position of every handle that
+        numbered that last candidate now (its walk had not got there).  Returns what
+        each arrival numbered.
         """
         batch = list(arrivals)
 
@@ -414,8 +417,12 @@ class Store:
                     "INSERT OR REPLACE INTO compact_messages (session_id, room_handle, cursor, event_id,"
                     " sender, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(session_id, handle, m.cursor, m.event_id, m.sender, m.body, m.ts) for m in fresh])
-                txn.execute("UPDATE compact_rooms SET last_cursor = ? WHERE session_id = ? AND handle = ?",
-                            (cursor, session_id, handle))
+                if after_last is not None and fresh[-1].event_id == candidates[-1].event_id:
+                    txn.execute("UPDATE compact_rooms SET last_cursor = ?, after_token = ? WHERE session_id = ?"
+                                " AND handle = ?", (cursor, after_last, session_id, handle))
+                else:
+                    txn.execute("UPDATE compact_rooms SET last_cursor = ? WHERE session_id = ? AND handle = ?",
+                                (cursor, session_id, handle))
                 txn.execute("DELETE FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor <= ?",
                             (session_id, handle, cursor - keep))
             return numbered

@@ -80,8 +80,8 @@ class AppserviceResource(resource.Resource):
         header = request.getHeader(b"authorization")
         if header is None:
             return _error(request, 401, "M_UNAUTHORIZED", "missing hs_token")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), self._hs_token):
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._hs_token):
             log.warn("Appservice request with a wrong hs_token from {peer}", peer=str(request.getClientAddress()))
             return _error(request, 403, "M_FORBIDDEN", "wrong hs_token")
         return None

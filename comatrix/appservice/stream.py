@@ -92,6 +92,8 @@ class EventStream:
         for event in events:
             assert event.room_id is not None
             by_room.setdefault(event.room_id, []).append(event)
+        for room_id, room_events in by_room.items():
+            log.debug("Appservice events: {count} in {room}", count=len(room_events), room=room_id)
         for listener in list(self._listeners):
             for room_id, room_events in by_room.items():
                 try:

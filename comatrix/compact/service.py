@@ -558,12 +558,14 @@ class CompactService:
         if not watchers or not candidates:
             return
         pairs = sorted(watchers.items())
+        after_last = await self._position_after(room_id, candidates[-1].event_id, pairs[0][0])
+        pairs = sorted(self._fed_rooms.get(room_id, {}).items())  # as it is now, after the wait
         locks = [self._lock(session_id, handle) for session_id, handle in pairs]
         for lock in locks:
             await lock.acquire()
         try:
             numbered = await self.store.append_messages(
-                [(session_id, handle, candidates) for session_id, handle in pairs])
+                [(session_id, handle, candidates) for session_id, handle in pairs], after_last)
         finally:
             for lock in locks:
                 lock.release()
@@ -575,6 +577,21 @@ class CompactService:
                 if not self.is_observed(self._fed[session_id]):
                     log.debug("Compact session {id} has no observers left: its watch ends", id=session_id)
                     self._unfeed(session_id)
+
+    async def _position_after(self, room_id: str, event_id: str, session_id: int) -> str | None:
+        """The pagination token just after ``event_id`` (one call per room, whatever the watchers),
+        so a later walk of a watching session starts there; None (the walk re-reads) on trouble."""
+        session = self._fed.get(session_id)
+        if session is None:
+            return None
+        try:
+            body = await self.matrix.request(api.context(session.access_token, room_id, event_id))
+        except (HomeserverError, ServiceUnavailable) as error:
+            log.info("No position after {event} in {room}: {error}", event=event_id, room=room_id,
+                     error=_describe(error))
+            return None
+        end = body.get("end")
+        return end if isinstance(end, str) and end else None
 
     def watching(self, session_id: int) -> bool:
         if session_id in self._fed:

@@ -22,6 +22,7 @@ __all__ = [
     "CLIENT_V3",
     "AppserviceToken",
     "MatrixRequest",
+    "context",
     "create_room",
     "deactivate",
     "generic",
@@ -316,6 +317,12 @@ def create_room(token: str, **fields: Any) -> MatrixRequest:
 def invite(token: str, room_id: str, user_id: str) -> MatrixRequest:
     """``POST /rooms/{roomId}/invite``."""
     return MatrixRequest("POST", _v3("rooms", room_id, "invite"), (), {"user_id": user_id}, token)
+
+
+def context(token: str, room_id: str, event_id: str, *, limit: int = 0) -> MatrixRequest:
+    """``GET /rooms/{roomId}/context/{eventId}``: its ``end`` is a pagination token just after the event."""
+    return MatrixRequest("GET", _v3("rooms", room_id, "context", event_id), (("limit", str(limit)),),
+                         access_token=token)
 
 
 def sync(
