@@ -21,6 +21,7 @@ from urllib.parse import quote
 __all__ = [
     "CLIENT_V3",
     "AppserviceToken",
+    "acting_identity",
     "MatrixRequest",
     "context",
     "create_room",
@@ -99,6 +100,14 @@ class AppserviceToken(str):
 
     def __repr__(self) -> str:
         return f"<AppserviceToken for {self.user_id}>"
+
+
+def acting_identity(token: str) -> str:
+    """What tells one acting identity from another: the token, and for an `AppserviceToken` also
+    its user (tables keyed by a hash of the token must not mix the users of one as_token)."""
+    if isinstance(token, AppserviceToken):
+        return f"{str.__str__(token)}\0{token.user_id}"
+    return str.__str__(token)
 
 
 #: Query parameters that pick the user or device a request acts as; only the gateway sets them.

@@ -32,6 +32,7 @@ import json
 from collections import OrderedDict
 from typing import Any, Iterable
 
+from comatrix.matrix.api import acting_identity
 from comatrix.store import SYNC_POSITIONS_KEPT, Store, SyncPosition
 
 __all__ = ["ResumePoints", "registration_fingerprint"]
@@ -47,7 +48,7 @@ def registration_fingerprint(query: Iterable[tuple[str, str]]) -> bytes:
 
 
 def _token_hash(access_token: str) -> bytes:
-    return hashlib.sha256(access_token.encode("utf-8")).digest()
+    return hashlib.sha256(acting_identity(access_token).encode("utf-8")).digest()
 
 
 class ResumePoints:

@@ -186,6 +186,17 @@ def test_tokenless_send_acts_as_the_device_user(world: tuple[SynapseServer, Pan,
     assert len(sent) == 1 and sent[0]["sender"] == user_id
 
 
+def test_msc3079_requests_act_as_the_device_user_only(world: tuple[SynapseServer, Pan, Pan]) -> None:
+    """An MSC3079 pass-through from the device asks whoami; a user_id it adds to the query is dropped."""
+    _, pan_a, _ = world
+    own, other = pan_a.devices["sensor01"], pan_a.devices["w00"]
+    for query in ("", f"?user_id={_quote(other)}"):
+        result = libcoap("get", pan_a.coap("[::1]", f"_matrix/client/v3/account/whoami{query}"),
+                         extra_args=["-a", "::1"])
+        assert result.code == "2.05", result
+        assert own.encode() in result.payload and other.encode() not in result.payload
+
+
 def test_invites_from_disallowed_users_are_declined(world: tuple[SynapseServer, Pan, Pan],
                                                     synapse_person: MatrixUser) -> None:
     synapse, pan_a, _ = world
