@@ -25,6 +25,11 @@ gateway's uncapped long-poll pool (`comatrix.longpoll`), not the capped client.
   restart -- continues from there.  Homeserver trouble (no answer, 429, 5xx)
   is waited out with jittered exponential back-off; other errors end the
   observation with an error notification.
+
+In application-service mode the loop of a provisioned device user holds no
+long-poll: it syncs without waiting on the homeserver whenever the event stream
+says its user has news (`comatrix.appservice.wakeups`), and at the latest every
+`FALLBACK_SECONDS`.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from comatrix.errors import matrix_error_response
 from comatrix.identity import acting_as, device_of
 from comatrix.interfaces import PluginContext
 from comatrix.longpoll import Backoff, Lease, LongPoller, is_transient, long_poller, retry_delay
+from comatrix.appservice.wakeups import FALLBACK_SECONDS, Waiter, Wakeups
 from comatrix.matrix import api
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
 from comatrix.matrix.transport import MatrixTransport
@@ -117,6 +123,11 @@ class Msc3079Service:
         #: Random source of the loops' back-off jitter (tests make it deterministic).
         self.jitter = jitter
         self.loops: dict[LoopKey, SyncLoop] = {}
+        #: Application-service mode: who has news, from the event stream (None otherwise).
+        self.wakeups: Wakeups | None = None
+        if context.events is not None:
+            self.wakeups = Wakeups(context.matrix, self.reactor)
+            context.events.subscribe(self.wakeups)
         trigger = getattr(self.reactor, "addSystemEventTrigger", None)
         if trigger is not None:
             trigger("before", "shutdown", self.shutdown)
@@ -513,16 +524,44 @@ class SyncLoop:
         return any(registered is self.request for registered in self.resource.observer_requests())
 
     async def _run(self) -> None:
+        waiter = None
+        wakeups = self.service.wakeups
+        if wakeups is not None and isinstance(self._token, api.AppserviceToken):
+            try:
+                waiter = await self._wait(defer.ensureDeferred(wakeups.track(self._token)))
+            except CancelledError:
+                return
+            except HomeserverError as error:
+                log.info("sync observation of {peer}: joined rooms unknown ({error}); it long-polls",
+                         peer=str(self.request.peer), error=type(error).__name__)
+        try:
+            await self._loop(waiter)
+        finally:
+            if waiter is not None:
+                waiter.release()
+
+    async def _next_sync(self, waiter: Waiter | None, first: bool) -> dict[str, Any]:
+        """The next /sync answer: a long-poll, or for a fed observation a sync once its user has news."""
+        timeout_ms = int(self.service.settings.observe_poll * 1000)
+        if waiter is not None:
+            if not first:
+                await self._wait(waiter.next(FALLBACK_SECONDS))
+            timeout_ms = 0
+        _status, answer = await self._wait(self.service.sync(
+            self._token, self.query + (("since", self.since),), timeout_ms, self.lease))
+        return answer
+
+    async def _loop(self, waiter: Waiter | None) -> None:
         backoff = Backoff(random=self.service.jitter)
+        first = True
         while not self.stopped:
             if not self._observed():
                 log.info("sync observation of {peer} is no longer registered: its loop ends",
                          peer=str(self.request.peer))
                 return
             try:
-                _status, answer = await self._wait(self.service.sync(
-                    self._token, self.query + (("since", self.since),),
-                    int(self.service.settings.observe_poll * 1000), self.lease))
+                answer = await self._next_sync(waiter, first)
+                first = False
             except CancelledError:
                 return
             except HomeserverError as error:
@@ -533,7 +572,8 @@ class SyncLoop:
                         await self.service.resumes.forget(self._token)
                     await self._push(error_answer(error, self.version, self.as_json))
                     return
-                # Trouble to wait out; the loop keeps its position (since).
+                # Trouble to wait out; the loop keeps its position (since), and syncs again at once after.
+                first = True
                 delay = retry_delay(backoff, error)
                 log.info("sync observation of {peer}: {error}; retrying in {delay:.1f} s",
                          peer=str(self.request.peer), error=str(error) if isinstance(error, MatrixError)

@@ -109,6 +109,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynapseSer
     try:
         pan_a.add_device("sensor01", "::1")
         pan_a.add_device("guarded", "127.0.0.2", "--allow-invites-from", "@nobody:test.local")
+        pan_a.add_device("msc", "127.0.0.4")
         for index in range(WATCHERS):
             pan_a.add_device(f"w{index:02d}", f"127.0.0.{10 + index}")
         pan_b.add_device("sensor", "127.0.0.3")
@@ -195,6 +196,33 @@ def test_msc3079_requests_act_as_the_device_user_only(world: tuple[SynapseServer
                          extra_args=["-a", "::1"])
         assert result.code == "2.05", result
         assert own.encode() in result.payload and other.encode() not in result.payload
+
+
+def test_msc3079_sync_observation_is_woken_by_transactions(world: tuple[SynapseServer, Pan, Pan],
+                                                           synapse_person: MatrixUser) -> None:
+    """An MSC3079 /sync Observe of a provisioned device: each message comes as a notification,
+    and the gateway syncs only when told there is news (timeout=0), never long-polling."""
+    synapse, pan_a, _ = world
+    user_id = pan_a.devices["msc"]
+    room_id = _room_with(synapse, synapse_person, [user_id])
+    _wait_membership(synapse, synapse_person.access_token, room_id, [user_id], "join")
+    bodies = [f"msc3079 push {index} {secrets.token_hex(3)}" for index in range(2)]
+
+    def send_later() -> None:
+        for body in bodies:
+            time.sleep(3)
+            synapse.send_text(synapse_person.access_token, room_id, body)
+    sender = threading.Thread(target=send_later)
+    sender.start()
+    try:
+        result = libcoap("get", pan_a.coap("127.0.0.1", "7"), observe_seconds=10, extra_args=["-a", "127.0.0.4"])
+    finally:
+        sender.join()
+    notified = [pdu.payload for pdu in result.responses[1:]]
+    for body in bodies:
+        assert sum(body.encode() in payload for payload in notified) == 1, (body, len(notified))
+    syncs = [line for line in synapse.log_text().splitlines() if "/_matrix/client/v3/sync" in line]
+    assert syncs and all("timeout=0" in line for line in syncs), [line[-160:] for line in syncs[-3:]]
 
 
 def test_invites_from_disallowed_users_are_declined(world: tuple[SynapseServer, Pan, Pan],
