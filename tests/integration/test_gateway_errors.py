@@ -10,8 +10,10 @@ from __future__ import annotations
 import secrets
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import cbor2
 import pytest
@@ -135,9 +137,66 @@ def test_hanging_homeserver_is_504_at_the_deadline(make_gateway, hanging_homeser
     assert time.monotonic() - started < 10  # answered at the gateway's deadline, not the client's
 
 
-def test_sigterm_answers_in_flight_requests_with_503(make_gateway, hanging_homeserver: str,
+class SilentHomeserver:
+    """A homeserver that reads each HTTP request and never answers; `received` is set once one came.
+
+    A test that needs a request "in flight" at the gateway waits on `received`: the
+    request has then really left the gateway for the homeserver.
+    """
+
+    def __init__(self) -> None:
+        self.received = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.connections: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                continue
+            connection.settimeout(10)
+            self.connections.append(connection)  # kept open, unanswered, until close()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                try:
+                    chunk = connection.recv(4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                head += chunk
+            if b"\r\n\r\n" in head:
+                self.received.set()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        for connection in self.connections:
+            connection.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def silent_homeserver() -> Iterator[SilentHomeserver]:
+    server = SilentHomeserver()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_sigterm_answers_in_flight_requests_with_503(make_gateway, silent_homeserver: SilentHomeserver,
                                                      tmp_path: Path) -> None:
-    gw = make_gateway(homeserver=hanging_homeserver, extra_args=["--request-timeout", "30"],
+    gw = make_gateway(homeserver=silent_homeserver.url, extra_args=["--request-timeout", "30"],
                       config_text="shutdown_grace = 1\n")
     body = tmp_path / "send.cbor"
     body.write_bytes(send_body("!r", "in flight"))
@@ -146,13 +205,8 @@ def test_sigterm_answers_in_flight_requests_with_503(make_gateway, hanging_homes
          gw.uri("send")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # The request is in flight once the gateway has sent its empty ACK (separate response).
-        deadline = time.monotonic() + 10
-        while "in-flight" not in gw.log_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-            if gw.log_text().count("Request") >= 2:  # the readiness probe, then ours
-                break
-        time.sleep(0.5)
+        # In flight: the gateway has passed the request on to the homeserver, which holds it.
+        assert silent_homeserver.received.wait(timeout=20), "the send never reached the homeserver"
         # twistd re-raises SIGTERM after a clean shutdown, which is what systemd expects.
         assert gw.stop() in (0, -15)
         output, _ = client.communicate(timeout=30)
