@@ -191,9 +191,17 @@ class UdpCoap:
 
     def __init__(self, gateway: str, *, trace: Trace | None = None, token_length: int = 2,
                  ack_timeout: float | None = None, source: str | None = None,
-                 psk: tuple[str, bytes] | None = None, oscore: OscoreClient | None = None) -> None:
-        """``gateway`` is ``coap://`` (plain, or OSCORE with ``oscore``) or ``coaps://`` (DTLS with ``psk``)."""
+                 psk: tuple[str, bytes] | None = None, oscore: OscoreClient | None = None,
+                 answer_timeout: float | None = None) -> None:
+        """``gateway`` is ``coap://`` (plain, or OSCORE with ``oscore``) or ``coaps://`` (DTLS with ``psk``).
+
+        ``answer_timeout``: give up on a request after that many seconds without any answer
+        (not even an empty ACK) instead of after RFC 7252's whole retransmission window (up
+        to ~68 s with its defaults); None keeps the window.
+        """
         scheme, family, address = resolve_gateway(gateway)
+        self.gateway = gateway
+        self.answer_timeout = answer_timeout
         if (scheme == "coaps") != (psk is not None):
             raise ValueError("coaps:// needs a PSK (--psk-identity/--psk-key), and a PSK needs coaps://")
         if psk is not None and oscore is not None:
@@ -385,9 +393,14 @@ class UdpCoap:
         data = self._encode_request(code, mid, token, options, payload)
         timeout = random.uniform(self.ACK_TIMEOUT, self.ACK_TIMEOUT * self.ACK_RANDOM_FACTOR)
         acknowledged = False
+        give_up = None if self.answer_timeout is None else time.monotonic() + self.answer_timeout
         for _attempt in range(self.MAX_RETRANSMIT + 1):
+            if give_up is not None and time.monotonic() >= give_up:
+                break
             self._send(data)
             deadline = time.monotonic() + timeout
+            if give_up is not None:
+                deadline = min(deadline, give_up)
             while True:
                 message = self._receive(deadline)
                 if message is None:
@@ -412,6 +425,9 @@ class UdpCoap:
                 break
             timeout *= 2
         if not acknowledged:
+            if give_up is not None:
+                raise NoResponse(f"no answer from {self.gateway} after {self.answer_timeout:g} s"
+                                 " — is the gateway running?")
             raise NoResponse(f"no answer to {Code(code).name} /{path}")
         deadline = time.monotonic() + self.SEPARATE_TIMEOUT
         while True:
@@ -761,8 +777,37 @@ class OriginalDevice:
 # ---------------------------------------------------------------------- command line
 
 
+#: Seconds the command line waits for a first answer from the gateway (``--wait``).
+DEFAULT_WAIT = 5.0
+
+DESCRIPTION = """\
+The reference device client of CoMatrix: sends what a sensor would send to the
+gateway, in the compact profile (or the original CoMatrix form with --original),
+over plain CoAP, CoAP over DTLS (PSK) or OSCORE."""
+
+EPILOG = """\
+examples:
+  comatrix-device --gateway 'coap://[::1]' login sensor01      # password from $COMATRIX_PASSWORD
+  comatrix-device send '#lab:example.org' '21.5 C'
+  comatrix-device getmsg '#lab:example.org'
+
+The session handle, counters and room handles live in the state file (--state)."""
+
+#: Each subcommand's one-line description (``--help``).
+COMMANDS = {
+    "login": "log in as USER (password from the argument or $COMATRIX_PASSWORD)",
+    "logout": "end the session (the gateway logs its Matrix device out)",
+    "join": "join a room (room id, alias or configured name); prints its room handle",
+    "send": "send a text message to a room",
+    "getmsg": "print the latest message of a room (--new: every one not yet seen)",
+    "watch": "print each new message of a room as it comes (Observe)",
+    "time": "print the gateway's clock (Unix seconds)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comatrix-device", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="comatrix-device", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateway", default=os.environ.get("COMATRIX_GATEWAY"),
                         help=f"gateway URI, coap:// or (DTLS) coaps:// [default: $COMATRIX_GATEWAY or "
                              f"{DEFAULT_GATEWAY}; with --psk-identity coaps://[::1]:{DEFAULT_COAPS_PORT}]")
@@ -773,29 +818,45 @@ def _parser() -> argparse.ArgumentParser:
     security.add_argument("--oscore", metavar="CONTEXT", type=Path,
                           help="OSCORE context file (TOML or JSON: sender_id, recipient_id, master_secret, "
                                "master_salt in hex, the device's view)")
-    parser.add_argument("--state", type=Path, default=None, help="state file [default: %(default)s]")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="state file [default: $XDG_STATE_HOME/comatrix-device/state.json]")
+    parser.add_argument("--wait", type=float, default=DEFAULT_WAIT, metavar="SECONDS",
+                        help="give up when the gateway does not answer within SECONDS [default: %(default)g]")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no confirmation (sent, logged in as ...) on success")
     parser.add_argument("--original", action="store_true", help="speak the original CoMatrix form")
     parser.add_argument("--proxy-base", default=DEFAULT_PROXY_BASE,
                         help="homeserver URL put in the original form's Proxy-Uri (the gateway ignores its host)")
     parser.add_argument("--json", action="store_true", help="print messages as JSON lines")
-    commands = parser.add_subparsers(dest="command", required=True)
-    login = commands.add_parser("login", help="log in (password from the argument or $COMATRIX_PASSWORD)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    login = _command(commands, "login")
     login.add_argument("user")
     login.add_argument("password", nargs="?")
-    commands.add_parser("logout")
+    _command(commands, "logout")
     for name in ("join", "getmsg", "watch"):
-        command = commands.add_parser(name)
+        command = _command(commands, name)
         command.add_argument("room")
         if name == "getmsg":
             command.add_argument("--new", action="store_true", help="every message since the last one seen")
         if name == "watch":
             command.add_argument("--count", type=int, default=None, help="stop after N messages")
             command.add_argument("--timeout", type=float, default=None, help="stop after S quiet seconds")
-    send = commands.add_parser("send")
+    send = _command(commands, "send")
     send.add_argument("room")
     send.add_argument("text")
-    commands.add_parser("time")
+    _command(commands, "time")
     return parser
+
+
+def _command(commands: Any, name: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
+    return parser
+
+
+def _confirm(args: argparse.Namespace, text: str) -> None:
+    """A short line saying a command that prints nothing else worked (on stderr: stdout is data)."""
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _show(message: Message, as_json: bool) -> None:
@@ -830,13 +891,13 @@ def _connect(args: argparse.Namespace, state: DeviceState) -> UdpCoap:
         if not args.psk_key:
             raise ValueError("DTLS needs both --psk-identity and --psk-key (or $COMATRIX_PSK_KEY)")
         gateway = args.gateway or f"coaps://[::1]:{DEFAULT_COAPS_PORT}"
-        return UdpCoap(gateway, psk=(args.psk_identity, args.psk_key.encode("utf-8")))
+        return UdpCoap(gateway, psk=(args.psk_identity, args.psk_key.encode("utf-8")), answer_timeout=args.wait)
     oscore = None
     if args.oscore is not None:
         context = load_device_context(args.oscore)
         name = f"{context.sender_id.hex()}:{context.recipient_id.hex()}"
         oscore = OscoreClient(context, oscore_sequence(state, name))
-    return UdpCoap(args.gateway or DEFAULT_GATEWAY, oscore=oscore)
+    return UdpCoap(args.gateway or DEFAULT_GATEWAY, oscore=oscore, answer_timeout=args.wait)
 
 
 def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
@@ -849,14 +910,17 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
             print("comatrix-device: give a password (argument or $COMATRIX_PASSWORD)", file=sys.stderr)
             return 2
         device.login(args.user, password)
+        _confirm(args, f"logged in as {args.user}")
     elif command == "logout":
         device.logout()
+        _confirm(args, "logged out")
     elif command == "time":
         print(device.time())
     elif command == "join":
         print(device.join(args.room))
     elif command == "send":
         device.send(args.room, args.text)
+        _confirm(args, "sent")
     elif command == "getmsg":
         if isinstance(device, CompactDevice) and args.new:
             for message in device.new_messages(args.room):

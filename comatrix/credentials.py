@@ -65,7 +65,7 @@ def token_from_request(request: Request) -> str | None:
         raise Unauthorized("token must be ASCII") from None
     if token[:7].lower() == "bearer ":
         token = token[7:]
-    token = token.strip()
+    token = token.strip(" ")  # spaces only: a tab or line break in a token is malformed, not trimmed
     if not token:
         raise Unauthorized("empty token")
     if not all("!" <= char <= "~" for char in token):

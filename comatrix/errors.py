@@ -3,8 +3,12 @@
 Order of precedence: errors that already carry a CoAP response (`CoapError`),
 body/path problems from the codecs (4.00), Matrix answers (by errcode, then by
 HTTP status, facts §4), homeserver trouble (5.02 / 5.04), and anything else
-5.00 with the traceback in the log only.  Diagnostics are short, never contain
-secrets, and for Matrix errors are the errcode.
+5.00 with the traceback in the log only.  Diagnostics are short and never contain
+secrets.  For Matrix errors they are the errcode and the homeserver's own ``error``
+text (``M_FORBIDDEN: Invalid username or password``), cut to fit: 64 bytes
+(`MAX_DIAGNOSTIC_BYTES`), or less where a profile's response budget says so (the
+compact profile's `COMPACT_DIAGNOSTIC_BYTES`).  The text was scrubbed of the
+request's secrets and of token-shaped strings when the `MatrixError` was built.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Mapping
 from twisted.python.failure import Failure
 
 from comatrix.logs import get_logger
-from comatrix.coap.errors import CoapError, default_error_adapter
+from comatrix.coap.errors import MAX_DIAGNOSTIC_BYTES, CoapError, default_error_adapter
 from comatrix.coap.message import Response
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.codec.cbor import CodecError
@@ -70,19 +74,35 @@ def coap_code_for_http_error(status: int) -> Code:
     return Code.BAD_REQUEST if 400 <= status < 500 else Code.BAD_GATEWAY
 
 
-def matrix_error_response(error: MatrixError) -> Response:
+#: The compact profile's error diagnostics: with a 4-byte header, an 8-byte token, the
+#: Content-Format option and the payload marker, an error datagram stays within the
+#: profile's 64-byte response budget (``docs/protocol.rst``).
+COMPACT_DIAGNOSTIC_BYTES = 48
+
+
+def shorten(text: str, limit: int = MAX_DIAGNOSTIC_BYTES) -> bytes:
+    """``text`` as UTF-8 of at most ``limit`` bytes, never cutting a character in half."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def matrix_diagnostic(error: MatrixError) -> str:
+    """``ERRCODE: homeserver's text`` (or the HTTP status when the answer had no errcode)."""
+    label = error.errcode or f"HTTP {error.http_status}"
+    # A non-JSON answer's "text" is a proxy's HTML page: the status says more.
+    return f"{label}: {error.message}" if error.errcode and error.message else label
+
+
+def matrix_error_response(error: MatrixError, limit: int = MAX_DIAGNOSTIC_BYTES) -> Response:
     code = ERRCODE_TO_COAP.get(error.errcode or "") or coap_code_for_http_error(error.http_status)
     max_age = None
     if code == Code.TOO_MANY_REQUESTS:
         max_age = max(1, math.ceil(error.retry_after)) if error.retry_after else 1
-    diagnostic = (error.errcode or f"HTTP {error.http_status}").encode("ascii", "replace")[:64]
-    return Response(code=code, payload=diagnostic, content_format=ContentFormat.TEXT_PLAIN,
-                    max_age=max_age)
+    return Response(code=code, payload=shorten(matrix_diagnostic(error), limit),
+                    content_format=ContentFormat.TEXT_PLAIN, max_age=max_age)
 
 
 def _text(code: Code, diagnostic: str) -> Response:
-    return Response(code=code, payload=diagnostic.encode("utf-8")[:64],
-                    content_format=ContentFormat.TEXT_PLAIN)
+    return Response(code=code, payload=shorten(diagnostic), content_format=ContentFormat.TEXT_PLAIN)
 
 
 def error_response(failure: Failure) -> Response:

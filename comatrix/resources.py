@@ -145,10 +145,14 @@ class MatrixResource(CoapResource):
             room = request.query_params().get("room")
             if room is not None and "\ufffd" in room:
                 raise BadRequest("room not UTF-8")  # percent-encoded bytes that are not UTF-8
+            if room == "":  # most often an unencoded "#": URI clients drop it and what follows
+                raise BadRequest("room is empty (encode # as %23)")
         if room is None:
-            raise BadRequest("missing room_id")
-        if not isinstance(room, str) or not room:
+            raise BadRequest("empty body: expected a CBOR map with room_id" if body == {} else "missing room_id")
+        if not isinstance(room, str):
             raise BadRequest("room_id must be a text string")
+        if not room:
+            raise BadRequest("room_id is empty")
         if len(room.encode("utf-8")) > MAX_ROOM_REFERENCE:
             raise BadRequest("room_id too long")
         if room[0] not in "!#":

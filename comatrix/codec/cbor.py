@@ -72,7 +72,7 @@ def text(body: Mapping[Any, Any], key: str, *, max_length: int = MAX_STRING,
     value = body.get(key)
     if value is None:
         if required:
-            raise CodecError(f"missing {key}")
+            raise CodecError(_missing(body, key))
         return None
     if not isinstance(value, str):
         raise CodecError(f"{key} must be a text string")
@@ -83,11 +83,17 @@ def text(body: Mapping[Any, Any], key: str, *, max_length: int = MAX_STRING,
     return value
 
 
+def _missing(body: Mapping[Any, Any], key: str) -> str:
+    # An empty body is most often a payload file that was never written (a failed
+    # command before the CoAP client): say so rather than name the first field.
+    return f"missing {key}" if body else f"empty body: expected a CBOR map with {key}"
+
+
 def mapping(body: Mapping[Any, Any], key: str, *, required: bool = False) -> dict[Any, Any] | None:
     value = body.get(key)
     if value is None:
         if required:
-            raise CodecError(f"missing {key}")
+            raise CodecError(_missing(body, key))
         return None
     if not isinstance(value, dict):
         raise CodecError(f"{key} must be a map")

@@ -21,6 +21,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping, Sequence
 
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
 from comatrix.coap.errors import BadRequest, Forbidden, UnsupportedContentFormat
 from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code
@@ -30,9 +33,11 @@ from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, Handl
                                     LoginRequest, Message, MessagesRequest, SendRequest)
 from comatrix.compact.service import CompactService, handle_hash
 from comatrix.config import ConfigError
+from comatrix.errors import COMPACT_DIAGNOSTIC_BYTES, matrix_error_response
 from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
 from comatrix.longpoll import long_poller
+from comatrix.matrix.errors import MatrixError
 from comatrix.resources import MatrixResource, ResourcePlugin
 from comatrix.store import SessionRecord, Store, StoredMessage
 
@@ -75,6 +80,11 @@ def _link(op: str, title: str, *, obs: bool = False) -> LinkAttributes:
     return LinkAttributes(rt=RESOURCE_TYPES[op], ct=(CONTENT_FORMAT,), title=title, obs=obs)
 
 
+def _compact_matrix_error(failure: Failure) -> Response:
+    failure.trap(MatrixError)  # anything else goes on to the gateway's error adapter
+    return matrix_error_response(failure.value, COMPACT_DIAGNOSTIC_BYTES)  # type: ignore[arg-type]
+
+
 def _cbor(payload: bytes, code: Code) -> Response:
     return Response(code=code, payload=payload, content_format=CONTENT_FORMAT)
 
@@ -87,6 +97,11 @@ class CompactResource(MatrixResource):
     def __init__(self, context: PluginContext) -> None:
         super().__init__(context)
         self.service = compact_service(context)
+
+    def render(self, request: Request) -> "defer.Deferred[Response]":
+        # The homeserver's error text, cut shorter than elsewhere: the profile's error
+        # datagram must fit its 64-byte response budget too.
+        return super().render(request).addErrback(_compact_matrix_error)
 
     @staticmethod
     def payload(request: Request) -> bytes:

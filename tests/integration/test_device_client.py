@@ -56,13 +56,17 @@ def test_compact_commands(gateway: GatewayProcess, synapse: SynapseServer,
     run = device_cli(gateway, state)
 
     assert abs(int(run("time").stdout) - time.time()) < 300
-    run("login", device.localpart, device.password)
+    wrong = run("login", device.localpart, "not-the-password", check=False)
+    # The homeserver's own words, cut to the compact profile's error budget.
+    assert wrong.returncode == 1 and "4.03 M_FORBIDDEN: Invalid username" in wrong.stderr, wrong.stderr
+    assert run("login", device.localpart, device.password).stderr == f"logged in as {device.localpart}\n"
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     saved = json.loads(state.read_text())["compact"]
     remember(saved["handle"])
     assert len(bytes.fromhex(saved["handle"])) == 8 and saved["seq"] > 1_600_000_000
     assert run("join", alias).stdout.strip() == "0"
-    run("send", alias, "hello from the cli")
+    assert run("-q", "send", alias, "quietly").stderr == ""
+    assert run("send", alias, "hello from the cli").stderr == "sent\n"
     assert synapse.text_messages(owner.access_token, room_id, limit=1)[0]["content"]["body"] == "hello from the cli"
     assert run("getmsg", alias).stdout.strip() == f"{device.user_id}: hello from the cli"
 

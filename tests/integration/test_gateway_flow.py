@@ -93,7 +93,7 @@ def test_device_journey_original_and_clean_forms(gateway: GatewayProcess, synaps
     # logout, then the old token is refused
     assert libcoap("post", gateway.uri("logout"), options=token_option(token)).code == "2.04"
     refused = libcoap("get", gateway.uri(f"getmsg?room={room_id}"), options=token_option(token))
-    assert (refused.code, refused.payload) == ("4.01", b"M_UNKNOWN_TOKEN")
+    assert (refused.code, refused.payload.partition(b":")[0]) == ("4.01", b"M_UNKNOWN_TOKEN")
 
 
 def test_join_and_send_by_alias(gateway: GatewayProcess, synapse: SynapseServer, synapse_user) -> None:

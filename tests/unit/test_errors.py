@@ -20,7 +20,8 @@ def adapt(exc: BaseException):
 
 
 @pytest.mark.parametrize("error, code, diagnostic", [
-    (MatrixError(403, "M_FORBIDDEN", "You are not invited"), Code.FORBIDDEN, b"M_FORBIDDEN"),
+    (MatrixError(403, "M_FORBIDDEN", "You are not invited"), Code.FORBIDDEN,
+     b"M_FORBIDDEN: You are not invited"),
     (MatrixError(404, "M_NOT_FOUND"), Code.NOT_FOUND, b"M_NOT_FOUND"),
     (MatrixError(401, "M_UNKNOWN_TOKEN"), Code.UNAUTHORIZED, b"M_UNKNOWN_TOKEN"),
     (MatrixError(400, "M_USER_IN_USE"), Code.BAD_REQUEST, b"M_USER_IN_USE"),
