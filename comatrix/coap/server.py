@@ -10,9 +10,12 @@ listed in facts §7.  What it guarantees:
   else an empty ACK and a separate CON response retransmitted per RFC 7252;
   NON → NON, never an empty ACK;
 * malformed datagrams are dropped (CON with a readable header → RST), unknown
-  critical options → 4.02;
+  critical options → 4.02 (If-Match and If-None-Match too, unless the resource
+  sets ``conditional_requests``); a reserved block size (SZX 7) → 4.00;
 * deduplication in a bounded cache (no DelayedCall per message);
-* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state,
+* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state
+  (a representation kept for later blocks is dropped when its resource
+  notifies a change or its URI gets a 2.xx to an unsafe method),
   with a share per peer: one peer can neither fill the observer table nor
   evict another peer's Block1 upload (a full table refuses the newcomer);
 * all timing comes from `CoapSettings` and the injected reactor, never from
@@ -438,6 +441,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             if entry is not None and entry.resource is resource and (
                     only is None or (entry.request is not None and only(entry.request))):
                 kept.pop(key)
+
+    def _forget_target(self, path: tuple[str, ...]) -> None:
+        kept = self._representations
+        for key in kept:
+            if key[2] == path and key[1] in (Code.GET, Code.FETCH):  # see cache_key in _handle
+                kept.pop(key)  # (a POST's own answer is no representation of its target: kept)
 
     def verify_peer(self, host: str) -> None:
         """Treat ``host`` as verified (it proved it receives at its address some other way)."""
@@ -920,8 +929,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             result = self._adapt(failure)
         request = incoming.request
         if request is not None and request.method in _UNSAFE and 64 <= result.code < 96:
-            # Its state changed: no peer may go on downloading a representation from before.
-            self.forget_representations(incoming.resource)
+            # RFC 7252 §5.9.1: the target changed; no peer may go on downloading a representation
+            # of it from before.  (Only this URI: a resource serving a subtree has others.)
+            self._forget_target(request.path)
         self._complete(incoming, result)
 
     def _render_failed(self, failure: Failure, incoming: _Incoming) -> None:

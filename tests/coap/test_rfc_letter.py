@@ -63,7 +63,13 @@ class Conditional(Document):
     conditional_requests = True
 
 
+class Echo(CoapResource):
+    def render_POST(self, request: Request) -> Response:
+        return Response(code=Code.CHANGED, payload=request.payload)
+
+
 def make(**resources: CoapResource) -> Harness:
+    resources.setdefault("echo", Echo())
     site = Site()
     for name, resource in resources.items():
         site.put((name,), resource)
@@ -152,6 +158,20 @@ def test_a_change_for_other_requests_keeps_a_representation_in_transfer() -> Non
     document.notify_observers(lambda request: False)  # changed only for requests this one is not
     [later] = h.send(Code.GET, ["doc"], options=blocks(1))
     assert later.payload == b"a" * 36 and document.renders == renders
+
+
+def test_a_put_drops_only_representations_of_its_own_target() -> None:
+    document, other = Conditional(b"a" * 100), Document(b"o" * 100)
+    h = make(doc=document, other=other)
+    h.send(Code.GET, ["other"], options=blocks(0))
+    [answer] = h.send(Code.POST, ["echo"], token=b"p", payload=b"e" * 100, options=blocks(0))
+    assert answer.payload == b"e" * 64
+    h.send(Code.PUT, ["doc"], payload=b"b" * 100, peer=OTHER_PEER)
+    h.send(Code.POST, ["echo"], payload=b"f", peer=OTHER_PEER)
+    [rest] = h.send(Code.GET, ["other"], options=blocks(1))
+    assert rest.payload == b"o" * 36 and other.renders == 1
+    [rest] = h.send(Code.POST, ["echo"], token=b"q", options=blocks(1))  # its own answer, not re-run
+    assert rest.code == Code.CHANGED and rest.payload == b"e" * 36
 
 
 def test_a_failed_put_keeps_the_representation_in_transfer() -> None:
