@@ -18,7 +18,7 @@ When its representation changes, a resource calls `notify_observers` (even
 without observers): observers get the new value, and representations kept for
 block-wise downloads are dropped, so a peer continuing one gets blocks of the new
 representation with its new ETag.  PUT, POST, DELETE, PATCH and iPATCH answered
-with a 2.xx drop them too.  ``confirmable_notifications = True`` makes every
+with a 2.xx drop those of their URI too.  ``confirmable_notifications = True`` makes every
 notification a CON (acknowledged); `notify_observers` can ask it for one change.
 
 It subclasses txThings' ``CoAPResource`` so that it plugs into txThings' site
