@@ -15,6 +15,10 @@ from comatrix.coap.errors import decode_uint, encode_uint
 MAX_SZX = 6
 
 
+class ReservedBlockSize(ValueError):
+    """SZX 7 in a Block1/Block2 option: a malformed request, answered 4.00 (RFC 7959 §2.2)."""
+
+
 class Block(NamedTuple):
     """A Block1/Block2 value: block number, more flag, size exponent."""
 
@@ -35,13 +39,13 @@ class Block(NamedTuple):
 
     @classmethod
     def decode(cls, raw: bytes) -> "Block":
-        """Raises ValueError for an over-long value or the reserved SZX 7."""
+        """Raises ValueError for an over-long value, `ReservedBlockSize` for the reserved SZX 7."""
         if len(raw) > 3:
             raise ValueError("block option longer than 3 bytes")
         value = decode_uint(raw)
         szx = value & 7
         if szx == 7:
-            raise ValueError("block size exponent 7 is reserved")
+            raise ReservedBlockSize("block size exponent 7 is reserved")
         return cls(value >> 4, bool(value & 8), szx)
 
 

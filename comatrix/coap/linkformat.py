@@ -30,7 +30,7 @@ def _quoted(value: str) -> str:
 def link_attributes(link: LinkAttributes) -> list[tuple[str, str | None]]:
     """The (name, value) pairs of one link; value None for a flag like ``obs``."""
     pairs: list[tuple[str, str | None]] = []
-    if link.rt:
+    if link.rt is not None:  # rt="" is a statement of its own (no resource type), not an absent rt
         pairs.append(("rt", link.rt))
     if link.interface:
         pairs.append(("if", link.interface))

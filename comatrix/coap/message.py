@@ -71,6 +71,33 @@ class Request:
         return params
 
     @property
+    def if_match(self) -> tuple[bytes, ...]:
+        """If-Match values (RFC 7252 §5.10.8.1): ETags, an empty one meaning "any representation"."""
+        return tuple(self.options.get(OptionNumber.IF_MATCH, ()))
+
+    @property
+    def if_none_match(self) -> bool:
+        """If-None-Match (RFC 7252 §5.10.8.2): act only if the target has no representation yet."""
+        return OptionNumber.IF_NONE_MATCH in self.options
+
+    @property
+    def conditional(self) -> bool:
+        return OptionNumber.IF_MATCH in self.options or OptionNumber.IF_NONE_MATCH in self.options
+
+    def preconditions_hold(self, current_etag: bytes | None) -> bool:
+        """Whether If-Match/If-None-Match let this request act on the target.
+
+        ``current_etag``: the ETag of the target's current representation, None when
+        it has none (it does not exist).  True when the request has neither option.
+        """
+        if self.if_none_match and current_etag is not None:
+            return False
+        if_match = self.if_match
+        if if_match:
+            return current_etag is not None and any(value in (b"", current_etag) for value in if_match)
+        return True
+
+    @property
     def proxy_uri(self) -> str | None:
         raw = self.option(OptionNumber.PROXY_URI)
         return raw.decode("utf-8", "replace") if raw is not None else None
@@ -86,6 +113,8 @@ class Response:
     max_age: int | None = None
     etag: bytes | None = None
     location_path: tuple[str, ...] = ()
+    #: Location-Query items (``("id=7",)``), with Location-Path where a POST created something.
+    location_query: tuple[str, ...] = ()
     #: Further options as (number, raw value) pairs, e.g. Size1 on 4.13.
     extra_options: tuple[tuple[int, bytes], ...] = ()
 

@@ -10,9 +10,12 @@ listed in facts §7.  What it guarantees:
   else an empty ACK and a separate CON response retransmitted per RFC 7252;
   NON → NON, never an empty ACK;
 * malformed datagrams are dropped (CON with a readable header → RST), unknown
-  critical options → 4.02;
+  critical options → 4.02 (If-Match and If-None-Match too, unless the resource
+  sets ``conditional_requests``); a reserved block size (SZX 7) → 4.00;
 * deduplication in a bounded cache (no DelayedCall per message);
-* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state,
+* block-wise transfers (RFC 7959) and Observe (RFC 7641) in bounded state
+  (a representation kept for later blocks is dropped when its resource
+  notifies a change or its URI gets a 2.xx to an unsafe method),
   with a share per peer: one peer can neither fill the observer table nor
   evict another peer's Block1 upload (a full table refuses the newcomer);
 * all timing comes from `CoapSettings` and the injected reactor, never from
@@ -41,7 +44,7 @@ import hashlib
 import math
 import random
 from collections import deque
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, NamedTuple
 
 from twisted.internet import defer
 from twisted.internet.base import DelayedCall
@@ -53,7 +56,7 @@ from comatrix.logs import get_logger
 from comatrix.coap import transport, wire
 from comatrix.coap.amplification import ECHO, PeerGuard
 from comatrix.coap._txthings import txcoap
-from comatrix.coap.blockwise import MAX_SZX, Block, etag_for
+from comatrix.coap.blockwise import MAX_SZX, Block, ReservedBlockSize, etag_for
 from comatrix.coap.cache import BoundedCache
 from comatrix.coap.errors import (BadOption, BadRequest, CoapError, ErrorAdapter, InternalServerError,
                                   MethodNotAllowed, NotAcceptable, NotFound, RequestEntityIncomplete,
@@ -103,10 +106,12 @@ _BUILTIN_UNDERSTOOD = frozenset({
     OptionNumber.ACCEPT, OptionNumber.BLOCK2, OptionNumber.BLOCK1, OptionNumber.PROXY_URI,
     OptionNumber.PROXY_SCHEME,
 })
+#: Conditional-request options: understood only by resources with ``conditional_requests`` (else 4.02).
+_CONDITIONAL = frozenset({OptionNumber.IF_MATCH, OptionNumber.IF_NONE_MATCH})
 #: Critical options that must not repeat (RFC 7252 §5.4.5: a repeat is treated as unrecognised).
 _SINGLE_CRITICAL = (OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.ACCEPT,
                     OptionNumber.BLOCK2, OptionNumber.BLOCK1, OptionNumber.PROXY_URI,
-                    OptionNumber.PROXY_SCHEME)
+                    OptionNumber.PROXY_SCHEME, OptionNumber.IF_NONE_MATCH)
 #: Maximum value lengths of uint options we read (RFC 7252 §5.10, RFC 7959, RFC 7641).
 _UINT_MAX_LEN = {OptionNumber.CONTENT_FORMAT: 2, OptionNumber.ACCEPT: 2, OptionNumber.OBSERVE: 3,
                  OptionNumber.SIZE1: 4, OptionNumber.SIZE2: 4, OptionNumber.URI_PORT: 2,
@@ -241,7 +246,7 @@ class _Incoming:
 
     __slots__ = ("addr", "mid", "mtype", "token", "request", "received", "ack_timer", "empty_acked",
                  "done", "block1", "block2", "size2_asked", "observe", "cache_key", "not_interested",
-                 "security", "exchange")
+                 "security", "exchange", "resource")
 
     def __init__(self, addr: Address, mid: int, mtype: int, token: bytes, received: float) -> None:
         self.addr = addr
@@ -261,6 +266,15 @@ class _Incoming:
         self.not_interested = 0  # RFC 7967 No-Response bitmap
         self.security: Security | None = None
         self.exchange: Any = None  # set when the answer must be protected (see `MessageProtection`)
+        self.resource: Any = None  # the resource answering (once resolved)
+
+
+class _Kept(NamedTuple):
+    """A representation kept for a peer's later Block2 requests, the resource and request it came from."""
+
+    resource: Any
+    request: Request | None
+    response: Response
 
 
 class _Outgoing:
@@ -346,7 +360,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         #: The security context a peer's datagrams came through (a DTLS port sets it);
         #: None: plain CoAP.
         self.security_for: Callable[[Address], Security | None] | None = None
-        self._understood = _BUILTIN_UNDERSTOOD | frozenset(understood_options) | {REQUEST_TAG}
+        self._understood = _BUILTIN_UNDERSTOOD | _CONDITIONAL | frozenset(understood_options) | {REQUEST_TAG}
         self._random = random.Random()
         self._mid = self._random.randrange(0x10000)
         self._seq = 0
@@ -365,7 +379,7 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         self._uploads: BoundedCache[tuple[Any, ...], _Upload] = BoundedCache(
             settings.blockwise_state_capacity, settings.exchange_lifetime, clock)
         self._upload_index: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-        self._representations: BoundedCache[tuple[Any, ...], Response] = BoundedCache(
+        self._representations: BoundedCache[tuple[Any, ...], _Kept] = BoundedCache(
             settings.blockwise_state_capacity, settings.exchange_lifetime, clock)
         self._pending: set[_Incoming] = set()
         self._outgoing: dict[tuple[Address, int], _Outgoing] = {}
@@ -400,8 +414,10 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         accepts: for representations that depend on the request (FETCH bodies, queries).
         ``confirmable`` sends CON notifications whatever ``con_notification_interval`` says.
         The Deferred fires with the number delivered (sent, for NON; acknowledged, for
-        CON); it never fails.
+        CON); it never fails.  The resource's representations kept for block-wise
+        transfers are dropped first: a peer continuing one gets the new representation.
         """
+        self.forget_representations(resource, only)
         waits: list[defer.Deferred[int]] = []
         for observer in list(self._observers_by_resource.get(resource, {}).values()):
             if only is not None and not only(observer.request):
@@ -413,6 +429,24 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                                   callbackArgs=(observer, confirmable, delivered),
                                   errbackArgs=(observer, confirmable, delivered))
         return total_delivered(waits)
+
+    def forget_representations(self, resource: Any, only: Callable[[Request], bool] | None = None) -> None:
+        """``resource`` changed (for the requests ``only`` accepts): later Block2 requests get blocks
+        of its new representation (RFC 7959 §2.4), not of one kept from before."""
+        if resource is None:
+            return
+        kept = self._representations
+        for key in kept:
+            entry = kept.get(key)
+            if entry is not None and entry.resource is resource and (
+                    only is None or (entry.request is not None and only(entry.request))):
+                kept.pop(key)
+
+    def _forget_target(self, path: tuple[str, ...]) -> None:
+        kept = self._representations
+        for key in kept:
+            if key[2] == path and key[1] in (Code.GET, Code.FETCH):  # see cache_key in _handle
+                kept.pop(key)  # (a POST's own answer is no representation of its target: kept)
 
     def verify_peer(self, host: str) -> None:
         """Treat ``host`` as verified (it proved it receives at its address some other way)."""
@@ -715,6 +749,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             values = options.get(number)
             if values is not None and len(values) > 1:
                 raise BadOption(f"option {number} repeated")
+        if any(len(value) > 8 for value in options.get(OptionNumber.IF_MATCH, ())) or any(
+                options.get(OptionNumber.IF_NONE_MATCH, ())):
+            raise BadOption("If-Match or If-None-Match malformed")  # RFC 7252 §5.10: 0-8 bytes, empty
         uints: dict[int, int | None] = {}
         for number, max_len in _UINT_MAX_LEN.items():
             values = options.get(number)
@@ -736,7 +773,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 incoming.block1 = Block.decode(options[OptionNumber.BLOCK1][0])
             if OptionNumber.BLOCK2 in options:
                 incoming.block2 = Block.decode(options[OptionNumber.BLOCK2][0])
-        except ValueError as exc:
+        except ReservedBlockSize as exc:
+            raise BadRequest(str(exc))
+        except ValueError as exc:  # too long for a Block option: treated as unrecognised (RFC 7252 §5.4.3)
             raise BadOption(str(exc))
         incoming.size2_asked = OptionNumber.SIZE2 in options
         # No-Response is ignored on an Observe registration: its answer says whether it took.
@@ -761,6 +800,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             except CoapError as exc:
                 self._complete(incoming, exc.to_response())
                 return
+        if request.conditional and not getattr(self.site.resolve(request.path), "conditional_requests", False):
+            self._complete(incoming, BadOption("conditional request not supported here").to_response())
+            return
         if incoming.block1 is not None:
             assembled = self._block1(incoming, request)
             if assembled is None:
@@ -773,16 +815,17 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         cache_key = (incoming.addr, request.method, request.path, request.query, request.accept,
                      request.security)
         incoming.cache_key = cache_key
-        if block2 is not None and block2.num > 0:
-            cached = self._representations.get(cache_key)
-            if cached is not None:
-                self._complete(incoming, cached)
+        if block2 is not None and block2.num > 0 and not request.conditional:
+            kept = self._representations.get(cache_key)
+            if kept is not None:
+                incoming.resource = kept.resource
+                self._complete(incoming, kept.response)
                 return
             if request.method not in (Code.GET, Code.FETCH):
                 # Re-running an unsafe method to get a later block would repeat its effect.
                 self._complete(incoming, RequestEntityIncomplete("representation expired").to_response())
                 return
-        resource = self.site.resolve(request.path)
+        resource = incoming.resource = self.site.resolve(request.path)
         accept = request.accept
         if accept is not None and resource.link.ct and accept not in resource.link.ct:
             self._complete(incoming, NotAcceptable("content-format").to_response())
@@ -871,7 +914,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         for candidate in range(szx, -1, -1):
             # RFC 7959 §2.2: a server may answer with a smaller block; NUM then counts in that size.
             block = Block(offset >> (4 + candidate), False, candidate)
-            sliced = self._block2_options(response, block, incoming.size2_asked, incoming.cache_key, candidate)
+            sliced = self._block2_options(response, block, incoming.size2_asked, incoming.cache_key, candidate,
+                                          _Kept(incoming.resource, incoming.request, response))
             if isinstance(sliced, Response):
                 return None
             options = base + sliced[0]
@@ -883,6 +927,11 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if not isinstance(result, Response):
             failure = Failure(TypeError(f"resource returned {type(result).__name__}, not Response"))
             result = self._adapt(failure)
+        request = incoming.request
+        if request is not None and request.method in _UNSAFE and 64 <= result.code < 96:
+            # RFC 7252 §5.9.1: the target changed; no peer may go on downloading a representation
+            # of it from before.  (Only this URI: a resource serving a subtree has others.)
+            self._forget_target(request.path)
         self._complete(incoming, result)
 
     def _render_failed(self, failure: Failure, incoming: _Incoming) -> None:
@@ -1005,8 +1054,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             self._upload_index = {index: key for index, key in self._upload_index.items() if key in live}
 
     def _block2_options(self, response: Response, block2: Block | None, size2_asked: bool,
-                        cache_key: tuple[Any, ...] | None, default_szx: int) -> tuple[list[wire.RawOption], bytes] | Response:
-        """The Block2/Size2/ETag options and payload slice for ``response``; an error Response if out of range."""
+                        cache_key: tuple[Any, ...] | None, default_szx: int,
+                        kept: _Kept) -> tuple[list[wire.RawOption], bytes] | Response:
+        """The Block2/Size2/ETag options and payload slice for ``response``; an error Response if out of range.
+
+        A representation sent in several blocks is kept (``kept``) under ``cache_key`` for the later ones.
+        """
         payload = response.payload
         szx = min(block2.szx, MAX_SZX) if block2 is not None else default_szx
         size = 16 << szx
@@ -1017,20 +1070,22 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                 extra.append((OptionNumber.BLOCK2, Block(0, False, szx).encode()))
             if size2_asked:
                 extra.append((OptionNumber.SIZE2, encode_uint(len(payload))))
-            if response.etag is not None:
-                extra.append((OptionNumber.ETAG, response.etag))
             return extra, payload
         start = num * size
         if start >= len(payload):
             return BadOption("block number out of range").to_response()
         more = start + size < len(payload)
-        extra.append((OptionNumber.ETAG, response.etag or etag_for(payload, response.content_format)))
+        if response.etag is None:  # the response's own ETag is among its options already
+            extra.append((OptionNumber.ETAG, etag_for(payload, response.content_format)))
         extra.append((OptionNumber.BLOCK2, Block(num, more, szx).encode()))
         if num == 0:
             extra.append((OptionNumber.SIZE2, encode_uint(len(payload))))
         if cache_key is not None:
             if more or num > 0:
-                self._representations.put(cache_key, response)
+                existing = self._representations.get(cache_key)
+                if existing is None or existing.response is not response:
+                    existing = kept  # else a later block of it: it stays kept as it came (its request)
+                self._representations.put(cache_key, existing)
         return extra, payload[start:start + size]
 
     # responses
@@ -1071,7 +1126,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if response.code != Code.CONTINUE and (payload or block2 is not None or size2_asked):
             sliced = self._block2_options(response, block2, size2_asked,
                                           incoming.cache_key if is_success else None,
-                                          self.settings.default_block_szx)
+                                          self.settings.default_block_szx,
+                                          _Kept(incoming.resource, request, response))
             if isinstance(sliced, Response):
                 response = sliced
                 options = base = self._response_options(response)
@@ -1106,8 +1162,13 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             options.append((OptionNumber.CONTENT_FORMAT, encode_uint(response.content_format)))
         if response.max_age is not None:
             options.append((OptionNumber.MAX_AGE, encode_uint(response.max_age)))
+        if response.etag is not None:
+            # Whatever the payload: a 2.03 Valid has none and must still carry it (RFC 7252 §5.9.1.3).
+            options.append((OptionNumber.ETAG, response.etag))
         for segment in response.location_path:
             options.append((OptionNumber.LOCATION_PATH, segment.encode("utf-8")))
+        for item in response.location_query:
+            options.append((OptionNumber.LOCATION_QUERY, item.encode("utf-8")))
         options.extend(response.extra_options)
         return options
 
@@ -1253,7 +1314,8 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
             cache_key = (observer.addr, request.method, request.path, request.query, request.accept,
                          request.security)
             first = Block(0, False, observer.block2.szx) if observer.block2 is not None and is_success else None
-            sliced = self._block2_options(response, first, False, cache_key, self.settings.default_block_szx)
+            sliced = self._block2_options(response, first, False, cache_key, self.settings.default_block_szx,
+                                          _Kept(observer.resource, request, response))
             if isinstance(sliced, Response):  # pragma: no cover - block 0 is always in range
                 return
             options.extend(sliced[0])

@@ -519,7 +519,7 @@ class SyncLoop:
         telling `SyncResource.observer_removed` must not keep long-polling -- and holding its
         device's long-poll slot -- for nobody.
         """
-        if not self.resource._coap_sites:
+        if not self.resource.served:
             return True
         return any(registered is self.request for registered in self.resource.observer_requests())
 
@@ -605,13 +605,10 @@ class SyncLoop:
     async def _push(self, response: Response) -> int:
         """Notify this registration only, as CON; the number delivered (0 or 1)."""
         request = self.request
-        waits: list[defer.Deferred[int]] = []
         self.pending = response
         try:
-            sites: tuple[Any, ...] = self.resource._coap_sites  # comatrix.coap.server.Site
-            for site in sites:
-                waits.append(site.notify(self.resource, lambda r: r is request, confirmable=True))
+            delivered = self.resource.notify_observers(lambda r: r is request, confirmable=True)
         finally:
             self.pending = None
         # Cancelled by stop(): CancelledError, while the CON itself is left to finish.
-        return await self._wait(total_delivered(waits))
+        return await self._wait(total_delivered([delivered]))

@@ -1,7 +1,8 @@
 """Room resources: ``/join``, ``/getmsg``, ``/send`` (original CoMatrix wire format plus a clean form).
 
 join:   POST, room in Proxy-Uri ``/K/<room>`` (or ``/L/<room>``) or CBOR ``{room_id}`` -> 2.04 ``{room_id}``
-getmsg: GET, room in Proxy-Uri ``/E/<room>`` or ``?room=<room>`` -> 2.05 ``{sender, body, event_id, origin_server_ts}``
+getmsg: GET, room in Proxy-Uri ``/E/<room>`` -> 2.05 ``{sender, body}`` as the original gateway answered
+        (one 802.15.4 frame); ``?room=<room>`` -> 2.05 ``{sender, body, event_id, origin_server_ts}``
 send:   POST/PUT, Proxy-Uri ``/9/<room>/<type>/<txn>`` or CBOR ``{room_id, txn_id, body[, msgtype, format, formatted_body]}``
         -> 2.04 ``{event_id}``; the same txn id never makes a second event.
 
@@ -55,12 +56,10 @@ class GetMessageResource(MatrixResource):
         event = await self.with_token(request, latest)
         if event is None:
             raise NotFound("no message")
-        return cbor_response({
-            "sender": event.sender,
-            "body": event.content.get("body", ""),
-            "event_id": event.event_id,
-            "origin_server_ts": event.origin_server_ts,
-        })
+        message: dict[str, Any] = {"sender": event.sender, "body": event.content.get("body", "")}
+        if path is None:  # the clean form: a device that can use them asked
+            message.update(event_id=event.event_id, origin_server_ts=event.origin_server_ts)
+        return cbor_response(message)
 
 
 class SendResource(MatrixResource):

@@ -288,8 +288,7 @@ def test_block2_every_size_and_smaller_follow_up() -> None:
     assert reply.payload == body[768:1024]
     [reply] = h.send(Code.GET, ["store"], options=[(23, Block(9999, False, 4).encode())])
     assert reply.code == Code.BAD_OPTION
-    [reply] = h.send(Code.GET, ["store"], options=[(23, bytes([0x0F]))])  # SZX 7 reserved
-    assert reply.code == Code.BAD_OPTION
+
 
 
 def test_block2_follow_ups_served_from_kept_representation_until_block0_again() -> None:

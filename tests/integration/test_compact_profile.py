@@ -9,6 +9,7 @@ difference in length (same CBOR header size for both).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 import threading
@@ -288,6 +289,35 @@ def test_sessions_survive_a_gateway_restart(make_gateway: Callable[..., GatewayP
     with pytest.raises(CoapResponseError) as unknown_name:
         device.join("kitchen")
     assert unknown_name.value.reply.code_text == "4.00"
+
+
+def test_state_files_hold_no_handle_and_no_password(make_gateway: Callable[..., GatewayProcess],
+                                                    synapse: SynapseServer) -> None:
+    """The store keeps the SHA-256 of each session handle, never the handle, and never a password."""
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensors = [sensor_user(synapse) for _ in range(2)]
+    handles = []
+    for sensor in sensors:
+        device = device_for(gw)
+        handles.append(device.login(sensor.localpart, sensor.password))
+        remember(device.handle.hex())
+        room_id = synapse.create_room(sensor.access_token)
+        device.join(room_id)
+        device.send(room_id, "stored?")
+        assert device.getmsg(room_id) is not None
+    gw.remember_stored_tokens()
+    secrets_sent = {}
+    for number, (sensor, handle) in enumerate(zip(sensors, handles)):
+        secrets_sent[f"handle {number}"] = handle
+        secrets_sent[f"handle {number} in hex"] = handle.hex().encode()
+        secrets_sent[f"password {number}"] = sensor.password.encode()
+        secrets_sent[f"the user's own token {number}"] = sensor.access_token.encode()
+    hashes = {f"sha256 of handle {n}": hashlib.sha256(handle).digest() for n, handle in enumerate(handles)}
+    assert gw.state_files_holding(secrets_sent) == {}  # running: the write-ahead log too
+    assert set(gw.state_files_holding(hashes)) == set(hashes)  # the scan does see what is stored
+    gw.stop()
+    assert gw.state_files_holding(secrets_sent) == {}
+    assert set(gw.state_files_holding(hashes)) == set(hashes)
 
 
 def test_fire_and_forget_send_with_no_response_via_libcoap(gateway: GatewayProcess, synapse: SynapseServer) -> None:

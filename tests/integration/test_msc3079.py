@@ -18,6 +18,7 @@ import pytest
 
 from support.coap_clients import aiocoap_request, harvest_secrets
 from support.gateway import GatewayProcess
+from support.secrets import remember
 from support.synapse import SynapseServer
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,8 @@ LOW_BANDWIDTH = "org.matrix.msc3079.low_bandwidth"
 EVENT_ID, TYPE, CONTENT, SENDER, TIMELINE, EVENTS, NEXT_BATCH, ROOMS, JOIN, BODY, MSGTYPE = (
     1, 2, 3, 6, 12, 13, 19, 23, 24, 27, 28)
 VERSIONS, UNSTABLE_FEATURES, ERRCODE = 100, 99, 102
+USER_ID, IDENTIFIER, USER, PASSWORD, DEVICE_ID, INITIAL_DEVICE_DISPLAY_NAME, ACCESS_TOKEN = (
+    7, 65, 66, 69, 71, 72, 73)
 #: Bound for anything that should happen within a second or two.
 WAIT = 30.0
 
@@ -106,6 +109,30 @@ def test_send_by_path_code_with_integer_keys_and_a_sticky_token(
     stranger = aiocoap_request("PUT", gateway.uri(f"9/{room_id}/m.room.message/{txn}c"), content_format=CBOR,
                                payload=cbor2.dumps({BODY: "who?"}))
     assert stranger.code == "4.01" and stranger.cbor()[ERRCODE] == "M_MISSING_TOKEN"
+
+
+def test_integer_key_login_end_to_end(gateway: GatewayProcess, synapse: SynapseServer, synapse_user) -> None:
+    """MSC3079 login with integer keys both ways: the new token comes back under 73 and works."""
+    user = synapse_user("lbkeys")
+    keys = [(KEYS, b"\x01")]
+    login = cbor2.dumps({TYPE: "m.login.password", IDENTIFIER: {TYPE: "m.id.user", USER: user.localpart},
+                         PASSWORD: user.password, INITIAL_DEVICE_DISPLAY_NAME: "integer keys"})
+    [(code, answer, _)] = session(gateway, [{"method": "POST", "path": "1", "options": keys, "payload": login}])
+    assert code == "2.04", answer
+    assert all(isinstance(key, int) for key in answer), answer
+    token = remember(answer[ACCESS_TOKEN])
+    assert token.startswith("syt_") and token != user.access_token
+    assert answer[USER_ID] == user.user_id and "access_token" not in answer
+    assert isinstance(answer[DEVICE_ID], str) and INITIAL_DEVICE_DISPLAY_NAME not in answer
+    # the token works, from another peer, on a room of the user's and for Synapse itself
+    room_id = synapse.create_room(user.access_token)
+    [(code, sent, _)] = session(gateway, [
+        {"method": "PUT", "path": f"9/{room_id}/m.room.message/{secrets.token_hex(4)}",
+         "options": [(TOKEN, token.encode())] + keys, "payload": cbor2.dumps({MSGTYPE: "m.text", BODY: "keyed"})}])
+    assert code == "2.04" and sent[EVENT_ID].startswith("$")
+    [latest] = synapse.text_messages(user.access_token, room_id, limit=1)
+    assert (latest["event_id"], latest["sender"], latest["content"]["body"]) == (sent[EVENT_ID], user.user_id, "keyed")
+    assert synapse.whoami(token) == user.user_id
 
 
 def test_sync_observe_pushes_a_message_sent_over_http(

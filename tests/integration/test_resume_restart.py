@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import socket
@@ -276,6 +277,10 @@ def test_msc3079_observation_resumes_after_a_gateway_restart(
         synapse.send_text(friend.access_token, room_id, "acknowledged before")
         list(notifications_until(observer, room_id, "acknowledged before"))  # each one ACKed
         wait_for(lambda: saved_positions(gw) == 1, "the acknowledged position in SQLite")
+        # The resume point is keyed by the SHA-256 of the client's token, never the token.
+        token = device.access_token.encode()
+        assert gw.state_files_holding({"access token": token}) == {}
+        assert gw.state_files_holding({"its hash": hashlib.sha256(token).digest()}) != {}
 
         gw.stop()
         synapse.send_text(friend.access_token, room_id, "sent while the gateway was down")

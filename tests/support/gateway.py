@@ -271,6 +271,22 @@ class GatewayProcess:
                     tokens += [row[0] for row in db.execute(f"SELECT access_token FROM {table}")]
         return sum(1 for token in tokens if remember_if_plausible(token))
 
+    def state_files_holding(self, secrets: dict[str, bytes]) -> dict[str, list[str]]:
+        """Which of ``secrets`` (name -> bytes) occur in which file under ``state_dir``.
+
+        Every file is read as bytes, the SQLite database with its ``-wal`` and
+        ``-shm`` files and anything else the gateway writes there: a secret kept in a
+        write-ahead log or in free pages counts as stored.
+        """
+        found: dict[str, list[str]] = {}
+        for path in sorted(self.state_dir.rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                for name, secret in secrets.items():
+                    if secret in data:
+                        found.setdefault(name, []).append(path.name)
+        return found
+
     # -- logs --------------------------------------------------------------------
 
     def log_text(self) -> str:
