@@ -31,7 +31,7 @@ TOKEN_BYTES = 32
 _LOCALPART = re.compile(r"[a-z0-9._=/+-]+")
 _PREFIX = re.compile(r"[a-z0-9._=/+-]{1,32}")
 #: The one namespace shape the gateway generates and understands: ``@<escaped prefix>.*``.
-_NAMESPACE = re.compile(r"@((?:\\.|[a-z0-9_=/+-])+)\.\*")
+_NAMESPACE = re.compile(r"@((?:\\[^A-Za-z0-9]|[a-z0-9_=/+-])+)\.\*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +114,9 @@ def _parse(document: Any, where: str) -> Registration:
     regexes = [entry.get("regex") for entry in users or [] if isinstance(entry, dict)]
     matches = [_NAMESPACE.fullmatch(regex) for regex in regexes if isinstance(regex, str)]
     found = [match for match in matches if match is not None]
-    if len(found) != 1:
+    # Only escaped punctuation (``\d`` is a class, not a character), and a prefix generate() accepts.
+    prefix = re.sub(r"\\(.)", r"\1", found[0].group(1)) if len(found) == 1 else ""
+    if not _PREFIX.fullmatch(prefix):
         raise ConfigError(f"{where}: namespaces.users must hold one regex of the form @<prefix>.*")
-    prefix = re.sub(r"\\(.)", r"\1", found[0].group(1))
     return Registration(id=values["id"], url=values["url"], as_token=values["as_token"],
                         hs_token=values["hs_token"], sender_localpart=values["sender_localpart"], prefix=prefix)
