@@ -4,7 +4,8 @@
 Synapse the gateway uses (UIA registration with ``m.login.dummy`` + session,
 password login, tokens, createRoom with room-version-12 style ids, aliases,
 invite/join, idempotent send, filtered ``/messages`` that can return empty
-chunks, whoami, logout).  Tests can queue scripted answers (429, 502 pages...)
+chunks, whoami, logout, leave; an application service's ``as_token`` acting
+as a user of its namespace by ``user_id=``).  Tests can queue scripted answers (429, 502 pages...)
 and make requests hang.  `stub_transport` wires it to a `MatrixTransport`
 through `treq.testing.StubTreq`: no sockets, everything synchronous.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Coroutine, TypeVar, cast
 from urllib.parse import parse_qs, unquote
@@ -84,6 +86,8 @@ class FakeHomeserver(Resource):
         self.uia_sessions: set[str] = set()
         self.txns: dict[tuple[str, str, str, str], str] = {}
         self.hanging: list[Request] = []
+        #: Application services: as_token -> the user regex of their namespace (`add_appservice`).
+        self.appservices: dict[str, str] = {}
         self._scripts: list[tuple[str, tuple[str, ...], ScriptedAnswer | None]] = []
         self._counter = itertools.count(1)
         self._ts = itertools.count(1_700_000_000_000, 1000)
@@ -99,6 +103,10 @@ class FakeHomeserver(Resource):
         user_id = f"@{localpart}:{self.server_name}"
         self.passwords[user_id] = password
         return user_id
+
+    def add_appservice(self, as_token: str, user_regex: str) -> None:
+        """Accept ``as_token`` acting as any user matching ``user_regex`` (identity assertion)."""
+        self.appservices[as_token] = user_regex
 
     def issue_token(self, user_id: str, device_id: str | None = None) -> tuple[str, str]:
         n = next(self._counter)
@@ -176,11 +184,21 @@ class FakeHomeserver(Resource):
         if header is None:
             raise _err(401, "M_MISSING_TOKEN", "Missing access token.")
         token = header.decode("ascii").removeprefix("Bearer ")
+        if token in self.appservices:
+            return self._asserted(request, token)
         if token not in self.tokens:
             raise _err(401, "M_UNKNOWN_TOKEN", "Unrecognised access token.",
                        soft_logout=token in self.soft_logged_out)
         user_id, device = self.tokens[token]
         return token, user_id, device
+
+    def _asserted(self, request: Request, as_token: str) -> tuple[str, str, str]:
+        """An application service acting as the ``user_id`` of the query, as Synapse checks it."""
+        query = parse_qs((request.uri or b"").partition(b"?")[2].decode("ascii"))
+        asserted = query.get("user_id", [])
+        if len(asserted) != 1 or not re.fullmatch(self.appservices[as_token] + r":.+", asserted[0]):
+            raise _err(403, "M_FORBIDDEN", "Application service cannot masquerade as this user")
+        return as_token, asserted[0], "AS"
 
     def _dispatch(self, method: str, path: tuple[str, ...], query: dict[str, list[str]],
                   request: Request, body: Any) -> dict[str, Any]:
@@ -254,6 +272,10 @@ class FakeHomeserver(Resource):
         if rest == ("invite",) and method == "POST":
             self.add_event(room_id, user_id, "m.room.member", {"membership": "invite"},
                            body["user_id"])
+            return {}
+        if rest == ("leave",) and method == "POST":  # also how an invitation is declined
+            self.members[room_id].discard(user_id)
+            self.add_event(room_id, user_id, "m.room.member", {"membership": "leave"}, user_id)
             return {}
         if user_id not in self.members[room_id]:
             raise _err(403, "M_FORBIDDEN", f"User {user_id} not in room {room_id}")
