@@ -561,7 +561,13 @@ def _appservice_settings(table: Any) -> AppserviceSettings:
     if "registration" not in table:
         raise ConfigError("[appservice]: registration (the registration file's path) is required")
     registration = _string(table, "registration")
+    if not registration:
+        raise ConfigError("[appservice]: registration must name the registration file")
     bind = _string(table, "bind") if "bind" in table else AppserviceSettings.bind
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        raise ConfigError("[appservice] bind must be an IP address") from None
     port = _integer(table, "port") if "port" in table else DEFAULT_APPSERVICE_PORT
     if not 0 <= port <= 65535:
         raise ConfigError("[appservice] port must be between 0 and 65535")
