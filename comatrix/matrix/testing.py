@@ -4,7 +4,7 @@
 Synapse the gateway uses (UIA registration with ``m.login.dummy`` + session,
 password login, tokens, createRoom with room-version-12 style ids, aliases,
 invite/join, idempotent send, filtered ``/messages`` that can return empty
-chunks, whoami, logout, leave; an application service's ``as_token`` acting
+chunks, forward ``/messages`` walks, whoami, logout, leave; an application service's ``as_token`` acting
 as a user of its namespace by ``user_id=``).  Tests can queue scripted answers (429, 502 pages...)
 and make requests hang.  `stub_transport` wires it to a `MatrixTransport`
 through `treq.testing.StubTreq`: no sockets, everything synchronous.
@@ -295,6 +295,8 @@ class FakeHomeserver(Resource):
         if "filter" in query:
             types = json.loads(query["filter"][0]).get("types")
         start = int(query["from"][0][1:]) if "from" in query else len(timeline)
+        if query.get("dir") == ["f"]:
+            return self._messages_forward(timeline, start, limit, types)
         chunk: list[dict[str, Any]] = []
         pos = start
         scanned = 0
@@ -306,6 +308,20 @@ class FakeHomeserver(Resource):
                 chunk.append(event)
         reply: dict[str, Any] = {"chunk": chunk, "start": f"t{start}"}
         if pos > 0:
+            reply["end"] = f"t{pos}"
+        return reply
+
+    def _messages_forward(self, timeline: list[dict[str, Any]], start: int, limit: int,
+                          types: list[str] | None) -> dict[str, Any]:
+        """``dir=f`` from token ``t<n>`` (between events n-1 and n), oldest first; no ``end`` once caught up."""
+        chunk: list[dict[str, Any]] = []
+        pos = start
+        while pos < len(timeline) and len(chunk) < limit and pos - start < self.scan_window:
+            if types is None or timeline[pos]["type"] in types:
+                chunk.append(timeline[pos])
+            pos += 1
+        reply: dict[str, Any] = {"chunk": chunk, "start": f"t{start}"}
+        if chunk or pos < len(timeline):
             reply["end"] = f"t{pos}"
         return reply
 

@@ -1,0 +1,268 @@
+"""The compact profile in application-service mode: provisioned device users, transaction-fed watches.
+
+Through the real CoAP layer (`Harness`) into the compact plugins, with the
+real store's SQL (in memory) and the in-repo fake homeserver playing the
+application-service side (``as_token`` + ``user_id``):
+
+* a provisioned device logs in with an empty password: no homeserver login,
+  no Matrix device; its session acts with an `AppserviceToken` for its user;
+  its logout (or idle expiry) ends nothing on the homeserver;
+* its watch holds no ``/sync``: the event stream's transactions feed it
+  (`CompactService.rooms_arrived`), each message numbered once and pushed once,
+  even when the same events arrive again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import cbor2
+import pytest
+
+from comatrix import longpoll
+from comatrix.appservice.stream import EventStream
+from comatrix.coap import wire
+from comatrix.coap.errors import Unauthorized
+from comatrix.coap.message import Peer
+from comatrix.coap.numbers import Code, MessageType, OptionNumber
+from comatrix.coap.testing import DEFAULT_PEER, Harness, option
+from comatrix.compact import codec
+from comatrix.compact.service import CompactService
+from comatrix.config import build_config
+from comatrix.credentials import Credentials
+from comatrix.discovery import build_site
+from comatrix.errors import error_response
+from comatrix.matrix.api import AppserviceToken
+from comatrix.matrix.responses import parse_event
+from comatrix.matrix.testing import run, stub_transport
+from comatrix.plugins.compact import STATE_KEY
+
+import support.world
+from test_bad_input_profiles import CBOR, CF, COMPACT_PLUGINS, MemoryStore
+
+AS_TOKEN = "as_token_of_the_compact_tests"
+SENSOR = "@comatrix_sensor01:test.local"
+OTHER_PEER = ("2001:db8::99", 40000)
+SYNC = ("sync",)
+
+
+class AppserviceWorld(support.world.World):
+    """A compact site in application-service mode; ``SENSOR`` provisioned at `DEFAULT_PEER`'s address."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.homeserver.add_appservice(AS_TOKEN, "@comatrix_.*")
+        base = self.context()
+        config = build_config({"appservice": {"registration": "/x.yaml"}, "devices": [
+            {"address": DEFAULT_PEER[0], "user": SENSOR, "appservice": True},
+            {"address": OTHER_PEER[0], "user": self.user_id, "password": "pw"}]})
+        store = MemoryStore()
+        credentials = Credentials(config.devices, base.matrix)
+        credentials.act_as_appservice(AS_TOKEN)
+        self.stream = EventStream(store, base.reactor)
+        context = dataclasses.replace(base, config=config, credentials=credentials, store=store, events=self.stream)
+        transport, _ = stub_transport(self.homeserver, context.reactor)
+        context.state[longpoll.STATE_KEY] = longpoll.LongPoller(transport, context.reactor)
+        self.harness = Harness(build_site(COMPACT_PLUGINS, context, error_response))
+        self.service: CompactService = context.state[STATE_KEY]
+
+    def send(self, path: str, body: Any, peer: Any = DEFAULT_PEER, *, observe: bool = False,
+             token: bytes = b"\x01") -> wire.Datagram:
+        options = [(CF, bytes([CBOR]))] + ([(OptionNumber.OBSERVE, b"")] if observe else [])
+        [reply] = self.harness.send(Code.FETCH if path == "v" else Code.POST, (path,), payload=cbor2.dumps(body),
+                                    peer=peer, options=options, token=token)
+        return reply
+
+    def login(self, user: str = SENSOR) -> bytes:
+        reply = self.send("+", [user, ""])
+        assert reply.code == Code.CREATED, reply
+        handle: bytes = cbor2.loads(reply.payload)
+        return handle
+
+    def joined(self, handle: bytes) -> int:
+        reply = self.send("x", [handle, self.alias])
+        assert reply.code == Code.CHANGED, reply
+        room_handle: int = cbor2.loads(reply.payload)
+        return room_handle
+
+    def message(self, body: str) -> dict[str, Any]:
+        """A person's message in the room, as the homeserver would push it in a transaction."""
+        event_id = self.homeserver.add_event(self.room, self.user_id, "m.room.message",
+                                             {"msgtype": "m.text", "body": body})
+        return next(e for e in self.homeserver.rooms[self.room] if e["event_id"] == event_id)
+
+    def session_of(self, handle: bytes) -> Any:
+        return run(self.service.session(handle, Peer(*DEFAULT_PEER), None))
+
+
+def notifications(replies: list[wire.Datagram]) -> list[wire.Datagram]:
+    return [reply for reply in replies if option(reply, OptionNumber.OBSERVE) is not None]
+
+
+def pushed(replies: list[wire.Datagram]) -> list[tuple[str, int]]:
+    """(body, cursor) of the messages the notifications among ``replies`` carry."""
+    messages = [codec.decode_message(reply.payload) for reply in notifications(replies)]
+    return [(m.body, m.cursor) for m in messages if m is not None]
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_a_provisioned_device_opens_a_session_with_no_homeserver_login() -> None:
+    world = AppserviceWorld()
+    tokens = set(world.homeserver.tokens)
+    handle = world.login()
+    assert len(handle) == codec.HANDLE_SIZE
+    assert world.login("comatrix_sensor01") != handle  # the localpart names the same user
+    assert world.homeserver.requests == [] and set(world.homeserver.tokens) == tokens  # no Matrix device
+    session = world.session_of(handle)
+    assert session.user_id == SENSOR and session.device_id is None
+    assert isinstance(session.access_token, AppserviceToken)
+    assert session.access_token == AppserviceToken(AS_TOKEN, SENSOR)
+    assert AS_TOKEN not in repr(session)
+
+
+@pytest.mark.parametrize("user, peer, code", [
+    ("@comatrix_sensor02:test.local", DEFAULT_PEER, Code.FORBIDDEN),  # not this device's user
+    ("comatrix_sensor02", DEFAULT_PEER, Code.FORBIDDEN),
+    ("@d:test.local", OTHER_PEER, Code.BAD_REQUEST),  # an ordinary entry still needs its password
+    (SENSOR, ("2001:db8::77", 5683), Code.BAD_REQUEST),  # no entry at all
+])
+def test_an_empty_password_is_only_a_provisioned_devices_own_login(user: str, peer: Any, code: Code) -> None:
+    world = AppserviceWorld()
+    assert world.send("+", [user, ""], peer).code == code
+    assert world.homeserver.requests == []
+
+
+def test_open_appservice_session_needs_appservice_mode() -> None:
+    world = AppserviceWorld()
+    world.service.acting = None
+    with pytest.raises(Unauthorized):
+        run(world.service.open_appservice_session(SENSOR, Peer(*DEFAULT_PEER)))
+
+
+def test_the_session_acts_as_its_user_and_its_logout_calls_no_logout() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    room_handle = world.joined(handle)
+    [join] = world.homeserver.calls("join")
+    assert join.query == {"user_id": [SENSOR]}
+    assert join.headers[b"Authorization"] == [f"Bearer {AS_TOKEN}".encode()]
+    assert SENSOR in world.homeserver.members[world.room]
+    assert world.send("w", [handle, room_handle, 1, "21.5 C"]).code == Code.CHANGED
+    [sent] = [r for r in world.homeserver.requests if r.method == "PUT"]
+    assert sent.query == {"user_id": [SENSOR]}
+    assert world.homeserver.rooms[world.room][-1]["sender"] == SENSOR
+
+    assert world.send("-", [handle]).code == Code.CHANGED
+    assert world.homeserver.calls("logout") == []
+    assert world.send("w", [handle, room_handle, 2, "x"]).code == Code.UNAUTHORIZED  # the handle is gone
+
+
+def test_an_idle_appservice_session_expires_without_a_logout() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    world.service.reactor.advance(world.service.idle_timeout + 1)
+    assert run(world.service.expire_idle_sessions()) == 1
+    assert world.homeserver.calls("logout") == []
+    assert world.send("x", [handle, world.alias]).code == Code.UNAUTHORIZED
+
+
+# ---------------------------------------------------------------- transaction-fed watches
+
+
+def test_a_watch_is_fed_by_transactions_and_never_syncs() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    room_handle = world.joined(handle)
+    first = world.message("first")
+    registered = world.send("v", [handle, room_handle], observe=True)
+    assert registered.code == Code.CONTENT and option(registered, OptionNumber.OBSERVE) is not None
+    latest = codec.decode_message(registered.payload)
+    assert latest is not None and latest.body == "first"
+    assert world.service.watching(world.session_of(handle).id)
+    world.harness.replies()
+
+    second, third = world.message("second"), world.message("third")
+    assert run(world.stream.transaction("t1", [first, second, third]))
+    replies = world.harness.replies()
+    assert pushed(replies) == [("second", latest.cursor + 1), ("third", latest.cursor + 2)]
+    assert {codec.decode_message(n.payload).sender for n in notifications(replies)} == {  # type: ignore[union-attr]
+        world.user_id}
+
+    # The same events again (another txnId, and straight to the listener): nothing numbered or pushed twice.
+    assert run(world.stream.transaction("t2", [second, third]))
+    run(world.service.rooms_arrived(world.room, [parse_event(second), parse_event(third)]))
+    assert pushed(world.harness.replies()) == []
+    # A later FETCH walks from the old position and skips what the transactions numbered.
+    again = codec.decode_message(world.send("v", [handle, room_handle, latest.cursor + 1], token=b"\x09").payload)
+    assert again is not None and (again.body, again.cursor) == ("third", latest.cursor + 2)
+    assert codec.decode_message(world.send("v", [handle, room_handle, latest.cursor + 2],
+                                           token=b"\x0a").payload) is None
+    assert world.homeserver.calls(*SYNC) == []  # the gateway never held a /sync for the device
+
+
+def test_each_of_many_watching_sessions_gets_a_message_once() -> None:
+    world = AppserviceWorld()
+    watchers = [b"\x01", b"\x02", b"\x03"]
+    for token in watchers:
+        handle = world.login()
+        registered = world.send("v", [handle, world.joined(handle)], observe=True, token=token)
+        assert option(registered, OptionNumber.OBSERVE) is not None
+    world.harness.replies()
+    assert run(world.stream.transaction("t1", [world.message("hello")]))
+    notes = notifications(world.harness.replies())
+    assert sorted(note.token for note in notes) == watchers
+    assert [body for body, _cursor in pushed(notes)] == ["hello"] * 3
+    assert run(world.stream.transaction("t2", [world.message("again")]))
+    assert [body for body, _cursor in pushed(world.harness.replies())] == ["again"] * 3
+    assert world.homeserver.calls(*SYNC) == []
+
+
+def test_a_session_without_observers_leaves_the_feed() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    world.send("v", [handle, world.joined(handle)], observe=True)
+    session = world.session_of(handle)
+    assert world.service.watching(session.id)
+    world.harness.replies()
+    assert run(world.stream.transaction("t1", [world.message("one")]))
+    [note] = notifications(world.harness.replies())
+    # The device is gone: it answers the next notification with a RST, which ends its observation.
+    world.harness.send_raw(wire.empty(MessageType.RST, note.mid))
+    assert world.harness.server.observer_count() == 0
+    assert run(world.stream.transaction("t2", [world.message("two")]))
+    assert pushed(world.harness.replies()) == []
+    assert not world.service.watching(session.id)
+
+
+def test_a_logged_out_session_leaves_the_feed() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    world.send("v", [handle, world.joined(handle)], observe=True)
+    session_id = world.session_of(handle).id
+    assert world.send("-", [handle]).code == Code.CHANGED
+    assert not world.service.watching(session_id)
+    world.harness.replies()
+    assert run(world.stream.transaction("t1", [world.message("after logout")]))
+    assert pushed(world.harness.replies()) == []
+
+
+def test_a_room_joined_while_watching_is_fed_too() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    world.send("v", [handle, world.joined(handle)], observe=True)
+    second_room = world.homeserver.new_room(world.user_id, alias_local="lab2")
+    reply = world.send("x", [handle, "#lab2:test.local"])
+    assert reply.code == Code.CHANGED
+    second_handle: int = cbor2.loads(reply.payload)
+    world.send("v", [handle, second_handle], observe=True, token=b"\x02")
+    world.harness.replies()
+    event_id = world.homeserver.add_event(second_room, world.user_id, "m.room.message",
+                                          {"msgtype": "m.text", "body": "in the second room"})
+    [event] = [e for e in world.homeserver.rooms[second_room] if e["event_id"] == event_id]
+    assert run(world.stream.transaction("t1", [event]))
+    notes = notifications(world.harness.replies())
+    assert [note.token for note in notes] == [b"\x02"] and pushed(notes)[0][0] == "in the second room"
+    assert world.homeserver.calls(*SYNC) == []
