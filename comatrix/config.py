@@ -577,7 +577,8 @@ def _appservice_settings(table: Any) -> AppserviceSettings:
 _INVITER = re.compile(r"\*|\*:[^\s:]+(:[0-9]+)?|@[^\s:]+:[^\s:]+(:[0-9]+)?")
 
 
-def _inviters(value: Any, label: str) -> tuple[str, ...]:
+def inviter_patterns(value: Any, label: str) -> tuple[str, ...]:
+    """An ``allow_invites_from`` list, checked (`ConfigError` names ``label``)."""
     if not isinstance(value, list) or not all(isinstance(item, str) and _INVITER.fullmatch(item) for item in value):
         raise ConfigError(f"{label}: allow_invites_from must be a list of user ids, \"*:server\" or \"*\"")
     return tuple(value)
@@ -663,7 +664,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             raise ConfigError(f"{label}: an appservice device has a user and neither password nor access_token")
         if not appservice and not token and not (user and password):
             raise ConfigError(f"{label}: give access_token, or user and password (or appservice = true)")
-        inviters = _inviters(entry["allow_invites_from"], label) if "allow_invites_from" in entry else None
+        inviters = inviter_patterns(entry["allow_invites_from"], label) if "allow_invites_from" in entry else None
         device_id = entry.get("device_id")
         for key, value in (("access_token", token), ("user", user), ("password", password),
                            ("device_id", device_id)):

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from comatrix.config import (DEFAULT_DTLS_PORT, DEVICES_DIR, Config, ConfigError, DeviceCredentials,
-                             build_config, read_config_files)
+                             build_config, inviter_patterns, read_config_files)
 from comatrix.edhoc.ccs import generate_key, make_ccs, parse_ccs, private_bytes
 from comatrix.edhoc.responder import KEY_FILENAME, GatewayKey
 from comatrix.appservice.admin import AdminError, appservice_homeserver
@@ -380,6 +380,15 @@ def cmd_add(args: argparse.Namespace, config: Config, directory: Path, out: Text
     devices = read_devices(directory)
     if any(device.name == args.name for device in devices):
         raise CtlError(f"a device named {args.name} exists already (rotate or remove it)")
+    # What the operator typed is checked before the homeserver is asked to create anything.
+    bound: dict[str, Any] = {}
+    if args.allow_invites_from:
+        bound["allow_invites_from"] = list(inviter_patterns(args.allow_invites_from, "--allow-invites-from"))
+    if args.address:
+        try:
+            bound["address"] = str(ipaddress.ip_network(args.address.split("%", 1)[0], strict=False))
+        except ValueError:
+            raise CtlError("--address must be an IP address or prefix") from None
     entry: dict[str, Any] = {"name": args.name}
     if args.user is None:
         entry["user"] = appservice_homeserver(config).create_device_user(args.name)
@@ -393,13 +402,7 @@ def cmd_add(args: argparse.Namespace, config: Config, directory: Path, out: Text
             entry["access_token"] = _read_secret(args.access_token_file, stdin)
         else:
             raise CtlError("--user needs --password-file or --access-token-file")
-    if args.allow_invites_from:
-        entry["allow_invites_from"] = list(args.allow_invites_from)
-    if args.address:
-        try:
-            entry["address"] = str(ipaddress.ip_network(args.address.split("%", 1)[0], strict=False))
-        except ValueError:
-            raise CtlError("--address must be an IP address or prefix") from None
+    entry.update(bound)
     if args.psk:
         entry["psk_identity"] = args.name
         entry.update(new_psk())
