@@ -594,8 +594,10 @@ class CompactService:
         return end if isinstance(end, str) and end else None
 
     def watching(self, session_id: int) -> bool:
-        if session_id in self._fed:
-            return True
+        fed = self._fed.get(session_id)
+        if fed is not None:
+            # No loop notices observers that left while nothing was pushed: ask (else it never idles out).
+            return self.is_observed(fed)
         loop = self._loops.get(session_id)
         return loop is not None and not loop.stopped
 

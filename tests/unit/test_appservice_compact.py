@@ -266,3 +266,19 @@ def test_a_room_joined_while_watching_is_fed_too() -> None:
     notes = notifications(world.harness.replies())
     assert [note.token for note in notes] == [b"\x02"] and pushed(notes)[0][0] == "in the second room"
     assert world.homeserver.calls(*SYNC) == []
+
+
+def test_a_fed_session_whose_observers_left_quietly_idles_out() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    room_handle = world.joined(handle)
+    world.send("v", [handle, room_handle], observe=True)
+    session_id = world.session_of(handle).id
+    # The device deregisters (Observe: 1) and no message comes that would notice it.
+    [reply] = world.harness.send(Code.FETCH, ("v",), payload=cbor2.dumps([handle, room_handle]),
+                                 options=[(CF, bytes([CBOR])), (OptionNumber.OBSERVE, b"\x01")])
+    assert reply.code == Code.CONTENT and world.harness.server.observer_count() == 0
+    world.service.reactor.advance(world.service.idle_timeout + 1)
+    assert not world.service.watching(session_id)
+    assert run(world.service.expire_idle_sessions()) == 1
+    assert world.send("x", [handle, world.alias]).code == Code.UNAUTHORIZED
