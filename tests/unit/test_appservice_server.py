@@ -13,11 +13,14 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web import server
 
+from comatrix.appservice import server as appservice_server
 from comatrix.appservice.server import AppserviceResource
 from comatrix.appservice.stream import EventStream
 from comatrix.matrix.responses import Event
@@ -66,6 +69,11 @@ class Api:
 @pytest_twisted.ensureDeferred
 async def test_the_hs_token_is_required_and_checked(tmp_path: Path) -> None:
     api = Api(tmp_path)
+    logged: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        logged.append(formatEvent(event) + repr(event))
+    globalLogPublisher.addObserver(observer)
     try:
         transaction = {"events": [event(1)]}
         assert await api.call("PUT", "/_matrix/app/v1/transactions/1", transaction, token=None) == (
@@ -84,7 +92,11 @@ async def test_the_hs_token_is_required_and_checked(tmp_path: Path) -> None:
         await response.content()
         assert response.code == 403
         assert await api.call("POST", "/_matrix/app/v1/ping", {}) == (200, {})
+        warnings = [line for line in logged if "wrong hs_token" in line]
+        assert len(warnings) == 4  # each refused token is logged, by peer only
+        assert not any(HS_TOKEN in line or "Bearer wrong" in line for line in logged)
     finally:
+        globalLogPublisher.removeObserver(observer)
         await api.close()
 
 
@@ -166,5 +178,21 @@ async def test_a_transaction_the_store_cannot_record_is_500_and_handled_again_on
         assert await api.call("PUT", "/_matrix/app/v1/transactions/9", {"events": [event(1)]}) == (200, {})
         assert await api.store.last_appservice_transaction() == "9"
         assert api.received[-1] == (ROOM, ["$event1"])
+    finally:
+        await api.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_transaction_is_413_and_a_path_that_is_not_utf8_is_400(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(appservice_server, "MAX_TRANSACTION_BYTES", 300)
+    api = Api(tmp_path)
+    try:
+        code, body = await api.call("PUT", "/_matrix/app/v1/transactions/1", {"events": [event(1), event(2)]})
+        assert (code, body["errcode"]) == (413, "M_TOO_LARGE")
+        assert api.received == [] and await api.store.last_appservice_transaction() is None
+        assert await api.call("PUT", "/_matrix/app/v1/transactions/1", {"events": [event(1)]}) == (200, {})
+        code, body = await api.call("GET", "/_matrix/app/v1/users/%40caf%E9%3Atest.local")
+        assert (code, body["errcode"]) == (400, "M_INVALID_PARAM")
     finally:
         await api.close()
