@@ -165,3 +165,24 @@ def test_a_token_less_send_goes_out_as_the_device_user_whatever_the_device_asser
                    options=[(TOKEN, b"syt_own")])
     assert reply.code == Code.CHANGED and s.hs.requests[-1][4] == "Bearer syt_own"
     assert s.hs.requests[-1][2] == {}
+
+
+# ---------------------------------------------------------------- tables keyed by token
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+def test_msc3079_resume_points_of_device_users_are_kept_apart(with_store: bool) -> None:
+    """One as_token acts for every device user: a table keyed by the token must key by its user too."""
+    from comatrix.msc3079.resume import ResumePoints, registration_fingerprint
+    from test_bad_input_profiles import MemoryStore
+
+    points = ResumePoints(MemoryStore() if with_store else None, task.Clock())
+    sensor, other = AppserviceToken(AS_TOKEN, SENSOR), AppserviceToken(AS_TOKEN, OTHER)
+    plain = registration_fingerprint([])
+    run(points.delivered(sensor, b"\x01", plain, "s_sensor"))
+    assert run(points.resume_from(other, b"\x01", plain)) is None  # the same CoAP token, another device user
+    run(points.delivered(other, b"\x01", plain, "s_other"))
+    assert run(points.resume_from(sensor, b"\x01", plain)) == "s_sensor"
+    run(points.forget(other))  # e.g. that device logged out
+    assert run(points.resume_from(sensor, b"\x01", plain)) == "s_sensor"
+    assert run(points.resume_from(other, b"\x01", plain)) is None
