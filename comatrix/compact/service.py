@@ -554,18 +554,27 @@ class CompactService:
     async def rooms_arrived(self, room_id: str, events: Sequence[Event]) -> None:
         """An event-stream listener: number ``events`` for every session watching ``room_id``, push them."""
         watchers = self._fed_rooms.get(room_id)
-        candidates = [_stored(0, event) for event in events if _usable(event)]
-        if not watchers or not candidates:
+        if not watchers:
             return
-        pairs = sorted(watchers.items())
-        after_last = await self._position_after(room_id, candidates[-1].event_id, pairs[0][0])
-        pairs = sorted(self._fed_rooms.get(room_id, {}).items())  # as it is now, after the wait
+        # The homeserver goes on pushing a room a device user left (or was removed from) while another
+        # device user is in it: that session gets what came before, and the room leaves its index.
+        ended = self._memberships_ended(room_id, watchers, events)
+        indexed = [(index, _stored(0, event)) for index, event in enumerate(events) if _usable(event)]
+        if not indexed:
+            return
+        candidates = [message for _index, message in indexed]
+        asking = min(self._fed_rooms.get(room_id) or ended)
+        after_last = await self._position_after(room_id, candidates[-1].event_id, asking)
+        arrivals = {pair: candidates for pair in self._fed_rooms.get(room_id, {}).items()}  # as it is now
+        for session_id, (handle, end) in ended.items():
+            arrivals[(session_id, handle)] = [message for index, message in indexed if index < end]
+        pairs = sorted(arrivals)
         locks = [self._lock(session_id, handle) for session_id, handle in pairs]
         for lock in locks:
             await lock.acquire()
         try:
             numbered = await self.store.append_messages(
-                [(session_id, handle, candidates) for session_id, handle in pairs], after_last)
+                [(session_id, handle, arrivals[(session_id, handle)]) for session_id, handle in pairs], after_last)
         finally:
             for lock in locks:
                 lock.release()
@@ -592,6 +601,23 @@ class CompactService:
             return None
         end = body.get("end")
         return end if isinstance(end, str) and end else None
+
+    def _memberships_ended(self, room_id: str, watchers: dict[int, int],
+                           events: Sequence[Event]) -> dict[int, tuple[int, int]]:
+        """Watching sessions whose user left or was removed from ``room_id`` in ``events``: their room
+        handle and the index of that event.  They are taken out of the room's index at once."""
+        ended: dict[int, tuple[int, int]] = {}
+        for index, event in enumerate(events):
+            if event.type != "m.room.member" or event.content.get("membership") not in ("leave", "ban"):
+                continue
+            for session_id, handle in list(watchers.items()):
+                fed = self._fed.get(session_id)
+                if fed is not None and fed.user_id == event.state_key:
+                    ended[session_id] = (handle, index)
+                    del watchers[session_id]
+        if not watchers:
+            self._fed_rooms.pop(room_id, None)
+        return ended
 
     def watching(self, session_id: int) -> bool:
         fed = self._fed.get(session_id)

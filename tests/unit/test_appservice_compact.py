@@ -44,6 +44,7 @@ from test_bad_input_profiles import CBOR, CF, COMPACT_PLUGINS, MemoryStore
 AS_TOKEN = "as_token_of_the_compact_tests"
 SENSOR = "@comatrix_sensor01:test.local"
 OTHER_PEER = ("2001:db8::99", 40000)
+SECOND, SECOND_PEER = "@comatrix_sensor02:test.local", ("2001:db8::2", 40000)
 SYNC = ("sync",)
 
 
@@ -56,6 +57,7 @@ class AppserviceWorld(support.world.World):
         base = self.context()
         config = build_config({"appservice": {"registration": "/x.yaml"}, "devices": [
             {"address": DEFAULT_PEER[0], "user": SENSOR, "appservice": True},
+            {"address": SECOND_PEER[0], "user": SECOND, "appservice": True},
             {"address": OTHER_PEER[0], "user": self.user_id, "password": "pw"}]})
         store = MemoryStore()
         credentials = Credentials(config.devices, base.matrix)
@@ -74,14 +76,14 @@ class AppserviceWorld(support.world.World):
                                     peer=peer, options=options, token=token)
         return reply
 
-    def login(self, user: str = SENSOR) -> bytes:
-        reply = self.send("+", [user, ""])
+    def login(self, user: str = SENSOR, peer: Any = DEFAULT_PEER) -> bytes:
+        reply = self.send("+", [user, ""], peer)
         assert reply.code == Code.CREATED, reply
         handle: bytes = cbor2.loads(reply.payload)
         return handle
 
-    def joined(self, handle: bytes) -> int:
-        reply = self.send("x", [handle, self.alias])
+    def joined(self, handle: bytes, peer: Any = DEFAULT_PEER) -> int:
+        reply = self.send("x", [handle, self.alias], peer)
         assert reply.code == Code.CHANGED, reply
         room_handle: int = cbor2.loads(reply.payload)
         return room_handle
@@ -124,8 +126,9 @@ def test_a_provisioned_device_opens_a_session_with_no_homeserver_login() -> None
 
 
 @pytest.mark.parametrize("user, peer, code", [
-    ("@comatrix_sensor02:test.local", DEFAULT_PEER, Code.FORBIDDEN),  # not this device's user
+    ("@comatrix_sensor03:test.local", DEFAULT_PEER, Code.FORBIDDEN),  # not this device's user
     ("comatrix_sensor02", DEFAULT_PEER, Code.FORBIDDEN),
+    (SECOND, DEFAULT_PEER, Code.FORBIDDEN),  # another provisioned device's user
     ("@d:test.local", OTHER_PEER, Code.BAD_REQUEST),  # an ordinary entry still needs its password
     (SENSOR, ("2001:db8::77", 5683), Code.BAD_REQUEST),  # no entry at all
 ])
@@ -282,3 +285,25 @@ def test_a_fed_session_whose_observers_left_quietly_idles_out() -> None:
     assert not world.service.watching(session_id)
     assert run(world.service.expire_idle_sessions()) == 1
     assert world.send("x", [handle, world.alias]).code == Code.UNAUTHORIZED
+
+
+@pytest.mark.parametrize("membership", ["leave", "ban"])
+def test_a_device_user_removed_from_a_room_gets_none_of_its_later_messages(membership: str) -> None:
+    """The homeserver keeps pushing the room while another device user is in it: the gateway must stop."""
+    world = AppserviceWorld()
+    for user, peer, token in ((SENSOR, DEFAULT_PEER, b"\x01"), (SECOND, SECOND_PEER, b"\x02")):
+        handle = world.login(user, peer)
+        world.send("v", [handle, world.joined(handle, peer)], peer, observe=True, token=token)
+    world.harness.replies()
+    before = world.message("before")
+    world.homeserver.members[world.room].discard(SENSOR)
+    removal_id = world.homeserver.add_event(world.room, world.user_id, "m.room.member", {"membership": membership},
+                                            SENSOR)
+    [removal] = [e for e in world.homeserver.rooms[world.room] if e["event_id"] == removal_id]
+    after = world.message("after the removal")
+    assert run(world.stream.transaction("t1", [before, removal, after]))
+    notes = notifications(world.harness.replies())
+    got = {token: [body for body, _ in pushed([n for n in notes if n.token == token])] for token in (b"\x01", b"\x02")}
+    assert got == {b"\x01": ["before"], b"\x02": ["before", "after the removal"]}
+    assert run(world.stream.transaction("t2", [world.message("later")]))
+    assert [n.token for n in notifications(world.harness.replies())] == [b"\x02"]
