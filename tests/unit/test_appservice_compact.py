@@ -307,3 +307,23 @@ def test_a_device_user_removed_from_a_room_gets_none_of_its_later_messages(membe
     assert got == {b"\x01": ["before"], b"\x02": ["before", "after the removal"]}
     assert run(world.stream.transaction("t2", [world.message("later")]))
     assert [n.token for n in notifications(world.harness.replies())] == [b"\x02"]
+
+
+def test_append_messages_numbers_only_what_a_handle_has_not_numbered() -> None:
+    from comatrix.store import StoredMessage
+
+    def message(n: int, cursor: int = 0) -> StoredMessage:
+        return StoredMessage(cursor, f"$e{n}", "@a:test.local", f"m{n}", 1_700_000_000_000 + n)
+    store = MemoryStore()
+    session_id = run(store.create_session(b"h" * 32, "", SENSOR, None, "::1", 1.0))
+    handle = run(store.room_handle(session_id, "!r"))
+    other = run(store.room_handle(session_id, "!s"))
+    run(store.advance_timeline(session_id, handle, [message(n, n) for n in (1, 2, 3)], 3, "t3"))
+    numbered = run(store.append_messages([(session_id, handle, [message(3), message(4), message(5), message(4)]),
+                                          (session_id, other, [message(4)]),
+                                          (session_id, 99, [message(6)])], keep=4))
+    assert numbered == [[message(4, 4), message(5, 5)], [message(4, 1)], []]
+    record = run(store.room(session_id, handle))
+    assert record is not None and (record.last_cursor, record.after_token) == (5, "t3")  # the walk position stays
+    assert run(store.message_at_or_after(session_id, handle, 1)) == message(2, 2)  # kept: the last four
+    assert run(store.append_messages([(session_id, handle, [message(5), message(4)])])) == [[]]

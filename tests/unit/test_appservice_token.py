@@ -186,3 +186,18 @@ def test_msc3079_resume_points_of_device_users_are_kept_apart(with_store: bool) 
     run(points.forget(other))  # e.g. that device logged out
     assert run(points.resume_from(sensor, b"\x01", plain)) == "s_sensor"
     assert run(points.resume_from(other, b"\x01", plain)) is None
+
+
+def test_a_reload_adds_and_removes_device_users() -> None:
+    from comatrix.reload import Reloader
+
+    first = {"address": "2001:db8::1", "user": SENSOR, "appservice": True}
+    creds = credentials(first)
+    config = build_config({"devices": [first], "appservice": APPSERVICE})
+    new = build_config({"devices": [{"address": "2001:db8::2", "user": OTHER, "appservice": True}],
+                        "appservice": APPSERVICE})
+    Reloader(config, lambda: new, creds, reactor=task.Clock()).apply(new)
+    assert creds.appservice_entry(SENSOR) is None and creds.appservice_entry(OTHER) is not None
+    assert run(creds.token_for(coap("2001:db8::2"), operation="send")) == AppserviceToken(AS_TOKEN, OTHER)
+    with pytest.raises(Unauthorized):
+        run(creds.token_for(coap("2001:db8::1"), operation="send"))
