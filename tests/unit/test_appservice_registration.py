@@ -153,3 +153,11 @@ def test_a_namespace_written_by_another_escaper_is_understood(tmp_path: Path) ->
     document["namespaces"] = {}
     with pytest.raises(ConfigError, match="namespaces.users"):
         load_registration(write(tmp_path / "as.yaml", document))
+
+
+@pytest.mark.parametrize("prefix", ["comatrix_", "a.b_c=d/e+f-g9", "x", "gw-2.", "0" * 32])
+def test_every_prefix_generate_accepts_round_trips(tmp_path: Path, prefix: str) -> None:
+    registration = generate("http://127.0.0.1:8010", prefix=prefix)
+    loaded = load_registration(write(tmp_path / "as.yaml", registration.to_yaml()))
+    assert loaded.prefix == prefix and loaded.user_regex == registration.user_regex
+    assert loaded.owns(f"@{prefix}dev:example.org") and not loaded.owns(f"@{prefix[:-1]}:example.org")
