@@ -4,7 +4,7 @@
 Synapse the gateway uses (UIA registration with ``m.login.dummy`` + session,
 password login, tokens, createRoom with room-version-12 style ids, aliases,
 invite/join, idempotent send, filtered ``/messages`` that can return empty
-chunks, forward ``/messages`` walks, whoami, logout, leave; an application service's ``as_token`` acting
+chunks, forward ``/messages`` walks, ``/context``, whoami, logout, leave; an application service's ``as_token`` acting
 as a user of its namespace by ``user_id=``).  Tests can queue scripted answers (429, 502 pages...)
 and make requests hang.  `stub_transport` wires it to a `MatrixTransport`
 through `treq.testing.StubTreq`: no sockets, everything synchronous.
@@ -286,6 +286,13 @@ class FakeHomeserver(Resource):
             return {"event_id": self.txns[key]}
         if rest == ("messages",) and method == "GET":
             return self._messages(room_id, query)
+        if rest[0] == "context" and len(rest) == 2 and method == "GET":
+            positions = [n for n, event in enumerate(self.rooms[room_id]) if event["event_id"] == rest[1]]
+            if not positions:
+                raise _err(404, "M_NOT_FOUND", "Event not found.")
+            event = self.rooms[room_id][positions[0]]
+            return {"event": event, "events_before": [], "events_after": [], "state": [],
+                    "start": f"t{positions[0]}", "end": f"t{positions[0] + 1}"}
         raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
 
     def _messages(self, room_id: str, query: dict[str, list[str]]) -> dict[str, Any]:

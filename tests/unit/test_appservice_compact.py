@@ -327,3 +327,27 @@ def test_append_messages_numbers_only_what_a_handle_has_not_numbered() -> None:
     assert record is not None and (record.last_cursor, record.after_token) == (5, "t3")  # the walk position stays
     assert run(store.message_at_or_after(session_id, handle, 1)) == message(2, 2)  # kept: the last four
     assert run(store.append_messages([(session_id, handle, [message(5), message(4)])])) == [[]]
+
+
+def test_fed_numbering_moves_the_walk_position_just_past_the_last_message() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    room_handle = world.joined(handle)
+    world.send("v", [handle, room_handle], observe=True)
+    session_id = world.session_of(handle).id
+    world.harness.replies()
+    first, second = world.message("one"), world.message("two")
+    assert run(world.stream.transaction("t1", [first, second]))
+    position = len(world.homeserver.rooms[world.room])  # just after "two"
+    [context] = [r for r in world.homeserver.requests if "context" in r.path]
+    assert context.path[-1] == second["event_id"] and context.query["user_id"] == [SENSOR]
+    record = run(world.service.store.room(session_id, room_handle))
+    assert record is not None and record.after_token == f"t{position}"
+    [_one, two] = pushed(world.harness.replies())
+    # A message no transaction brought (yet): the device's FETCH walks from there, reading only it.
+    world.message("three")
+    world.homeserver.requests.clear()
+    reply = codec.decode_message(world.send("v", [handle, room_handle, two[1]], token=b"\x07").payload)
+    assert reply is not None and (reply.body, reply.cursor) == ("three", two[1] + 1)
+    [walk] = [r for r in world.homeserver.requests if r.path[-1] == "messages"][:1]
+    assert walk.query["from"] == [f"t{position}"] and walk.query["dir"] == ["f"]
