@@ -87,7 +87,13 @@ class Wakeups:
         self._waiters.setdefault(user_id, set()).add(waiter)
         if user_id not in self._rooms_of:
             self._rooms_of[user_id] = set()
-            body = await self._matrix.request(api.joined_rooms(token))
+            try:
+                body = await self._matrix.request(api.joined_rooms(token))
+            except BaseException:
+                # The caller gets no waiter to release; an empty set kept would stop the next read.
+                self.release(waiter)
+                self._rooms_of.pop(user_id, None)
+                raise
             rooms = body.get("joined_rooms")
             for room_id in rooms if isinstance(rooms, list) else ():
                 if isinstance(room_id, str) and user_id in self._rooms_of:

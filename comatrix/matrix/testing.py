@@ -4,7 +4,7 @@
 Synapse the gateway uses (UIA registration with ``m.login.dummy`` + session,
 password login, tokens, createRoom with room-version-12 style ids, aliases,
 invite/join, idempotent send, filtered ``/messages`` that can return empty
-chunks, forward ``/messages`` walks, ``/context``, whoami, logout, leave; an application service's ``as_token`` acting
+chunks, forward ``/messages`` walks, ``/context``, ``/joined_rooms``, whoami, logout, leave; an application service's ``as_token`` acting
 as a user of its namespace by ``user_id=``).  Tests can queue scripted answers (429, 502 pages...)
 and make requests hang.  `stub_transport` wires it to a `MatrixTransport`
 through `treq.testing.StubTreq`: no sockets, everything synchronous.
@@ -230,6 +230,8 @@ class FakeHomeserver(Resource):
             return {}
         if route == ("account", "whoami"):
             return {"user_id": user_id, "device_id": device}
+        if route == ("joined_rooms",) and method == "GET":
+            return {"joined_rooms": [room for room, members in self.members.items() if user_id in members]}
         if route == ("createRoom",) and method == "POST":
             room_id = self.new_room(user_id, body.get("room_alias_name"))
             for invitee in body.get("invite", []):
