@@ -16,7 +16,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from support.coap_clients import aiocoap_request, harvest_secrets
+from support.coap_clients import aiocoap_request, libcoap, harvest_secrets
 from support.gateway import GatewayProcess
 from support.secrets import remember
 from support.synapse import SynapseServer
@@ -37,6 +37,12 @@ WAIT = 30.0
 
 
 def test_versions_advertise_low_bandwidth(gateway: GatewayProcess) -> None:
+    # The answer takes several blocks: more than an unverified address may be sent (the
+    # amplification limit), so the gateway asks for an Echo (RFC 9175) partway.  libcoap
+    # answers it, which verifies the address; aiocoap 0.4.17 gives up on a block-wise
+    # transfer interrupted by an Echo, so it comes second, from the verified address.
+    first = libcoap("get", gateway.uri("0"))
+    assert first.code == "2.05" and LOW_BANDWIDTH.encode() in first.payload
     plain = aiocoap_request("GET", gateway.uri("0"))
     assert plain.code == "2.05" and plain.content_format == CBOR
     body = plain.cbor()
