@@ -315,14 +315,22 @@ def build_appservice(config: Config, credentials: Credentials, matrix: MatrixCli
         registration = load_registration(settings.registration)
     except ConfigError as exc:
         raise SystemExit(f"comatrix: {exc}") from None
-    for device in config.devices:
-        if device.appservice and (device.user is None or not registration.owns(device.user)):
-            raise SystemExit(f"comatrix: [[devices]] {device.label}: {device.user} is not in the appservice "
-                             f"namespace {registration.user_regex}")
+    try:
+        check_device_users(config, registration)
+    except ConfigError as exc:
+        raise SystemExit(f"comatrix: {exc}") from None
     credentials.act_as_appservice(registration.as_token)
     stream = EventStream(store, reactor)
     stream.subscribe(Invitations(credentials, matrix))
     return registration, stream
+
+
+def check_device_users(config: Config, registration: Registration) -> None:
+    """`ConfigError` for a provisioned device whose user is outside the namespace (at start and on reload)."""
+    for device in config.devices:
+        if device.appservice and (device.user is None or not registration.owns(device.user)):
+            raise ConfigError(f"[[devices]] {device.label}: {device.user} is not in the appservice "
+                              f"namespace {registration.user_regex}")
 
 
 def listen_appservice(config: Config, registration: Registration, stream: EventStream,
@@ -395,7 +403,12 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     policy.announce(log)
     appservice_port = (listen_appservice(config, *appservice, credentials, reactor)
                        if appservice is not None else None)
-    reloader = Reloader(config, lambda: load_config(options), credentials,
+    def reload_config() -> Config:
+        new = load_config(options)
+        if appservice is not None:
+            check_device_users(new, appservice[0])
+        return new
+    reloader = Reloader(config, reload_config, credentials,
                         dtls=getattr(dtls[1], "protocol") if dtls is not None else None,  # a udp.Port's
                         oscore=oscore, edhoc=edhoc_responder, reactor=reactor)
     return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader, appservice_port)

@@ -536,8 +536,13 @@ class CompactService:
 
     async def _index_and_catch_up(self, session: SessionRecord) -> None:
         records = await self.store.rooms(session.id)
+        # Only rooms the user is in now: it may have been removed from one while nothing watched
+        # (during a restart, say), and the homeserver keeps pushing that room for the others.
+        joined = (await self.matrix.request(api.joined_rooms(session.access_token))).get("joined_rooms")
         if session.id not in self._fed:
             return
+        if isinstance(joined, list):
+            records = [record for record in records if record.room_id in joined]
         for record in records:
             self._fed_rooms.setdefault(record.room_id, {})[session.id] = record.handle
         # What arrived between the device's FETCH and the index is found by one walk per room.

@@ -351,3 +351,17 @@ def test_fed_numbering_moves_the_walk_position_just_past_the_last_message() -> N
     assert reply is not None and (reply.body, reply.cursor) == ("three", two[1] + 1)
     [walk] = [r for r in world.homeserver.requests if r.path[-1] == "messages"][:1]
     assert walk.query["from"] == [f"t{position}"] and walk.query["dir"] == ["f"]
+
+
+def test_a_watch_started_after_a_removal_does_not_index_that_room() -> None:
+    """Removed while nothing watched (a restart, say): the next watch reads /joined_rooms and leaves the room out."""
+    world = AppserviceWorld()
+    handle = world.login()
+    room_handle = world.joined(handle)
+    session = world.session_of(handle)
+    world.homeserver.members[world.room].discard(SENSOR)  # kicked while the gateway was not feeding it
+    world.service.watch(session)
+    assert world.homeserver.calls("joined_rooms")  # read as the device user when the watch began
+    assert run(world.stream.transaction("t1", [world.message("after the kick")]))
+    latest = run(world.service.store.latest_message(session.id, room_handle))
+    assert latest is None or latest.body != "after the kick"

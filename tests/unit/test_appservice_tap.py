@@ -82,3 +82,17 @@ def test_a_registration_others_may_read_stops_the_start(tmp_path: Path, made_sto
     with pytest.raises(SystemExit, match="open to others") as stopped:
         make(config)
     assert registration.as_token not in str(stopped.value) and registration.hs_token not in str(stopped.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_with_a_device_user_outside_the_namespace_is_refused(
+        tmp_path: Path, made_stores: list[Any]) -> None:
+    config, _ = gateway_config(tmp_path)
+    gateway = make(config)
+    await gateway.appservice.stopListening()
+    await gateway.port.stopListening()
+    config.write_text(config.read_text() + '[[devices]]\naddress = "127.0.0.6"\nuser = "@intruder:test.local"\n'
+                                           'appservice = true\n')
+    assert await gateway.reloader.reload() is None  # refused: the running devices stay
+    assert gateway.credentials.appservice_entry("@intruder:test.local") is None
+    assert gateway.credentials.appservice_entry("@comatrix_sensor01:test.local") is not None
