@@ -156,6 +156,45 @@ class DeviceCredentials:
         return address.version == self.network.version and address in self.network
 
 
+#: ``[http_api] port`` when not configured (the port of the spec's examples).
+DEFAULT_HTTP_API_PORT = 7003
+#: Shortest ``X-Internal-Service-Token`` accepted (a shared secret, not a password to remember).
+MIN_SERVICE_TOKEN = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpApiSettings:
+    """The ``[http_api]`` table: the internal HTTP/JSON API for services on the border router."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = DEFAULT_HTTP_API_PORT
+    #: Largest request body (a media upload), bytes.
+    max_body_bytes: int = 10 * 1024 * 1024
+    #: Synapse's registration shared secret, for ``register-user`` (None: that endpoint answers 501).
+    registration_shared_secret_file: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceCredentials:
+    """One ``[[services]]`` entry: a local service, its shared secret and the Matrix user it acts as."""
+
+    name: str
+    token: str = dataclasses.field(repr=False)
+    user: str
+    password: str | None = dataclasses.field(default=None, repr=False)
+    access_token: str | None = dataclasses.field(default=None, repr=False)
+    #: Requests per second the service may make, sustained, and its burst.
+    rate: float = 100.0
+    burst: int = 200
+
+    def as_device(self) -> "DeviceCredentials":
+        """The service's Matrix identity as the credentials layer keeps logins: one Matrix device."""
+        device_id = "COMATRIXSVC" + hashlib.sha256(f"{self.name}\0{self.user}".encode("utf-8")).hexdigest()[:10].upper()
+        return DeviceCredentials(network=None, user=self.user, password=self.password,
+                                 access_token=self.access_token, device_id=device_id)
+
+
 #: ``[appservice] port`` when not configured.
 DEFAULT_APPSERVICE_PORT = 8010
 
@@ -277,6 +316,9 @@ class Config:
     dtls: DtlsSettings = DtlsSettings()
     #: Application-service mode (`comatrix.appservice`), None when off.
     appservice: AppserviceSettings | None = None
+    http_api: HttpApiSettings = HttpApiSettings()
+    #: ``[[services]]``: who may use the HTTP API, each acting as its own Matrix user.
+    services: tuple[ServiceCredentials, ...] = ()
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -294,7 +336,7 @@ _COAP_KEYS = {field.name: field.type for field in dataclasses.fields(CoapSetting
 
 
 #: Keys whose value is a secret, wherever they appear in a config file.
-SECRET_KEYS = frozenset({"password", "access_token", "psk", "psk_hex", "master_secret"})
+SECRET_KEYS = frozenset({"password", "access_token", "psk", "psk_hex", "master_secret", "token"})
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -412,6 +454,8 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         kwargs["dtls"] = _dtls_settings(values["dtls"])
     if "appservice" in values:
         kwargs["appservice"] = _appservice_settings(values["appservice"])
+    if "http_api" in values:
+        kwargs["http_api"] = _http_api_settings(values["http_api"])
     for key in ("request_timeout", "connect_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
         if key in values:
             number = _number(values, key)
@@ -445,6 +489,11 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     if credentials_file:
         devices += _devices(load_toml(credentials_file).get("devices", []), credentials_file)
     kwargs["devices"] = tuple(devices)
+    services = _services(values.get("services", []), "services")
+    if credentials_file:
+        services += _services(load_toml(credentials_file).get("services", []), credentials_file)
+    _check_services(services)
+    kwargs["services"] = tuple(services)
     if "appservice" not in kwargs and any(device.appservice for device in devices):
         raise ConfigError("[[devices]] entries with appservice = true need an [appservice] table")
     if kwargs.get("security") == "off":
@@ -552,6 +601,85 @@ def _check_edhoc_kids(devices: Iterable[DeviceCredentials]) -> None:
         seen.add(kid)
 
 
+def _ip_address(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = _string(table, key)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{where} {key} must be an IP address") from None
+    return value
+
+
+def _http_api_settings(table: Any) -> HttpApiSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[http_api] must be a table")
+    unknown = sorted(set(table) - {field.name for field in dataclasses.fields(HttpApiSettings)})
+    if unknown:
+        raise ConfigError(f"[http_api]: unknown key(s) {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    if "enabled" in table:
+        if not isinstance(table["enabled"], bool):
+            raise ConfigError("[http_api] enabled must be true or false")
+        kwargs["enabled"] = table["enabled"]
+    if "bind" in table:
+        kwargs["bind"] = _ip_address(table, "bind", "[http_api]")
+    if "port" in table:
+        kwargs["port"] = _integer(table, "port")
+        if not 0 <= kwargs["port"] <= 65535:
+            raise ConfigError("[http_api] port must be between 0 and 65535")
+    if "max_body_bytes" in table:
+        kwargs["max_body_bytes"] = _integer(table, "max_body_bytes")
+        if kwargs["max_body_bytes"] < 1024:
+            raise ConfigError("[http_api] max_body_bytes must be at least 1024")
+    if "registration_shared_secret_file" in table:
+        kwargs["registration_shared_secret_file"] = _string(table, "registration_shared_secret_file")
+    return HttpApiSettings(**kwargs)
+
+
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _services(entries: Any, where: str) -> list[ServiceCredentials]:
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ConfigError(f"{where}: services must be an array of tables ([[services]])")
+    services = []
+    for index, entry in enumerate(entries):
+        label = f"{where}: services[{index}]"
+        unknown = sorted(set(entry) - {"name", "token", "user", "password", "access_token", "rate", "burst"})
+        if unknown:
+            raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
+        for key in ("name", "token", "user"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ConfigError(f"{label}: {key} must be a non-empty string")
+        if not _SERVICE_NAME.fullmatch(entry["name"]):
+            raise ConfigError(f"{label}: name must be 1-64 characters A-Z a-z 0-9 . _ -")
+        if len(entry["token"]) < MIN_SERVICE_TOKEN or not entry["token"].isprintable():
+            raise ConfigError(f"{label}: token must be at least {MIN_SERVICE_TOKEN} printable characters")
+        password, token = entry.get("password"), entry.get("access_token")
+        if not (isinstance(password, str) and password) and not (isinstance(token, str) and token):
+            raise ConfigError(f"{label}: give password or access_token for its user")
+        rate = _number(entry, "rate") if "rate" in entry else ServiceCredentials.rate
+        burst = _integer(entry, "burst") if "burst" in entry else ServiceCredentials.burst
+        if rate < 0 or burst < 1:
+            raise ConfigError(f"{label}: rate must be >= 0 and burst >= 1")
+        services.append(ServiceCredentials(name=entry["name"], token=entry["token"], user=entry["user"],
+                                           password=password or None, access_token=token or None,
+                                           rate=rate, burst=burst))
+    return services
+
+
+def _check_services(services: Iterable[ServiceCredentials]) -> None:
+    names: set[str] = set()
+    tokens: set[str] = set()
+    for service in services:
+        if service.name in names:
+            raise ConfigError(f"two [[services]] are named {service.name}")
+        if service.token in tokens:
+            raise ConfigError(f"[[services]] {service.name}: its token is another service's too")
+        names.add(service.name)
+        tokens.add(service.token)
+
+
 def _appservice_settings(table: Any) -> AppserviceSettings:
     if not isinstance(table, dict):
         raise ConfigError("[appservice] must be a table")
@@ -563,11 +691,7 @@ def _appservice_settings(table: Any) -> AppserviceSettings:
     registration = _string(table, "registration")
     if not registration:
         raise ConfigError("[appservice]: registration must name the registration file")
-    bind = _string(table, "bind") if "bind" in table else AppserviceSettings.bind
-    try:
-        ipaddress.ip_address(bind)
-    except ValueError:
-        raise ConfigError("[appservice] bind must be an IP address") from None
+    bind = _ip_address(table, "bind", "[appservice]") if "bind" in table else AppserviceSettings.bind
     port = _integer(table, "port") if "port" in table else DEFAULT_APPSERVICE_PORT
     if not 0 <= port <= 65535:
         raise ConfigError("[appservice] port must be between 0 and 65535")

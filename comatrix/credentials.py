@@ -101,9 +101,11 @@ class Credentials:
     """Resolves the access token for a request; logs configured devices in on demand."""
 
     def __init__(self, devices: Sequence[DeviceCredentials], matrix: "MatrixClient",
-                 store: "Store | None" = None) -> None:
+                 store: "Store | None" = None, services: Sequence[DeviceCredentials] = ()) -> None:
+        """``services``: the Matrix identities of the HTTP API's ``[[services]]`` (`token_of`)."""
         self._matrix = matrix
         self._store = store
+        self._services = list(services)
         # Keyed by the Matrix login (user, device id), not the entry: an entry re-read on
         # SIGHUP keeps its token, and its login in progress.
         self._tokens: dict[LoginKey, str] = {}
@@ -138,7 +140,7 @@ class Credentials:
         self._by_security = {security: device for device in devices for security in device.securities}
         self._by_appservice_user = {device.user: device for device in devices
                                     if device.appservice and device.user is not None}
-        logins = {_login_key(device) for device in devices}
+        logins = {_login_key(device) for device in [*devices, *self._services]}
         for table in (self._tokens, self._refused):
             for key in [key for key in table if key not in logins]:
                 del table[key]
@@ -152,7 +154,7 @@ class Credentials:
         """Forget kept tokens of logins no entry asks for any more (removed, or now a fixed token)."""
         if self._store is None:
             return
-        logins = [(device.user, device.login_device_id) for device in self._devices
+        logins = [(device.user, device.login_device_id) for device in [*self._devices, *self._services]
                   if device.user is not None and not device.access_token]
         dropped = await self._store.keep_device_tokens_of(logins)
         if dropped:
@@ -196,11 +198,22 @@ class Credentials:
             return device.access_token
         return await self._login(device)
 
+    async def token_of(self, entry: DeviceCredentials) -> str:
+        """The token an entry that is no device's acts with (a service): fixed, or its kept login."""
+        if entry.access_token:
+            return entry.access_token
+        return await self._login(entry)
+
     def forget(self, request: Request, token: str) -> bool:
         """Drop a gateway-held token the homeserver refused; True if it was ours (retry worth it)."""
         device = self.entry_for(request)
-        if (device is None or device.access_token or device.appservice
-                or token_from_request(request) is not None):
+        if device is None or token_from_request(request) is not None:
+            return False
+        return self.forget_token_of(device, token)
+
+    def forget_token_of(self, device: DeviceCredentials, token: str) -> bool:
+        """`forget` for an entry: True if ``token`` was its kept login's (a new login is worth a retry)."""
+        if device.access_token or device.appservice:
             return False
         key = _login_key(device)
         if self._tokens.get(key) != token:

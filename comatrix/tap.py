@@ -9,6 +9,7 @@ address to exist and leave DAD, logging why it waits.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ from comatrix.appservice.invites import Invitations
 from comatrix.appservice.registration import Registration, load_registration
 from comatrix.appservice.server import AppserviceResource
 from comatrix.appservice.stream import EventStream
+from comatrix.http_api.endpoints import Endpoints
+from comatrix.http_api.server import InternalApi
 from twisted.web import server as web_server
 
 log = get_logger("comatrix")
@@ -136,9 +139,11 @@ class GatewayService(service.Service):
     def __init__(self, config: Config, server: CoapServer, port: IListeningPort,
                  matrix: MatrixClient, credentials: Credentials, store: Store | None = None,
                  dtls: tuple[CoapServer, IListeningPort] | None = None,
-                 reloader: Reloader | None = None, appservice: IListeningPort | None = None) -> None:
+                 reloader: Reloader | None = None, appservice: IListeningPort | None = None,
+                 http_api: IListeningPort | None = None) -> None:
         self.config = config
         self.appservice = appservice
+        self.http_api = http_api
         self.reloader = reloader
         self.server = server
         self.port = port
@@ -179,6 +184,8 @@ class GatewayService(service.Service):
         if self.appservice is not None:
             # The homeserver keeps what it could not push, and pushes it after the restart.
             yield defer.maybeDeferred(self.appservice.stopListening)
+        if self.http_api is not None:
+            yield defer.maybeDeferred(self.http_api.stopListening)
         yield defer.gatherResults([server.wait_idle(self.config.shutdown_grace) for server in servers])
         if self.dtls is not None:
             yield defer.maybeDeferred(self.dtls[1].stopListening)
@@ -348,6 +355,29 @@ def listen_appservice(config: Config, registration: Registration, stream: EventS
     return port
 
 
+def listen_http_api(config: Config, context: PluginContext, registration: Registration | None,
+                    reactor: Any) -> IListeningPort | None:
+    """The internal HTTP API (`comatrix.http_api`), when ``[http_api] enabled``."""
+    settings = config.http_api
+    if not settings.enabled:
+        if config.services:
+            log.info("[[services]] are configured but the HTTP API is off ([http_api] enabled = false)")
+        return None
+    if not config.services:
+        log.warn("[http_api] is enabled but no [[services]] are configured: every request is answered 401")
+    endpoints = Endpoints(context.matrix, context.credentials, settings, long_poller(context), reactor,
+                          registration)
+    api = InternalApi(config.services, endpoints, settings, reactor)
+    port = _listen(lambda: reactor.listenTCP(settings.port, _QuietSite(api), interface=settings.bind),
+                   settings.bind, settings.port)
+    if not ipaddress.ip_address(settings.bind).is_loopback:
+        log.warn("The HTTP API listens on {bind}, beyond this host: only the service tokens protect it",
+                 bind=settings.bind)
+    log.info("HTTP API on http://{bind}:{port}/internal/matrix for {count} service(s)", bind=settings.bind,
+             port=getattr(port.getHost(), "port", settings.port), count=len(config.services))
+    return port
+
+
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -370,7 +400,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                  "and are lost when the gateway stops")
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
     store = Store.for_state_dir(config.state_dir, reactor)
-    credentials = Credentials(config.devices, matrix, store)
+    credentials = Credentials(config.devices, matrix, store, [entry.as_device() for entry in config.services])
     appservice = build_appservice(config, credentials, matrix, store, reactor)
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store,
@@ -403,6 +433,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     policy.announce(log)
     appservice_port = (listen_appservice(config, *appservice, credentials, reactor)
                        if appservice is not None else None)
+    http_api_port = listen_http_api(config, context, appservice[0] if appservice is not None else None, reactor)
     def reload_config() -> Config:
         new = load_config(options)
         if appservice is not None:
@@ -411,7 +442,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     reloader = Reloader(config, reload_config, credentials,
                         dtls=getattr(dtls[1], "protocol") if dtls is not None else None,  # a udp.Port's
                         oscore=oscore, edhoc=edhoc_responder, reactor=reactor)
-    return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader, appservice_port)
+    return GatewayService(config, server, port, matrix, credentials, store, dtls, reloader, appservice_port,
+                          http_api_port)
 
 
 def _listen(bind: Callable[[], IListeningPort], address: str, number: int) -> IListeningPort:

@@ -13,6 +13,8 @@ access token never goes into the URL; the transport sends it as an
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -26,6 +28,15 @@ __all__ = [
     "context",
     "create_room",
     "deactivate",
+    "kick",
+    "react",
+    "redact",
+    "room_messages",
+    "room_members",
+    "shared_secret_nonce",
+    "shared_secret_register",
+    "set_avatar_url",
+    "upload",
     "generic",
     "invite",
     "join",
@@ -127,6 +138,9 @@ class MatrixRequest:
     query: tuple[tuple[str, str], ...] = ()
     body: JsonDict | None = None
     access_token: str | None = field(default=None, repr=False)
+    #: A body that is not JSON (a media upload) and its Content-Type; ``body`` is then None.
+    raw: bytes | None = field(default=None, repr=False)
+    content_type: str | None = None
 
     def url(self, base_url: str) -> str:
         """The full URL under ``base_url``; every path segment is percent-encoded."""
@@ -332,6 +346,69 @@ def context(token: str, room_id: str, event_id: str, *, limit: int = 0) -> Matri
     """``GET /rooms/{roomId}/context/{eventId}``: its ``end`` is a pagination token just after the event."""
     return MatrixRequest("GET", _v3("rooms", room_id, "context", event_id), (("limit", str(limit)),),
                          access_token=token)
+
+
+def room_members(token: str, room_id: str) -> MatrixRequest:
+    """``GET /rooms/{roomId}/members``: the member events (joined, invited, left...)."""
+    return MatrixRequest("GET", _v3("rooms", room_id, "members"), access_token=token)
+
+
+def room_messages(token: str, room_id: str, *, from_token: str | None = None, dir: str = "b",
+                  limit: int = 10) -> MatrixRequest:
+    """``GET /rooms/{roomId}/messages``: one page of every event type (see `last_messages` for filtered)."""
+    return last_messages(token, room_id, limit=limit, types=(), from_token=from_token, dir=dir)
+
+
+def redact(token: str, room_id: str, event_id: str, txn_id: str, reason: str | None = None) -> MatrixRequest:
+    """``PUT /rooms/{roomId}/redact/{eventId}/{txnId}`` (idempotent per txnId)."""
+    body: JsonDict = {} if reason is None else {"reason": reason}
+    return MatrixRequest("PUT", _v3("rooms", room_id, "redact", event_id, txn_id), (), body, token)
+
+
+def react(token: str, room_id: str, event_id: str, key: str, txn_id: str) -> MatrixRequest:
+    """An ``m.reaction`` annotation of ``event_id`` with ``key`` (an emoji)."""
+    content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+    return send_event(token, room_id, "m.reaction", txn_id, content)
+
+
+def kick(token: str, room_id: str, user_id: str, reason: str | None = None) -> MatrixRequest:
+    """``POST /rooms/{roomId}/kick``."""
+    body: JsonDict = {"user_id": user_id}
+    if reason is not None:
+        body["reason"] = reason
+    return MatrixRequest("POST", _v3("rooms", room_id, "kick"), (), body, token)
+
+
+def set_avatar_url(token: str, user_id: str, avatar_url: str) -> MatrixRequest:
+    """``PUT /profile/{userId}/avatar_url``."""
+    return MatrixRequest("PUT", _v3("profile", user_id, "avatar_url"), (), {"avatar_url": avatar_url}, token)
+
+
+def upload(token: str, data: bytes, content_type: str, filename: str | None = None) -> MatrixRequest:
+    """``POST /_matrix/media/v3/upload``: the content as it is, answered with its ``content_uri``."""
+    query = (("filename", filename),) if filename else ()
+    return MatrixRequest("POST", ("_matrix", "media", "v3", "upload"), query, None, token, raw=data,
+                         content_type=content_type)
+
+
+_ADMIN_REGISTER = ("_synapse", "admin", "v1", "register")
+
+
+def shared_secret_nonce() -> MatrixRequest:
+    """``GET /_synapse/admin/v1/register``: a nonce for one shared-secret registration (Synapse)."""
+    return MatrixRequest("GET", _ADMIN_REGISTER)
+
+
+def shared_secret_register(shared_secret: str, nonce: str, username: str, password: str,
+                           admin: bool = False) -> MatrixRequest:
+    """``POST /_synapse/admin/v1/register``: HMAC-SHA1 keyed by the registration shared secret over
+    nonce, user, password and ``admin``/``notadmin``, NUL-separated (Synapse's admin API)."""
+    mac = hmac.new(shared_secret.encode("utf-8"), digestmod=hashlib.sha1)
+    mac.update(b"\x00".join(part.encode("utf-8") for part in
+                            (nonce, username, password, "admin" if admin else "notadmin")))
+    body: JsonDict = {"nonce": nonce, "username": username, "password": password, "admin": admin,
+                      "mac": mac.hexdigest()}
+    return MatrixRequest("POST", _ADMIN_REGISTER, (), body)
 
 
 def sync(

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping
 
 
 
+from twisted.internet import defer
+
 from comatrix.logs import get_logger
 from comatrix.matrix import api
 from comatrix.matrix.api import MatrixRequest
@@ -280,6 +282,60 @@ class MatrixClient:
         return parse_sync(
             await self.request(api.sync(token, since=since, timeout_ms=timeout_ms, filter=filter))
         )
+
+    async def room_details(self, token: str, room_id: str) -> dict[str, Any]:
+        """Name, topic, avatar, canonical alias, encryption and member counts of a room (state read in parallel)."""
+        wanted = (("name", "m.room.name", "name"), ("topic", "m.room.topic", "topic"),
+                  ("avatar_url", "m.room.avatar", "url"), ("canonical_alias", "m.room.canonical_alias", "alias"),
+                  ("encryption", "m.room.encryption", "algorithm"))
+
+        async def state_value(event_type: str, key: str) -> Any:
+            try:
+                content = await self.request(api.room_state_event(token, room_id, event_type))
+            except MatrixError as error:
+                if error.http_status == 404:
+                    return None
+                raise
+            return content.get(key)
+
+        async def members() -> list[Any]:
+            chunk = (await self.request(api.room_members(token, room_id))).get("chunk")
+            return chunk if isinstance(chunk, list) else []
+
+        results = await defer.gatherResults(
+            [defer.ensureDeferred(state_value(event_type, key)) for _name, event_type, key in wanted]
+            + [defer.ensureDeferred(members())], consumeErrors=True)
+        details: dict[str, Any] = {"room_id": room_id}
+        details.update({name: value for (name, _type, _key), value in zip(wanted, results)})
+        memberships = [event.get("content", {}).get("membership") for event in results[-1] if isinstance(event, dict)]
+        details["member_count"] = sum(1 for m in memberships if m in ("join", "invite"))
+        details["joined_members"] = sum(1 for m in memberships if m == "join")
+        return details
+
+    async def set_room_name(self, token: str, room_id: str, name: str) -> str:
+        return parse_send(await self.request(api.send_state_event(token, room_id, "m.room.name", {"name": name})))
+
+    async def react(self, token: str, room_id: str, event_id: str, key: str, txn_id: str) -> str:
+        return parse_send(await self.request(api.react(token, room_id, event_id, key, txn_id)))
+
+    async def redact(self, token: str, room_id: str, event_id: str, txn_id: str, reason: str | None = None) -> str:
+        return parse_send(await self.request(api.redact(token, room_id, event_id, txn_id, reason)))
+
+    async def kick(self, token: str, room_id: str, user_id: str, reason: str | None = None) -> None:
+        await self.request(api.kick(token, room_id, user_id, reason))
+
+    async def set_displayname(self, token: str, user_id: str, name: str) -> None:
+        await self.request(api.set_displayname(token, user_id, name))
+
+    async def set_avatar_url(self, token: str, user_id: str, avatar_url: str) -> None:
+        await self.request(api.set_avatar_url(token, user_id, avatar_url))
+
+    async def upload(self, token: str, data: bytes, content_type: str, filename: str | None = None) -> str:
+        """Upload media; its ``mxc://`` URI."""
+        uri = (await self.request(api.upload(token, data, content_type, filename))).get("content_uri")
+        if not isinstance(uri, str) or not uri.startswith("mxc://"):
+            raise InvalidResponse("upload answer without content_uri")
+        return uri
 
     async def close(self) -> None:
         await self.transport.close()

@@ -306,7 +306,10 @@ class MatrixTransport:
                 return fail(e)
             raw_headers[b"Authorization"] = [b"Bearer " + token]
         data: bytes | None = None
-        if req.body is not None:
+        if req.raw is not None:
+            data = req.raw
+            raw_headers[b"Content-Type"] = [(req.content_type or "application/octet-stream").encode("latin-1")]
+        elif req.body is not None:
             data = json.dumps(req.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
             raw_headers[b"Content-Type"] = [b"application/json"]
         elif req.method in ("POST", "PUT"):

@@ -103,6 +103,12 @@ def matches(pattern: str, line: str) -> bool:
     return re.fullmatch(regex, line.strip()) is not None
 
 
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
         probe.bind(("::1", 0))
@@ -124,7 +130,8 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
     (tmp_path / ".venv").symlink_to(REPO / ".venv")
     port, dtls_port = free_udp_port(), free_udp_port()
     env = dict(os.environ, COMATRIX_DEMO_DIR=str(tmp_path / ".demo"), COMATRIX_DEMO_IP="::1",
-               COMATRIX_DEMO_PORT=str(port), COMATRIX_DEMO_DTLS_PORT=str(dtls_port))
+               COMATRIX_DEMO_PORT=str(port), COMATRIX_DEMO_DTLS_PORT=str(dtls_port),
+               COMATRIX_DEMO_HTTP_PORT=str(free_tcp_port()))
     errors = tmp_path / "demo.stderr"
     with open(tmp_path / "demo.stdout", "w") as out, open(errors, "w") as err:
         process = subprocess.Popen(["bash", str(REPO / "scripts" / "demo")], env=env, stdin=subprocess.DEVNULL,
