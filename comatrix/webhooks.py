@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import random
@@ -65,12 +66,12 @@ from zope.interface import implementer
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 
 from comatrix.coap.errors import ServiceUnavailable
 from comatrix.logs import get_logger
@@ -188,26 +189,6 @@ class Poster(TypingProtocol):
     def post(self, url: str, headers: Headers, body: bytes) -> "defer.Deferred[int]": ...
 
 
-@implementer(IBodyProducer)
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> "defer.Deferred[None]":
-        consumer.write(self._data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class HostNotAllowed(ValueError):
     """A connection to a host outside ``webhook_hosts`` (never made)."""
 
@@ -264,7 +245,8 @@ class AgentPoster:
 
     def post(self, url: str, headers: Headers, body: bytes) -> "defer.Deferred[int]":
         async def exchange() -> int:
-            response = await self._agent.request(b"POST", url.encode("ascii"), headers, _Body(body))
+            response = await self._agent.request(b"POST", url.encode("ascii"), headers,
+                                                 FileBodyProducer(io.BytesIO(body)))
             discard = _Discard()
             response.deliverBody(discard)
             await discard.done
@@ -356,6 +338,13 @@ class Webhooks:
         backlog = await self.store.webhook_backlog()
         log.info("Webhooks: {count} subscription(s), {pending} with queued deliveries",
                  count=len(subscriptions), pending=len(backlog))
+        for subscription in subscriptions.values():
+            try:
+                check_url(subscription.url, self.settings.webhook_hosts)
+            except WebhookRefused:
+                log.warn("Webhook subscription {id} of {service}: its host {host} is no longer allowed "
+                         "([http_api] webhook_hosts); its deliveries will fail", id=subscription.id,
+                         service=subscription.service, host=urlsplit(subscription.url).hostname)
         for service in {subscription.service for subscription in subscriptions.values()}:
             self._changed(service)
         for subscription_id in backlog:

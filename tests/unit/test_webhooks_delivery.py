@@ -22,7 +22,7 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.web.http_headers import Headers
 
 from comatrix.matrix.responses import Event
-from comatrix.store import Store
+from comatrix.store import DEAD_LETTERS_KEPT, Store
 from comatrix.webhooks import AgentPoster, HostNotAllowed, WebhookRefused, WebhookSettings, Webhooks
 from support.webhook_receiver import HANG, WebhookReceiver, eventually, pause
 
@@ -287,3 +287,31 @@ def test_settings_from_the_http_api_table() -> None:
                 {"max_subscriptions_per_service": 2000}, {"max_deliveries_per_service": 0}):
         with pytest.raises(ValueError):
             WebhookSettings.from_table(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_of_a_service_no_longer_configured_go_to_the_dead_letters(store: Store,
+                                                                                    logged: list[str]) -> None:
+    before = made(store, WebhookSettings(webhook_hosts=("127.0.0.1", "hooks.lan")))
+    sub = await before.subscribe("logger", ROOM, "http://hooks.lan:7004/hook", ["m.room.message"])
+    await before.events_arrived(ROOM, [event(1)])  # not started: queued
+
+    after = made(store, FAST, secret_of=lambda service: None)  # the service left the config, the host the list
+    await after.start()
+    try:
+        await eventually(lambda: after.dead == 1)
+        [letter] = await after.dead_letters("logger")
+        assert (letter.subscription_id, letter.attempts, letter.reason) == (sub, 0, "service no longer configured")
+        assert any(line.startswith("warn") and "hooks.lan is no longer allowed" in line for line in logged)
+    finally:
+        after.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_dead_letters_keep_the_newest_of_each_service(store: Store) -> None:
+    webhooks = made(store, WebhookSettings(max_deliveries_per_service=1))  # not started
+    await webhooks.subscribe("logger", ROOM, "http://127.0.0.1:9/hook", ["m.room.message"])
+    await webhooks.events_arrived(ROOM, [event(n) for n in range(DEAD_LETTERS_KEPT + 11)])
+    letters = await webhooks.dead_letters("logger", limit=1000)
+    assert len(letters) == DEAD_LETTERS_KEPT
+    assert letters[0].event_id == f"$event{DEAD_LETTERS_KEPT + 10}" and letters[-1].event_id == "$event11"
