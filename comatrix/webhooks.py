@@ -564,10 +564,18 @@ class _ServiceLoop:
 class ServiceEvents:
     """Token mode: one /sync loop per service with subscriptions, as its Matrix user, feeding `Webhooks`.
 
-    A loop's first /sync (no position kept) only takes the position: a subscription
-    gets what happens after it.  The position is kept in the store after each batch
-    is queued, so a restart resumes there (events of the downtime are delivered);
-    it is forgotten when the service's last subscription ends.
+    The /sync filter names the subscribed rooms and event types only; a change of the
+    service's subscriptions cancels the waiting long-poll, and the loop asks again,
+    from the same position, with the new filter.  A loop's first /sync (no position
+    kept) only takes the position: nothing from before is delivered.  A subscription
+    added to a running loop may also get its room's events since the loop's last
+    answer (at most one long-poll, ``long_poll_seconds``, before it).  The position is
+    kept in the store after each batch is queued, so a restart resumes there (events
+    of the downtime are delivered); it is forgotten when the service's last
+    subscription ends.  A timeline Synapse marks ``limited`` (more than
+    `SYNC_TIMELINE_LIMIT` events of a room since the last answer) is not walked back:
+    only its newest events are delivered.  A refused token (401/403) ends the loop;
+    call `refresh` once the service has a new one.
     """
 
     def __init__(self, webhooks: Webhooks, long_polls: LongPoller, reactor: Any,
