@@ -83,8 +83,9 @@ from comatrix.store import DEAD_LETTERS_KEPT, DeadLetter, PendingDelivery, Store
 
 log = get_logger(__name__)
 
-__all__ = ["MAX_IN_FLIGHT", "SIGNATURE_HEADER", "EVENT_ID_HEADER", "Poster", "ServiceEvents", "WEBHOOK_KEYS",
-           "WebhookRefused", "WebhookSettings", "Webhooks", "signature"]
+__all__ = ["EVENT_ID_HEADER", "MAX_IN_FLIGHT", "SIGNATURE_HEADER", "WEBHOOK_KEYS", "AgentPoster", "HostNotAllowed",
+           "Poster", "ServiceEvents", "WebhookRefused", "WebhookSettings", "Webhooks", "check_url", "payload",
+           "signature", "sync_filter"]
 
 SIGNATURE_HEADER = b"X-CoMatrix-Signature"
 EVENT_ID_HEADER = b"X-CoMatrix-Event-Id"
@@ -99,7 +100,14 @@ _USER_AGENT = b"CoMatrix webhooks"
 
 
 class WebhookRefused(ValueError):
-    """A subscription the gateway does not take (bad URL, host not allowed, too many): a 4xx, no secret."""
+    """A subscription the gateway does not take; the message is safe to answer (no secret).
+
+    ``status``: the HTTP status that fits -- 400 (malformed), 403 (host not allowed), 429 (a cap).
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +281,8 @@ def check_url(url: str, hosts: Sequence[str]) -> str:
     if parts.username is not None or parts.password is not None:
         raise WebhookRefused("webhook_url must not carry user info")
     if host not in hosts:
-        raise WebhookRefused(f"webhook_url host {host} is not an allowed webhook destination ([http_api] webhook_hosts)")
+        raise WebhookRefused(f"webhook_url host {host} is not an allowed webhook destination ([http_api] webhook_hosts)",
+                             403)
     return url
 
 
@@ -379,7 +388,8 @@ class Webhooks:
             self.settings.max_subscriptions)
         if refused is not None:
             log.info("Webhook subscription of {service} refused: {cap} cap reached", service=service, cap=refused)
-            raise WebhookRefused("too many webhook subscriptions" + (" of this service" if refused == "service" else ""))
+            raise WebhookRefused("too many webhook subscriptions" + (" of this service" if refused == "service" else ""),
+                                 429)
         subscriptions[subscription.id] = subscription
         log.info("Webhook subscription {id} of {service}: {room} to {host}", id=subscription.id, service=service,
                  room=room_id, host=urlsplit(url).hostname)

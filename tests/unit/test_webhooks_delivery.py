@@ -174,13 +174,13 @@ async def test_a_delivery_pending_at_stop_is_made_after_the_next_start(tmp_path:
 async def test_a_subscription_to_a_host_outside_the_allow_list_is_refused(store: Store) -> None:
     webhooks = made(store)
     await webhooks.start()
-    refused = ["http://192.0.2.7:7004/hook", "https://example.org/hook", "http://127.0.0.2/hook",
-               "ftp://127.0.0.1/hook", "http://user:pw@127.0.0.1/hook", "http://127.0.0.1:port/",
-               "http://127.0.0.1/a b", "127.0.0.1:7004", ""]
-    for url in refused:
+    refused = {"http://192.0.2.7:7004/hook": 403, "https://example.org/hook": 403, "http://127.0.0.2/hook": 403,
+               "ftp://127.0.0.1/hook": 400, "http://user:pw@127.0.0.1/hook": 400, "http://127.0.0.1:port/": 400,
+               "http://127.0.0.1/a b": 400, "127.0.0.1:7004": 400, "": 400}
+    for url, status in refused.items():
         with pytest.raises(WebhookRefused) as caught:
             await webhooks.subscribe("logger", ROOM, url, ["m.room.message"])
-        assert "pw" not in str(caught.value)
+        assert "pw" not in str(caught.value) and caught.value.status == status
     assert await store.webhook_subscriptions() == []
     for url in ("http://[::1]:7004/hook", "https://LOCALHOST/hook", "http://127.0.0.1/hook"):
         await webhooks.subscribe("logger", ROOM, url, ["m.room.message"])
@@ -259,8 +259,9 @@ async def test_subscriptions_and_the_queue_have_a_per_service_share_and_a_total(
     url = "http://127.0.0.1:9/hook"
     first = await webhooks.subscribe("logger", ROOM, url, ["m.room.message"])
     await webhooks.subscribe("logger", "!b:test.local", url, ["m.room.message"])
-    with pytest.raises(WebhookRefused, match="of this service"):
+    with pytest.raises(WebhookRefused, match="of this service") as caught:
         await webhooks.subscribe("logger", ROOM, url, ["m.room.message"])
+    assert caught.value.status == 429
     await webhooks.subscribe("alerts", ROOM, url, ["m.room.message"])
     with pytest.raises(WebhookRefused, match="too many webhook subscriptions$"):
         await webhooks.subscribe("alerts", ROOM, url, ["m.room.message"])  # the total
