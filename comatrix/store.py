@@ -47,12 +47,21 @@ In application-service mode (`comatrix.appservice`): the id of the last
 transaction handled (a retried one is answered without being handled again)
 and the ids of the last `EVENTS_REMEMBERED` events pushed, so an event in two
 transactions (before and after a restart) reaches nobody twice.
+
+Webhooks of the internal HTTP API (`comatrix.webhooks`): the subscriptions
+(service, room, URL, event types), the delivery queue (one row per
+subscription and event, with the exact body to POST and the attempts made so
+far; a row goes when the receiver took it, so a delivery pending at a stop is
+made after the start), the dead letters (deliveries given up, the newest
+`DEAD_LETTERS_KEPT` per service), and per service the /sync position of its
+event loop in token mode.  The caps are checked in the transaction that writes.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import sqlite3
 from typing import Any, Iterable, Sequence
@@ -64,8 +73,9 @@ from comatrix.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DB_FILENAME", "MESSAGES_KEPT", "RECORDS_CACHED", "SYNC_POSITIONS_KEPT", "RoomRecord", "SessionRecord",
-           "SessionUsage", "Store", "StoredMessage", "SyncPosition"]
+__all__ = ["DB_FILENAME", "DEAD_LETTERS_KEPT", "MESSAGES_KEPT", "RECORDS_CACHED", "SYNC_POSITIONS_KEPT", "DeadLetter",
+           "PendingDelivery", "RoomRecord", "SessionRecord", "SessionUsage", "Store", "StoredMessage", "SyncPosition",
+           "WebhookSubscription"]
 
 DB_FILENAME = "comatrix.sqlite3"
 #: Numbered messages kept per (session, room handle); older cursors fall out of the window.
@@ -74,6 +84,8 @@ MESSAGES_KEPT = 64
 SYNC_POSITIONS_KEPT = 4096
 #: Event ids of application-service transactions remembered (to drop an event pushed twice).
 EVENTS_REMEMBERED = 20000
+#: Webhook dead letters kept per service (the oldest go first).
+DEAD_LETTERS_KEPT = 256
 #: Session and room records kept in the read cache (each), least recently used go first.
 RECORDS_CACHED = 4096
 
@@ -126,6 +138,36 @@ _SCHEMA = (
         access_token TEXT NOT NULL,
         updated REAL NOT NULL,
         PRIMARY KEY (user_id, device_id))""",
+    """CREATE TABLE IF NOT EXISTS webhook_subscriptions (
+        id TEXT PRIMARY KEY,
+        service TEXT NOT NULL,
+        room_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        event_types TEXT NOT NULL,
+        created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS webhook_deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        subscription_id TEXT NOT NULL,
+        service TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        body BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        UNIQUE (subscription_id, event_id))""",
+    """CREATE TABLE IF NOT EXISTS webhook_dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        subscription_id TEXT NOT NULL,
+        service TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        body BLOB NOT NULL,
+        attempts INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        failed REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS webhook_sync_positions (
+        service TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        position TEXT NOT NULL,
+        updated REAL NOT NULL)""",
 )
 
 
@@ -173,6 +215,41 @@ class SyncPosition:
 
     registration: bytes  # a fingerprint of the registration request, see comatrix.msc3079.resume
     position: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookSubscription:
+    id: str
+    service: str
+    room_id: str
+    url: str
+    event_types: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingDelivery:
+    """A queued webhook delivery: ``body`` is exactly what is POSTed (and signed)."""
+
+    id: int
+    subscription_id: str
+    service: str
+    event_id: str
+    body: bytes = dataclasses.field(repr=False)
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A webhook delivery given up after ``attempts`` attempts (0: never tried, e.g. the queue was full)."""
+
+    id: int
+    subscription_id: str
+    service: str
+    event_id: str
+    body: bytes = dataclasses.field(repr=False)
+    attempts: int
+    reason: str
+    failed: float
 
 
 def _prepare_file(path: str) -> None:
@@ -550,6 +627,140 @@ class Store:
         await self._pool.runOperation(
             "DELETE FROM device_tokens WHERE user_id = ? AND device_id = ? AND access_token = ?",
             (user_id, device_id, access_token))
+
+    # ------------------------------------------------------------------ webhooks
+
+    async def add_webhook_subscription(self, subscription: WebhookSubscription, now: float, per_service: int,
+                                       total: int) -> str | None:
+        """Record ``subscription`` unless a cap is reached; None, or which cap ("service", "total")."""
+        def insert(txn: Any) -> str | None:
+            txn.execute("SELECT COUNT(*) FROM webhook_subscriptions WHERE service = ?", (subscription.service,))
+            if int(txn.fetchone()[0]) >= per_service:
+                return "service"
+            txn.execute("SELECT COUNT(*) FROM webhook_subscriptions")
+            if int(txn.fetchone()[0]) >= total:
+                return "total"
+            txn.execute("INSERT INTO webhook_subscriptions (id, service, room_id, url, event_types, created)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (subscription.id, subscription.service, subscription.room_id, subscription.url,
+                         json.dumps(list(subscription.event_types)), now))
+            return None
+        refused: str | None = await self._pool.runInteraction(insert)
+        return refused
+
+    async def remove_webhook_subscription(self, service: str, subscription_id: str) -> bool:
+        """Drop the service's subscription and its queued deliveries; False if it has no such one."""
+        def delete(txn: Any) -> bool:
+            txn.execute("DELETE FROM webhook_subscriptions WHERE id = ? AND service = ?", (subscription_id, service))
+            if txn.rowcount == 0:
+                return False
+            txn.execute("DELETE FROM webhook_deliveries WHERE subscription_id = ?", (subscription_id,))
+            return True
+        return bool(await self._pool.runInteraction(delete))
+
+    async def webhook_subscriptions(self) -> list[WebhookSubscription]:
+        rows = await self._pool.runQuery(
+            "SELECT id, service, room_id, url, event_types FROM webhook_subscriptions ORDER BY created, id")
+        return [WebhookSubscription(row[0], row[1], row[2], row[3], tuple(json.loads(row[4]))) for row in rows]
+
+    async def enqueue_webhook_deliveries(self, deliveries: Sequence[tuple[str, str, str, bytes]], now: float,
+                                         per_service: int, total: int) -> tuple[set[str], list[str]]:
+        """Queue (subscription id, service, event id, body)s in one transaction.
+
+        A delivery queued already (same subscription and event) is not queued twice; one
+        for a subscription that is gone is dropped; one beyond the service's share or the
+        total goes to the dead letters at once.  Returns the subscription ids that got a
+        delivery, and the event ids dead-lettered for lack of room.
+        """
+        def write(txn: Any) -> tuple[set[str], list[str]]:
+            txn.execute("SELECT service, COUNT(*) FROM webhook_deliveries GROUP BY service")
+            held = {row[0]: int(row[1]) for row in txn.fetchall()}
+            queued = sum(held.values())
+            woken: set[str] = set()
+            overflow: list[str] = []
+            for subscription_id, service, event_id, body in deliveries:
+                txn.execute("SELECT EXISTS (SELECT 1 FROM webhook_subscriptions WHERE id = ?), EXISTS (SELECT 1 FROM"
+                            " webhook_deliveries WHERE subscription_id = ? AND event_id = ?)",
+                            (subscription_id, subscription_id, event_id))
+                subscribed, queued_already = txn.fetchone()
+                if not subscribed or queued_already:
+                    continue
+                if held.get(service, 0) >= per_service or queued >= total:
+                    overflow.append(event_id)
+                    txn.execute("INSERT INTO webhook_dead_letters (subscription_id, service, event_id, body, attempts,"
+                                " reason, failed) VALUES (?, ?, ?, ?, 0, 'queue full', ?)",
+                                (subscription_id, service, event_id, sqlite3.Binary(body), now))
+                    continue
+                txn.execute("INSERT INTO webhook_deliveries (subscription_id, service, event_id, body, created)"
+                            " VALUES (?, ?, ?, ?, ?)", (subscription_id, service, event_id, sqlite3.Binary(body), now))
+                held[service] = held.get(service, 0) + 1
+                queued += 1
+                woken.add(subscription_id)
+            if overflow:
+                _prune_dead_letters(txn, {service for _s, service, _e, _b in deliveries})
+            return woken, overflow
+        result: tuple[set[str], list[str]] = await self._pool.runInteraction(write)
+        return result
+
+    async def next_webhook_delivery(self, subscription_id: str) -> PendingDelivery | None:
+        """The subscription's oldest queued delivery."""
+        rows = await self._pool.runQuery(
+            "SELECT id, subscription_id, service, event_id, body, attempts FROM webhook_deliveries"
+            " WHERE subscription_id = ? ORDER BY id LIMIT 1", (subscription_id,))
+        return PendingDelivery(int(rows[0][0]), rows[0][1], rows[0][2], rows[0][3], bytes(rows[0][4]),
+                               int(rows[0][5])) if rows else None
+
+    async def webhook_backlog(self) -> set[str]:
+        """The subscriptions with queued deliveries."""
+        rows = await self._pool.runQuery("SELECT DISTINCT subscription_id FROM webhook_deliveries")
+        return {row[0] for row in rows}
+
+    async def webhook_delivered(self, delivery_id: int) -> None:
+        await self._pool.runOperation("DELETE FROM webhook_deliveries WHERE id = ?", (delivery_id,))
+
+    async def webhook_attempt_failed(self, delivery_id: int, attempts: int) -> None:
+        await self._pool.runOperation("UPDATE webhook_deliveries SET attempts = ? WHERE id = ?",
+                                      (attempts, delivery_id))
+
+    async def dead_letter_webhook_delivery(self, delivery: PendingDelivery, attempts: int, reason: str,
+                                           now: float) -> None:
+        """Move the delivery from the queue to the dead letters, in one transaction."""
+        def move(txn: Any) -> None:
+            txn.execute("DELETE FROM webhook_deliveries WHERE id = ?", (delivery.id,))
+            txn.execute("INSERT INTO webhook_dead_letters (subscription_id, service, event_id, body, attempts, reason,"
+                        " failed) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (delivery.subscription_id, delivery.service, delivery.event_id,
+                         sqlite3.Binary(delivery.body), attempts, reason, now))
+            _prune_dead_letters(txn, {delivery.service})
+        await self._pool.runInteraction(move)
+
+    async def webhook_dead_letters(self, service: str | None = None, limit: int = DEAD_LETTERS_KEPT) -> list[DeadLetter]:
+        """The newest dead letters (of ``service``, else of all), newest first."""
+        where, args = ("WHERE service = ?", (service,)) if service is not None else ("", ())
+        rows = await self._pool.runQuery(
+            "SELECT id, subscription_id, service, event_id, body, attempts, reason, failed FROM webhook_dead_letters"
+            f" {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [DeadLetter(int(r[0]), r[1], r[2], r[3], bytes(r[4]), int(r[5]), r[6], float(r[7])) for r in rows]
+
+    async def webhook_sync_position(self, service: str, user_id: str) -> str | None:
+        """Where the service's /sync loop got to, if it was syncing as ``user_id``."""
+        rows = await self._pool.runQuery(
+            "SELECT position FROM webhook_sync_positions WHERE service = ? AND user_id = ?", (service, user_id))
+        return str(rows[0][0]) if rows else None
+
+    async def save_webhook_sync_position(self, service: str, user_id: str, position: str, now: float) -> None:
+        await self._pool.runOperation(
+            "INSERT OR REPLACE INTO webhook_sync_positions (service, user_id, position, updated) VALUES (?, ?, ?, ?)",
+            (service, user_id, position, now))
+
+    async def forget_webhook_sync_position(self, service: str) -> None:
+        await self._pool.runOperation("DELETE FROM webhook_sync_positions WHERE service = ?", (service,))
+
+
+def _prune_dead_letters(txn: Any, services: Iterable[str], keep: int = DEAD_LETTERS_KEPT) -> None:
+    for service in services:
+        txn.execute("DELETE FROM webhook_dead_letters WHERE service = ? AND id NOT IN (SELECT id FROM"
+                    " webhook_dead_letters WHERE service = ? ORDER BY id DESC LIMIT ?)", (service, service, keep))
 
 
 def _cache_get(cache: "collections.OrderedDict[Any, Any]", key: Any) -> Any:
