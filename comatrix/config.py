@@ -163,6 +163,70 @@ MIN_SERVICE_TOKEN = 16
 
 
 @dataclasses.dataclass(frozen=True)
+class WebhookSettings:
+    """The webhook keys of ``[http_api]`` (`WEBHOOK_KEYS`; used by `comatrix.webhooks`)."""
+
+    #: Deadline of one delivery attempt (connect + request + answer), milliseconds.
+    webhook_timeout_ms: int = 5000
+    #: Destination hosts a subscription URL may name, literally (IPv6 without brackets).
+    webhook_hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
+    #: Retries after a failed first attempt; the delay before the n-th is webhook_backoff * 2**(n-1) s.
+    webhook_retries: int = 3
+    webhook_backoff: float = 1.0
+    max_subscriptions_per_service: int = 64
+    max_subscriptions: int = 1024
+    #: Deliveries queued (not yet taken by their receiver) of one service, and in all.
+    max_deliveries_per_service: int = 10000
+    max_deliveries: int = 100000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.webhook_timeout_ms <= 600_000:
+            raise ValueError("webhook_timeout_ms must be between 1 and 600000")
+        if not self.webhook_hosts or not all(isinstance(h, str) and h and h == h.lower().strip("[]")
+                                             for h in self.webhook_hosts):
+            raise ValueError("webhook_hosts must be a non-empty list of lower-case host names or addresses")
+        if not 0 <= self.webhook_retries <= 10:
+            raise ValueError("webhook_retries must be between 0 and 10")
+        if not 0 < self.webhook_backoff <= 3600:
+            raise ValueError("webhook_backoff must be positive (at most 3600 s)")
+        if not 1 <= self.max_subscriptions_per_service <= self.max_subscriptions:
+            raise ValueError("max_subscriptions_per_service must be between 1 and max_subscriptions")
+        if not 1 <= self.max_deliveries_per_service <= self.max_deliveries:
+            raise ValueError("max_deliveries_per_service must be between 1 and max_deliveries")
+
+    @property
+    def timeout(self) -> float:
+        return self.webhook_timeout_ms / 1000.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds before the retry that follows the ``failures``-th failed attempt."""
+        return float(self.webhook_backoff * 2 ** (failures - 1))
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> "WebhookSettings":
+        """Settings from the `WEBHOOK_KEYS` of an ``[http_api]`` table (others ignored); ValueError names the key."""
+        values: dict[str, Any] = {}
+        for key in WEBHOOK_KEYS:
+            if key not in table:
+                continue
+            value, default = table[key], getattr(cls, key)
+            if key == "webhook_hosts":
+                if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                    raise ValueError("webhook_hosts must be a list of host names or addresses")
+                values[key] = tuple(item.lower().strip("[]") for item in value)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key} must be a number")
+            elif isinstance(default, int) and value != int(value):
+                raise ValueError(f"{key} must be an integer")
+            else:
+                values[key] = type(default)(value)
+        return cls(**values)
+
+
+WEBHOOK_KEYS = tuple(field.name for field in dataclasses.fields(WebhookSettings))
+
+
+@dataclasses.dataclass(frozen=True)
 class HttpApiSettings:
     """The ``[http_api]`` table: the internal HTTP/JSON API for services on the border router."""
 
@@ -173,6 +237,7 @@ class HttpApiSettings:
     max_body_bytes: int = 10 * 1024 * 1024
     #: Synapse's registration shared secret, for ``register-user`` (None: that endpoint answers 501).
     registration_shared_secret_file: str | None = None
+    webhooks: WebhookSettings = WebhookSettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,9 +678,14 @@ def _ip_address(table: Mapping[str, Any], key: str, where: str) -> str:
 def _http_api_settings(table: Any) -> HttpApiSettings:
     if not isinstance(table, dict):
         raise ConfigError("[http_api] must be a table")
-    unknown = sorted(set(table) - {field.name for field in dataclasses.fields(HttpApiSettings)})
+    unknown = sorted(set(table) - {field.name for field in dataclasses.fields(HttpApiSettings)}
+                     - {"webhooks"} - set(WEBHOOK_KEYS))
     if unknown:
         raise ConfigError(f"[http_api]: unknown key(s) {', '.join(unknown)}")
+    try:
+        webhooks = WebhookSettings.from_table(table)
+    except ValueError as exc:
+        raise ConfigError(f"[http_api]: {exc}") from None
     kwargs: dict[str, Any] = {}
     if "enabled" in table:
         if not isinstance(table["enabled"], bool):
@@ -633,7 +703,7 @@ def _http_api_settings(table: Any) -> HttpApiSettings:
             raise ConfigError("[http_api] max_body_bytes must be at least 1024")
     if "registration_shared_secret_file" in table:
         kwargs["registration_shared_secret_file"] = _string(table, "registration_shared_secret_file")
-    return HttpApiSettings(**kwargs)
+    return HttpApiSettings(webhooks=webhooks, **kwargs)
 
 
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

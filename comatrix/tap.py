@@ -53,7 +53,9 @@ from comatrix.appservice.registration import Registration, load_registration
 from comatrix.appservice.server import AppserviceResource
 from comatrix.appservice.stream import EventStream
 from comatrix.http_api.endpoints import Endpoints
+from comatrix.http_api.feeds import ServiceTokens, start_feeds
 from comatrix.http_api.server import InternalApi
+from comatrix.webhooks import ServiceEvents, Webhooks
 from twisted.web import server as web_server
 
 log = get_logger("comatrix")
@@ -365,8 +367,20 @@ def listen_http_api(config: Config, context: PluginContext, registration: Regist
         return None
     if not config.services:
         log.warn("[http_api] is enabled but no [[services]] are configured: every request is answered 401")
+    assert context.store is not None
+    services = {service.name: service for service in config.services}
+    webhooks = Webhooks(context.store, reactor, settings.webhooks,
+                        lambda name: services[name].token.encode("utf-8") if name in services else None)
+    tokens = ServiceTokens(config.services, context.credentials)
+    service_events = (ServiceEvents(webhooks, long_poller(context), reactor, tokens)
+                      if context.events is None else None)
     endpoints = Endpoints(context.matrix, context.credentials, settings, long_poller(context), reactor,
-                          registration)
+                          registration, webhooks, (tokens, service_events) if service_events else None)
+    reactor.callWhenRunning(lambda: start_feeds(webhooks, context.events, tokens, service_events).addErrback(
+        lambda failure: log.failure("Could not start webhook deliveries", failure)))
+    reactor.addSystemEventTrigger("before", "shutdown", webhooks.stop)
+    if service_events is not None:
+        reactor.addSystemEventTrigger("before", "shutdown", service_events.stop)
     api = InternalApi(config.services, endpoints, settings, reactor)
     port = _listen(lambda: reactor.listenTCP(settings.port, _QuietSite(api), interface=settings.bind),
                    settings.bind, settings.port)

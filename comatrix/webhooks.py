@@ -74,6 +74,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 
 from comatrix.coap.errors import ServiceUnavailable
+from comatrix.config import WEBHOOK_KEYS, WebhookSettings
 from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, Lease, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
@@ -110,68 +111,6 @@ class WebhookRefused(ValueError):
         self.status = status
 
 
-@dataclasses.dataclass(frozen=True)
-class WebhookSettings:
-    """The webhook keys of ``[http_api]`` (`WEBHOOK_KEYS`)."""
-
-    #: Deadline of one delivery attempt (connect + request + answer), milliseconds.
-    webhook_timeout_ms: int = 5000
-    #: Destination hosts a subscription URL may name, literally (IPv6 without brackets).
-    webhook_hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
-    #: Retries after a failed first attempt; the delay before the n-th is webhook_backoff * 2**(n-1) s.
-    webhook_retries: int = 3
-    webhook_backoff: float = 1.0
-    max_subscriptions_per_service: int = 64
-    max_subscriptions: int = 1024
-    #: Deliveries queued (not yet taken by their receiver) of one service, and in all.
-    max_deliveries_per_service: int = 10000
-    max_deliveries: int = 100000
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.webhook_timeout_ms <= 600_000:
-            raise ValueError("webhook_timeout_ms must be between 1 and 600000")
-        if not self.webhook_hosts or not all(isinstance(h, str) and h and h == h.lower().strip("[]")
-                                             for h in self.webhook_hosts):
-            raise ValueError("webhook_hosts must be a non-empty list of lower-case host names or addresses")
-        if not 0 <= self.webhook_retries <= 10:
-            raise ValueError("webhook_retries must be between 0 and 10")
-        if not 0 < self.webhook_backoff <= 3600:
-            raise ValueError("webhook_backoff must be positive (at most 3600 s)")
-        if not 1 <= self.max_subscriptions_per_service <= self.max_subscriptions:
-            raise ValueError("max_subscriptions_per_service must be between 1 and max_subscriptions")
-        if not 1 <= self.max_deliveries_per_service <= self.max_deliveries:
-            raise ValueError("max_deliveries_per_service must be between 1 and max_deliveries")
-
-    @property
-    def timeout(self) -> float:
-        return self.webhook_timeout_ms / 1000.0
-
-    def delay(self, failures: int) -> float:
-        """Seconds before the retry that follows the ``failures``-th failed attempt."""
-        return float(self.webhook_backoff * 2 ** (failures - 1))
-
-    @classmethod
-    def from_table(cls, table: Mapping[str, Any]) -> "WebhookSettings":
-        """Settings from the `WEBHOOK_KEYS` of an ``[http_api]`` table (others ignored); ValueError names the key."""
-        values: dict[str, Any] = {}
-        for key in WEBHOOK_KEYS:
-            if key not in table:
-                continue
-            value, default = table[key], getattr(cls, key)
-            if key == "webhook_hosts":
-                if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                    raise ValueError("webhook_hosts must be a list of host names or addresses")
-                values[key] = tuple(item.lower().strip("[]") for item in value)
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{key} must be a number")
-            elif isinstance(default, int) and value != int(value):
-                raise ValueError(f"{key} must be an integer")
-            else:
-                values[key] = type(default)(value)
-        return cls(**values)
-
-
-WEBHOOK_KEYS = tuple(field.name for field in dataclasses.fields(WebhookSettings))
 
 
 def signature(secret: bytes, body: bytes) -> str:

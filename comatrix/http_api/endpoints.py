@@ -16,7 +16,7 @@ import email.parser
 import email.policy
 import hashlib
 import secrets
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, TypeVar
 
 from twisted.internet import threads
 
@@ -30,6 +30,10 @@ from comatrix.longpoll import DEADLINE_MARGIN, LongPoller
 from comatrix.matrix import api
 from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.errors import MatrixError
+from comatrix.webhooks import ServiceEvents, WebhookRefused, Webhooks
+
+if TYPE_CHECKING:
+    from comatrix.http_api.feeds import ServiceTokens
 
 __all__ = ["Call", "Endpoints", "MAX_SYNC_TIMEOUT_MS", "MESSAGE_TYPES"]
 
@@ -69,7 +73,10 @@ class Endpoints:
 
     def __init__(self, matrix: MatrixClient, credentials: Credentials, settings: HttpApiSettings,
                  long_polls: LongPoller, reactor: Any, registration: Registration | None = None,
-                 webhooks: Any = None) -> None:
+                 webhooks: "Webhooks | None" = None, feeds: "tuple[ServiceTokens, ServiceEvents] | None" = None,
+                 events: Any = None) -> None:
+        """``webhooks`` and, in token mode, ``feeds`` (the service logins and their /sync loops);
+        ``events``: the appservice event stream (a subscription there needs its user in the room)."""
         self.matrix = matrix
         self.credentials = credentials
         self.settings = settings
@@ -77,6 +84,7 @@ class Endpoints:
         self.reactor = reactor
         self.registration = registration
         self.webhooks = webhooks
+        self.feeds = feeds
 
     # -- acting -----------------------------------------------------------------------------
 
@@ -239,14 +247,21 @@ class Endpoints:
         if self.webhooks is None:
             raise ApiError(501, "M_UNRECOGNIZED", "webhooks are not available")
         room_id, url = call.text("room_id"), call.text("webhook_url")
+        assert room_id is not None and url is not None
         events = call.body.get("events", [])
         if not isinstance(events, list) or not all(isinstance(event, str) for event in events):
             raise ApiError(400, "M_BAD_JSON", "events must be a list of event types")
+        # Only rooms the service's user is in: the events it may read (one call, as that user).
+        joined = await self._as(call, None, lambda token: self.matrix.request(api.joined_rooms(token)))
+        if room_id not in (joined.get("joined_rooms") or []):
+            raise ApiError(403, "M_FORBIDDEN", "the service's user is not in that room")
+        if self.feeds is not None:
+            await self.feeds[0].ensure(call.service.name)  # its /sync loop acts with the service's login
         try:
-            subscription = await self.webhooks.subscribe(call.service.name, call.service.token.encode(),
-                                                         room_id, url, events)
-        except ValueError as exc:
-            raise ApiError(400, "M_INVALID_PARAM", str(exc)) from None
+            subscription = await self.webhooks.subscribe(call.service.name, room_id, url, events)
+        except WebhookRefused as exc:
+            raise ApiError(exc.status, "M_FORBIDDEN" if exc.status == 403 else
+                           "M_LIMIT_EXCEEDED" if exc.status == 429 else "M_INVALID_PARAM", str(exc)) from None
         return {"subscription_id": subscription}
 
     async def unsubscribe(self, call: Call) -> dict[str, Any]:

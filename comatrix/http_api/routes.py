@@ -91,7 +91,8 @@ ROUTES: tuple[Route, ...] = (
                  ("filter", False, _STR)),
           response=_object(("next_batch",), next_batch=_STR, rooms={"type": "object"})),
     Route("POST", ("webhook", "subscribe"), "subscribe", "Subscribe a URL to a room's events", request=_object(
-        ("room_id", "webhook_url"), room_id=_ROOM, webhook_url=_STR, events={"type": "array", "items": _STR}),
+        ("room_id", "webhook_url", "events"), room_id=_ROOM, webhook_url=_STR,
+        events={"type": "array", "items": _STR, "minItems": 1}),
         response=_object(("subscription_id",), subscription_id=_STR)),
     Route("DELETE", ("webhook", "subscribe", "{subscriptionId}"), "unsubscribe", "Unsubscribe",
           response=_STATUS),

@@ -4,8 +4,12 @@ against the OpenAPI document the gateway serves."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.server
 import json
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -255,3 +259,61 @@ def test_bad_bodies_and_the_per_service_rate_limit(api: Api) -> None:
     assert codes[:2] == [200, 200] and codes[2] == 429
     _status, _answer, headers = api.call("GET", "/sync?timeout=0", token=slow)
     assert int(headers["Retry-After"]) >= 1
+
+
+def test_webhooks_deliver_signed_events_until_unsubscribed(api: Api, synapse: SynapseServer,
+                                                           service_user: MatrixUser) -> None:
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        room_id = synapse.create_room(service_user.access_token)
+        hook = f"http://127.0.0.1:{server.server_address[1]}/hooks/matrix"
+        status, answer, _ = api.call("POST", "/webhook/subscribe", {"room_id": room_id, "webhook_url": hook,
+                                                                     "events": ["m.room.message"]})
+        assert status == 200, answer
+        subscription = answer["subscription_id"]
+        outside = synapse.create_room(synapse.make_user("stranger").access_token)
+        events = ["m.room.message"]
+        assert api.call("POST", "/webhook/subscribe", {"room_id": outside, "webhook_url": hook,
+                                                        "events": events})[0] == 403  # not the service's room
+        assert api.call("POST", "/webhook/subscribe", {"room_id": room_id, "webhook_url": "http://192.0.2.1/hook",
+                                                        "events": events})[0] == 403  # not an allowed host
+
+        # The service's /sync loop takes its position first: send until one message comes through.
+        deadline = time.monotonic() + 60
+        sent: dict[str, str] = {}
+        while not received:
+            assert time.monotonic() < deadline, "no webhook delivery"
+            body = f"webhook {secrets.token_hex(3)}"
+            sent[synapse.send_text(service_user.access_token, room_id, body)] = body
+            time.sleep(1)
+        headers, raw = received[0]
+        expected = "sha256=" + hmac.new(api.token.encode(), raw, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["x-comatrix-signature"], expected)
+        delivered = json.loads(raw)
+        assert delivered["subscription_id"] == subscription and delivered["room_id"] == room_id
+        assert delivered["event"]["event_id"] == headers["x-comatrix-event-id"]
+        assert sent[delivered["event"]["event_id"]] == delivered["event"]["content"]["body"]
+
+        status, answer, _ = api.call("DELETE", f"/webhook/subscribe/{subscription}")
+        assert status == 200 and answer == {"status": "unsubscribed"}
+        assert api.call("DELETE", f"/webhook/subscribe/{subscription}")[0] == 404
+        time.sleep(2)  # deliveries already queued may still arrive; none after this point
+        count = len(received)
+        synapse.send_text(service_user.access_token, room_id, "after unsubscribing")
+        time.sleep(3)
+        assert len(received) == count
+    finally:
+        server.shutdown()
