@@ -180,7 +180,7 @@ class Metrics:
         self.request_seconds.labels(form).observe(seconds)
         if code in ("4.29", "429"):
             self.too_many_requests.labels(form).inc()
-        elif code.startswith("5."):
+        elif code[:1] == "5":  # CoAP 5.0x, HTTP 5xx
             self.server_errors.labels(code).inc()
 
     def coap_request(self, request: Any, response: Any, elapsed_ms: float) -> None:
