@@ -273,6 +273,19 @@ class AppserviceSettings:
     port: int = DEFAULT_APPSERVICE_PORT
 
 
+#: ``[metrics] port`` when not configured (the usual port of Prometheus exporters of OpenTelemetry).
+DEFAULT_METRICS_PORT = 9464
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    """The ``[metrics]`` table: the Prometheus endpoint (`comatrix.metrics`), off unless enabled."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = DEFAULT_METRICS_PORT
+
+
 #: Longest PSK identity accepted (RFC 4279 allows 2^16-1; devices use a few bytes).
 MAX_PSK_IDENTITY = 128
 #: PSK lengths accepted: at least 128 bits, at most what OpenSSL's callback takes.
@@ -384,6 +397,7 @@ class Config:
     http_api: HttpApiSettings = HttpApiSettings()
     #: ``[[services]]``: who may use the HTTP API, each acting as its own Matrix user.
     services: tuple[ServiceCredentials, ...] = ()
+    metrics: MetricsSettings = MetricsSettings()
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -521,6 +535,8 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         kwargs["appservice"] = _appservice_settings(values["appservice"])
     if "http_api" in values:
         kwargs["http_api"] = _http_api_settings(values["http_api"])
+    if "metrics" in values:
+        kwargs["metrics"] = _metrics_settings(values["metrics"])
     for key in ("request_timeout", "connect_timeout", "shutdown_grace", "interface_wait", "alias_cache_ttl"):
         if key in values:
             number = _number(values, key)
@@ -666,15 +682,6 @@ def _check_edhoc_kids(devices: Iterable[DeviceCredentials]) -> None:
         seen.add(kid)
 
 
-def _ip_address(table: Mapping[str, Any], key: str, where: str) -> str:
-    value = _string(table, key)
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ConfigError(f"{where} {key} must be an IP address") from None
-    return value
-
-
 def _http_api_settings(table: Any) -> HttpApiSettings:
     if not isinstance(table, dict):
         raise ConfigError("[http_api] must be a table")
@@ -691,12 +698,7 @@ def _http_api_settings(table: Any) -> HttpApiSettings:
         if not isinstance(table["enabled"], bool):
             raise ConfigError("[http_api] enabled must be true or false")
         kwargs["enabled"] = table["enabled"]
-    if "bind" in table:
-        kwargs["bind"] = _ip_address(table, "bind", "[http_api]")
-    if "port" in table:
-        kwargs["port"] = _integer(table, "port")
-        if not 0 <= kwargs["port"] <= 65535:
-            raise ConfigError("[http_api] port must be between 0 and 65535")
+    kwargs["bind"], kwargs["port"] = _bind_and_port(table, "http_api", HttpApiSettings.bind, DEFAULT_HTTP_API_PORT)
     if "max_body_bytes" in table:
         kwargs["max_body_bytes"] = _integer(table, "max_body_bytes")
         if kwargs["max_body_bytes"] < 1024:
@@ -761,11 +763,34 @@ def _appservice_settings(table: Any) -> AppserviceSettings:
     registration = _string(table, "registration")
     if not registration:
         raise ConfigError("[appservice]: registration must name the registration file")
-    bind = _ip_address(table, "bind", "[appservice]") if "bind" in table else AppserviceSettings.bind
-    port = _integer(table, "port") if "port" in table else DEFAULT_APPSERVICE_PORT
-    if not 0 <= port <= 65535:
-        raise ConfigError("[appservice] port must be between 0 and 65535")
+    bind, port = _bind_and_port(table, "appservice", AppserviceSettings.bind, DEFAULT_APPSERVICE_PORT)
     return AppserviceSettings(registration=registration, bind=bind, port=port)
+
+
+def _metrics_settings(table: Any) -> MetricsSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[metrics] must be a table")
+    unknown = sorted(set(table) - {"enabled", "bind", "port"})
+    if unknown:
+        raise ConfigError(f"[metrics]: unknown key(s) {', '.join(unknown)}")
+    enabled = table.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError("[metrics] enabled must be true or false")
+    bind, port = _bind_and_port(table, "metrics", MetricsSettings.bind, DEFAULT_METRICS_PORT)
+    return MetricsSettings(enabled=enabled, bind=bind, port=port)
+
+
+def _bind_and_port(table: Mapping[str, Any], section: str, bind: str, port: int) -> tuple[str, int]:
+    """A listener's ``bind`` (an IP address) and ``port`` (0-65535) in ``[section]``, else the defaults."""
+    bind = _string(table, "bind") if "bind" in table else bind
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        raise ConfigError(f"[{section}] bind must be an IP address") from None
+    port = _integer(table, "port") if "port" in table else port
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"[{section}] port must be between 0 and 65535")
+    return bind, port
 
 
 _INVITER = re.compile(r"\*|\*:[^\s:]+(:[0-9]+)?|@[^\s:]+:[^\s:]+(:[0-9]+)?")

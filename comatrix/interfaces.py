@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from comatrix.appservice.stream import EventStream
     from comatrix.config import Config
     from comatrix.credentials import Credentials
+    from comatrix.metrics import Metrics
     from comatrix.matrix.client import MatrixClient
     from comatrix.store import Store
 
@@ -82,3 +83,6 @@ class PluginContext:
     #: Application-service mode: the one stream of new events (``events.subscribe(listener)``
     #: calls ``listener(room_id, events)`` for every room with news); None in the other modes.
     events: "EventStream | None" = None
+    #: The gateway's Prometheus metrics (`comatrix.metrics`): record webhook deliveries, requests of
+    #: other faces...; None when ``[metrics] enabled`` is false, and everything must work without it.
+    metrics: "Metrics | None" = None

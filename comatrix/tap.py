@@ -37,6 +37,7 @@ from comatrix.errors import error_response
 from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
 from comatrix.longpoll import long_poller
+from comatrix.metrics import Metrics, instrument, serve as serve_metrics
 from comatrix.matrix.client import MatrixClient
 from comatrix.msc3079.translate import VERSIONS_PATHS
 from comatrix.protection import SecurityPolicy
@@ -214,6 +215,32 @@ def _log_request(request: Request, response: Response, elapsed_ms: float) -> Non
              ms=elapsed_ms)
 
 
+def _response_hook(metrics: Metrics | None) -> Callable[[Request, Response, float], None]:
+    """The CoAP server's ``on_response``: the access-log line, and the request counted when metrics are on."""
+    if metrics is None:
+        return _log_request
+
+    def hook(request: Request, response: Response, elapsed_ms: float) -> None:
+        _log_request(request, response, elapsed_ms)
+        metrics.coap_request(request, response, elapsed_ms)
+    return hook
+
+
+def listen_metrics(config: Config, metrics: Metrics, reactor: Any) -> IListeningPort:
+    """``GET /metrics`` on ``[metrics] bind``:``port`` until shutdown; a port in use ends the process."""
+    settings = config.metrics
+    port = _listen(lambda: serve_metrics(metrics, settings.bind, settings.port, reactor), settings.bind, settings.port)
+    reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
+    host = settings.bind if ":" not in settings.bind else f"[{settings.bind}]"
+    where = f"http://{host}:{getattr(port.getHost(), 'port', settings.port)}/metrics"
+    if ipaddress.ip_address(settings.bind).is_loopback:
+        log.info("Prometheus metrics on {where}", where=where)
+    else:
+        log.warn("Prometheus metrics on {where}: reachable beyond this host ([metrics] bind is not "
+                 "a loopback address); they show traffic, devices and limits", where=where)
+    return port
+
+
 def device_key(request: Request) -> str:
     """Whose share of the CoAP layer's observers and uploads a request counts against: its device."""
     return device_of(request).key
@@ -381,7 +408,8 @@ def listen_http_api(config: Config, context: PluginContext, registration: Regist
     reactor.addSystemEventTrigger("before", "shutdown", webhooks.stop)
     if service_events is not None:
         reactor.addSystemEventTrigger("before", "shutdown", service_events.stop)
-    api = InternalApi(config.services, endpoints, settings, reactor)
+    webhooks.metrics = context.metrics
+    api = InternalApi(config.services, endpoints, settings, reactor, context.metrics)
     port = _listen(lambda: reactor.listenTCP(settings.port, _QuietSite(api), interface=settings.bind),
                    settings.bind, settings.port)
     if not ipaddress.ip_address(settings.bind).is_loopback:
@@ -416,12 +444,14 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     store = Store.for_state_dir(config.state_dir, reactor)
     credentials = Credentials(config.devices, matrix, store, [entry.as_device() for entry in config.services])
     appservice = build_appservice(config, credentials, matrix, store, reactor)
+    metrics = Metrics() if config.metrics.enabled else None
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store,
-                            events=appservice[1] if appservice is not None else None)
-    long_poller(context)  # sized to the open-file limit now, and logged, whatever plugins use it
+                            events=appservice[1] if appservice is not None else None, metrics=metrics)
+    long_polls = long_poller(context)  # sized to the open-file limit now, and logged, whatever plugins use it
     site = build_site(plugins, context, error_response)
-    install(site, Admission(limits, reactor))
+    admission = Admission(limits, reactor)
+    install(site, admission)
     policy = SecurityPolicy(config.security)
     oscore = build_oscore(config.devices, config.state_dir, reactor) if policy.secured_ways_in else None
     if oscore is None and any(device.oscore is not None for device in config.devices):
@@ -431,7 +461,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     def coap_server(protection: MessageProtection | None = None) -> CoapServer:
         return CoapServer(site, config.coap_settings(), reactor=reactor,
                           understood_options=frozenset({ACCESS_TOKEN_OPTION, KEY_TABLE_VERSION_OPTION}),
-                          on_response=_log_request, guard=policy.check, peer_key=device_key,
+                          on_response=_response_hook(metrics), guard=policy.check, peer_key=device_key,
                           protection=protection, discovery_paths=(*VERSIONS_PATHS, EDHOC_PATH))
 
     server = coap_server(oscore)
@@ -445,6 +475,11 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                                                          address, dtls_port, reactor=reactor),
                                      address, dtls_port))
     policy.announce(log)
+    if metrics is not None:
+        instrument(metrics, config=config, site=site, admission=admission, limiter=limiter, transport=transport,
+                   servers=lambda: [server] + ([dtls[0]] if dtls is not None else []),
+                   long_polls=long_polls, store=store, reactor=reactor)
+        listen_metrics(config, metrics, reactor)
     appservice_port = (listen_appservice(config, *appservice, credentials, reactor)
                        if appservice is not None else None)
     http_api_port = listen_http_api(config, context, appservice[0] if appservice is not None else None, reactor)

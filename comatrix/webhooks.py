@@ -265,6 +265,8 @@ class Webhooks:
         self._slots = defer.DeferredSemaphore(MAX_IN_FLIGHT)
         self._listeners: list[Callable[[str], None]] = []
         #: Deliveries made, retried and given up since start (for logs, metrics and tests).
+        #: Where outcomes are counted (`comatrix.metrics.Metrics`), None when metrics are off.
+        self.metrics: Any = None
         self.delivered = 0
         self.retried = 0
         self.dead = 0
@@ -297,6 +299,11 @@ class Webhooks:
             self._changed(service)
         for subscription_id in backlog:
             self._wake(subscription_id)
+
+    def _observe(self, outcome: str) -> None:
+        """Tell the metrics (``webhook_delivered``, ``webhook_retried``, ``webhook_dead_lettered``), if any."""
+        if self.metrics is not None:
+            getattr(self.metrics, f"webhook_{outcome}")()
 
     def stop(self) -> None:
         """Stop delivering (what is queued stays queued for the next start)."""
@@ -389,6 +396,8 @@ class Webhooks:
             rows, self.reactor.seconds(), self.settings.max_deliveries_per_service, self.settings.max_deliveries)
         if overflow:
             self.dead += len(overflow)
+            for _ in overflow:
+                self._observe("dead_lettered")
             log.warn("Webhook queue full: {count} event(s) of {room} went to the dead letters",
                      count=len(overflow), room=room_id)
         for subscription_id in woken:
@@ -436,6 +445,7 @@ class Webhooks:
         if problem is None:
             await self.store.webhook_delivered(delivery.id)
             self.delivered += 1
+            self._observe("delivered")
             log.debug("Webhook {id}: event {event} delivered (attempt {n})", id=subscription.id,
                       event=delivery.event_id, n=attempt)
             return
@@ -444,6 +454,7 @@ class Webhooks:
             return
         await self.store.webhook_attempt_failed(delivery.id, attempt)
         self.retried += 1
+        self._observe("retried")
         delay = self.settings.delay(attempt)
         log.info("Webhook {id}: event {event} not delivered ({problem}); retry {n} of {retries} in {delay:g} s",
                  id=subscription.id, event=delivery.event_id, problem=problem, n=attempt,
@@ -472,6 +483,7 @@ class Webhooks:
     async def _give_up(self, delivery: PendingDelivery, attempts: int, reason: str) -> None:
         await self.store.dead_letter_webhook_delivery(delivery, attempts, reason, self.reactor.seconds())
         self.dead += 1
+        self._observe("dead_lettered")
         log.warn("Webhook {id} of {service}: event {event} given up after {attempts} attempt(s) ({reason}); "
                  "kept in the dead letters", id=delivery.subscription_id, service=delivery.service,
                  event=delivery.event_id, attempts=attempts, reason=reason)

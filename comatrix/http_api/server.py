@@ -42,8 +42,10 @@ class InternalApi(resource.Resource):
     isLeaf = True
 
     def __init__(self, services: Sequence[ServiceCredentials], endpoints: Endpoints,
-                 settings: HttpApiSettings, clock: Any) -> None:
+                 settings: HttpApiSettings, clock: Any, metrics: Any = None) -> None:
+        """``metrics``: counts each answer as form ``http_api`` (`comatrix.metrics.Metrics`), or None."""
         super().__init__()
+        self._metrics = metrics
         self._services = [(service.token.encode("utf-8"), service) for service in services]
         self._endpoints = endpoints
         self._settings = settings
@@ -52,15 +54,22 @@ class InternalApi(resource.Resource):
                          for service in services if service.rate > 0}
 
     def render(self, request: IRequest) -> Any:
+        started = self._clock.seconds()
         try:
             route, call = self._prepare(request)
         except ApiError as error:
+            self._count("other", error.status, started)
             return _answer(request, error)
         handler = getattr(self._endpoints, route.handler)
         running = defer.ensureDeferred(handler(call))
         running.addCallbacks(lambda body: _finish(request, 200, body, {}),
                              lambda failure: _failed(request, failure, route))
+        running.addBoth(lambda status: self._count(route.path, status, started))
         return server.NOT_DONE_YET
+
+    def _count(self, resource: str, status: Any, started: float) -> None:
+        if self._metrics is not None and isinstance(status, int):
+            self._metrics.request(resource, "http_api", str(status), self._clock.seconds() - started)
 
     def _prepare(self, request: IRequest) -> tuple[Route, Call]:
         segments = tuple(unquote(segment.decode("ascii", "replace")) for segment in request.path.split(b"/")[1:])
@@ -129,16 +138,17 @@ def _encode(request: IRequest, status: int, body: Any, headers: dict[str, str]) 
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
-def _finish(request: IRequest, status: int, body: Any, headers: dict[str, str]) -> None:
-    if getattr(request, "_disconnected", False):
-        return
-    request.write(_encode(request, status, body, headers))
-    request.finish()
+def _finish(request: IRequest, status: int, body: Any, headers: dict[str, str]) -> int:
+    """Answer (unless the client went away); the status, for the metrics."""
+    if not getattr(request, "_disconnected", False):
+        request.write(_encode(request, status, body, headers))
+        request.finish()
+    return status
 
 
-def _failed(request: IRequest, failure: Failure, route: Route) -> None:
+def _failed(request: IRequest, failure: Failure, route: Route) -> int:
     answer = answer_for(failure.value)
     if answer is None:
         log.failure("HTTP API {method} {path} failed", failure, method=route.method, path=route.path)
         answer = (500, {"error": "INTERNAL_ERROR", "message": "internal error"}, {})
-    _finish(request, *answer)
+    return _finish(request, *answer)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from http.cookiejar import CookieJar
-from typing import Any, Protocol as TypingProtocol, cast
+from typing import Any, Callable, Protocol as TypingProtocol, cast
 
 from zope.interface import implementer
 
@@ -281,6 +281,8 @@ class MatrixTransport:
             http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent), cookiejar=cast(Any, _NoCookies()),
                                                           data_to_body_producer=_BytesBody))
         self._client: HttpClientLike = http_client
+        #: Called with (seconds, answer or Failure) as each call ends (`comatrix.metrics`); None: off.
+        self.on_answer: Callable[[float, Any], None] | None = None
 
     def request(self, req: MatrixRequest) -> "Deferred[tuple[int, dict[str, Any]]]":
         """Send ``req`` for the current device; fire with ``(status, json_object)`` on 2xx, else fail typed.
@@ -377,7 +379,16 @@ class MatrixTransport:
         d.addCallback(read)
         d.addBoth(stop_timer)
         d.addErrback(translate)
+        if self.on_answer is not None:
+            d.addBoth(self._report, self.on_answer, started)
         return d
+
+    def _report(self, result: Any, on_answer: Callable[[float, Any], None], started: float) -> Any:
+        try:
+            on_answer(self._reactor.seconds() - started, result)
+        except Exception:
+            log.failure("on_answer hook raised")
+        return result
 
     def _forwarded(self, device: Device | None) -> dict[bytes, list[bytes]]:
         """``X-Forwarded-For`` naming the device, so the homeserver's per-IP limits apply per device.
