@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 from support import free_port
+from support.coap_clients import libcoap
 from support.gateway import GatewayProcess
 from support.secrets import remember
 from support.synapse import MatrixUser, SynapseServer, SynapseHTTPError
@@ -91,9 +92,18 @@ def test_doctor_all_ok_against_a_running_gateway(make_gateway: Callable[..., Gat
                      f"device {walker.user_id} (127.0.0.3/32)", f"device {keyed.user_id} (dtls:doc-psk)",
                      "interface", "coap port", "dtls port", "state dir"]
     assert f"the gateway answers on udp 127.0.0.1:{port}" in done.stdout
-    assert "password not checked" in done.stdout
+    assert f"device {walker.user_id} (127.0.0.3/32): user exists (password not checked" in done.stdout
     for secret in (holder.access_token, walker.password, keyed.access_token, psk):
         assert secret not in done.stdout + done.stderr
+
+    # Once the gateway has logged in for the password entry (a request from its address),
+    # doctor checks the token it kept, still without logging in itself.
+    answer = libcoap("get", f"coap://127.0.0.1:{port}/_matrix/client/v3/account/whoami",
+                     extra_args=["-a", "127.0.0.3"])
+    assert answer.code == "2.05", answer
+    again = comatrixctl(config, "doctor")
+    assert again.returncode == 0, again.stdout
+    assert f"OK   device {walker.user_id} (127.0.0.3/32): kept login token valid ({walker.user_id})" in again.stdout
 
 
 def test_doctor_fails_for_a_homeserver_that_is_not_there(synapse_user: Callable[..., MatrixUser],

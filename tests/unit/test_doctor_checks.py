@@ -256,10 +256,19 @@ def test_generated_passwords_are_long_and_fresh() -> None:
     assert first != second and len(first) >= 32
 
 
-def test_register_user_unreachable_is_one_line(tmp_path: Path) -> None:
+def test_register_user_unreachable_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     secret = _write(tmp_path / "secret", "s3cret\n", 0o600)
     config = _write(tmp_path / "comatrix.toml", 'homeserver = "http://127.0.0.1:1"\n', 0o644)
     out = io.StringIO()
     status = main(["--config", str(config), "register-user", "sensor01", "--shared-secret-file", str(secret)],
                   out=out)
     assert status == 1 and out.getvalue() == ""
+    error = capsys.readouterr().err
+    assert error.startswith("comatrixctl: cannot reach the homeserver at http://127.0.0.1:1")
+    assert error.count("\n") == 1 and "s3cret" not in error
+
+
+def test_register_user_takes_one_secret_from_stdin_only(tmp_path: Path) -> None:
+    config = _write(tmp_path / "comatrix.toml", 'homeserver = "http://127.0.0.1:1"\n', 0o644)
+    assert main(["--config", str(config), "register-user", "s1", "--password-file", "-",
+                 "--shared-secret-file", "-"], out=io.StringIO()) == 2
