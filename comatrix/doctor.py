@@ -337,8 +337,14 @@ def kept_token(state_dir: str | None, device: DeviceCredentials) -> str | None:
     path = Path(state_dir) / DB_FILENAME
     if not path.is_file():
         return None
+    # A read-only connection to a WAL database whose -wal/-shm files are gone (no gateway running)
+    # creates them, owned by whoever runs doctor (root): the gateway could then not open its own
+    # database.  Without them the database is whole (checkpointed at the last close) and is read
+    # as immutable, which creates nothing; with them (a gateway running) it is read through them.
+    running = all(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-shm"))
+    uri = f"file:{urllib.parse.quote(str(path))}?{'mode=ro' if running else 'immutable=1'}"
     try:
-        connection = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=1.0)
+        connection = sqlite3.connect(uri, uri=True, timeout=1.0)
         try:
             row = connection.execute("SELECT access_token FROM device_tokens WHERE user_id = ? AND device_id = ?",
                                      (device.user, device.login_device_id)).fetchone()
@@ -368,17 +374,17 @@ def _raw_values(path: Path) -> tuple[dict[str, Any], int] | None:
 
 def check_file_modes(config_path: Path) -> list[Check]:
     """Every file that may hold a secret, read raw: they are checked even when the config does not load."""
-    files = [config_path]
-    for directory in ("conf.d", DEVICES_DIR):
-        folder = config_path.parent / directory
-        files += sorted(folder.glob("*.toml")) if folder.is_dir() else []
+    conf_d, devices_d = (config_path.parent / name for name in ("conf.d", DEVICES_DIR))
+    settings = [config_path] + (sorted(conf_d.glob("*.toml")) if conf_d.is_dir() else [])
+    files = settings + (sorted(devices_d.glob("*.toml")) if devices_d.is_dir() else [])
     problems, merged = [], {}
     for path in files:
         found = _raw_values(path)
         if found is None:
             continue
         values, mode = found
-        merged.update({key: value for key, value in values.items() if key in ("credentials_file", "appservice")})
+        if path in settings:  # as the loader: devices.d files give [[devices]] only
+            merged.update({key: values[key] for key in ("credentials_file", "appservice") if key in values})
         problem = secret_file_problem(path, mode, values)
         if problem:
             problems.append(problem)

@@ -17,6 +17,7 @@ import io
 import os
 import pwd
 import socket
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -272,3 +273,24 @@ def test_register_user_takes_one_secret_from_stdin_only(tmp_path: Path) -> None:
     config = _write(tmp_path / "comatrix.toml", 'homeserver = "http://127.0.0.1:1"\n', 0o644)
     assert main(["--config", str(config), "register-user", "s1", "--password-file", "-",
                  "--shared-secret-file", "-"], out=io.StringIO()) == 2
+
+
+# ------------------------------------------------------------------ the kept token
+
+def test_kept_token_is_read_without_creating_files(tmp_path: Path) -> None:
+    """A stopped gateway's WAL database: reading it must leave no root-owned -wal/-shm behind."""
+    device = DeviceCredentials(network=None, user="@s1:x", password="pw", psk_identity="s1", psk=b"k" * 16)
+    database = tmp_path / "comatrix.sqlite3"
+    writer = sqlite3.connect(database)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TABLE device_tokens (user_id TEXT, device_id TEXT, access_token TEXT, updated REAL)")
+    writer.execute("INSERT INTO device_tokens VALUES (?, ?, ?, 0)", ("@s1:x", device.login_device_id, "kept"))
+    writer.commit()
+    assert doctor.kept_token(str(tmp_path), device) == "kept"  # through the WAL of the open writer
+    writer.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["comatrix.sqlite3"]
+    assert doctor.kept_token(str(tmp_path), device) == "kept"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["comatrix.sqlite3"]
+    other = DeviceCredentials(network=None, user="@s2:x", password="pw", psk_identity="s2", psk=b"k" * 16)
+    assert doctor.kept_token(str(tmp_path), other) is None
+    assert doctor.kept_token(str(tmp_path / "missing"), device) is None
