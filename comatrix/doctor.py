@@ -372,41 +372,42 @@ def _raw_values(path: Path) -> tuple[dict[str, Any], int] | None:
         return None
 
 
-def check_file_modes(config_path: Path) -> list[Check]:
-    """Every file that may hold a secret, read raw: they are checked even when the config does not load."""
+def _config_files(config_path: Path) -> tuple[list[Path], list[Path]]:
+    """(the files with settings: the config and conf.d/, the devices.d/ files), as the loader finds them."""
     conf_d, devices_d = (config_path.parent / name for name in ("conf.d", DEVICES_DIR))
     settings = [config_path] + (sorted(conf_d.glob("*.toml")) if conf_d.is_dir() else [])
-    files = settings + (sorted(devices_d.glob("*.toml")) if devices_d.is_dir() else [])
-    problems, merged = [], {}
-    for path in files:
-        found = _raw_values(path)
-        if found is None:
-            continue
-        values, mode = found
-        if path in settings:  # as the loader: devices.d files give [[devices]] only
-            merged.update({key: values[key] for key in ("credentials_file", "appservice") if key in values})
-        problem = secret_file_problem(path, mode, values)
-        if problem:
-            problems.append(problem)
-    checked = len(files)
-    credentials = merged.get("credentials_file")
-    if isinstance(credentials, str):
-        checked += 1
-        found = _raw_values(Path(credentials))
-        problem = secret_file_problem(credentials, found[1], found[0]) if found else None
-        if problem:
-            problems.append(problem)
-    appservice = merged.get("appservice")
-    registration = appservice.get("registration") if isinstance(appservice, dict) else None
-    if isinstance(registration, str):
-        checked += 1
+    return settings, sorted(devices_d.glob("*.toml")) if devices_d.is_dir() else []
+
+
+def _referenced_problem(key: str, value: Any) -> str | None:
+    """The credentials file or the appservice registration a setting names, checked raw."""
+    if key == "credentials_file" and isinstance(value, str):
+        found = _raw_values(Path(value))
+        return secret_file_problem(value, found[1], found[0]) if found else None
+    registration = value.get("registration") if isinstance(value, dict) else None
+    if key == "appservice" and isinstance(registration, str):
         try:
-            problem = registration_mode_problem(registration, os.stat(registration).st_mode)
+            return registration_mode_problem(registration, os.stat(registration).st_mode)
         except OSError:
-            problem = None  # the appservice check says it is missing
-        if problem:
-            problems.append(problem)
-    return file_modes_check(problems, checked)
+            return None  # the appservice check says it is missing
+    return None
+
+
+def check_file_modes(config_path: Path) -> list[Check]:
+    """Every file that may hold a secret, read raw: they are checked even when the config does not load."""
+    settings, devices = _config_files(config_path)
+    problems: list[str | None] = []
+    referenced: dict[str, Any] = {}
+    for path in settings + devices:
+        found = _raw_values(path)
+        if found is not None:
+            problems.append(secret_file_problem(path, found[1], found[0]))
+            if path in settings:  # as the loader: devices.d files give [[devices]] only
+                referenced.update({key: found[0][key] for key in ("credentials_file", "appservice")
+                                   if key in found[0]})
+    problems += [_referenced_problem(key, value) for key, value in referenced.items()]
+    return file_modes_check([problem for problem in problems if problem],
+                            len(settings) + len(devices) + len(referenced))
 
 
 def check_homeserver(config: Config) -> tuple[list[Check], bool]:
