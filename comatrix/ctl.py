@@ -26,6 +26,13 @@ user.  ``appservice generate`` writes the registration the homeserver loads::
     comatrixctl appservice generate --url http://127.0.0.1:8010 -o /etc/comatrix/appservice.yaml
     comatrixctl device add sensor01 --address fe80::1234
 
+``doctor`` checks a deployment (`comatrix.doctor`), one ``OK``/``WARN``/``FAIL``
+line per check; ``register-user`` creates a Matrix account through Synapse's
+shared-secret registration (`comatrix.register`)::
+
+    comatrixctl doctor
+    comatrixctl register-user sensor01 --shared-secret-file /etc/matrix-synapse/registration_shared_secret
+
 ``add`` and ``rotate`` print what the firmware needs (identity, key, gateway
 address and port) as text and as a C header.  The running gateway picks the
 change up on SIGHUP (``systemctl reload comatrix``).
@@ -59,6 +66,8 @@ from comatrix.edhoc.responder import KEY_FILENAME, GatewayKey
 from comatrix.appservice.admin import AdminError, appservice_homeserver
 from comatrix.appservice.registration import DEFAULT_ID, DEFAULT_PREFIX, generate
 from comatrix.netif import read_link_local_address
+from comatrix import doctor
+from comatrix.register import RegisterError, new_password, register_user
 
 __all__ = ["main", "DEVICES_DIR", "DeviceFile", "render_toml_entry", "render_c_header"]
 
@@ -499,6 +508,17 @@ def write_durably_private(path: Path, text: str) -> None:
         raise
 
 
+def cmd_register_user(args: argparse.Namespace, config: Config, directory: Path, out: TextIO,
+                      stdin: TextIO) -> None:
+    secret = _read_secret(args.shared_secret_file, stdin)
+    generated = args.password_file is None
+    password = new_password() if generated else _read_secret(args.password_file, stdin)
+    user_id = register_user(config.homeserver, secret, args.name, password, admin=args.admin)
+    out.write(f"{user_id}\n")
+    if generated:
+        out.write(f"password {password}\n")
+
+
 Command = Callable[[argparse.Namespace, Config, Path, TextIO, TextIO], None]
 
 
@@ -545,6 +565,18 @@ def parser() -> argparse.ArgumentParser:
                                  help=f"device users are @<prefix>NAME [{DEFAULT_PREFIX}]")
     generate_parser.add_argument("-o", "--output", metavar="FILE", help="write here (0640) instead of stdout")
     generate_parser.set_defaults(run=cmd_appservice_generate)
+
+    groups.add_parser("doctor", help="check the deployment: one OK/WARN/FAIL line per check, "
+                      "exit status 1 on any FAIL")
+    register = groups.add_parser("register-user", help="create a Matrix account through Synapse's "
+                                 "shared-secret registration (/_synapse/admin/v1/register)")
+    register.add_argument("name", help="the new user's localpart (sensor01) or user id")
+    register.add_argument("--admin", action="store_true", help="a server admin")
+    register.add_argument("--password-file", metavar="FILE",
+                          help="the password ('-': stdin) [generated and printed once]")
+    register.add_argument("--shared-secret-file", metavar="FILE", required=True,
+                          help="a file holding Synapse's registration_shared_secret (and nothing else)")
+    register.set_defaults(run=cmd_register_user)
     return top
 
 
@@ -555,6 +587,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, stdin: Tex
         print("comatrixctl: device add needs --psk, --oscore, --edhoc and/or --address", file=sys.stderr)
         return 2
     config_path = Path(args.config)
+    if args.group == "doctor":
+        return doctor.run(config_path, out)
+    if args.group == "register-user" and args.password_file == "-" and args.shared_secret_file == "-":
+        print("comatrixctl: only one of --password-file and --shared-secret-file can be stdin", file=sys.stderr)
+        return 2
     try:
         if args.group == "appservice":
             # Generating the registration needs no config: it comes before the config names it.
@@ -563,7 +600,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, stdin: Tex
         config = build_config(read_config_files(config_path))
         run: Command = args.run
         run(args, config, devices_dir(config_path), out, stdin)
-    except (CtlError, ConfigError, AdminError) as exc:
+    except (CtlError, ConfigError, AdminError, RegisterError) as exc:
         print(f"comatrixctl: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
