@@ -12,12 +12,11 @@ needs that token, so it is logged out at once.  Blocking (a command-line tool).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import secrets
 
 from comatrix.doctor import Answer, Unreachable, http_json
+from comatrix.matrix import api
 
 __all__ = ["RegisterError", "registration_mac", "register_user", "new_password", "localpart_of"]
 
@@ -34,10 +33,10 @@ class RegisterError(Exception):
 
 
 def registration_mac(secret: str, nonce: str, user: str, password: str, admin: bool) -> str:
-    mac = hmac.new(secret.encode("utf-8"), digestmod=hashlib.sha1)
-    mac.update(b"\x00".join(part.encode("utf-8") for part in
-                            (nonce, user, password, "admin" if admin else "notadmin")))
-    return mac.hexdigest()
+    """The HMAC the request carries (the one builder, `comatrix.matrix.api.shared_secret_register`)."""
+    body = api.shared_secret_register(secret, nonce, user, password, admin).body
+    assert body is not None
+    return str(body["mac"])
 
 
 def localpart_of(name: str) -> str:
@@ -66,8 +65,7 @@ def register_user(homeserver: str, secret: str, name: str, password: str, admin:
         if first.status != 200 or not isinstance(first.body.get("nonce"), str):
             raise _refused("the homeserver gave no registration nonce (shared-secret registration off?)", first)
         nonce = first.body["nonce"]
-        body = {"nonce": nonce, "username": localpart, "password": password, "admin": admin,
-                "mac": registration_mac(secret, nonce, localpart, password, admin)}
+        body = api.shared_secret_register(secret, nonce, localpart, password, admin).body
         created = http_json("POST", url, body=body, timeout=TIMEOUT)
         if created.status != 200:
             raise _refused("registration refused", created)
