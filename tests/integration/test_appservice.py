@@ -18,6 +18,7 @@ import secrets
 import socket
 import threading
 import time
+import urllib.error
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,17 @@ def _make_pan(root: Path, synapse_url: str, name: str, *, id: str | None = None,
     return Pan(gateway, registration, port)
 
 
+def _add_service(synapse: SynapseServer, pan: Pan) -> None:
+    """Pan A also serves the HTTP API, to one service (its own Matrix user, a person's account)."""
+    user = synapse.make_user("service")
+    pan.service_token = remember(secrets.token_urlsafe(24))  # type: ignore[attr-defined]
+    pan.http_port = free_port("127.0.0.1")  # type: ignore[attr-defined]
+    pan.config.write_text(pan.config.read_text() + (
+        f"[http_api]\nenabled = true\nport = {pan.http_port}\n"  # type: ignore[attr-defined]
+        f'[[services]]\nname = "svc"\ntoken = "{pan.service_token}"\nuser = "{user.user_id}"\n'  # type: ignore[attr-defined]
+        f'password = "{user.password}"\n'))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynapseServer, Pan, Pan]]:
     root = tmp_path_factory.mktemp("appservice")
@@ -113,6 +125,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynapseSer
         for index in range(WATCHERS):
             pan_a.add_device(f"w{index:02d}", f"127.0.0.{10 + index}")
         pan_b.add_device("sensor", "127.0.0.3")
+        _add_service(synapse, pan_a)
         for pan in (pan_a, pan_b):
             pan.gateway.start()
         yield synapse, pan_a, pan_b
@@ -223,6 +236,36 @@ def test_msc3079_sync_observation_is_woken_by_transactions(world: tuple[SynapseS
         assert sum(body.encode() in payload for payload in notified) == 1, (body, len(notified))
     syncs = [line for line in synapse.log_text().splitlines() if "/_matrix/client/v3/sync" in line]
     assert syncs and all("timeout=0" in line for line in syncs), [line[-160:] for line in syncs[-3:]]
+
+
+def test_the_http_api_acts_for_device_users_of_the_namespace_only(world: tuple[SynapseServer, Pan, Pan],
+                                                                  synapse_person: MatrixUser) -> None:
+    """In appservice mode a service may name a device user as the sender; anyone else is still 403."""
+    import urllib.request
+    synapse, pan_a, _ = world
+    device_user = pan_a.devices["sensor01"]
+    room_id = _room_with(synapse, synapse_person, [device_user])
+    _wait_membership(synapse, synapse_person.access_token, room_id, [device_user], "join")
+
+    def send(sender: str) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{pan_a.http_port}/internal/matrix/send", method="POST",  # type: ignore[attr-defined]
+            data=json.dumps({"room_id": room_id, "body": f"as {sender}", "sender_matrix_id": sender}).encode(),
+            headers={"X-Internal-Service-Token": pan_a.service_token,  # type: ignore[attr-defined]
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    status, answer = send(device_user)
+    assert status == 200, answer
+    event = next(e for e in synapse.messages(synapse_person.access_token, room_id, limit=5)
+                 if e["event_id"] == answer["event_id"])
+    assert event["sender"] == device_user
+    status, answer = send(synapse_person.user_id)  # a person outside the namespace
+    assert status == 403 and answer["error"] == "M_FORBIDDEN"
 
 
 def test_invites_from_disallowed_users_are_declined(world: tuple[SynapseServer, Pan, Pan],
