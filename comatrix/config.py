@@ -252,6 +252,13 @@ class ServiceCredentials:
     #: Requests per second the service may make, sustained, and its burst.
     rate: float = 100.0
     burst: int = 200
+    #: Application-service mode: the namespace users it may act for (shell patterns, e.g.
+    #: ``@comatrix_door*``); empty: only its own user.
+    users: tuple[str, ...] = ()
+    #: The rooms (ids or aliases, as requests name them) it may act in; empty: any its users are in.
+    rooms: tuple[str, ...] = ()
+    #: Whether ``register-user`` may create server admins for it.
+    register_admins: bool = False
 
     def as_device(self) -> "DeviceCredentials":
         """The service's Matrix identity as the credentials layer keeps logins: one Matrix device."""
@@ -717,7 +724,8 @@ def _services(entries: Any, where: str) -> list[ServiceCredentials]:
     services = []
     for index, entry in enumerate(entries):
         label = f"{where}: services[{index}]"
-        unknown = sorted(set(entry) - {"name", "token", "user", "password", "access_token", "rate", "burst"})
+        unknown = sorted(set(entry) - {"name", "token", "user", "password", "access_token", "rate", "burst",
+                                       "users", "rooms", "register_admins"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         for key in ("name", "token", "user"):
@@ -734,9 +742,14 @@ def _services(entries: Any, where: str) -> list[ServiceCredentials]:
         burst = _integer(entry, "burst") if "burst" in entry else ServiceCredentials.burst
         if rate < 0 or burst < 1:
             raise ConfigError(f"{label}: rate must be >= 0 and burst >= 1")
+        register_admins = entry.get("register_admins", False)
+        if not isinstance(register_admins, bool):
+            raise ConfigError(f"{label}: register_admins must be true or false")
         services.append(ServiceCredentials(name=entry["name"], token=entry["token"], user=entry["user"],
                                            password=password or None, access_token=token or None,
-                                           rate=rate, burst=burst))
+                                           rate=rate, burst=burst, users=tuple(_string_list(entry, "users") if "users" in entry else ()),
+                                           rooms=tuple(_string_list(entry, "rooms") if "rooms" in entry else ()),
+                                           register_admins=register_admins))
     return services
 
 

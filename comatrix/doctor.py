@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO
 from comatrix.appservice.registration import Registration, load_registration
 from comatrix.coap import wire
 from comatrix.coap.numbers import MessageType
-from comatrix.config import (DEVICES_DIR, Config, ConfigError, DeviceCredentials, build_config,
+from comatrix.config import (DEVICES_DIR, Config, ServiceCredentials, ConfigError, DeviceCredentials, build_config,
                              check_secret_file_mode, read_config_files, read_file_and_mode)
 from comatrix.netif import read_link_local_address
 from comatrix.store import DB_FILENAME
@@ -151,11 +151,21 @@ def secret_file_problem(path: Path | str, mode: int, values: Any) -> str | None:
     return None
 
 
-def registration_mode_problem(path: Path | str, mode: int) -> str | None:
-    """The registration always holds the appservice tokens: no access for others at all."""
+def registration_mode_problem(path: Path | str, mode: int, holds: str = "the appservice tokens") -> str | None:
+    """A file that always holds a secret (the appservice registration, Synapse's shared secret):
+    no access for others at all."""
     if stat.S_IMODE(mode) & 0o007:
-        return f"{path} holds the appservice tokens and is open to others (mode {stat.S_IMODE(mode):04o}); chmod o-rwx it"
+        return f"{path} holds {holds} and is open to others (mode {stat.S_IMODE(mode):04o}); chmod o-rwx it"
     return None
+
+
+def listener_check(name: str, where: str, answer: Answer | None, reason: str | None = None) -> Check:
+    """An HTTP listener of the gateway (HTTP API, metrics): answering 200, or not there."""
+    if answer is None:
+        return Check(WARN, name, f"nothing answers at {where} (gateway not running?): {reason}")
+    if answer.status == 200:
+        return Check(OK, name, f"the gateway answers at {where}")
+    return Check(FAIL, name, f"{where} answered {answer.errcode}: another program holds the port?")
 
 
 def file_modes_check(problems: Sequence[str], checked: int) -> list[Check]:
@@ -384,12 +394,14 @@ def _referenced_problem(key: str, value: Any) -> str | None:
     if key == "credentials_file" and isinstance(value, str):
         found = _raw_values(Path(value))
         return secret_file_problem(value, found[1], found[0]) if found else None
-    registration = value.get("registration") if isinstance(value, dict) else None
-    if key == "appservice" and isinstance(registration, str):
+    named = {"appservice": ("registration", "the appservice tokens"),
+             "http_api": ("registration_shared_secret_file", "Synapse's registration shared secret")}.get(key)
+    path = value.get(named[0]) if named is not None and isinstance(value, dict) else None
+    if named is not None and isinstance(path, str):
         try:
-            return registration_mode_problem(registration, os.stat(registration).st_mode)
+            return registration_mode_problem(path, os.stat(path).st_mode, named[1])
         except OSError:
-            return None  # the appservice check says it is missing
+            return None  # missing: the check of what uses it says so
     return None
 
 
@@ -403,7 +415,7 @@ def check_file_modes(config_path: Path) -> list[Check]:
         if found is not None:
             problems.append(secret_file_problem(path, found[1], found[0]))
             if path in settings:  # as the loader: devices.d files give [[devices]] only
-                referenced.update({key: found[0][key] for key in ("credentials_file", "appservice")
+                referenced.update({key: found[0][key] for key in ("credentials_file", "appservice", "http_api")
                                    if key in found[0]})
     problems += [_referenced_problem(key, value) for key, value in referenced.items()]
     return file_modes_check([problem for problem in problems if problem],
@@ -470,6 +482,29 @@ def check_appservice(config: Config) -> tuple[list[Check], Registration | None]:
     except Unreachable as exc:
         checks.append(ping_check(where, None, str(exc)))
     return checks, registration
+
+
+def check_service(base: str, service: ServiceCredentials, config: Config) -> Check:
+    """A ``[[services]]`` entry's Matrix user, checked as a device entry's is (never by logging in)."""
+    return dataclasses.replace(check_device(base, service.as_device(), config, None), name=f"service {service.name}")
+
+
+def check_listeners(config: Config) -> list[Check]:
+    """The HTTP API and the metrics endpoint, when enabled: something of the gateway's answers there."""
+    probes = []
+    if config.http_api.enabled:
+        probes.append(("http api", config.http_api.bind, config.http_api.port, "/internal/matrix/openapi.json"))
+    if config.metrics.enabled:
+        probes.append(("metrics", config.metrics.bind, config.metrics.port, "/metrics"))
+    checks = []
+    for name, bind, port, path in probes:
+        host = ("::1" if ":" in bind else "127.0.0.1") if ipaddress.ip_address(bind).is_unspecified else bind
+        where = f"http://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+        try:
+            checks.append(listener_check(name, where, http_json("GET", where)))
+        except Unreachable as exc:
+            checks.append(listener_check(name, where, None, str(exc)))
+    return checks
 
 
 def check_interface(config: Config) -> Check:
@@ -551,9 +586,11 @@ def diagnose(config_path: Path) -> list[Check]:
     checks += appservice
     if up:
         checks += [check_device(config.homeserver, device, config, registration) for device in config.devices]
-    elif config.devices:
+        checks += [check_service(config.homeserver, service, config) for service in config.services]
+    elif config.devices or config.services:
         checks.append(Check(WARN, "devices", "credentials not checked: the homeserver is unreachable"))
-    return checks + [check_interface(config), *check_ports(config), check_state_dir(config)]
+    return checks + [check_interface(config), *check_ports(config), *check_listeners(config),
+                     check_state_dir(config)]
 
 
 def run(config_path: Path, out: TextIO) -> int:

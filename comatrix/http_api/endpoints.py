@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import email.parser
+import fnmatch
 import email.policy
 import hashlib
 import secrets
@@ -89,12 +90,23 @@ class Endpoints:
     # -- acting -----------------------------------------------------------------------------
 
     def _acting_user(self, call: Call, user_id: str | None) -> str | None:
-        """None: the service's own user; else a user of the appservice namespace (403 otherwise)."""
+        """None: the service's own user; else a namespace user its ``users`` patterns name (403 otherwise)."""
         if user_id is None or user_id == call.service.user:
             return None
-        if self.registration is not None and self.registration.owns(user_id):
+        if (self.registration is not None and self.registration.owns(user_id)
+                and any(fnmatch.fnmatchcase(user_id, pattern) for pattern in call.service.users)):
             return user_id
-        raise ApiError(403, "M_FORBIDDEN", "a service acts as its own user (others only in the appservice namespace)")
+        raise ApiError(403, "M_FORBIDDEN", "a service acts as its own user, or as the namespace users "
+                                           "its users setting names (application-service mode)")
+
+    @staticmethod
+    def _room(call: Call, key: str = "room_id") -> str:
+        """The room a call names (body ``room_id`` or path ``roomId``), if the service may act in it."""
+        room = call.params.get("roomId") if key == "roomId" else call.text(key)
+        assert room is not None
+        if call.service.rooms and room not in call.service.rooms:
+            raise ApiError(403, "M_FORBIDDEN", "not one of this service's rooms")
+        return room
 
     async def _as(self, call: Call, user_id: str | None, operation: Callable[[str], Awaitable[T]]) -> T:
         """Run ``operation(token)`` as ``user_id`` (None: the service's user); a refused kept login is renewed once."""
@@ -122,20 +134,20 @@ class Endpoints:
         return {"room_id": room_id, "room_alias": f"#{alias}:{server}" if isinstance(alias, str) else None}
 
     async def room(self, call: Call) -> dict[str, Any]:
-        room_id = call.params["roomId"]
+        room_id = self._room(call, "roomId")
         return await self._as(call, None, lambda token: self.matrix.room_details(token, room_id))
 
     async def room_name(self, call: Call) -> dict[str, Any]:
         name = call.text("name")
         assert name is not None
         event_id = await self._as(call, None, lambda token: self.matrix.set_room_name(
-            token, call.params["roomId"], name))
+            token, self._room(call, "roomId"), name))
         return {"event_id": event_id}
 
     # -- messages ---------------------------------------------------------------------------
 
     async def send(self, call: Call) -> dict[str, Any]:
-        room = call.text("room_id")
+        room = self._room(call)
         assert room is not None
         msgtype = call.text("msgtype", required=False) or "m.text"
         if msgtype not in MESSAGE_TYPES:
@@ -176,14 +188,14 @@ class Endpoints:
         return f"s{hashlib.sha256(call.service.name.encode()).hexdigest()[:8]}.{chosen}"
 
     async def send_reaction(self, call: Call) -> dict[str, Any]:
-        room_id, event_id, emoji = call.text("room_id"), call.text("event_id"), call.text("emoji")
+        room_id, event_id, emoji = self._room(call), call.text("event_id"), call.text("emoji")
         assert room_id is not None and event_id is not None and emoji is not None
         reaction = await self._as(call, call.text("reactor_matrix_id", required=False),
                                   lambda token: self.matrix.react(token, room_id, event_id, emoji, self._txn_id(call)))
         return {"event_id": reaction}
 
     async def redact(self, call: Call) -> dict[str, Any]:
-        room_id, event_id = call.text("room_id"), call.text("event_id")
+        room_id, event_id = self._room(call), call.text("event_id")
         assert room_id is not None and event_id is not None
         reason = call.text("reason", required=False)
         redaction = await self._as(call, None, lambda token: self.matrix.redact(
@@ -196,34 +208,34 @@ class Endpoints:
             raise ApiError(400, "M_INVALID_PARAM", "dir must be b or f")
         limit = _integer(call.query.get("limit", "10"), "limit", 1, 100)
         request = lambda token: self.matrix.request(api.room_messages(  # noqa: E731
-            token, call.params["roomId"], from_token=call.query.get("from"), dir=direction, limit=limit))
+            token, self._room(call, "roomId"), from_token=call.query.get("from"), dir=direction, limit=limit))
         page = await self._as(call, None, request)
         return {"start": page.get("start"), "end": page.get("end"), "chunk": page.get("chunk", [])}
 
     # -- membership -------------------------------------------------------------------------
 
     async def invite(self, call: Call) -> dict[str, Any]:
-        room_id, user_id = call.text("room_id"), call.text("user_id")
+        room_id, user_id = self._room(call), call.text("user_id")
         assert room_id is not None and user_id is not None
         await self._as(call, call.text("inviter_matrix_id", required=False),
                        lambda token: self.matrix.invite(token, room_id, user_id))
         return {"status": "invited"}
 
     async def join(self, call: Call) -> dict[str, Any]:
-        room = call.text("room_id")
+        room = self._room(call)
         assert room is not None
         room_id = await self._as(call, call.text("user_id", required=False),
                                  lambda token: self.matrix.join(token, room))
         return {"status": "joined", "room_id": room_id}
 
     async def leave(self, call: Call) -> dict[str, Any]:
-        room_id = call.text("room_id")
+        room_id = self._room(call)
         assert room_id is not None
         await self._as(call, call.text("user_id", required=False), lambda token: self.matrix.leave(token, room_id))
         return {"status": "left"}
 
     async def kick(self, call: Call) -> dict[str, Any]:
-        room_id, user_id = call.text("room_id"), call.text("user_id")
+        room_id, user_id = self._room(call), call.text("user_id")
         assert room_id is not None and user_id is not None
         reason = call.text("reason", required=False)
         await self._as(call, call.text("kicker", required=False),
@@ -246,7 +258,7 @@ class Endpoints:
     async def subscribe(self, call: Call) -> dict[str, Any]:
         if self.webhooks is None:
             raise ApiError(501, "M_UNRECOGNIZED", "webhooks are not available")
-        room_id, url = call.text("room_id"), call.text("webhook_url")
+        room_id, url = self._room(call), call.text("webhook_url")
         assert room_id is not None and url is not None
         events = call.body.get("events", [])
         if not isinstance(events, list) or not all(isinstance(event, str) for event in events):
@@ -281,6 +293,8 @@ class Endpoints:
         admin = call.body.get("admin", False)
         if not isinstance(admin, bool):
             raise ApiError(400, "M_BAD_JSON", "admin must be true or false")
+        if admin and not call.service.register_admins:
+            raise ApiError(403, "M_FORBIDDEN", "this service may not create server admins (register_admins)")
         secret = await threads.deferToThread(_read_secret, path)
         with acting_as(Device(key=f"svc:{call.service.name}", address="127.0.0.1", secured=True)):
             nonce = (await self.matrix.request(api.shared_secret_nonce())).get("nonce")

@@ -105,7 +105,7 @@ def _add_service(synapse: SynapseServer, pan: Pan) -> None:
     pan.config.write_text(pan.config.read_text() + (
         f"[http_api]\nenabled = true\nport = {pan.http_port}\n"  # type: ignore[attr-defined]
         f'[[services]]\nname = "svc"\ntoken = "{pan.service_token}"\nuser = "{user.user_id}"\n'  # type: ignore[attr-defined]
-        f'password = "{user.password}"\n'))
+        f'password = "{user.password}"\nusers = ["@comatrix_sensor01:*"]\n'))
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +265,8 @@ def test_the_http_api_acts_for_device_users_of_the_namespace_only(world: tuple[S
                  if e["event_id"] == answer["event_id"])
     assert event["sender"] == device_user
     status, answer = send(synapse_person.user_id)  # a person outside the namespace
+    assert status == 403 and answer["error"] == "M_FORBIDDEN"
+    status, answer = send(pan_a.devices["w00"])  # in the namespace, but not one of the service's users
     assert status == 403 and answer["error"] == "M_FORBIDDEN"
 
 

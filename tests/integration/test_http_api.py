@@ -95,7 +95,7 @@ def api(synapse: SynapseServer, service_user: MatrixUser,
               f'[[services]]\nname = "logger"\ntoken = "{token}"\nuser = "{service_user.user_id}"\n'
               f'password = "{service_user.password}"\n'
               f'[[services]]\nname = "slow"\ntoken = "{slow_token}"\nuser = "{service_user.user_id}"\n'
-              f'password = "{service_user.password}"\nrate = 0.01\nburst = 2\n')
+              f'password = "{service_user.password}"\nrate = 0.01\nburst = 2\nrooms = ["!only-this:test.local"]\n')
     gateway = GatewayProcess(synapse.base_url, workdir, config_text=config)
     gateway.start()
     try:
@@ -236,6 +236,20 @@ def test_users_and_media(api: Api, synapse: SynapseServer, service_user: MatrixU
     profile = synapse.request("GET", f"/_matrix/client/v3/profile/{quoted}")
     assert profile == {"displayname": "Logger (Updated)", "avatar_url": uploaded["content_uri"]}
 
+    room_id = synapse.create_room(service_user.access_token)
+    status, sent, _ = api.call("POST", "/send", {"room_id": room_id, "msgtype": "m.image", "body": "dot.png",
+                                                 "url": uploaded["content_uri"], "info": {"mimetype": "image/png"}})
+    assert status == 200
+    image = next(e for e in synapse.messages(service_user.access_token, room_id, limit=5)
+                 if e["event_id"] == sent["event_id"])
+    assert image["content"]["msgtype"] == "m.image" and image["content"]["url"] == uploaded["content_uri"]
+    status, answer, _ = api.call("POST", "/send", {"room_id": room_id, "msgtype": "m.file", "body": "f",
+                                                   "url": "https://example.org/f"})
+    assert status == 400  # media must be an mxc:// URI
+    status, answer, _ = api.call("POST", "/register-user", {"username": f"root{secrets.token_hex(4)}",
+                                                            "password": "a-long-password", "admin": True})
+    assert status == 403 and "register_admins" in answer["message"]
+
     username, password = f"alice{secrets.token_hex(4)}", remember(secrets.token_urlsafe(16))
     status, registered, _ = api.call("POST", "/register-user", {"username": username, "password": password,
                                                                 "display_name": "Alice", "admin": False})
@@ -255,8 +269,10 @@ def test_bad_bodies_and_the_per_service_rate_limit(api: Api) -> None:
     status, answer, _ = api.call("POST", "/send", {"room_id": "!r:test.local", "body": "x", "msgtype": "m.bogus"})
     assert status == 400
     slow = api.slow_token  # type: ignore[attr-defined]
-    codes = [api.call("GET", "/sync?timeout=0", token=slow)[0] for _ in range(3)]
-    assert codes[:2] == [200, 200] and codes[2] == 429
+    status, answer, _ = api.call("POST", "/send", {"room_id": "!another:test.local", "body": "x"}, token=slow)
+    assert status == 403 and answer["message"] == "not one of this service's rooms"
+    codes = [api.call("GET", "/sync?timeout=0", token=slow)[0] for _ in range(2)]
+    assert codes == [200, 429]  # its burst of 2: the refused send took one
     _status, _answer, headers = api.call("GET", "/sync?timeout=0", token=slow)
     assert int(headers["Retry-After"]) >= 1
 

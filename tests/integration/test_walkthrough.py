@@ -175,3 +175,11 @@ def test_the_readme_walk_through_runs_as_written(demo: Demo) -> None:
             assert any(matches(pattern, line) for line in chunk.splitlines()), (
                 f"after\n{chr(10).join(step.lines)}\nexpected {pattern!r} in:\n{chunk}")
     assert not re.search(r"^[45]\.\d\d ", result.stdout, re.MULTILINE), result.stdout  # no CoAP error
+
+    # The operator's check of the same deployment: every line OK or WARN, exit status 0.
+    doctor = subprocess.run([str(REPO / ".venv" / "bin" / "comatrixctl"), "--config",
+                             str(demo.place / ".demo" / "comatrix.toml"), "doctor"],
+                            capture_output=True, text=True, timeout=120)
+    assert doctor.returncode == 0 and "FAIL" not in doctor.stdout, doctor.stdout + doctor.stderr
+    for name in ("config", "homeserver", "service demo-service", "coap port", "http api", "state dir"):
+        assert re.search(rf"^OK +{name}", doctor.stdout, re.MULTILINE), doctor.stdout

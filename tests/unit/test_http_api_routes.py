@@ -74,3 +74,14 @@ def test_services_and_http_api_settings_are_checked() -> None:
         build_config({"services": [service, {**service, "name": "other"}]})
     with pytest.raises(ConfigError, match="IP address"):
         build_config({"http_api": {"bind": "localhost"}})
+
+
+def test_service_allow_lists_are_read() -> None:
+    service = {"name": "door", "token": "d" * 24, "user": "@door:example.org", "access_token": "x",
+               "users": ["@comatrix_door*"], "rooms": ["!hall:example.org"], "register_admins": True}
+    [entry] = build_config({"services": [service]}).services
+    assert entry.users == ("@comatrix_door*",) and entry.rooms == ("!hall:example.org",) and entry.register_admins
+    [plain] = build_config({"services": [{**service, "users": [], "rooms": [], "register_admins": False}]}).services
+    assert plain.users == () and plain.rooms == () and not plain.register_admins
+    with pytest.raises(ConfigError):
+        build_config({"services": [{**service, "register_admins": "yes"}]})
