@@ -370,7 +370,10 @@ class CompactService:
         return room
 
     async def join(self, session: SessionRecord, room: str) -> int:
-        room_id = await self.matrix.join(session.access_token, self.resolve_reference(room))
+        return await self.joined(session, await self.matrix.join(session.access_token, self.resolve_reference(room)))
+
+    async def joined(self, session: SessionRecord, room_id: str) -> int:
+        """The session's user is in ``room_id`` now (a join, a create): its room handle, timeline anchored."""
         handle = await self.store.room_handle(session.id, room_id)
         if session.id in self._fed:
             self._fed_rooms.setdefault(room_id, {})[session.id] = handle
