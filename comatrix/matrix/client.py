@@ -76,6 +76,9 @@ INVITATIONS_FILTER: Mapping[str, Any] = {
              "account_data": {"types": []}},
 }
 
+#: How many distinct /sync timeouts (ms) the invitation listing cycles through (about 11.5 days).
+INVITATIONS_TIMEOUT_SPREAD = 10**9
+
 
 class _AliasCache:
     """A bounded LRU map alias -> room id whose entries expire after ``ttl`` seconds."""
@@ -126,6 +129,7 @@ class MatrixClient:
 
             reactor = default_reactor
         self.transport = transport
+        self._reactor = reactor
         self._aliases = _AliasCache(alias_cache_ttl, alias_cache_size, reactor)
         self._max_message_pages = max_message_pages
 
@@ -336,7 +340,12 @@ class MatrixClient:
 
     async def invitations(self, token: str, user_id: str) -> tuple[Invitation, ...]:
         """The rooms ``user_id`` (the token's user) is invited to: one ``/sync`` that carries nothing else."""
-        return parse_invitations(await self.request(api.sync(token, filter=INVITATIONS_FILTER)), user_id)
+        # Synapse keeps a /sync answer for minutes (caches.sync_response_cache_duration) under its
+        # request, timeout included, and a sync without ``since`` never waits: a timeout that differs
+        # per call (the clock's milliseconds) gets the invitations of now, not a list cached earlier.
+        timeout_ms = 1 + int(self._reactor.seconds() * 1000) % INVITATIONS_TIMEOUT_SPREAD
+        body = await self.request(api.sync(token, filter=INVITATIONS_FILTER, timeout_ms=timeout_ms))
+        return parse_invitations(body, user_id)
 
     async def set_room_name(self, token: str, room_id: str, name: str) -> str:
         return parse_send(await self.request(api.send_state_event(token, room_id, "m.room.name", {"name": name})))
