@@ -390,8 +390,9 @@ class UserRequest:
     @classmethod
     def decode(cls, payload: bytes, *, reason: bool = False) -> "UserRequest":
         items = _array(payload, (3, 4) if reason else (3,), "request")
+        reason_ = _tail(items, 3)
         return cls(_handle(items[0]), _uint(items[1], "room"), _text(items[2], "user", MAX_USER),
-                   _optional_text(_tail(items, 3), "reason", MAX_REASON))
+                   None if reason_ is None else _text(reason_, "reason", MAX_REASON))
 
 
 @dataclasses.dataclass(frozen=True)
