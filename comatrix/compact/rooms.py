@@ -83,11 +83,8 @@ class RoomOperations:
                         int(details.get("joined_members") or 0), str(details.get("membership") or ""))
 
     async def resolve(self, session: SessionRecord, reference: str) -> str:
-        """An alias (or a configured room name) -> its room id; 4.00 for anything else."""
-        room = self.service.resolve_reference(reference)
-        if not room.startswith("#"):
-            raise BadRequest("expected #alias:server")
-        return await self.matrix.resolve_room(session.access_token, room)
+        """An alias (or a room name configured on the gateway) -> its room id (a room id: as it is)."""
+        return await self.matrix.resolve_room(session.access_token, self.service.resolve_reference(reference))
 
     async def set(self, session: SessionRecord, handle: int, name: str | None, topic: str | None) -> None:
         room_id = await self._room_id(session, handle)

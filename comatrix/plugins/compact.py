@@ -151,11 +151,15 @@ class LogoutResource(CompactResource):
 class JoinResource(CompactResource):
     link = _link("join", "Compact join: [handle, room] -> room handle")
 
+    def __init__(self, context: PluginContext) -> None:
+        super().__init__(context)
+        self.rooms = RoomOperations(self.service)
+
     async def render_POST(self, request: Request) -> Response:
         join = JoinRequest.decode(self.payload(request))
         session = await self.service.session(join.handle, request.peer, request.security)
         if isinstance(join.room, int):  # a room handle the session has: accepts its invitation
-            room_handle = await RoomOperations(self.service).accept(session, join.room)
+            room_handle = await self.rooms.accept(session, join.room)
         else:
             room_handle = await self.service.join(session, join.room_text())
         return _cbor(codec.encode_uint(room_handle), Code.CHANGED)

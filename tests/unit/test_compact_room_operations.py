@@ -159,8 +159,9 @@ def test_bad_input_never_reaches_the_homeserver() -> None:
     asked = len(world.homeserver.requests)
     for op, body in (("invite", [world.handle, 0, "no spaces"]), ("kick", [world.handle, 0, "@nocolon"]),
                      ("create", [world.handle, 0, None, None, ["a b"]]), ("room", [world.handle, "lab"]),
+                     ("room", [world.handle, "#nocolon"]),
                      ("room", [world.handle, 0, None]), ("members", [world.handle, "x"])):
-        code = Code.FETCH if body[1:] in (["lab"], ["x"]) else Code.POST
+        code = Code.FETCH if body[1:] in (["lab"], ["x"], ["#nocolon"]) else Code.POST
         reply = world.call(code, op, body)
         assert reply.code == Code.BAD_REQUEST and 0 < len(reply.payload) <= 48, (op, reply)
     assert world.call(Code.POST, "leave", [world.handle, 5]).code == Code.NOT_FOUND
