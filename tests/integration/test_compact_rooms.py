@@ -5,6 +5,7 @@ Synapse side over HTTP, and every datagram of every exchange within its 64-byte 
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from comatrix.compact import codec
 from support.gateway import GatewayProcess
 from support.synapse import MatrixUser, SynapseServer, _quote
 from test_compact_profile import Recorder, measured, sensor_user
+from test_device_client import device_cli
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +116,36 @@ def test_refusals_are_the_profiles_codes(gateway: GatewayProcess, synapse: Synap
             call()
         assert refused.value.reply.code_text == code, refused.value
     assert all(len(datagram) <= 64 for _way, datagram in recorder.datagrams)
+
+
+def test_the_room_commands_of_comatrix_device(gateway: GatewayProcess, synapse: SynapseServer,
+                                              tmp_path: Path) -> None:
+    owner, friend = sensor_user(synapse), sensor_user(synapse)
+    run, other = device_cli(gateway, tmp_path / "owner.json"), device_cli(gateway, tmp_path / "friend.json")
+    run("login", owner.localpart, owner.password)
+    other("login", friend.localpart, friend.password)
+
+    assert run("create", "Lab", "--topic", "bench", "--invite", friend.localpart).stdout == "0\n"
+    room_id = synapse.request("GET", f"{CLIENT}/joined_rooms", token=owner.access_token)["joined_rooms"][0]
+    assert run("room", "Lab", "--name", "Lab 2").stderr == "set\n"
+    assert run("room", "Lab").stdout == "name: Lab 2\ntopic: bench\njoined: 1\nmembership: join\n"
+    alias = f"#lab{secrets.token_hex(3)}:{synapse.server_name}"
+    synapse.set_alias(owner.access_token, alias, room_id)
+    assert run("room", alias).stdout == room_id + "\n"
+
+    [line] = other("invitations").stdout.splitlines()
+    room_handle, inviter, name = line.split("\t")
+    assert (inviter, name) == (owner.localpart, "Lab")
+    assert other("accept", room_handle, "lab").stdout == room_handle + "\n"
+    assert run("members", "Lab").stdout.split() == sorted(
+        [owner.localpart, friend.localpart], key=lambda local: f"@{local}:{synapse.server_name}")
+    assert run("kick", "Lab", friend.localpart, "done").stderr == "kicked\n"
+    assert membership(synapse, owner, room_id, friend) == "leave"
+    assert run("invite", "Lab", friend.localpart).stderr == "invited\n"
+    [line] = other("invitations").stdout.splitlines()
+    assert other("decline", line.split("\t")[0]).stderr == "declined\n"
+    assert membership(synapse, owner, room_id, friend) == "leave"
+    assert run("leave", "Lab").stderr == "left\n"
+    assert membership(synapse, owner, room_id, owner) == "leave"
+    refused = run("invite", "Lab", "not a user", check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith("comatrix-device: 4.00 user must be")
