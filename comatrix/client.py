@@ -59,7 +59,8 @@ from comatrix.durable import write_durably
 from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
-from comatrix.compact.codec import PATHS, HandleRequest, JoinRequest, LoginRequest, Message, MessagesRequest, SendRequest
+from comatrix.compact.codec import (PATHS, CreateRequest, HandleRequest, Invitation, JoinRequest, LoginRequest, Message,
+                                    MessagesRequest, RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
 from comatrix.dtls.client import DtlsClientLink
 from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
 
@@ -76,6 +77,8 @@ DEFAULT_PROXY_BASE = "http://[fd00::1]:8008"
 
 #: Longest wait the client accepts from a 4.29's Max-Age before retrying, seconds.
 MAX_RATE_LIMIT_WAIT = 5
+#: Block size (RFC 7959 SZX) asked for answers of any length: 32 bytes, a first block within 64.
+SMALL_BLOCK_SZX = 1
 #: Called with ("up" | "down", datagram) for every datagram sent or received.
 Trace = Callable[[str, bytes], None]
 
@@ -554,10 +557,15 @@ class CompactDevice:
         self.compact = state.section("compact")
         self.retries = retries
 
-    def _request(self, code: int, op: str, payload: bytes = b"") -> Reply:
-        """One exchange; a 4.29 is retried after its Max-Age (RFC 8516), at most ``retries`` times."""
+    def _request(self, code: int, op: str, payload: bytes = b"", *, blocks: bool = False) -> Reply:
+        """One exchange; a 4.29 is retried after its Max-Age (RFC 8516), at most ``retries`` times.
+
+        ``blocks``: an answer of any length (names, member lists) is asked for in 32-byte blocks
+        from the first on, so every frame stays within the profile's 64 bytes.
+        """
+        options = [(OptionNumber.BLOCK2, Block(0, False, SMALL_BLOCK_SZX).encode())] if blocks else []
         for attempt in range(self.retries + 1):
-            reply = self.coap.request(code, PATHS[op], payload=payload,
+            reply = self.coap.request(code, PATHS[op], payload=payload, options=options,
                                       content_format=codec.CONTENT_FORMAT if payload else None)
             max_age = reply.option(OptionNumber.MAX_AGE)
             if reply.code != Code.TOO_MANY_REQUESTS or attempt == self.retries:
@@ -576,10 +584,19 @@ class CompactDevice:
         return bytes.fromhex(value)
 
     def room_handle(self, room: str) -> int:
+        """The room handle of a room joined or created under the name ``room``; a number is a handle."""
         rooms = self.compact.get("rooms", {})
-        if room not in rooms:
-            raise SystemExit(f"comatrix-device: join {room} first")
-        return int(rooms[room])
+        if room in rooms:
+            return int(rooms[room])
+        if room.isdigit():
+            return int(room)
+        raise SystemExit(f"comatrix-device: join {room} first")
+
+    def _remember(self, room: str | None, room_handle: int) -> int:
+        if room:
+            self.compact.setdefault("rooms", {})[room] = room_handle
+            self.state.save()
+        return room_handle
 
     def time(self) -> int:
         return codec.decode_uint(self._request(Code.GET, "time").payload)
@@ -620,6 +637,54 @@ class CompactDevice:
             except NoResponse:
                 if attempt == self.retries:
                     raise
+
+    # -- rooms and membership
+
+    def create(self, name: str | None = None, topic: str | None = None, invite: Sequence[str] = (),
+               public: bool = False) -> int:
+        """Create a room; its room handle (remembered under ``name``).  Not retried after a lost
+        answer: a second create would make a second room."""
+        request = CreateRequest(self.handle, public, name, topic, tuple(invite))
+        return self._remember(name, codec.decode_uint(self._post("create", request.encode()).payload))
+
+    def room_info(self, room: str) -> RoomInfo:
+        request = RoomRequest(self.handle, self.room_handle(room))
+        return codec.decode_room_info(self._request(Code.FETCH, "room", request.encode(), blocks=True).payload)
+
+    def resolve(self, alias: str) -> str:
+        """The room id of an alias (``#name:server``)."""
+        reply = self._request(Code.FETCH, "room", RoomRequest(self.handle, alias).encode())
+        return codec.decode_room_id(reply.payload)
+
+    def set_room(self, room: str, name: str | None = None, topic: str | None = None) -> None:
+        self._post("room", SetRoomRequest(self.handle, self.room_handle(room), name, topic).encode())
+
+    def invite(self, room: str, user: str) -> None:
+        self._post("invite", UserRequest(self.handle, self.room_handle(room), user).encode())
+
+    def kick(self, room: str, user: str, reason: str | None = None) -> None:
+        self._post("kick", UserRequest(self.handle, self.room_handle(room), user, reason).encode())
+
+    def leave(self, room: str) -> None:
+        self._post("leave", RoomRequest(self.handle, self.room_handle(room)).encode())
+
+    def decline(self, room_handle: int) -> None:
+        """Decline the invitation of ``room_handle`` (leave it)."""
+        self._post("leave", RoomRequest(self.handle, room_handle).encode())
+
+    def members(self, room: str) -> list[str]:
+        request = RoomRequest(self.handle, self.room_handle(room))
+        return codec.decode_users(self._request(Code.FETCH, "members", request.encode(), blocks=True).payload)
+
+    def invitations(self) -> list[Invitation]:
+        """Pending invitations, each with the room handle to accept (join) or decline (leave) it by."""
+        reply = self._request(Code.FETCH, "invite", HandleRequest(self.handle).encode(), blocks=True)
+        return codec.decode_invitations(reply.payload)
+
+    def accept(self, room_handle: int, name: str | None = None) -> int:
+        """Accept the invitation of ``room_handle`` (join it); remembered under ``name``."""
+        reply = self._post("join", JoinRequest(self.handle, room_handle).encode())
+        return self._remember(name, codec.decode_uint(reply.payload))
 
     def _fetch(self, room: str, cursor: int | None) -> Message | None:
         return self._seen(room, self._fetch_unseen(room, cursor))
@@ -802,6 +867,16 @@ COMMANDS = {
     "getmsg": "print the latest message of a room (--new: every one not yet seen)",
     "watch": "print each new message of a room as it comes (Observe)",
     "time": "print the gateway's clock (Unix seconds)",
+    "create": "create a room (the name is how later commands refer to it); prints its room handle",
+    "room": "print a room's name, topic, joined members and this device's membership; "
+            "--name/--topic set them; an #alias prints its room id",
+    "invite": "invite a user (localpart or @user:server) to a room",
+    "invitations": "list pending invitations to this device: room handle, inviter, room name",
+    "accept": "accept an invitation (its room handle from 'invitations'); prints the room handle",
+    "decline": "decline an invitation (its room handle from 'invitations')",
+    "leave": "leave a room",
+    "kick": "remove a user from a room, with an optional reason",
+    "members": "print a room's joined members, one per line",
 }
 
 
@@ -845,7 +920,33 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("room")
     send.add_argument("text")
     _command(commands, "time")
+    _room_commands(commands)
     return parser
+
+
+def _room_commands(commands: Any) -> None:
+    create = _command(commands, "create")
+    create.add_argument("name", nargs="?")
+    create.add_argument("--topic")
+    create.add_argument("--invite", action="append", default=[], metavar="USER", help="repeatable")
+    create.add_argument("--public", action="store_true", help="public_chat preset [default: private_chat]")
+    room = _command(commands, "room")
+    room.add_argument("room")
+    room.add_argument("--name")
+    room.add_argument("--topic")
+    for name in ("invite", "kick"):
+        command = _command(commands, name)
+        command.add_argument("room")
+        command.add_argument("user")
+        if name == "kick":
+            command.add_argument("reason", nargs="?")
+    _command(commands, "invitations")
+    accept = _command(commands, "accept")
+    accept.add_argument("room_handle", type=int)
+    accept.add_argument("name", nargs="?", help="remember the room under this name")
+    _command(commands, "decline").add_argument("room_handle", type=int)
+    for name in ("leave", "members"):
+        _command(commands, name).add_argument("room")
 
 
 def _command(commands: Any, name: str) -> argparse.ArgumentParser:
@@ -931,6 +1032,11 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
             print("comatrix-device: no message", file=sys.stderr)
             return 1
         _show(latest, args.json)
+    elif command in ROOM_COMMANDS:
+        if not isinstance(device, CompactDevice):
+            print(f"comatrix-device: the original form has no {command}", file=sys.stderr)
+            return 2
+        _run_room_command(args, device)
     elif command == "watch":
         if not isinstance(device, CompactDevice):
             print("comatrix-device: the original form has no watch", file=sys.stderr)
@@ -938,6 +1044,53 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
         for message in device.watch(args.room, count=args.count, timeout=args.timeout):
             _show(message, args.json)
     return 0
+
+
+ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members"})
+
+
+def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
+    command = args.command
+    if command == "create":
+        print(device.create(args.name, args.topic, args.invite, args.public))
+    elif command == "room" and args.room.startswith("#") and args.room not in device.compact.get("rooms", {}):
+        print(device.resolve(args.room))
+    elif command == "room" and (args.name is not None or args.topic is not None):
+        device.set_room(args.room, args.name, args.topic)
+        _confirm(args, "set")
+    elif command == "room":
+        info = device.room_info(args.room)
+        if args.json:
+            print(json.dumps(dataclasses.asdict(info)), flush=True)
+        else:
+            print(f"name: {info.name or ''}\ntopic: {info.topic or ''}\njoined: {info.joined}\n"
+                  f"membership: {info.membership}", flush=True)
+    elif command == "invitations":
+        for invitation in device.invitations():
+            if args.json:
+                print(json.dumps(dataclasses.asdict(invitation)), flush=True)
+            else:
+                print(f"{invitation.room}\t{invitation.inviter or ''}\t{invitation.name or ''}", flush=True)
+    elif command == "accept":
+        print(device.accept(args.room_handle, args.name))
+    elif command == "members":
+        for user in device.members(args.room):
+            print(user, flush=True)
+    else:
+        _run_membership(args, device)
+
+
+def _run_membership(args: argparse.Namespace, device: CompactDevice) -> None:
+    """invite, kick, leave, decline: commands that print nothing but a confirmation."""
+    if args.command == "invite":
+        device.invite(args.room, args.user)
+    elif args.command == "kick":
+        device.kick(args.room, args.user, args.reason)
+    elif args.command == "leave":
+        device.leave(args.room)
+    else:
+        device.decline(args.room_handle)
+    _confirm(args, {"invite": "invited", "kick": "kicked", "leave": "left", "decline": "declined"}[args.command])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,19 @@ normative description)::
     POST  /w  [handle, room-handle, seq, body] -> 2.04  (empty)                       (send: write)
     FETCH /v  [handle, room-handle(, cursor)]  -> 2.05  [sender, body, ts, cursor] or []  (messages: view)
     GET   /z                                   -> 2.05  unix-seconds (uint)           (time: zeit)
+    POST  /*  [handle, public(, name(, topic(, [user...]))) -> 2.01 room-handle      (create)
+    FETCH /y  [handle, room-handle]            -> 2.05  [name, topic, joined, membership]  (room info)
+    FETCH /y  [handle, "#alias:server"]        -> 2.05  room id (32 bytes for v12, else text)  (resolve)
+    POST  /y  [handle, room-handle, name(, topic)] -> 2.04  (null: unchanged)        (set name/topic)
+    POST  /@  [handle, room-handle, user]      -> 2.04                                (invite)
+    FETCH /@  [handle]                         -> 2.05  [[room-handle, inviter, name], ...]  (invitations)
+    POST  /~  [handle, room-handle]            -> 2.04                                (leave, decline)
+    POST  /!  [handle, room-handle, user(, reason)] -> 2.04                           (kick)
+    FETCH /&  [handle, room-handle]            -> 2.05  [user, ...]                   (members)
+
+An invitation is accepted by a join with its room handle: ``POST /x [handle, room-handle]``.
+``user`` is a localpart (of the session user's server) or a full user id; answers name users
+of that server by their localpart too.
 
 ``room`` in a join is a text string (``#alias:server``, ``!roomid`` or a name
 configured on the gateway) or, for room ids of room version 12 and later, the
@@ -33,6 +46,9 @@ __all__ = [
     "BUDGETS", "CONTENT_FORMAT", "HANDLE_SIZE", "MAX_BODY", "MAX_PASSWORD", "MAX_ROOM_REF", "MAX_USER", "PATHS",
     "RESOURCE_TYPES", "ROOM_HASH_SIZE", "MAX_UINT",
     "LoginRequest", "HandleRequest", "JoinRequest", "SendRequest", "MessagesRequest", "Message",
+    "MEMBERSHIPS", "CreateRequest", "RoomRequest", "SetRoomRequest", "UserRequest", "RoomInfo", "Invitation",
+    "encode_room_info", "decode_room_info", "encode_invitations", "decode_invitations", "encode_users",
+    "decode_users", "encode_room_id", "decode_room_id",
     "room_id_from_hash", "room_id_to_hash", "encode_handle", "decode_handle", "encode_uint",
     "decode_uint", "encode_message", "decode_message", "CodecError",
 ]
@@ -53,7 +69,8 @@ MAX_UINT = (1 << 64) - 1
 
 #: Operation -> Uri-Path segment (one character each).  None of them is an MSC3079 path
 #: code (0-9, A-Z, a-u), so a native MSC3079 endpoint keeps every short code.
-PATHS = {"login": "+", "logout": "-", "join": "x", "send": "w", "messages": "v", "time": "z"}
+PATHS = {"login": "+", "logout": "-", "join": "x", "send": "w", "messages": "v", "time": "z",
+         "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&"}
 #: Operation -> resource type shown in /.well-known/core.
 RESOURCE_TYPES = {op: f"comatrix.c.{op}" for op in PATHS}
 
@@ -63,7 +80,16 @@ RESOURCE_TYPES = {op: f"comatrix.c.{op}" for op in PATHS}
 BUDGETS: dict[str, tuple[int, int]] = {
     "send": (48, 16), "getmsg": (24, 64), "notification": (0, 72),
     "join": (64, 64), "login": (64, 64), "logout": (64, 64), "time": (64, 64),
+    "create": (64, 64), "room": (64, 64), "invite": (64, 64), "leave": (64, 64), "kick": (64, 64),
+    "members": (64, 64),
 }
+#: A membership as the room info gives it: its index here (uint).
+MEMBERSHIPS = ("join", "invite", "leave", "ban", "knock")
+#: Users a create may invite; text fields of the room operations (bytes of UTF-8).
+MAX_INVITES = 8
+MAX_NAME = 255
+MAX_TOPIC = 1024
+MAX_REASON = 255
 
 _ROOM_ID_V12 = re.compile(r"![A-Za-z0-9_-]{43}")
 
@@ -143,7 +169,9 @@ class HandleRequest:
         return cls(_handle(handle))
 
 
-RoomReference = Union[str, bytes]
+#: A room in a join: text (alias, id, configured name), a v12 id's 32 bytes, or a room handle the
+#: session already has (an invitation's: the join accepts it).
+RoomReference = Union[str, bytes, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +186,8 @@ class JoinRequest:
         return cls(handle, raw if raw is not None else room)
 
     def room_text(self) -> str:
+        if isinstance(self.room, int):
+            raise CodecError("room is a room handle")
         return room_id_from_hash(self.room) if isinstance(self.room, bytes) else self.room
 
     def encode(self) -> bytes:
@@ -170,6 +200,8 @@ class JoinRequest:
             if len(room) != ROOM_HASH_SIZE:
                 raise CodecError(f"room as bytes must be the {ROOM_HASH_SIZE}-byte id hash")
             return cls(_handle(handle), room)
+        if isinstance(room, int) and not isinstance(room, bool):
+            return cls(_handle(handle), _uint(room, "room"))
         return cls(_handle(handle), _text(room, "room", MAX_ROOM_REF))
 
 
@@ -249,3 +281,183 @@ def encode_uint(value: int) -> bytes:
 
 def decode_uint(payload: bytes) -> int:
     return _uint(decode(payload), "value")
+
+
+# ---------------------------------------------------------------------- rooms and membership
+
+
+def _optional_text(value: Any, what: str, max_bytes: int) -> str | None:
+    """A text field that may be null (unset or unchanged); "" is null too."""
+    return None if value is None or value == "" else _text(value, what, max_bytes)
+
+
+def _tail(items: list[Any], index: int) -> Any:
+    return items[index] if len(items) > index else None
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateRequest:
+    """``[handle, public(, name(, topic(, [user, ...])))]``: ``public`` 0 private_chat, 1 public_chat."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    public: bool = False
+    name: str | None = None
+    topic: str | None = None
+    invite: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, int(self.public), self.name, self.topic, list(self.invite)]
+        while len(items) > 2 and items[-1] in (None, []):
+            items.pop()  # trailing defaults cost nothing
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "CreateRequest":
+        items = _array(payload, (2, 3, 4, 5), "create")
+        public = _uint(items[1], "public")
+        if public > 1:
+            raise CodecError("public must be 0 or 1")
+        invite = _tail(items, 4)
+        if invite is None:
+            invite = []
+        if not isinstance(invite, list) or len(invite) > MAX_INVITES:
+            raise CodecError(f"invite must be an array of at most {MAX_INVITES} users")
+        return cls(_handle(items[0]), bool(public), _optional_text(_tail(items, 2), "name", MAX_NAME),
+                   _optional_text(_tail(items, 3), "topic", MAX_TOPIC),
+                   tuple(_text(user, "user", MAX_USER) for user in invite))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoomRequest:
+    """``[handle, room-handle]`` (leave, members, room info), or ``[handle, "#alias"]`` (resolve)."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int | str = 0
+
+    def encode(self) -> bytes:
+        return cbor2.dumps([self.handle, self.room])
+
+    @classmethod
+    def decode(cls, payload: bytes, *, alias: bool = False) -> "RoomRequest":
+        """``alias``: a text room reference is allowed (the room resource resolves it)."""
+        handle, room = _array(payload, (2,), "request")
+        if alias and isinstance(room, str):
+            return cls(_handle(handle), _text(room, "room", MAX_ROOM_REF))
+        return cls(_handle(handle), _uint(room, "room"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SetRoomRequest:
+    """``[handle, room-handle, name(, topic)]``; a null (or absent) field stays as it is."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int = 0
+    name: str | None = None
+    topic: str | None = None
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, self.room, self.name]
+        if self.topic is not None:
+            items.append(self.topic)
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "SetRoomRequest":
+        items = _array(payload, (3, 4), "set room")
+        name, topic = items[2], _tail(items, 3)
+        if name is None and topic is None:
+            raise CodecError("nothing to set: name and topic are null")
+        return cls(_handle(items[0]), _uint(items[1], "room"),
+                   None if name is None else _text(name, "name", MAX_NAME),
+                   None if topic is None else _text(topic, "topic", MAX_TOPIC))
+
+
+@dataclasses.dataclass(frozen=True)
+class UserRequest:
+    """``[handle, room-handle, user(, reason)]`` (invite; kick with an optional reason)."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int = 0
+    user: str = ""
+    reason: str | None = None
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, self.room, self.user]
+        if self.reason is not None:
+            items.append(self.reason)
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes, *, reason: bool = False) -> "UserRequest":
+        items = _array(payload, (3, 4) if reason else (3,), "request")
+        reason_ = _tail(items, 3)
+        return cls(_handle(items[0]), _uint(items[1], "room"), _text(items[2], "user", MAX_USER),
+                   None if reason_ is None else _text(reason_, "reason", MAX_REASON))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoomInfo:
+    name: str | None
+    topic: str | None
+    joined: int
+    membership: str
+
+
+def encode_room_info(info: RoomInfo) -> bytes:
+    """``[name, topic, joined, membership]``: name and topic null when unset, membership an index
+    into `MEMBERSHIPS` (null when the device's user has no membership)."""
+    membership = MEMBERSHIPS.index(info.membership) if info.membership in MEMBERSHIPS else None
+    return cbor2.dumps([info.name, info.topic, info.joined, membership])
+
+
+def decode_room_info(payload: bytes) -> RoomInfo:
+    name, topic, joined, membership = _array(payload, (4,), "room info")
+    if membership is not None and (not isinstance(membership, int) or not 0 <= membership < len(MEMBERSHIPS)):
+        raise CodecError("unknown membership")
+    return RoomInfo(_optional_text(name, "name", MAX_NAME), _optional_text(topic, "topic", MAX_TOPIC),
+                    _uint(joined, "joined"), "" if membership is None else MEMBERSHIPS[membership])
+
+
+@dataclasses.dataclass(frozen=True)
+class Invitation:
+    """A pending invitation: the room handle it got, who invited, the room's name (None: unknown)."""
+
+    room: int
+    inviter: str | None
+    name: str | None
+
+
+def encode_invitations(invitations: list[Invitation]) -> bytes:
+    return cbor2.dumps([[invitation.room, invitation.inviter, invitation.name] for invitation in invitations])
+
+
+def decode_invitations(payload: bytes) -> list[Invitation]:
+    items = decode(payload)
+    if not isinstance(items, list) or not all(isinstance(item, list) and len(item) == 3 for item in items):
+        raise CodecError("invitations: expected an array of [room-handle, inviter, name]")
+    return [Invitation(_uint(room, "room"), _optional_text(inviter, "inviter", MAX_USER),
+                       _optional_text(name, "name", MAX_NAME)) for room, inviter, name in items]
+
+
+def encode_users(users: list[str]) -> bytes:
+    return cbor2.dumps(list(users))
+
+
+def decode_users(payload: bytes) -> list[str]:
+    items = decode(payload)
+    if not isinstance(items, list):
+        raise CodecError("members: expected an array of users")
+    return [_text(user, "user", MAX_USER) for user in items]
+
+
+def encode_room_id(room_id: str) -> bytes:
+    """A room id as short as it goes: a v12 id as the 32 bytes it encodes, else its text."""
+    raw = room_id_to_hash(room_id)
+    return cbor2.dumps(raw if raw is not None else room_id)
+
+
+def decode_room_id(payload: bytes) -> str:
+    value = decode(payload)
+    if isinstance(value, bytes) and len(value) == ROOM_HASH_SIZE:
+        return room_id_from_hash(value)
+    return _text(value, "room id", MAX_ROOM_REF)

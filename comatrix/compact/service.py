@@ -77,9 +77,9 @@ from comatrix.identity import plain_address
 from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, Lease, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
-from comatrix.matrix.client import MatrixClient
+from comatrix.matrix.client import MatrixClient, check_room_reference
 from comatrix.matrix.api import AppserviceToken
-from comatrix.matrix.errors import HomeserverError, InvalidResponse, MatrixError
+from comatrix.matrix.errors import HomeserverError, InvalidResponse, InvalidRoomReference, MatrixError
 from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
 from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
 
@@ -361,16 +361,23 @@ class CompactService:
     # ------------------------------------------------------------------ rooms
 
     def resolve_reference(self, room: str) -> str:
-        """A configured room name -> its alias or id; an alias or id as is; else 4.00."""
+        """A configured room name -> its alias or id; an alias or id as is; else 4.00 (a diagnostic
+        short enough for the profile's error datagram)."""
         configured = self.configured_rooms.get(room)
         if configured is not None:
             return configured
         if room[0] not in "!#":
             raise BadRequest("unknown room name")
-        return room
+        try:
+            return check_room_reference(room)
+        except InvalidRoomReference:
+            raise BadRequest("room: not a room id or #alias:server") from None
 
     async def join(self, session: SessionRecord, room: str) -> int:
-        room_id = await self.matrix.join(session.access_token, self.resolve_reference(room))
+        return await self.joined(session, await self.matrix.join(session.access_token, self.resolve_reference(room)))
+
+    async def joined(self, session: SessionRecord, room_id: str) -> int:
+        """The session's user is in ``room_id`` now (a join, a create): its room handle, timeline anchored."""
         handle = await self.store.room_handle(session.id, room_id)
         if session.id in self._fed:
             self._fed_rooms.setdefault(room_id, {})[session.id] = handle

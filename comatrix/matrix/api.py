@@ -353,6 +353,11 @@ def room_members(token: str, room_id: str) -> MatrixRequest:
     return MatrixRequest("GET", _v3("rooms", room_id, "members"), access_token=token)
 
 
+def joined_members(token: str, room_id: str) -> MatrixRequest:
+    """``GET /rooms/{roomId}/joined_members``: the joined users (with display names)."""
+    return MatrixRequest("GET", _v3("rooms", room_id, "joined_members"), access_token=token)
+
+
 def room_messages(token: str, room_id: str, *, from_token: str | None = None, dir: str = "b",
                   limit: int = 10) -> MatrixRequest:
     """``GET /rooms/{roomId}/messages``: one page of every event type (see `last_messages` for filtered)."""

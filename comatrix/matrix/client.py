@@ -22,10 +22,13 @@ from comatrix.matrix.api import MatrixRequest
 from comatrix.matrix.errors import InvalidResponse, InvalidRoomReference, MatrixError
 from comatrix.matrix.responses import (
     Event,
+    Invitation,
     LoginResponse,
     SyncResponse,
     parse_create_room,
+    parse_invitations,
     parse_join,
+    parse_joined_members,
     parse_login,
     parse_messages,
     parse_register,
@@ -64,6 +67,17 @@ def check_room_reference(room: str) -> str:
         if local and sep and server:
             return room
     raise InvalidRoomReference("room must be a room id (!...) or an alias (#name:server)")
+
+
+#: A /sync filter that leaves only ``rooms.invite`` (stripped state is not filtered by type).
+INVITATIONS_FILTER: Mapping[str, Any] = {
+    "presence": {"types": []}, "account_data": {"types": []},
+    "room": {"timeline": {"limit": 0}, "state": {"types": []}, "ephemeral": {"types": []},
+             "account_data": {"types": []}},
+}
+
+#: How many distinct /sync timeouts (ms) the invitation listing cycles through (about 11.5 days).
+INVITATIONS_TIMEOUT_SPREAD = 10**9
 
 
 class _AliasCache:
@@ -115,6 +129,7 @@ class MatrixClient:
 
             reactor = default_reactor
         self.transport = transport
+        self._reactor = reactor
         self._aliases = _AliasCache(alias_cache_ttl, alias_cache_size, reactor)
         self._max_message_pages = max_message_pages
 
@@ -283,8 +298,9 @@ class MatrixClient:
             await self.request(api.sync(token, since=since, timeout_ms=timeout_ms, filter=filter))
         )
 
-    async def room_details(self, token: str, room_id: str) -> dict[str, Any]:
-        """Name, topic, avatar, canonical alias, encryption and member counts of a room (state read in parallel)."""
+    async def room_details(self, token: str, room_id: str, user_id: str | None = None) -> dict[str, Any]:
+        """Name, topic, avatar, canonical alias, encryption and member counts of a room (state read in
+        parallel); with ``user_id`` also that user's ``membership`` (None: none)."""
         wanted = (("name", "m.room.name", "name"), ("topic", "m.room.topic", "topic"),
                   ("avatar_url", "m.room.avatar", "url"), ("canonical_alias", "m.room.canonical_alias", "alias"),
                   ("encryption", "m.room.encryption", "algorithm"))
@@ -310,7 +326,26 @@ class MatrixClient:
         memberships = [event.get("content", {}).get("membership") for event in results[-1] if isinstance(event, dict)]
         details["member_count"] = sum(1 for m in memberships if m in ("join", "invite"))
         details["joined_members"] = sum(1 for m in memberships if m == "join")
+        if user_id is not None:
+            details["membership"] = next((event.get("content", {}).get("membership") for event in results[-1]
+                                          if isinstance(event, dict) and event.get("state_key") == user_id), None)
         return details
+
+    async def set_room_topic(self, token: str, room_id: str, topic: str) -> str:
+        return parse_send(await self.request(api.send_state_event(token, room_id, "m.room.topic", {"topic": topic})))
+
+    async def joined_members(self, token: str, room_id: str) -> tuple[str, ...]:
+        """The user ids of the room's joined members, sorted."""
+        return parse_joined_members(await self.request(api.joined_members(token, room_id)))
+
+    async def invitations(self, token: str, user_id: str) -> tuple[Invitation, ...]:
+        """The rooms ``user_id`` (the token's user) is invited to: one ``/sync`` that carries nothing else."""
+        # Synapse keeps a /sync answer for minutes (caches.sync_response_cache_duration) under its
+        # request, timeout included, and a sync without ``since`` never waits: a timeout that differs
+        # per call (the clock's milliseconds) gets the invitations of now, not a list cached earlier.
+        timeout_ms = 1 + int(self._reactor.seconds() * 1000) % INVITATIONS_TIMEOUT_SPREAD
+        body = await self.request(api.sync(token, filter=INVITATIONS_FILTER, timeout_ms=timeout_ms))
+        return parse_invitations(body, user_id)
 
     async def set_room_name(self, token: str, room_id: str, name: str) -> str:
         return parse_send(await self.request(api.send_state_event(token, room_id, "m.room.name", {"name": name})))

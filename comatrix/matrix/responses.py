@@ -14,6 +14,7 @@ from comatrix.matrix.errors import InvalidResponse
 
 __all__ = [
     "Event",
+    "Invitation",
     "LoginResponse",
     "MessagesPage",
     "RegisterResponse",
@@ -24,6 +25,8 @@ __all__ = [
     "parse_create_room",
     "parse_event",
     "parse_flows_session",
+    "parse_invitations",
+    "parse_joined_members",
     "parse_join",
     "parse_joined_rooms",
     "parse_login",
@@ -280,3 +283,41 @@ def parse_versions(body: Any) -> Versions:
 def parse_sync(body: Any) -> SyncResponse:
     obj = _require_object(body, "sync")
     return SyncResponse(_str(obj, "next_batch", "sync"), obj)
+
+
+def parse_joined_members(body: Any) -> tuple[str, ...]:
+    """The user ids of a ``/joined_members`` answer, sorted."""
+    joined = _require_object(body, "joined_members").get("joined")
+    if not isinstance(joined, Mapping):
+        raise InvalidResponse("joined_members: malformed 'joined'")
+    return tuple(sorted(str(user) for user in joined))
+
+
+@dataclass(frozen=True)
+class Invitation:
+    """A pending invitation of the syncing user: the room, who invited, the room's name if any."""
+
+    room_id: str
+    inviter: str | None
+    name: str | None
+
+
+def parse_invitations(body: Any, user_id: str) -> tuple[Invitation, ...]:
+    """The rooms ``user_id`` is invited to, from a ``/sync`` answer's ``rooms.invite`` (stripped state)."""
+    rooms = _require_object(body, "sync").get("rooms", {})
+    invited = rooms.get("invite", {}) if isinstance(rooms, Mapping) else {}
+    if not isinstance(invited, Mapping):
+        raise InvalidResponse("sync: malformed 'rooms.invite'")
+    found = []
+    for room_id, room in invited.items():
+        events = room.get("invite_state", {}).get("events", []) if isinstance(room, Mapping) else []
+        inviter = name = None
+        for event in events if isinstance(events, list) else ():
+            if not isinstance(event, Mapping) or not isinstance(event.get("content"), Mapping):
+                continue
+            if event.get("type") == "m.room.member" and event.get("state_key") == user_id:
+                inviter = event.get("sender") if isinstance(event.get("sender"), str) else None
+            elif event.get("type") == "m.room.name" and isinstance(event["content"].get("name"), str):
+                name = event["content"]["name"] or None
+        found.append(Invitation(str(room_id), inviter, name))
+    return tuple(sorted(found, key=lambda invitation: invitation.room_id))

@@ -4,7 +4,8 @@
 Synapse the gateway uses (UIA registration with ``m.login.dummy`` + session,
 password login, tokens, createRoom with room-version-12 style ids, aliases,
 invite/join, idempotent send, filtered ``/messages`` that can return empty
-chunks, forward ``/messages`` walks, ``/context``, ``/joined_rooms``, whoami, logout, leave; an application service's ``as_token`` acting
+chunks, forward ``/messages`` walks, ``/context``, ``/joined_rooms``, whoami, logout, leave; room state
+(read and set), ``/members``, ``/joined_members``, kick; an application service's ``as_token`` acting
 as a user of its namespace by ``user_id=``).  Tests can queue scripted answers (429, 502 pages...)
 and make requests hang.  `stub_transport` wires it to a `MatrixTransport`
 through `treq.testing.StubTreq`: no sockets, everything synchronous.
@@ -234,6 +235,9 @@ class FakeHomeserver(Resource):
             return {"joined_rooms": [room for room, members in self.members.items() if user_id in members]}
         if route == ("createRoom",) and method == "POST":
             room_id = self.new_room(user_id, body.get("room_alias_name"))
+            for event_type, key in (("m.room.name", "name"), ("m.room.topic", "topic")):
+                if key in body:
+                    self.add_event(room_id, user_id, event_type, {key: body[key]}, "")
             for invitee in body.get("invite", []):
                 self.add_event(room_id, user_id, "m.room.member", {"membership": "invite"}, invitee)
             return {"room_id": room_id}
@@ -281,6 +285,16 @@ class FakeHomeserver(Resource):
             return {}
         if user_id not in self.members[room_id]:
             raise _err(403, "M_FORBIDDEN", f"User {user_id} not in room {room_id}")
+        if rest[0] == "state" and len(rest) in (2, 3):
+            return self._state(method, room_id, rest[1], rest[2] if len(rest) == 3 else "", user_id, body)
+        if rest == ("members",) and method == "GET":
+            return {"chunk": list(self.state_events(room_id, "m.room.member").values())}
+        if rest == ("joined_members",) and method == "GET":
+            return {"joined": {member: {} for member in sorted(self.members[room_id])}}
+        if rest == ("kick",) and method == "POST":
+            self.members[room_id].discard(body["user_id"])
+            self.add_event(room_id, user_id, "m.room.member", {"membership": "leave"}, body["user_id"])
+            return {}
         if rest[0] == "send" and len(rest) == 3 and method == "PUT":
             key = (device, room_id, rest[1], rest[2])
             if key not in self.txns:
@@ -296,6 +310,20 @@ class FakeHomeserver(Resource):
             return {"event": event, "events_before": [], "events_after": [], "state": [],
                     "start": f"t{positions[0]}", "end": f"t{positions[0] + 1}"}
         raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+    def state_events(self, room_id: str, event_type: str) -> dict[str, dict[str, Any]]:
+        """The current state events of ``event_type`` in the room, by state key."""
+        return {event["state_key"]: event for event in self.rooms[room_id]
+                if event["type"] == event_type and "state_key" in event}
+
+    def _state(self, method: str, room_id: str, event_type: str, state_key: str, user_id: str,
+               body: dict[str, Any]) -> dict[str, Any]:
+        if method == "PUT":
+            return {"event_id": self.add_event(room_id, user_id, event_type, body, state_key)}
+        event = self.state_events(room_id, event_type).get(state_key)
+        if event is None:
+            raise _err(404, "M_NOT_FOUND", "Event not found.")
+        return dict(event["content"])
 
     def _messages(self, room_id: str, query: dict[str, list[str]]) -> dict[str, Any]:
         timeline = self.rooms[room_id]

@@ -1,4 +1,5 @@
-"""The compact device profile's resources: ``/+ /- /x /w /v /z`` (``docs/protocol.rst``).
+"""The compact device profile's resources: ``/+ /- /x /w /v /z``, and for rooms and membership
+``/* /y /@ /~ /! /&`` (``docs/protocol.rst``).
 
 One character per path, positional CBOR bodies, an 8-byte session handle
 instead of the access token, small room handles instead of room ids: every
@@ -29,8 +30,10 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.compact import codec
-from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, HandleRequest, JoinRequest,
-                                    LoginRequest, Message, MessagesRequest, SendRequest)
+from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, CreateRequest, HandleRequest,
+                                    JoinRequest, LoginRequest, Message, MessagesRequest, RoomRequest, SendRequest,
+                                    SetRoomRequest, UserRequest)
+from comatrix.compact.rooms import RoomOperations
 from comatrix.compact.service import CompactService, handle_hash
 from comatrix.config import ConfigError
 from comatrix.errors import COMPACT_DIAGNOSTIC_BYTES, matrix_error_response
@@ -148,10 +151,17 @@ class LogoutResource(CompactResource):
 class JoinResource(CompactResource):
     link = _link("join", "Compact join: [handle, room] -> room handle")
 
+    def __init__(self, context: PluginContext) -> None:
+        super().__init__(context)
+        self.rooms = RoomOperations(self.service)
+
     async def render_POST(self, request: Request) -> Response:
         join = JoinRequest.decode(self.payload(request))
         session = await self.service.session(join.handle, request.peer, request.security)
-        room_handle = await self.service.join(session, join.room_text())
+        if isinstance(join.room, int):  # a room handle the session has: accepts its invitation
+            room_handle = await self.rooms.accept(session, join.room)
+        else:
+            room_handle = await self.service.join(session, join.room_text())
         return _cbor(codec.encode_uint(room_handle), Code.CHANGED)
 
 
@@ -268,6 +278,93 @@ def _registration(payload: bytes) -> tuple[bytes, int] | None:
     return handle_hash(fetch.handle), fetch.room
 
 
+class RoomsResource(CompactResource):
+    """Base of the room and membership resources (`comatrix.compact.rooms`)."""
+
+    def __init__(self, context: PluginContext) -> None:
+        super().__init__(context)
+        self.rooms = RoomOperations(self.service)
+
+    async def session_of(self, request: Request, handle: bytes) -> SessionRecord:
+        return await self.service.session(handle, request.peer, request.security)
+
+
+class CreateResource(RoomsResource):
+    link = _link("create", "Compact create: [handle, public, name, topic, [user]] -> room handle")
+
+    async def render_POST(self, request: Request) -> Response:
+        create = CreateRequest.decode(self.payload(request))
+        session = await self.session_of(request, create.handle)
+        room_handle = await self.rooms.create(session, public=create.public, name=create.name, topic=create.topic,
+                                              invite=create.invite)
+        return _cbor(codec.encode_uint(room_handle), Code.CREATED)
+
+
+class RoomResource(RoomsResource):
+    """FETCH: room info (by room handle) or an alias resolved; POST: set name and topic."""
+
+    link = _link("room", "Compact room: info, alias -> room id; POST sets name/topic")
+
+    async def render_FETCH(self, request: Request) -> Response:
+        fetch = RoomRequest.decode(self.payload(request), alias=True)
+        session = await self.session_of(request, fetch.handle)
+        if isinstance(fetch.room, str):
+            return _cbor(codec.encode_room_id(await self.rooms.resolve(session, fetch.room)), Code.CONTENT)
+        return _cbor(codec.encode_room_info(await self.rooms.info(session, fetch.room)), Code.CONTENT)
+
+    async def render_POST(self, request: Request) -> Response:
+        change = SetRoomRequest.decode(self.payload(request))
+        session = await self.session_of(request, change.handle)
+        await self.rooms.set(session, change.room, change.name, change.topic)
+        return Response(code=Code.CHANGED)
+
+
+class InviteResource(RoomsResource):
+    """POST: invite a user; FETCH: the device's pending invitations (accept: join, decline: leave)."""
+
+    link = _link("invite", "Compact invite: [handle, room, user]; FETCH [handle]: invitations")
+
+    async def render_POST(self, request: Request) -> Response:
+        invite = UserRequest.decode(self.payload(request))
+        session = await self.session_of(request, invite.handle)
+        await self.rooms.invite(session, invite.room, invite.user)
+        return Response(code=Code.CHANGED)
+
+    async def render_FETCH(self, request: Request) -> Response:
+        fetch = HandleRequest.decode(self.payload(request))
+        session = await self.session_of(request, fetch.handle)
+        return _cbor(codec.encode_invitations(await self.rooms.invitations(session)), Code.CONTENT)
+
+
+class LeaveResource(RoomsResource):
+    link = _link("leave", "Compact leave (or decline): [handle, room]")
+
+    async def render_POST(self, request: Request) -> Response:
+        leave = RoomRequest.decode(self.payload(request))
+        session = await self.session_of(request, leave.handle)
+        await self.rooms.leave(session, int(leave.room))
+        return Response(code=Code.CHANGED)
+
+
+class KickResource(RoomsResource):
+    link = _link("kick", "Compact kick: [handle, room, user, reason]")
+
+    async def render_POST(self, request: Request) -> Response:
+        kick = UserRequest.decode(self.payload(request), reason=True)
+        session = await self.session_of(request, kick.handle)
+        await self.rooms.kick(session, kick.room, kick.user, kick.reason)
+        return Response(code=Code.CHANGED)
+
+
+class MembersResource(RoomsResource):
+    link = _link("members", "Compact members: [handle, room] -> [user]; block-wise")
+
+    async def render_FETCH(self, request: Request) -> Response:
+        fetch = RoomRequest.decode(self.payload(request))
+        session = await self.session_of(request, fetch.handle)
+        return _cbor(codec.encode_users(await self.rooms.members(session, int(fetch.room))), Code.CONTENT)
+
+
 class TimeResource(CoapResource):
     """GET -> Unix seconds as a CBOR uint (seeds the device's seq counter)."""
 
@@ -287,3 +384,9 @@ compact_join = ResourcePlugin("compact-join", (PATHS["join"],), JoinResource)
 compact_send = ResourcePlugin("compact-send", (PATHS["send"],), SendResource)
 compact_messages = ResourcePlugin("compact-messages", (PATHS["messages"],), MessagesResource)
 compact_time = ResourcePlugin("compact-time", (PATHS["time"],), TimeResource)
+compact_create = ResourcePlugin("compact-create", (PATHS["create"],), CreateResource)
+compact_room = ResourcePlugin("compact-room", (PATHS["room"],), RoomResource)
+compact_invite = ResourcePlugin("compact-invite", (PATHS["invite"],), InviteResource)
+compact_leave = ResourcePlugin("compact-leave", (PATHS["leave"],), LeaveResource)
+compact_kick = ResourcePlugin("compact-kick", (PATHS["kick"],), KickResource)
+compact_members = ResourcePlugin("compact-members", (PATHS["members"],), MembersResource)

@@ -58,7 +58,9 @@ from test_bad_input import (CF, EXAMPLES, PLUGINS as CLASSIC_PLUGINS, TOKEN_OPTI
                             deep, encode_with_raw, huge_integers, invalid_utf8, not_text, text_header)
 
 COMPACT_PLUGINS: list[IResourcePlugin] = [compact.compact_login, compact.compact_logout, compact.compact_join,
-                                          compact.compact_send, compact.compact_messages, compact.compact_time]
+                                          compact.compact_send, compact.compact_messages, compact.compact_time,
+                                          compact.compact_room, compact.compact_invite, compact.compact_leave,
+                                          compact.compact_kick, compact.compact_members]
 OTHER_PEER = ("2001:db8::99", 40000)
 CBOR = int(ContentFormat.CBOR)
 JSON = int(ContentFormat.JSON)
@@ -189,7 +191,7 @@ def refused(world: support.world.World, reply: wire.Datagram, events: list[dict[
 #: Element kinds of the compact layouts (``comatrix.compact.codec``): text (with its byte limit),
 #: the 8-byte session handle, a uint, and a join's room (text, or the 32-byte id hash).
 TEXT_LIMITS = {"user": codec.MAX_USER, "password": codec.MAX_PASSWORD, "room": codec.MAX_ROOM_REF,
-               "body": codec.MAX_BODY}
+               "body": codec.MAX_BODY, "name": codec.MAX_NAME, "topic": codec.MAX_TOPIC, "reason": codec.MAX_REASON}
 UINTS = ("room-handle", "seq", "cursor")
 
 #: Path -> (method, element names, accepted array lengths).
@@ -199,12 +201,18 @@ LAYOUTS: dict[str, tuple[Code, tuple[str, ...], tuple[int, ...]]] = {
     codec.PATHS["join"]: (Code.POST, ("handle", "room"), (2,)),
     codec.PATHS["send"]: (Code.POST, ("handle", "room-handle", "seq", "body"), (4,)),
     codec.PATHS["messages"]: (Code.FETCH, ("handle", "room-handle", "cursor"), (2, 3)),
+    codec.PATHS["room"]: (Code.POST, ("handle", "room-handle", "name", "topic"), (3, 4)),
+    codec.PATHS["invite"]: (Code.POST, ("handle", "room-handle", "user"), (3,)),
+    codec.PATHS["leave"]: (Code.POST, ("handle", "room-handle"), (2,)),
+    codec.PATHS["kick"]: (Code.POST, ("handle", "room-handle", "user", "reason"), (3, 4)),
+    codec.PATHS["members"]: (Code.FETCH, ("handle", "room-handle"), (2,)),
 }
 
 
 def valid_elements(world: CompactWorld, path: str) -> list[Any]:
     values = {"user": "d", "password": "pw", "handle": world.handle, "room": world.alias,
-              "room-handle": world.room_handle, "seq": 7, "body": "hi", "cursor": 0}
+              "room-handle": world.room_handle, "seq": 7, "body": "hi", "cursor": 0, "name": "Lab", "topic": "t",
+              "reason": "r"}
     return [values[name] for name in LAYOUTS[path][1]]
 
 
@@ -268,10 +276,14 @@ def wrong_type(name: str) -> st.SearchStrategy[Any]:
         return st.one_of(st.text(max_size=8), st.binary(max_size=8), st.booleans(), st.none(),
                          st.floats(allow_nan=True), st.integers(max_value=-1),
                          st.lists(st.integers(min_value=0), max_size=2))
-    if name == "room":  # text or the 32-byte hash
-        return st.one_of(not_a_string, st.just(""),
+    if name == "room":  # text, the 32-byte hash, or (a uint) a room handle of the session
+        return st.one_of(not_a_string.filter(lambda value: not _is_uint(value)), st.just(""),
                          st.binary(max_size=64).filter(lambda b: len(b) != codec.ROOM_HASH_SIZE))
     return st.one_of(not_text, st.just(""))
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= codec.MAX_UINT
 
 
 @st.composite
@@ -279,7 +291,7 @@ def bad_compact_request(draw: st.DrawFn, world: CompactWorld, path: str) -> tupl
     """(payload, content-format, kind, peer) that the compact resource at ``path`` must refuse."""
     _method, names, sizes = LAYOUTS[path]
     elements = valid_elements(world, path)
-    if len(sizes) > 1 and draw(st.booleans()):  # /v: the cursor is optional
+    if len(sizes) > 1 and draw(st.booleans()):  # the last element is optional (a cursor, a topic, a reason)
         elements = elements[:min(sizes)]
     valid = cbor2.dumps(elements)
     kinds = ["content-format", "invalid-cbor", "not-an-array", "wrong-length", "wrong-type", "huge-integer",
@@ -411,6 +423,12 @@ def test_compact_send_refuses_bad_requests(data: st.DataObject) -> None:
 @given(data=st.data())
 def test_compact_messages_refuses_bad_requests(data: st.DataObject) -> None:
     check_compact(codec.PATHS["messages"], data)
+
+
+@EXAMPLES
+@given(data=st.data(), op=st.sampled_from(["room", "invite", "leave", "kick", "members"]))
+def test_compact_room_operations_refuse_bad_requests(data: st.DataObject, op: str) -> None:
+    check_compact(codec.PATHS[op], data)
 
 
 @EXAMPLES

@@ -80,7 +80,7 @@ def test_malformed_send_is_a_codec_error(payload: bytes) -> None:
 
 
 def test_malformed_join_and_messages() -> None:
-    for payload in (cbor2.dumps([HANDLE, b"x" * 31]), cbor2.dumps([HANDLE, 5]), cbor2.dumps([HANDLE])):
+    for payload in (cbor2.dumps([HANDLE, b"x" * 31]), cbor2.dumps([HANDLE, -5]), cbor2.dumps([HANDLE])):
         with pytest.raises(codec.CodecError):
             JoinRequest.decode(payload)
     for payload in (cbor2.dumps([HANDLE]), cbor2.dumps([HANDLE, 0, 1, 2]), cbor2.dumps([HANDLE, 0, -3])):

@@ -12,6 +12,7 @@ from comatrix.coap.resource import CoapResource
 from comatrix.config import build_config
 from comatrix.credentials import Credentials
 from comatrix.discovery import PluginError, build_site, builtin_plugins, check_plugins, discover, dropin_plugins
+from comatrix.compact.codec import PATHS
 from comatrix.errors import error_response
 from comatrix.interfaces import IResourcePlugin, PluginContext
 from comatrix.plugins import accounts, clock, msc3079, rooms
@@ -21,7 +22,7 @@ from comatrix.matrix.testing import FakeHomeserver, stub_transport
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGINAL = {"register", "login", "logout", "join", "getmsg", "send", "time"}
-COMPACT = {f"compact-{op}" for op in ("login", "logout", "join", "send", "messages", "time")}
+COMPACT = {f"compact-{op}" for op in PATHS}  # one plugin per compact operation
 BUILTIN_NAMES = ORIGINAL | COMPACT | {"msc3079"}
 
 
