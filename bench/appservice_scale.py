@@ -271,8 +271,9 @@ class ModeFigures:
     connections_max: int           # to Synapse's port, largest sample from start to the last message
     connections_messages: int      # the same, during the messages only
     samples: int
-    membership: float              # invitations accepted (appservice) or compact joins (/sync), all watchers
+    membership: float              # appservice: first invitation -> all watchers joined by the gateway
     logins: float                  # all compact logins
+    joins: float                   # all compact joins (/x)
     registrations: float           # all Observe registrations
     logged_in: int
     joined: int
@@ -314,11 +315,8 @@ def watch(fleet: push_latency.Fleet, users: Sequence[str], passwords: Sequence[s
     started = time.monotonic()
     rooms = compact_round(fleet, "join", {i: [handle, room_id] for i, handle in handles.items()},
                           _CHANGED, figures.errors)
-    joined_in = time.monotonic() - started
-    figures.joined = len(rooms)
-    if not figures.membership:
-        figures.membership = joined_in
-    progress(f"  {len(rooms)}/{len(handles)} compact joins in {joined_in:.1f} s")
+    figures.joins, figures.joined = time.monotonic() - started, len(rooms)
+    progress(f"  {len(rooms)}/{len(handles)} compact joins in {figures.joins:.1f} s")
     started = time.monotonic()
     observers = fleet.observers
     fleet.observers = [observer for observer in observers if observer.index in rooms]
@@ -368,7 +366,7 @@ def start_gateway(synapse: Any, workdir: Path, config_text: str, devices: int, m
     elapsed = time.monotonic() - started
     figures = ModeFigures(mode=mode, devices=devices, gateway_start=elapsed, rss_start=gateway_perf.rss_mib(gw.pid),
                           rss_max=0.0, connections_max=0, connections_messages=0, samples=0, membership=0.0,
-                          logins=0.0, registrations=0.0, logged_in=0, joined=0)
+                          logins=0.0, joins=0.0, registrations=0.0, logged_in=0, joined=0)
     progress(f"{mode}: gateway with {devices} [[devices]] entries answering CoAP after {elapsed:.1f} s, "
              f"RSS {figures.rss_start:.1f} MB")
     return gw, figures
@@ -474,27 +472,27 @@ def sync_mode(synapse: Any, person: Any, room_id: str, workdir: Path, args: argp
 
 def report(modes: Sequence[ModeFigures], provisioned: Provisioned, args: argparse.Namespace, info: dict[str, str],
            command: str, load: tuple[str, str]) -> str:
+    count = len(provisioned.users)
     lines = [f"Machine: {info['cpus']} CPUs ({info['model']}), {info['ram']} RAM, shared with other work "
              f"(load average {load[0]} before, {load[1]} after); Linux {info['kernel']}, Python {info['python']}, "
              f"Twisted {info['twisted']}, Synapse {info['synapse']} (SQLite).",
-             f"Command: ``{command}``; gateway ``max_upstream = {args.max_upstream}``.", "",
+             f"Command: ``{command}``; gateways with ``max_upstream = {args.max_upstream}``.", "",
              "Provisioning and start::", "",
-             f"    {len(provisioned.users):>6} device users registered through the application service "
-             f"{provisioned.seconds:7.1f} s  ({len(provisioned.users) / provisioned.seconds:.0f}/s, "
-             f"{args.http_concurrency} in flight)",
-             f"    {len(provisioned.users):>6} devices.d entries written                          "
-             f"{provisioned.files_seconds:7.1f} s"]
+             f"    {f'register {count} device users (m.login.application_service, {args.http_concurrency} in flight)':<66}"
+             f"{provisioned.seconds:7.1f} s  ({count / provisioned.seconds:.0f}/s)",
+             f"    {f'write {count} devices.d entries':<66}{provisioned.files_seconds:7.1f} s"]
     for f in modes:
-        lines.append(f"    gateway start ({f.mode}, {f.devices} entries){' ' * max(0, 32 - len(f.mode) - len(str(f.devices)))}"
-                     f"{f.gateway_start:7.1f} s  RSS {f.rss_start:.1f} MB")
-    lines += ["", f"{args.watchers} watchers, one room, {args.messages} messages (Synapse's 200 for the PUT -> "
-                  "each notification)::", "",
-              "    mode        logins  members  observe   p50 ms   p99 ms   max ms  missing (late)  dup  "
+        label = f"gateway start, {f.mode} mode, {f.devices or 'no'} [[devices]] entries"
+        lines.append(f"    {label:<66}{f.gateway_start:7.1f} s  RSS {f.rss_start:.1f} MB")
+    lines += ["", f"{args.watchers} watchers, one room, {args.messages} messages (latency: Synapse's 200 for the PUT "
+                  "-> each notification)::", "",
+              "    mode        invited  logins   joins  observe   p50 ms   p99 ms   max ms  missing (late)  dup  "
               "RSS start/max MB  conns max (messages)"]
     for f in modes:
         p = f.push
         assert p is not None
-        lines.append(f"    {f.mode:<10} {f.logins:6.1f}s {f.membership:7.1f}s {f.registrations:7.1f}s "
+        invited = f"{f.membership:7.1f}s" if f.membership else "       -"
+        lines.append(f"    {f.mode:<10} {invited} {f.logins:6.1f}s {f.joins:6.1f}s {f.registrations:7.1f}s "
                      f"{p.p50:8.1f} {p.p99:8.1f} {p.max:8.1f}  {p.missing:7} ({p.late:4})  {p.duplicates:3}  "
                      f"{f.rss_start:7.1f}/{f.rss_max:<7.1f}  {f.connections_max:9} ({f.connections_messages})")
     for f in modes:
@@ -503,8 +501,11 @@ def report(modes: Sequence[ModeFigures], provisioned: Provisioned, args: argpars
         lines.append(f"    ({f.mode}: {f.logged_in} logged in, {f.joined} joined, {p.registered} observing; "
                      f"{p.received}/{p.expected} notifications on time, CON/NON {p.con}/{p.non}, "
                      f"fan-out p50 {p.spread_p50:.1f} ms; {f.samples} samples)")
-    lines += ["", "(members: appservice -- from the first invitation to the last device user joined by the "
-                  "gateway; /sync -- the compact joins.)"]
+    lines += ["", "(invited: from the first invitation to the last device user joined by the gateway; logins, joins,",
+              "observe: all watchers' compact ``/+``, ``/x`` and Observe registrations, 32 at a time; conns: "
+              "ESTABLISHED",
+              "TCP connections of the gateway to Synapse, largest sample from its start to the last message, and "
+              "during the messages.)"]
     return "\n".join(lines)
 
 
