@@ -553,7 +553,7 @@ def run(args: argparse.Namespace, base: Path) -> Run:
     synapse = SynapseServer(base / "synapse", extra_config={"app_service_config_files": [str(path)]})
     modes: list[ModeFigures] = []
     try:
-        synapse.start()
+        synapse.start(timeout=300.0)  # a loaded machine: Synapse may take minutes to start
         progress(f"Synapse on {synapse.base_url} with the application service {registration.id}")
         provision(synapse, provisioned, args.provisioned, base / "gw-appservice", args.http_concurrency)
         person = synapse.make_user("person")
