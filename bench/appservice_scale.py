@@ -100,7 +100,9 @@ WINDOW = 32
 #: Longest wait for a round of compact requests: this, plus so much per request (joins queue
 #: behind Synapse's per-room lock, a few a second in a room of 1,000 members).
 ROUND_TIMEOUT = 120.0
-ROUND_TIMEOUT_EACH = 0.6
+#: Longest wait for Synapse's answer to the person's PUT (a failed one is reported, not measured).
+PUT_TIMEOUT = 60.0
+ROUND_TIMEOUT_EACH = 0.3
 FIGURES_BEGIN = ".. figures: begin (written by bench/appservice_scale.py --write)"
 
 _POST, _CREATED, _CHANGED = 2, 0x41, 0x44
@@ -358,24 +360,30 @@ def measure_mode(figures: ModeFigures, gw: Any, synapse: Any, sources: Sequence[
                  before_watching: Callable[[], None] = lambda: None) -> None:
     """Watchers in, messages out, with the gateway sampled throughout."""
     fleet = push_latency.Fleet(len(users), ("127.0.0.1", gw.port), sources)
-    sender = push_latency.Sender(synapse.port, person.access_token, room_id)
+    sender = push_latency.Sender(synapse.port, person.access_token, room_id, timeout=PUT_TIMEOUT)
     try:
         with Sampler(gw.pid, synapse.port) as sampler:
-            before_watching()
-            watch(fleet, users, passwords, room_id, figures)
-            sampler.sample()
-            sampler.mark()
-            progress(f"  {args.messages} messages (after {args.warmup} unmeasured), "
-                     f"{sampler.max_connections} connection(s) to Synapse so far")
-            figures.push = push_latency.measure_messages(fleet, sender, len(users), args.messages,
-                                                         warmup=args.warmup, timeout=args.timeout, pace=args.pace)
-            sampler.sample()
-            figures.errors += figures.push.errors
+            try:
+                before_watching()
+                watch(fleet, users, passwords, room_id, figures)
+                sampler.sample()
+                sampler.mark()
+                progress(f"  {args.messages} messages (after {args.warmup} unmeasured), "
+                         f"{sampler.max_connections} connection(s) to Synapse so far")
+                figures.push = push_latency.measure_messages(fleet, sender, len(users), args.messages,
+                                                             warmup=args.warmup, timeout=args.timeout,
+                                                             pace=args.pace)
+                sampler.sample()
+                figures.errors += figures.push.errors
+            except Exception as error:  # the other mode's figures still count: report this one's failure
+                figures.errors.append(f"the run failed: {type(error).__name__}: {str(error)[:200]}")
+                progress(f"  {figures.mode}: {figures.errors[-1]}")
         figures.rss_max, figures.samples = sampler.max_rss, sampler.samples
         figures.connections_max, figures.connections_messages = (sampler.max_connections,
                                                                  sampler.max_connections_marked)
         figures.errors += push_latency._gateway_problems(gw)
-        progress(f"  {figures.mode}: " + push_latency._row(figures.push))
+        if figures.push is not None:
+            progress(f"  {figures.mode}: " + push_latency._row(figures.push))
     finally:
         sender.close()
         fleet.close()
@@ -514,17 +522,22 @@ def report(modes: Sequence[ModeFigures], provisioned: Provisioned, args: argpars
               "RSS start/max MB  conns max (messages)"]
     for f in modes:
         p = f.push
-        assert p is not None
+        if p is None:
+            lines.append(f"    {f.mode:<10} failed: {f.errors[-1] if f.errors else '?'}")
+            continue
         invited = f"{f.membership:7.1f}s" if f.membership else "       -"
         lines.append(f"    {f.mode:<10} {invited} {f.logins:6.1f}s {f.joins:6.1f}s {f.registrations:7.1f}s "
                      f"{p.p50:8.1f} {p.p99:8.1f} {p.max:8.1f}  {p.missing:7} ({p.late:4})  {p.duplicates:3}  "
                      f"{f.rss_start:7.1f}/{f.rss_max:<7.1f}  {f.connections_max:9} ({f.connections_messages})")
     for f in modes:
         p = f.push
-        assert p is not None
+        if p is None:
+            continue
         lines.append(f"    ({f.mode}: {f.logged_in} logged in, {f.joined} joined, {p.registered} observing; "
                      f"{p.received}/{p.expected} notifications on time, CON/NON {p.con}/{p.non}, "
-                     f"fan-out p50 {p.spread_p50:.1f} ms; {f.samples} samples)")
+                     f"fan-out p50 {p.spread_p50:.1f} ms, PUT p50 {p.put_p50:.0f} ms"
+                     + (f", {p.failed_puts} PUTs failed (not measured)" if p.failed_puts else "")
+                     + f"; {f.samples} samples)")
     lines += ["", "(invited: from the first invitation to the last device user joined by the gateway; logins, joins,",
               "observe: all watchers' compact ``/+``, ``/x`` and Observe registrations, 32 at a time; conns: "
               "ESTABLISHED",

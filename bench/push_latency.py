@@ -283,8 +283,8 @@ class Fleet:
 class Sender:
     """PUTs m.room.message events straight to Synapse on one kept-alive HTTP/1.1 connection."""
 
-    def __init__(self, port: int, token: str, room_id: str) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT)
+    def __init__(self, port: int, token: str, room_id: str, timeout: float = HTTP_TIMEOUT) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.path = f"/_matrix/client/v3/rooms/{urllib.parse.quote(room_id, safe='')}/send/m.room.message/"
 
@@ -332,6 +332,7 @@ class PushFigures:
     spread_p50: float              # first to last notification of one message (fan-out), median
     spread_max: float
     errors: list[str] = dataclasses.field(default_factory=list)
+    failed_puts: int = 0           # messages whose PUT failed (timed out): not measured
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -350,6 +351,7 @@ def measure_messages(fleet: Fleet, sender: Sender, observers: int, messages: int
     body_index = {f"push {k} {nonce}": k for k in range(total)}
     counting = [False]
     duplicates = [0]
+    failed_puts = [0]
 
     def on_message(observer: Observer, message: wire.Datagram, arrival: float) -> None:
         if message.code != _CONTENT or message.mtype not in (_CON, _NON) or message.token != observer.token:
@@ -384,7 +386,14 @@ def measure_messages(fleet: Fleet, sender: Sender, observers: int, messages: int
             pace_end = time.monotonic() + pace
             while time.monotonic() < pace_end:
                 fleet.poll(pace_end - time.monotonic(), on_message)
-        before, done = sender.send(f"push {k} {nonce}")
+        try:
+            before, done = sender.send(f"push {k} {nonce}")
+        except (OSError, http.client.HTTPException, RuntimeError) as error:
+            # Synapse too busy to answer (or refusing): this message is not measured.
+            fleet.errors.append(f"message {k}: PUT failed ({type(error).__name__}: {str(error)[:80]})")
+            sender.close()  # http.client connects again for the next PUT
+            failed_puts[0] += 1 if k >= warmup else 0
+            continue
         deadline = time.monotonic() + timeout
         while len(arrivals[k]) < expected_each and time.monotonic() < deadline:
             fleet.poll(min(0.5, deadline - time.monotonic()), on_message)
@@ -401,7 +410,7 @@ def measure_messages(fleet: Fleet, sender: Sender, observers: int, messages: int
     drain_end = time.monotonic() + min(2.0, timeout)
     while time.monotonic() < drain_end:
         fleet.poll(drain_end - time.monotonic(), on_message)
-    expected = expected_each * messages
+    expected = expected_each * (messages - failed_puts[0])
     received = sum(on_time)
     eventually = sum(len(arrivals[k]) for k in range(warmup, total))
     return PushFigures(
@@ -412,7 +421,7 @@ def measure_messages(fleet: Fleet, sender: Sender, observers: int, messages: int
         max=max(latencies, default=float("nan")), min=min(latencies, default=float("nan")),
         p50_from_put=_percentile(from_put, 50), put_p50=_percentile(puts, 50),
         spread_p50=_percentile(spreads, 50), spread_max=max(spreads, default=float("nan")),
-        errors=list(fleet.errors))
+        errors=list(fleet.errors), failed_puts=failed_puts[0])
 
 
 def measure_count(synapse: Any, device_user: Any, sender_user: Any, observers: int, messages: int,
