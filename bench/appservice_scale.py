@@ -62,6 +62,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import http.client
@@ -624,8 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(text)
     for figures in result.modes:
-        for error in figures.errors:
-            print(f"  [{figures.mode}] {error}")
+        for error, count in collections.Counter(figures.errors).items():
+            print(f"  [{figures.mode}] {error}" + (f" (x{count})" if count > 1 else ""))
     if args.write:
         gateway_perf.write_figures(Path(args.write), text, FIGURES_BEGIN)
         print(f"\nwritten to {args.write}")
