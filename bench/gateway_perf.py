@@ -655,11 +655,13 @@ FIGURES_BEGIN = ".. figures: begin (written by bench/gateway_perf.py --write)"
 FIGURES_END = ".. figures: end"
 
 
-def write_figures(path: Path, text: str) -> None:
-    """Replace the figures between the two marker comments of ``path``; the prose around stays."""
+def write_figures(path: Path, text: str, begin_marker: str = FIGURES_BEGIN) -> None:
+    """Replace the figures between ``begin_marker`` and the next end marker of ``path``; the prose
+    around stays (other benchmarks write their own blocks, each with its own begin marker)."""
     document = path.read_text()
-    begin, end = document.index(FIGURES_BEGIN), document.index(FIGURES_END)
-    path.write_text(document[:begin] + FIGURES_BEGIN + "\n\n" + text + "\n\n" + document[end:])
+    begin = document.index(begin_marker)
+    end = document.index(FIGURES_END, begin)
+    path.write_text(document[:begin] + begin_marker + "\n\n" + text + "\n\n" + document[end:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -123,10 +123,10 @@ class Observer:
 
     __slots__ = ("index", "sock", "token", "mid", "datagram", "sent_at", "tries", "acked", "state")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, source: str = "127.0.0.1") -> None:
         self.index = index
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((source, 0))
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.token = struct.pack("!HH", index & 0xFFFF, secrets.randbits(16))
@@ -140,9 +140,12 @@ class Observer:
 
 
 class Fleet:
-    """N observers read through one epoll selector; every CON that arrives is acknowledged."""
+    """N observers read through one epoll selector; every CON that arrives is acknowledged.
 
-    def __init__(self, count: int, gateway: tuple[str, int]) -> None:
+    ``sources``: each observer's own source address (one device each); default: all 127.0.0.1.
+    """
+
+    def __init__(self, count: int, gateway: tuple[str, int], sources: Sequence[str] | None = None) -> None:
         self.gateway = gateway
         self.observers: list[Observer] = []
         self.selector = selectors.DefaultSelector()
@@ -151,7 +154,7 @@ class Fleet:
         self.errors: list[str] = []
         try:
             for index in range(count):
-                observer = Observer(index)
+                observer = Observer(index, sources[index] if sources is not None else "127.0.0.1")
                 self.observers.append(observer)
                 self.selector.register(observer.sock, selectors.EVENT_READ, observer)
         except BaseException:
@@ -187,15 +190,19 @@ class Fleet:
                     observer.sock.sendto(wire.empty(MessageType.ACK, message.mid), self.gateway)
                 handle(observer, message, arrival)
 
-    # registration
+    # requests
 
-    def register(self, handle: bytes, room_handle: int, window: int = REGISTER_WINDOW,
-                 timeout: float = REGISTER_TIMEOUT) -> None:
-        payload = cbor2.dumps([handle, room_handle])
-        options = [(_OBSERVE, b""), (_URI_PATH, PATHS["messages"].encode()),
-                   (_CONTENT_FORMAT, bytes([CONTENT_FORMAT]))]
-        queue = deque(self.observers)
+    def exchange(self, requests: dict[int, tuple[int, list[tuple[int, bytes]], bytes]],
+                 window: int = REGISTER_WINDOW, timeout: float = REGISTER_TIMEOUT) -> dict[int, wire.Datagram]:
+        """One CON request per observer index, (code, options, payload), ``window`` outstanding at once,
+        with RFC 7252 retransmissions and separate responses; the answers by index (none: failed).
+
+        Each request gets a fresh token and Message ID (the observer keeps the token: an Observe
+        registration's notifications carry it).
+        """
+        queue = deque(self.observers[index] for index in requests)
         pending: dict[int, Observer] = {}
+        answers: dict[int, wire.Datagram] = {}
         deadline = time.monotonic() + timeout
 
         def on_message(observer: Observer, message: wire.Datagram, arrival: float) -> None:
@@ -206,28 +213,26 @@ class Fleet:
                 return
             if message.token != observer.token or message.code == _EMPTY:
                 return
-            if message.code == _CONTENT:
-                observe = any(number == _OBSERVE for number, _ in message.options)
-                observer.state = "registered" if observe else "rejected"
-            else:
-                observer.state = "failed"
-                self.errors.append(f"registration answered {message.code >> 5}.{message.code & 31:02d} "
-                                   f"{message.payload[:64]!r}")
+            answers[observer.index] = message
+            observer.state = "answered"
             pending.pop(observer.index, None)
 
         while queue or pending:
             now = time.monotonic()
             if now > deadline:
-                for observer in pending.values():
+                self.errors.append(f"{len(pending) + len(queue)} requests unanswered after {timeout:.0f} s")
+                for observer in list(pending.values()) + list(queue):
                     observer.state = "failed"
-                self.errors.append(f"{len(pending) + len(queue)} registrations unanswered after {timeout:.0f} s")
-                for observer in queue:
-                    observer.state = "failed"
-                return
+                return answers
             while queue and len(pending) < window:
                 observer = queue.popleft()
-                observer.datagram = wire.encode(_CON, _FETCH, observer.mid, observer.token, options, payload)
+                code, options, payload = requests[observer.index]
+                observer.mid = (observer.mid + 1) & 0xFFFF
+                observer.token = struct.pack("!HH", observer.index & 0xFFFF, secrets.randbits(16))
+                observer.datagram = wire.encode(_CON, code, observer.mid, observer.token, options, payload)
                 observer.state = "pending"
+                observer.acked = False
+                observer.tries = 0
                 observer.sent_at = now
                 pending[observer.index] = observer
                 observer.sock.sendto(observer.datagram, self.gateway)
@@ -241,6 +246,32 @@ class Fleet:
                     observer.sent_at = now
                     observer.sock.sendto(observer.datagram, self.gateway)  # same MID: a retransmission
             self.poll(0.05, on_message)
+        return answers
+
+    def register(self, handle: bytes | Sequence[bytes], room_handle: int | Sequence[int],
+                 window: int = REGISTER_WINDOW, timeout: float = REGISTER_TIMEOUT) -> None:
+        """``FETCH /v [handle, room handle]`` with Observe: 0 from every observer (one handle for all,
+        or one per observer); an observer's state ends "registered", "rejected" (answered without
+        Observe) or "failed"."""
+        options = [(_OBSERVE, b""), (_URI_PATH, PATHS["messages"].encode()),
+                   (_CONTENT_FORMAT, bytes([CONTENT_FORMAT]))]
+        requests = {}
+        for observer in self.observers:
+            mine = handle if isinstance(handle, bytes) else handle[observer.index]
+            room = room_handle if isinstance(room_handle, int) else room_handle[observer.index]
+            requests[observer.index] = (_FETCH, options, cbor2.dumps([mine, room]))
+        answers = self.exchange(requests, window, timeout)
+        for observer in self.observers:
+            message = answers.get(observer.index)
+            if message is None:
+                observer.state = "failed"
+            elif message.code == _CONTENT:
+                observe = any(number == _OBSERVE for number, _ in message.options)
+                observer.state = "registered" if observe else "rejected"
+            else:
+                observer.state = "failed"
+                self.errors.append(f"registration answered {message.code >> 5}.{message.code & 31:02d} "
+                                   f"{message.payload[:64]!r}")
 
     def registered(self) -> list[Observer]:
         return [observer for observer in self.observers if observer.state == "registered"]
@@ -252,8 +283,8 @@ class Fleet:
 class Sender:
     """PUTs m.room.message events straight to Synapse on one kept-alive HTTP/1.1 connection."""
 
-    def __init__(self, port: int, token: str, room_id: str) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT)
+    def __init__(self, port: int, token: str, room_id: str, timeout: float = HTTP_TIMEOUT) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.path = f"/_matrix/client/v3/rooms/{urllib.parse.quote(room_id, safe='')}/send/m.room.message/"
 
@@ -301,10 +332,96 @@ class PushFigures:
     spread_p50: float              # first to last notification of one message (fan-out), median
     spread_max: float
     errors: list[str] = dataclasses.field(default_factory=list)
+    failed_puts: int = 0           # messages whose PUT failed (timed out): not measured
 
 
 def _percentile(values: list[float], p: float) -> float:
     return gateway_perf.percentile(values, p) if values else float("nan")
+
+
+def measure_messages(fleet: Fleet, sender: Sender, observers: int, messages: int, *, warmup: int = 1,
+                     timeout: float = 10.0, pace: float = 0.1) -> PushFigures:
+    """Send ``warmup`` + ``messages`` messages one at a time, each once all registered observers got the
+    previous one (or its wait of ``timeout`` s ended), ``pace`` s apart; the figures of the measured ones."""
+    registered = fleet.registered()
+    nonce = secrets.token_hex(3)
+    total = warmup + messages
+    #: arrivals[k][observer index] = kernel arrival time of message k's notification.
+    arrivals: list[dict[int, float]] = [{} for _ in range(total)]
+    body_index = {f"push {k} {nonce}": k for k in range(total)}
+    counting = [False]
+    duplicates = [0]
+    failed_puts = [0]
+
+    def on_message(observer: Observer, message: wire.Datagram, arrival: float) -> None:
+        if message.code != _CONTENT or message.mtype not in (_CON, _NON) or message.token != observer.token:
+            return  # a late registration answer (ACK), an empty message, an error
+        if counting[0]:
+            if message.mtype == _CON:
+                fleet.con += 1
+            else:
+                fleet.non += 1
+        try:
+            body = cbor2.loads(message.payload)[1]
+        except (ValueError, LookupError, TypeError, cbor2.CBORDecodeError):
+            return
+        k = body_index.get(body) if isinstance(body, str) else None
+        if k is None:
+            return
+        if observer.index in arrivals[k]:
+            duplicates[0] += 1
+            return
+        arrivals[k][observer.index] = arrival
+
+    expected_each = len(registered)
+    on_time: list[int] = []
+    latencies: list[float] = []
+    from_put: list[float] = []
+    puts: list[float] = []
+    spreads: list[float] = []
+    for k in range(total):
+        counting[0] = k >= warmup
+        fleet.poll(0.0, on_message)  # anything stray before the send
+        if pace > 0:
+            pace_end = time.monotonic() + pace
+            while time.monotonic() < pace_end:
+                fleet.poll(pace_end - time.monotonic(), on_message)
+        try:
+            before, done = sender.send(f"push {k} {nonce}")
+        except (OSError, http.client.HTTPException, RuntimeError) as error:
+            # Synapse too busy to answer (or refusing): this message is not measured.
+            fleet.errors.append(f"message {k}: PUT failed ({type(error).__name__}: {str(error)[:80]})")
+            sender.close()  # http.client connects again for the next PUT
+            failed_puts[0] += 1 if k >= warmup else 0
+            continue
+        deadline = time.monotonic() + timeout
+        while len(arrivals[k]) < expected_each and time.monotonic() < deadline:
+            fleet.poll(min(0.5, deadline - time.monotonic()), on_message)
+        if k < warmup:
+            continue
+        got = dict(arrivals[k])
+        on_time.append(len(got))
+        latencies += [(arrival - done) * 1000 for arrival in got.values()]
+        from_put += [(arrival - before) * 1000 for arrival in got.values()]
+        puts.append((done - before) * 1000)
+        if got:
+            spreads.append((max(got.values()) - min(got.values())) * 1000)
+    # Late arrivals of the last message(s): a short bounded drain.
+    drain_end = time.monotonic() + min(2.0, timeout)
+    while time.monotonic() < drain_end:
+        fleet.poll(drain_end - time.monotonic(), on_message)
+    expected = expected_each * (messages - failed_puts[0])
+    received = sum(on_time)
+    eventually = sum(len(arrivals[k]) for k in range(warmup, total))
+    return PushFigures(
+        observers=observers, registered=expected_each, messages=messages, warmup=warmup, expected=expected,
+        received=received, missing=expected - received, late=eventually - received,
+        duplicates=duplicates[0], con=fleet.con, non=fleet.non,
+        p50=_percentile(latencies, 50), p99=_percentile(latencies, 99),
+        max=max(latencies, default=float("nan")), min=min(latencies, default=float("nan")),
+        p50_from_put=_percentile(from_put, 50), put_p50=_percentile(puts, 50),
+        spread_p50=_percentile(spreads, 50), spread_max=max(spreads, default=float("nan")),
+        errors=list(fleet.errors), failed_puts=failed_puts[0])
 
 
 def measure_count(synapse: Any, device_user: Any, sender_user: Any, observers: int, messages: int,
@@ -341,76 +458,9 @@ def measure_count(synapse: Any, device_user: Any, sender_user: Any, observers: i
                     if len(registered) != observers else ""))
 
         sender = Sender(synapse.port, sender_user.access_token, room_id)
-        nonce = secrets.token_hex(3)
-        total = warmup + messages
-        #: arrivals[k][observer index] = kernel arrival time of message k's notification.
-        arrivals: list[dict[int, float]] = [{} for _ in range(total)]
-        body_index = {f"push {k} {nonce}": k for k in range(total)}
-        counting = [False]
-        duplicates = [0]
-
-        def on_message(observer: Observer, message: wire.Datagram, arrival: float) -> None:
-            if message.code != _CONTENT or message.mtype not in (_CON, _NON) or message.token != observer.token:
-                return  # a late registration answer (ACK), an empty message, an error
-            if counting[0]:
-                if message.mtype == _CON:
-                    fleet.con += 1
-                else:
-                    fleet.non += 1
-            try:
-                body = cbor2.loads(message.payload)[1]
-            except (ValueError, LookupError, TypeError, cbor2.CBORDecodeError):
-                return
-            k = body_index.get(body) if isinstance(body, str) else None
-            if k is None:
-                return
-            if observer.index in arrivals[k]:
-                duplicates[0] += 1
-                return
-            arrivals[k][observer.index] = arrival
-
-        expected_each = len(registered)
-        on_time: list[int] = []
-        latencies: list[float] = []
-        from_put: list[float] = []
-        puts: list[float] = []
-        spreads: list[float] = []
-        for k in range(total):
-            counting[0] = k >= warmup
-            fleet.poll(0.0, on_message)  # anything stray before the send
-            if pace > 0:
-                pace_end = time.monotonic() + pace
-                while time.monotonic() < pace_end:
-                    fleet.poll(pace_end - time.monotonic(), on_message)
-            before, done = sender.send(f"push {k} {nonce}")
-            deadline = time.monotonic() + timeout
-            while len(arrivals[k]) < expected_each and time.monotonic() < deadline:
-                fleet.poll(min(0.5, deadline - time.monotonic()), on_message)
-            if k < warmup:
-                continue
-            got = dict(arrivals[k])
-            on_time.append(len(got))
-            latencies += [(arrival - done) * 1000 for arrival in got.values()]
-            from_put += [(arrival - before) * 1000 for arrival in got.values()]
-            puts.append((done - before) * 1000)
-            if got:
-                spreads.append((max(got.values()) - min(got.values())) * 1000)
-        # Late arrivals of the last message(s): a short bounded drain.
-        drain_end = time.monotonic() + min(2.0, timeout)
-        while time.monotonic() < drain_end:
-            fleet.poll(drain_end - time.monotonic(), on_message)
-        expected = expected_each * messages
-        received = sum(on_time)
-        eventually = sum(len(arrivals[k]) for k in range(warmup, total))
-        return PushFigures(
-            observers=observers, registered=expected_each, messages=messages, warmup=warmup, expected=expected,
-            received=received, missing=expected - received, late=eventually - received,
-            duplicates=duplicates[0], con=fleet.con, non=fleet.non,
-            p50=_percentile(latencies, 50), p99=_percentile(latencies, 99),
-            max=max(latencies, default=float("nan")), min=min(latencies, default=float("nan")),
-            p50_from_put=_percentile(from_put, 50), put_p50=_percentile(puts, 50),
-            spread_p50=_percentile(spreads, 50), spread_max=max(spreads, default=float("nan")),
-            errors=fleet.errors + _gateway_problems(gw))
+        figures = measure_messages(fleet, sender, observers, messages, warmup=warmup, timeout=timeout, pace=pace)
+        figures.errors += _gateway_problems(gw)
+        return figures
     finally:
         if sender is not None:
             sender.close()

@@ -145,15 +145,23 @@ class DeviceCredentials:
         return security in self.securities
 
     def matches(self, host: str) -> bool:
-        if self.network is None:
-            return False
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return address.version == self.network.version and address in self.network
+        address = host_address(host)
+        return address is not None and self.contains(address)
+
+    def contains(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether ``address`` (from `host_address`) is in this entry's ``address`` prefix."""
+        return self.network is not None and address.version == self.network.version and address in self.network
+
+
+def host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's host as an address (zone id dropped, IPv4-mapped IPv6 as IPv4); None if it is not one."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 #: ``[http_api] port`` when not configured (the port of the spec's examples).

@@ -27,6 +27,7 @@ nothing kept, nothing secret on the air.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -38,7 +39,7 @@ from comatrix.logs import get_logger
 from comatrix.coap.errors import Unauthorized
 from comatrix.coap.message import Request, Security
 from comatrix.codec.msc3079 import ACCESS_TOKEN_OPTION
-from comatrix.config import DeviceCredentials
+from comatrix.config import DeviceCredentials, host_address
 from comatrix.matrix.api import AppserviceToken
 from comatrix.policy import check_shared
 
@@ -136,6 +137,14 @@ class Credentials:
         # Longest prefix first, so a single address beats the prefix it belongs to.
         self._devices = sorted(devices, key=lambda device: -1 if device.network is None else device.network.prefixlen,
                                reverse=True)
+        # Entries of one address each are found by a dict lookup (10,000 provisioned devices: one
+        # lookup, not 10,000 prefix tests per request); only prefixes are tested in turn.
+        self._by_address: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, DeviceCredentials] = {}
+        for device in self._devices:
+            if device.network is not None and device.network.num_addresses == 1:
+                self._by_address.setdefault(device.network.network_address, device)
+        self._prefixes = [device for device in self._devices
+                          if device.network is not None and device.network.num_addresses > 1]
         # Identities are unique across entries (checked by the config): one lookup per request.
         self._by_security = {security: device for device in devices for security in device.securities}
         self._by_appservice_user = {device.user: device for device in devices
@@ -161,8 +170,15 @@ class Credentials:
             log.info("Dropped {count} kept token(s) of device entries no longer configured", count=dropped)
 
     def device_for(self, host: str) -> DeviceCredentials | None:
-        for device in self._devices:
-            if device.matches(host):
+        """The entry of the longest ``address`` prefix holding ``host`` (a single address first)."""
+        address = host_address(host)
+        if address is None:
+            return None
+        device = self._by_address.get(address)
+        if device is not None:
+            return device
+        for device in self._prefixes:
+            if device.contains(address):
                 return device
         return None
 

@@ -156,3 +156,22 @@ def test_a_request_through_an_oscore_context_acts_through_the_entry_of_its_recip
     assert run(creds.token_for(elsewhere, operation="send")) == "by-oscore"  # from any address
     assert address_scoped_txn_id(secured, "7") == address_scoped_txn_id(elsewhere, "7")
     assert address_scoped_txn_id(secured, "7") != address_scoped_txn_id(request(), "7")
+
+
+def test_a_single_address_entry_beats_the_prefix_holding_it_whatever_the_order() -> None:
+    world = World()
+    context = world.context([{"address": "2001:db8::/64", "access_token": "prefix"},
+                             {"address": "192.0.2.0/24", "access_token": "v4-prefix"},
+                             {"address": "192.0.2.7", "access_token": "v4-host"},
+                             {"address": HOST, "access_token": "host"}])
+    creds = Credentials(context.config.devices, context.matrix)
+
+    def token(host: str) -> str | None:
+        device = creds.device_for(host)
+        return None if device is None else device.access_token
+
+    assert token(HOST) == "host" and token("2001:db8::6") == "prefix"
+    assert token(HOST + "%lowpan0") == "host"  # the zone id is not part of the address
+    assert token("192.0.2.7") == "v4-host" and token("::ffff:192.0.2.7") == "v4-host"  # IPv4-mapped
+    assert token("192.0.2.8") == "v4-prefix"
+    assert token("198.51.100.1") is None and token("not-an-address") is None

@@ -136,6 +136,14 @@ def test_last_messages_query_has_filter_json() -> None:
     assert json.loads(query["filter"]) == {"types": ["m.room.message"]}
 
 
+def test_context_lazy_loads_members() -> None:
+    req = api.context(TOKEN, "!room", "$event")
+    assert req.method == "GET" and req.path == V3 + ("rooms", "!room", "context", "$event")
+    query = dict(parse_qsl(urlsplit(req.url(BASE)).query))
+    # Without the filter the answer's state holds every member of the room.
+    assert query["limit"] == "0" and json.loads(query["filter"]) == {"lazy_load_members": True}
+
+
 def test_last_messages_defaults_follow_facts() -> None:
     query = dict(api.last_messages(TOKEN, "!room").query)
     assert query["dir"] == "b" and query["limit"] == "1" and "from" not in query
