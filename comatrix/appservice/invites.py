@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from twisted.internet import defer
+
+from comatrix.coap.errors import ServiceUnavailable
 from comatrix.credentials import Credentials
 from comatrix.logs import get_logger
 from comatrix.matrix.client import MatrixClient
@@ -20,7 +23,10 @@ from comatrix.appservice.stream import member_events, membership
 
 log = get_logger(__name__)
 
-__all__ = ["Invitations", "inviter_allowed", "server_of"]
+__all__ = ["INVITATIONS_AT_ONCE", "Invitations", "inviter_allowed", "server_of"]
+
+#: Invitations of one transaction answered at once (well below the upstream cap and its queue).
+INVITATIONS_AT_ONCE = 8
 
 
 def server_of(user_id: str) -> str:
@@ -48,14 +54,21 @@ class Invitations:
         self._matrix = matrix
 
     async def __call__(self, room_id: str, events: Sequence[Event]) -> None:
+        # Answered several at a time, not one after another: a transaction inviting a thousand
+        # device users must be acknowledged before the homeserver's own timeout, or it is pushed
+        # again and every event behind it waits.  Bounded, so the upstream queue never overflows.
+        answers = []
+        limit = defer.DeferredSemaphore(INVITATIONS_AT_ONCE)
         for event in member_events(events):
             if membership(event) != "invite" or event.state_key is None:
                 continue
             entry = self._credentials.appservice_entry(event.state_key)
             if entry is None:
                 continue
-            await self._answer(room_id, event.state_key, event.sender,
-                               inviter_allowed(entry.allow_invites_from, event.state_key, event.sender))
+            accept = inviter_allowed(entry.allow_invites_from, event.state_key, event.sender)
+            answers.append(limit.run(self._answer, room_id, event.state_key, event.sender, accept))
+        if answers:
+            await defer.gatherResults(answers, consumeErrors=True)
 
     async def _answer(self, room_id: str, invitee: str, inviter: str, accept: bool) -> None:
         token = self._credentials.acting_token(invitee)
@@ -68,6 +81,6 @@ class Invitations:
                 await self._matrix.leave(token, room_id)
                 log.info("{user} declined the invitation of {inviter} to {room} (not in allow_invites_from)",
                          user=invitee, inviter=inviter, room=room_id)
-        except HomeserverError as error:
+        except (HomeserverError, ServiceUnavailable) as error:
             log.warn("Could not answer the invitation of {user} to {room}: {error}", user=invitee,
                      room=room_id, error=str(error))

@@ -263,3 +263,39 @@ def test_a_homeserver_error_while_answering_does_not_fail_the_transaction() -> N
                                                world.invite(world.alice, world.PICKY)])) is True
     assert [path[0] for path, _user in world.answers()] == ["join", "rooms"]  # the next one still answered
     assert run(world.stream.transaction("t1", [])) is False  # recorded: not pushed again
+
+
+def test_many_invitations_are_answered_several_at_a_time() -> None:
+    """A transaction inviting many device users is answered at most INVITATIONS_AT_ONCE at a time, all of them."""
+    from typing import cast
+    from comatrix.appservice.invites import INVITATIONS_AT_ONCE
+    from comatrix.matrix.responses import parse_event
+
+    clock = task.Clock()
+    users = [f"@comatrix_s{index}:test.local" for index in range(3 * INVITATIONS_AT_ONCE)]
+    config = build_config({"appservice": {"registration": "/x.yaml"}, "devices": [
+        {"address": f"2001:db8::{index + 1:x}", "user": user, "appservice": True} for index, user in enumerate(users)]})
+    credentials = Credentials(config.devices, cast(Any, None))
+    credentials.act_as_appservice(AS_TOKEN)
+
+    class SlowHomeserver:
+        in_flight = most = 0
+        joined: list[str] = []
+
+        async def join(self, token: Any, room: str) -> str:
+            SlowHomeserver.in_flight += 1
+            SlowHomeserver.most = max(SlowHomeserver.most, SlowHomeserver.in_flight)
+            await task.deferLater(clock, 1.0, lambda: None)
+            SlowHomeserver.in_flight -= 1
+            SlowHomeserver.joined.append(token.user_id)
+            return room
+
+    invitations = Invitations(credentials, cast(Any, SlowHomeserver()))
+    events = [parse_event({"event_id": f"$i{index}", "type": "m.room.member", "sender": "@alice:test.local",
+                           "origin_server_ts": 1, "room_id": "!r:test.local", "state_key": user,
+                           "content": {"membership": "invite"}}) for index, user in enumerate(users)]
+    done = defer.ensureDeferred(invitations("!r:test.local", events))
+    for _ in range(len(users)):
+        clock.advance(1.0)
+    assert done.called
+    assert SlowHomeserver.most == INVITATIONS_AT_ONCE and sorted(SlowHomeserver.joined) == sorted(users)
