@@ -122,8 +122,8 @@ def test_the_room_commands_of_comatrix_device(gateway: GatewayProcess, synapse: 
                                               tmp_path: Path) -> None:
     owner, friend = sensor_user(synapse), sensor_user(synapse)
     run, other = device_cli(gateway, tmp_path / "owner.json"), device_cli(gateway, tmp_path / "friend.json")
-    run("login", owner.localpart, owner.password)
-    other("login", friend.localpart, friend.password)
+    run("login", "--", owner.localpart, owner.password)
+    other("login", "--", friend.localpart, friend.password)
 
     assert run("create", "Lab", "--topic", "bench", "--invite", friend.localpart).stdout == "0\n"
     room_id = synapse.request("GET", f"{CLIENT}/joined_rooms", token=owner.access_token)["joined_rooms"][0]

@@ -59,7 +59,7 @@ def test_compact_commands(gateway: GatewayProcess, synapse: SynapseServer,
     wrong = run("login", device.localpart, "not-the-password", check=False)
     # The homeserver's own words, cut to the compact profile's error budget.
     assert wrong.returncode == 1 and "4.03 M_FORBIDDEN: Invalid username" in wrong.stderr, wrong.stderr
-    assert run("login", device.localpart, device.password).stderr == f"logged in as {device.localpart}\n"
+    assert run("login", "--", device.localpart, device.password).stderr == f"logged in as {device.localpart}\n"
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     saved = json.loads(state.read_text())["compact"]
     remember(saved["handle"])
@@ -109,7 +109,7 @@ def test_original_form(gateway: GatewayProcess, synapse: SynapseServer,
     synapse.invite(owner.access_token, room_id, device.user_id)
     state = tmp_path / "original.json"
     run = device_cli(gateway, state)
-    run("--original", "login", device.localpart, device.password)
+    run("--original", "login", "--", device.localpart, device.password)
     remember(json.loads(state.read_text())["original"]["token"])
     assert run("--original", "join", room_id).stdout.strip() == room_id
     run("--original", "send", room_id, "hello original")

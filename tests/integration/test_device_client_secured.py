@@ -52,7 +52,7 @@ def _room_for(synapse: SynapseServer, device: MatrixUser, owner: MatrixUser) -> 
 
 def _journey(run: Cli, synapse: SynapseServer, device: MatrixUser, owner: MatrixUser, room_id: str) -> None:
     assert abs(int(run("time").stdout) - time.time()) < 300
-    run("login", device.localpart, device.password)
+    run("login", "--", device.localpart, device.password)
     assert run("join", room_id).stdout.strip() == "0"
     text = "secured " + secrets.token_hex(4)
     run("send", room_id, text)
@@ -83,7 +83,7 @@ def test_every_compact_operation_over_dtls(make_gateway: Callable[..., GatewayPr
     assert plain.returncode == 1 and "4.01" in plain.stderr
     # A wrong key: the handshake fails, nothing is sent.
     wrong = device_cli(f"coaps://127.0.0.1:{dtls_port}", state, "--psk-identity", identity,
-                       "--psk-key", remember(secrets.token_urlsafe(16)))("send", room_id, "wrong", check=False)
+                       "--psk-key=" + remember(secrets.token_urlsafe(16)))("send", room_id, "wrong", check=False)
     assert wrong.returncode == 2 and "DTLS handshake failed" in wrong.stderr
     bodies = [event["content"]["body"] for event in synapse.text_messages(owner.access_token, room_id, limit=3)]
     assert "plain" not in bodies and "wrong" not in bodies
