@@ -31,7 +31,7 @@ from support.gateway import coap_probe
 
 REPO = Path(__file__).resolve().parents[2]
 #: Sections with a `MARKER`: each one's blocks after it run, in README order, in one shell.
-SECTIONS = ("First steps: a walk-through", "Resources")
+SECTIONS = ("First steps: a walk-through", "Resources", "The compact device profile: one frame per operation")
 MARKER = ".. walk-through:"
 STEP = "@@walk-through step {}@@"
 #: Bounds: the demo's start after setup (Synapse, bcrypt registrations, three comatrixctl
