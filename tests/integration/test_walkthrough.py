@@ -31,7 +31,8 @@ from support.gateway import coap_probe
 
 REPO = Path(__file__).resolve().parents[2]
 #: Sections with a `MARKER`: each one's blocks after it run, in README order, in one shell.
-SECTIONS = ("First steps: a walk-through", "Resources", "The compact device profile: one frame per operation")
+SECTIONS = ("First steps: a walk-through", "Resources", "The compact device profile: one frame per operation",
+            "Native MSC3079 (low-bandwidth Matrix clients)", "Services on the border router: the HTTP API")
 MARKER = ".. walk-through:"
 STEP = "@@walk-through step {}@@"
 #: Bounds: the demo's start after setup (Synapse, bcrypt registrations, three comatrixctl
