@@ -356,6 +356,23 @@ class MatrixClient:
     async def redact(self, token: str, room_id: str, event_id: str, txn_id: str, reason: str | None = None) -> str:
         return parse_send(await self.request(api.redact(token, room_id, event_id, txn_id, reason)))
 
+    async def read_receipt(self, token: str, room_id: str, event_id: str) -> None:
+        await self.request(api.receipt(token, room_id, event_id))
+
+    async def reactions(self, token: str, room_id: str, event_id: str, *, pages: int = 4) -> list[dict[str, Any]]:
+        """The ``m.reaction`` annotations of ``event_id`` (raw events; at most ``pages`` pages of 50)."""
+        found: list[dict[str, Any]] = []
+        position: str | None = None
+        for _ in range(pages):
+            body = await self.request(api.relations(token, room_id, event_id, "m.annotation", "m.reaction",
+                                                    from_token=position))
+            chunk = body.get("chunk")
+            found += [event for event in chunk if isinstance(event, dict)] if isinstance(chunk, list) else []
+            position = body.get("next_batch")
+            if not isinstance(position, str) or not position:
+                break
+        return found
+
     async def kick(self, token: str, room_id: str, user_id: str, reason: str | None = None) -> None:
         await self.request(api.kick(token, room_id, user_id, reason))
 
