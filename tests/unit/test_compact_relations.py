@@ -5,23 +5,26 @@ nothing asked of the homeserver), and whose messages a device's reads number at 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import cbor2
 
 from comatrix.coap import wire
 from comatrix.coap.numbers import Code
-from comatrix.coap.testing import Harness
+from comatrix.coap.testing import DEFAULT_PEER, Harness
 from comatrix.compact import codec
 from comatrix.compact.codec import PATHS
 from comatrix.config import ConfigError, build_config
 from comatrix.discovery import build_site
 from comatrix.errors import error_response
 from comatrix.interfaces import PluginContext
+from comatrix.matrix.testing import run
 from comatrix.plugins import compact
 
 import pytest
 import support.world
+from test_appservice_compact import SENSOR, AppserviceWorld, pushed
 from test_bad_input_profiles import CBOR, CF, site_context
 
 PLUGINS = [compact.compact_login, compact.compact_join, compact.compact_messages, compact.compact_react,
@@ -181,3 +184,25 @@ def test_allowed_senders_are_validated() -> None:
     [device] = build_config({"devices": [{**base, "allowed_senders": ["*:example.org", "@a:b.org"],
                                           "rooms": {"!r:b.org": {"allowed_senders": ["*"]}}}]}).devices
     assert device.senders_in("!r:b.org") == ("*",) and device.senders_in("!s:b.org") == ("*:example.org", "@a:b.org")
+
+
+def test_transaction_fed_watches_push_allowed_senders_only_and_follow_a_reload() -> None:
+    world = AppserviceWorld()
+    handle = world.login()
+    room_handle = world.joined(handle)
+    world.message("first")
+    registered = codec.decode_message(world.send("v", [handle, room_handle], observe=True).payload)
+    world.harness.replies()
+    sensor = world.credentials.entry_for_binding(DEFAULT_PEER[0])  # what the session is bound to
+    assert sensor is not None and sensor.user == SENSOR
+    alice = world.homeserver.add_user("alice", "pw-a")
+    # As a SIGHUP reload does: the next numbering follows the new entries.
+    world.credentials.replace_devices([dataclasses.replace(entry, allowed_senders=(alice,)) if entry is sensor
+                                       else entry for entry in world.entries])
+
+    def said(sender: str, body: str) -> dict[str, Any]:
+        event_id = world.homeserver.add_event(world.room, sender, "m.room.message", {"msgtype": "m.text", "body": body})
+        return next(event for event in world.homeserver.rooms[world.room] if event["event_id"] == event_id)
+    events = [said(world.user_id, "same server"), said(alice, "allowed"), said("@eve:elsewhere.org", "stranger")]
+    assert run(world.stream.transaction("t1", events))
+    assert registered is not None and pushed(world.harness.replies()) == [("allowed", registered.cursor + 1)]
