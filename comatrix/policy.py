@@ -27,12 +27,13 @@ before a resource renders (`comatrix.resources.MatrixResource`) or forwards
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from comatrix.coap.errors import Forbidden
 
 __all__ = ["DEVICE", "REGISTRATION", "OPERATIONS", "CATEGORIES", "CODE_OPERATIONS", "FULL_PATHS",
-           "operation_for", "expand_allow", "check_registration", "check_shared", "user_allowed"]
+           "operation_for", "expand_allow", "check_registration", "check_shared", "user_allowed",
+           "sender_filter"]
 
 #: The category shared credentials may always use.
 DEVICE = "device"
@@ -189,3 +190,9 @@ def user_allowed(patterns: Sequence[str] | None, owner: str, user: str) -> bool:
     server = user.partition(":")[2]
     return any(pattern in ("*", user) or (pattern.startswith("*:") and server == pattern[2:])
                for pattern in patterns)
+
+
+def sender_filter(patterns: Sequence[str] | None, own_user: str) -> Callable[[str], bool]:
+    """Whether a message of a sender reaches ``own_user``'s device: its own, or one ``allowed_senders``
+    (``patterns``; None: the default, users of its own server) allows."""
+    return lambda sender: sender == own_user or user_allowed(patterns, own_user, sender)

@@ -86,7 +86,7 @@ from comatrix.matrix.client import MatrixClient, check_room_reference
 from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, InvalidRoomReference, MatrixError
 from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
-from comatrix.policy import user_allowed
+from comatrix.policy import sender_filter
 from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
 
 log = get_logger(__name__)
@@ -446,9 +446,7 @@ class CompactService:
         return lambda event: _usable(event) and allowed(event.sender)
 
     def _sender_allowed(self, session: SessionRecord, room_id: str) -> Callable[[str], bool]:
-        patterns = self.allowed_senders(session, room_id)
-        own = session.user_id
-        return lambda sender: sender == own or user_allowed(patterns, own, sender)
+        return sender_filter(self.allowed_senders(session, room_id), session.user_id)
 
     async def _advance(self, session: SessionRecord, handle: int) -> list[StoredMessage]:
         record = await self.room(session, handle)

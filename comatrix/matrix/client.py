@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 
 
@@ -237,9 +237,10 @@ class MatrixClient:
         await self.request(api.leave(token, room_id))
 
     async def last_message(
-        self, token: str, room_id: str, *, types: Iterable[str] = ("m.room.message",)
+        self, token: str, room_id: str, *, types: Iterable[str] = ("m.room.message",),
+        senders: Callable[[str], bool] | None = None,
     ) -> Event | None:
-        """The latest event of ``types`` in the room, or None if there is none.
+        """The latest event of ``types`` in the room (of a sender ``senders`` allows), or None if there is none.
 
         State events and redacted events are skipped.  A filtered page may be
         empty without being the end (facts §5), so pages backwards until a
@@ -257,7 +258,8 @@ class MatrixClient:
                 )
             )
             for event in page.events:  # dir=b: newest first
-                if event.type in type_list and not event.is_state and not event.is_redacted:
+                if event.type in type_list and not event.is_state and not event.is_redacted and (
+                        senders is None or senders(event.sender)):
                     return event
             if page.end is None or page.end == from_token:
                 return None

@@ -20,7 +20,7 @@ from comatrix.discovery import build_site
 from comatrix.errors import error_response
 from comatrix.interfaces import PluginContext
 from comatrix.matrix.testing import run
-from comatrix.plugins import compact
+from comatrix.plugins import compact, rooms
 
 import pytest
 import support.world
@@ -206,3 +206,22 @@ def test_transaction_fed_watches_push_allowed_senders_only_and_follow_a_reload()
     events = [said(world.user_id, "same server"), said(alice, "allowed"), said("@eve:elsewhere.org", "stranger")]
     assert run(world.stream.transaction("t1", events))
     assert registered is not None and pushed(world.harness.replies()) == [("allowed", registered.cursor + 1)]
+
+
+@pytest.mark.parametrize("allowed, latest", [(None, "@alice:test.local"), (["@eve:elsewhere.org"], "@eve:elsewhere.org")])
+def test_the_clean_getmsg_of_a_device_acting_through_its_entry_follows_allowed_senders(
+        allowed: list[str] | None, latest: str) -> None:
+    world = support.world.World()
+    entry: dict[str, Any] = {"address": DEVICE[0], "user": world.user_id, "password": "pw"}
+    if allowed is not None:
+        entry["allowed_senders"] = allowed
+    harness = Harness(build_site([rooms.getmsg], world.context([entry]), error_response))
+    for sender in ("@eve:elsewhere.org", "@alice:test.local", "@mallory:elsewhere.org"):
+        world.homeserver.add_event(world.room, sender, "m.room.message", {"msgtype": "m.text", "body": sender})
+
+    def getmsg(options: list[tuple[int, bytes]] = []) -> Any:
+        [reply] = harness.send(Code.GET, ("getmsg",), query=[f"room={world.alias}"], peer=DEVICE, options=options)
+        assert reply.code == Code.CONTENT, reply
+        return cbor2.loads(reply.payload)["sender"]
+    assert getmsg() == latest
+    assert getmsg([(256, world.token.encode())]) == "@mallory:elsewhere.org"  # its own token: not the entry's device
