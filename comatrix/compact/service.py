@@ -47,7 +47,7 @@ restart gets what arrived meanwhile, with the next cursors.  Homeserver
 trouble is waited out with jittered exponential back-off (`Backoff`).
 
 Allowed senders.  Only messages of the session's own user and of the senders its
-device may hear from (``allowed_senders``, `SenderPolicy`) are numbered: `_deliverable`
+device may hear from (``allowed_senders``, `SenderPolicy`) are numbered: `_sender_allowed`
 is the one test every numbering path (walk, /sync timeline, transaction) applies, so
 a message of anyone else never gets a cursor, a push or a byte on the air.
 
