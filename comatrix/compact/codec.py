@@ -70,7 +70,8 @@ MAX_UINT = (1 << 64) - 1
 #: Operation -> Uri-Path segment (one character each).  None of them is an MSC3079 path
 #: code (0-9, A-Z, a-u), so a native MSC3079 endpoint keeps every short code.
 PATHS = {"login": "+", "logout": "-", "join": "x", "send": "w", "messages": "v", "time": "z",
-         "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&"}
+         "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&",
+         "upload": "$", "profile": "="}
 #: Operation -> resource type shown in /.well-known/core.
 RESOURCE_TYPES = {op: f"comatrix.c.{op}" for op in PATHS}
 
@@ -82,6 +83,7 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "join": (64, 64), "login": (64, 64), "logout": (64, 64), "time": (64, 64),
     "create": (64, 64), "room": (64, 64), "invite": (64, 64), "leave": (64, 64), "kick": (64, 64),
     "members": (64, 64),
+    "upload": (64, 64), "thumbnail": (64, 64), "profile": (64, 64),  # media payload aside (mediawire)
 }
 #: A membership as the room info gives it: its index here (uint).
 MEMBERSHIPS = ("join", "invite", "leave", "ban", "knock")
