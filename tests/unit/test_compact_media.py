@@ -6,6 +6,7 @@ block-wise, display name and avatar; and the pure parts (header layout, image si
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import cbor2
@@ -16,10 +17,11 @@ from comatrix.coap.blockwise import Block
 from comatrix.coap.errors import encode_uint
 from comatrix.coap.numbers import Code, OptionNumber
 from comatrix.coap.testing import Harness, option
-from comatrix.compact.codec import BUDGETS, PATHS, CodecError
+from comatrix.compact.codec import BUDGETS, PATHS, CodecError, HandleRequest
 from comatrix.compact.media import UPLOAD_IDLE, media_content, upload_txn_id
 from comatrix.compact.mediawire import (MEDIA_TYPES, ProfileRequest, ThumbnailRequest, UploadHeader,
-                                        decode_display_name, decode_upload_header, image_size, msgtype_for)
+                                        decode_display_name, decode_upload_header, encode_display_name, image_size,
+                                        msgtype_for)
 from comatrix.config import LimitSettings
 from comatrix.discovery import build_site
 from comatrix.errors import error_response
@@ -344,3 +346,60 @@ def test_profile_display_name_and_avatar_from_an_upload_key_or_an_mxc() -> None:
         reply = world.call(Code.POST, "profile", bad)
         assert reply.code == Code.BAD_REQUEST and reply.payload
     assert world.homeserver.requests == []
+
+
+# ---------------------------------------------------------------------- the examples of docs/protocol.rst
+
+SPEC_HANDLE = bytes.fromhex("8c1f3a9e02d47b65")
+SPEC_TOKEN = bytes.fromhex("4a7e")
+
+
+def _hex(data: bytes) -> str:
+    return " ".join(f"{byte:02x}" for byte in data)
+
+
+def _spec_text() -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.rst").read_text()
+    return " ".join(text.split())
+
+
+def test_the_byte_by_byte_examples_of_the_spec_are_what_the_code_sends() -> None:
+    spec = _spec_text()
+    head = UploadHeader(SPEC_HANDLE, 0, 1, "image/png").encode()
+    body_size = len(head) + 1000
+    first_options = [(OptionNumber.URI_PATH, b"$"), (OptionNumber.BLOCK1, Block(0, True, 2).encode()),
+                     (OptionNumber.SIZE1, encode_uint(body_size)), (REQUEST_TAG, b"\x01")]
+    first = wire.encode(0, Code.POST, 0x1234, SPEC_TOKEN, first_options, head + png(20, 20)[:64 - len(head)])
+    assert len(first) == 83 and len(first) - (64 - len(head)) == 32 <= BUDGETS["upload"][0]
+    lines = ["42 02 12 34 4a 7e b1 24", "d1 03 0a", "d2 14 03 f5", "d1 db 01", "ff",
+             "84 48 8c 1f 3a 9e 02 d4 7b 65 00 01 02"]  # as the spec shows them, one per line
+    assert _hex(first[:len(first) - (64 - len(head))]) == " ".join(lines)
+    assert all(line in spec for line in lines)
+    answers = {
+        "62 5f 12 34 4a 7e d1 0e 0a": wire.encode(2, Code.CONTINUE, 0x1234, SPEC_TOKEN,
+                                                  [(OptionNumber.BLOCK1, Block(0, True, 2).encode())], b""),
+        "62 44 12 36 4a 7e d1 0e f2": wire.encode(2, Code.CHANGED, 0x1236, SPEC_TOKEN,
+                                                  [(OptionNumber.BLOCK1, Block(15, False, 2).encode())], b""),
+        "62 8d 12 34 4a 7e c0 d3 23 04 00 00 ff 74 6f 6f 20 6c 61 72 67 65":
+            wire.encode(2, Code.REQUEST_ENTITY_TOO_LARGE, 0x1234, SPEC_TOKEN,
+                        [(OptionNumber.CONTENT_FORMAT, b""), (OptionNumber.SIZE1, encode_uint(262144))], b"too large"),
+        "42 05 12 34 4a 7e b1 24 11 3c b1 02 ff | 84 48 8c 1f 3a 9e 02 d4 7b 65 01 18 60 18 60":
+            wire.encode(0, Code.FETCH, 0x1234, SPEC_TOKEN, [(OptionNumber.URI_PATH, b"$"), (CF, bytes([CBOR])),
+                                                            (OptionNumber.BLOCK2, Block(0, False, 2).encode())],
+                        ThumbnailRequest(SPEC_HANDLE, 1, 96, 96).encode()),
+        "42 02 12 34 4a 7e b1 3d 11 3c ff 83 48 8c 1f 3a 9e 02 d4 7b 65 f6 01":
+            wire.encode(0, Code.POST, 0x1234, SPEC_TOKEN, [(OptionNumber.URI_PATH, b"="), (CF, bytes([CBOR]))],
+                        ProfileRequest(SPEC_HANDLE, None, 1).encode()),
+        "42 05 12 34 4a 7e b1 3d 11 3c ff 81 48 8c 1f 3a 9e 02 d4 7b 65":
+            wire.encode(0, Code.FETCH, 0x1234, SPEC_TOKEN, [(OptionNumber.URI_PATH, b"="), (CF, bytes([CBOR]))],
+                        HandleRequest(SPEC_HANDLE).encode()),
+        "62 45 12 34 4a 7e c1 3c ff 6b 44 6f 6f 72 20 63 61 6d 65 72 61":
+            wire.encode(2, Code.CONTENT, 0x1234, SPEC_TOKEN, [(CF, bytes([CBOR]))], encode_display_name("Door camera")),
+    }
+    for text, datagram in answers.items():
+        parts = text.split(" | ")  # lines of the spec, with its comments between them
+        assert _hex(datagram) == " ".join(parts) and all(part in spec for part in parts)
+        assert len(datagram) <= 64
+    set_name = wire.encode(0, Code.POST, 0x1234, SPEC_TOKEN, [(OptionNumber.URI_PATH, b"="), (CF, bytes([CBOR]))],
+                           ProfileRequest(SPEC_HANDLE, "Door camera").encode())
+    assert len(set_name) == 33 and "6b 44 6f 6f 72 20 63 61 6d 65 72 61" in spec
