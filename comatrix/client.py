@@ -10,6 +10,8 @@ original CoMatrix form (Proxy-Uri + option 256, full Matrix key names) with
     comatrix-device getmsg '#lab:example.org'     # latest; --new: everything since the last seen
     comatrix-device watch '#lab:example.org'      # Observe: print each new message
     comatrix-device time
+    comatrix-device upload '#lab:example.org' snapshot.jpg   # Block1; resumable: --key K
+    comatrix-device profile --name 'Door camera' --avatar face.png
     comatrix-device logout
 
 Its session handle, seq counter, room handles and cursors live in a small JSON
