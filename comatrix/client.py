@@ -64,7 +64,8 @@ from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
 from comatrix.compact import codec
 from comatrix.compact.codec import (PATHS, CreateRequest, HandleRequest, Invitation, JoinRequest, LoginRequest, Message,
                                     MessagesRequest, RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
-from comatrix.compact.mediawire import ProfileRequest, ThumbnailRequest, UploadHeader, decode_display_name
+from comatrix.compact.mediawire import (MediaReference, ProfileRequest, ThumbnailRequest, UploadHeader,
+                                        decode_display_name)
 from comatrix.dtls.client import DtlsClientLink
 from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
 
@@ -750,17 +751,19 @@ class CompactDevice:
                 return reply  # the end, an error, or "done before" (2.04 to the first block)
             num += 1
 
-    def set_profile(self, name: str | None = None, avatar: int | str | None = None) -> None:
-        """Set the display name and/or the avatar (an upload key of this session, or an mxc:// URI)."""
+    def set_profile(self, name: str | None = None, avatar: MediaReference | None = None) -> None:
+        """Set the display name and/or the avatar (an upload key of this session, an mxc:// URI, or
+        (room handle, event reference) of an event that carries an image)."""
         self._post("profile", ProfileRequest(self.handle, name, avatar).encode())
 
     def display_name(self) -> str | None:
         reply = self._request(Code.FETCH, "profile", HandleRequest(self.handle).encode())
         return decode_display_name(reply.payload)
 
-    def thumbnail(self, media: int | str, width: int, height: int, crop: bool = False,
+    def thumbnail(self, media: MediaReference, width: int, height: int, crop: bool = False,
                   szx: int = UPLOAD_BLOCK_SZX) -> Reply:
-        """A thumbnail of an upload (its key) or an mxc:// URI, fetched block-wise (Block2)."""
+        """A thumbnail of an upload (its key), an mxc:// URI or the media of an event (room handle,
+        event reference), fetched block-wise (Block2)."""
         request = ThumbnailRequest(self.handle, media, width, height, crop).encode()
         options = [(OptionNumber.BLOCK2, Block(0, False, szx).encode())]
         return self.coap.request(Code.FETCH, PATHS["upload"], payload=request, options=options,

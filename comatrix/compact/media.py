@@ -216,19 +216,36 @@ class MediaOperations:
                  type=header.mimetype, event=event_id)
         return uploaded
 
-    def mxc_of(self, session: SessionRecord, media: MediaReference) -> str:
-        """An upload key of the session (4.04 when not among the last kept) or an mxc URI -> the URI."""
+    async def mxc_of(self, session: SessionRecord, media: MediaReference) -> str:
+        """An upload key of the session (4.04 when not among the last kept), an mxc URI, or the event
+        that carries the media (room handle, event reference) -> the URI."""
         if isinstance(media, str):
             return media
+        if isinstance(media, tuple):
+            return await self._mxc_of_event(session, *media)
         done = self.completed(session.id, media)
         if done is None:
             raise NotFound("unknown upload key")
         return done.mxc
 
+    async def _mxc_of_event(self, session: SessionRecord, handle: int, reference: int) -> str:
+        room = await self.service.room(session, handle)
+        event_id = await self.service.store.event_id_at(session.id, handle, reference)
+        if event_id is None:
+            raise NotFound("unknown event reference")
+        body = await self.matrix.request(api.context(session.access_token, room.room_id, event_id))
+        event = body.get("event")
+        content = event.get("content") if isinstance(event, dict) else None
+        url = content.get("url") if isinstance(content, dict) else None
+        if not isinstance(url, str) or not url.startswith("mxc://"):
+            raise NotFound("event carries no media")
+        return url
+
     async def thumbnail(self, session: SessionRecord, media: MediaReference, width: int, height: int,
                         crop: bool) -> tuple[bytes, str]:
-        """A thumbnail of an upload (its key) or of any ``mxc://`` URI: (image bytes, content type)."""
-        mxc = self.mxc_of(session, media)
+        """A thumbnail of an upload (its key), of the media of an event, or of any ``mxc://`` URI:
+        (image bytes, content type)."""
+        mxc = await self.mxc_of(session, media)
         body = await self.matrix.request(api.thumbnail(session.access_token, mxc, width, height,
                                                        "crop" if crop else "scale"))
         content = body.get("content")
@@ -239,7 +256,7 @@ class MediaOperations:
     # ------------------------------------------------------------------ profile
 
     async def set_profile(self, session: SessionRecord, name: str | None, avatar: MediaReference | None) -> None:
-        avatar_url = None if avatar is None else self.mxc_of(session, avatar)
+        avatar_url = None if avatar is None else await self.mxc_of(session, avatar)
         if name is not None:
             await self.matrix.set_displayname(session.access_token, session.user_id, name)
         if avatar_url is not None:

@@ -11,8 +11,8 @@
 
 ``type`` is a uint (an index into `MEDIA_TYPES`) or a mimetype as text; ``key`` a
 device-chosen uint naming the upload (a retry with the same key never makes a
-second event); ``media`` and ``avatar`` an upload key of the session (uint) or an
-``mxc://`` URI (text).  `image_size` reads width and height from the first bytes
+second event); ``media`` and ``avatar`` an upload key of the session (uint), an
+``mxc://`` URI (text) or ``[room-handle, event-ref]`` (the event that carries it).  `image_size` reads width and height from the first bytes
 of a PNG, GIF or JPEG file.
 """
 
@@ -46,8 +46,9 @@ MAX_THUMBNAIL_SIDE = 800
 _MIMETYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 _MXC = re.compile(r"mxc://[A-Za-z0-9.:\[\]-]+/[A-Za-z0-9_-]+")
 
-#: A media item: an upload key of the session (uint) or an ``mxc://`` URI.
-MediaReference = Union[int, str]
+#: A media item: an upload key of the session (uint), an ``mxc://`` URI, or the event that carries
+#: it as (room handle, event reference).
+MediaReference = Union[int, str, tuple[int, int]]
 
 
 def _mimetype(value: Any) -> str:
@@ -64,9 +65,15 @@ def _mimetype(value: Any) -> str:
 def _media(value: Any, what: str) -> MediaReference:
     if isinstance(value, str):
         if not _MXC.fullmatch(value):
-            raise CodecError(f"{what} must be an upload key or an mxc:// URI")
+            raise CodecError(f"{what} must be an upload key, mxc:// URI or [room, ref]")
         return value
+    if isinstance(value, list) and len(value) == 2:
+        return _uint(value[0], "room"), _uint(value[1], "event reference")
     return _uint(value, what)
+
+
+def _media_item(media: MediaReference) -> Any:
+    return list(media) if isinstance(media, tuple) else media
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +134,7 @@ class ProfileRequest:
     def encode(self) -> bytes:
         items: list[Any] = [self.handle, self.name]
         if self.avatar is not None:
-            items.append(self.avatar)
+            items.append(_media_item(self.avatar))
         return cbor2.dumps(items)
 
     @classmethod
@@ -160,7 +167,7 @@ class ThumbnailRequest:
     crop: bool = False
 
     def encode(self) -> bytes:
-        items: list[Any] = [self.handle, self.media, self.width, self.height]
+        items: list[Any] = [self.handle, _media_item(self.media), self.width, self.height]
         if self.crop:
             items.append(1)
         return cbor2.dumps(items)

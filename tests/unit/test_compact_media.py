@@ -31,7 +31,8 @@ import support.world
 from support.images import gif_header, jpeg_header, png
 from test_bad_input_profiles import CBOR, CF, OTHER_PEER, site_context
 
-PLUGINS = [compact.compact_login, compact.compact_join, media.compact_upload, media.compact_profile]
+PLUGINS = [compact.compact_login, compact.compact_join, compact.compact_messages, media.compact_upload,
+           media.compact_profile]
 DEVICE = ("2001:db8::a", 5683)
 SECOND = ("2001:db8::b", 5683)
 REQUEST_TAG = 292
@@ -326,6 +327,26 @@ def test_a_thumbnail_comes_block_wise_by_upload_key() -> None:
     [call] = [r for r in world.homeserver.requests if r.path[:5] == ("_matrix", "client", "v1", "media", "thumbnail")]
     assert call.query == {"width": ["96"], "height": ["96"], "method": ["scale"]}
     assert world.call(Code.FETCH, "upload", [world.handle, 99, 96, 96]).code == Code.NOT_FOUND
+
+
+def test_a_thumbnail_of_the_media_of_an_event_by_its_event_reference() -> None:
+    world = MediaWorld()
+    image = png(12, 12)
+    world.upload(header(world, 22) + image)
+    latest = [world.handle, world.room_handle]
+    [_sender, body, _ts, cursor] = cbor2.loads(world.call(Code.FETCH, "messages", latest).payload)
+    assert body == "cam.png"
+    reply = world.call(Code.FETCH, "upload", [world.handle, [world.room_handle, cursor], 32, 32])
+    assert reply.code == Code.CONTENT and reply.payload == image
+    unknown = world.call(Code.FETCH, "upload", [world.handle, [world.room_handle, cursor + 5], 32, 32])
+    assert unknown.code == Code.NOT_FOUND and unknown.payload == b"unknown event reference"
+    assert world.call(Code.FETCH, "upload", [world.handle, [7, cursor], 32, 32]).code == Code.NOT_FOUND
+    world.homeserver.add_event(world.room, world.user_id, "m.room.message", {"msgtype": "m.text", "body": "hi"})
+    text_cursor = cbor2.loads(world.call(Code.FETCH, "messages", latest).payload)[3]
+    no_media = world.call(Code.FETCH, "upload", [world.handle, [world.room_handle, text_cursor], 32, 32])
+    assert no_media.code == Code.NOT_FOUND and no_media.payload == b"event carries no media"
+    request = ThumbnailRequest(world.handle, (0, 3), 32, 32)
+    assert ThumbnailRequest.decode(request.encode()) == request
 
 
 def test_profile_display_name_and_avatar_from_an_upload_key_or_an_mxc() -> None:
