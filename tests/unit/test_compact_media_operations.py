@@ -22,7 +22,7 @@ from comatrix.compact.media import UPLOAD_IDLE, media_content, upload_txn_id
 from comatrix.compact.mediawire import (MEDIA_TYPES, ProfileRequest, ThumbnailRequest, UploadHeader,
                                         decode_display_name, decode_upload_header, encode_display_name, image_size,
                                         msgtype_for)
-from comatrix.config import LimitSettings
+from comatrix.config import ConfigError, LimitSettings, build_config
 from comatrix.discovery import build_site
 from comatrix.errors import error_response
 from comatrix.plugins import compact, media
@@ -424,3 +424,15 @@ def test_the_byte_by_byte_examples_of_the_spec_are_what_the_code_sends() -> None
     set_name = wire.encode(0, Code.POST, 0x1234, SPEC_TOKEN, [(OptionNumber.URI_PATH, b"="), (CF, bytes([CBOR]))],
                            ProfileRequest(SPEC_HANDLE, "Door camera").encode())
     assert len(set_name) == 33 and "6b 44 6f 6f 72 20 63 61 6d 65 72 61" in spec
+
+
+def test_upload_limits_are_validated_config_keys() -> None:
+    config = build_config({"limits": {"max_upload_size": 1024, "upload_memory_per_device": 2048,
+                                      "upload_memory": 4096}})
+    assert (config.limits.max_upload_size, config.limits.upload_memory_per_device,
+            config.limits.upload_memory) == (1024, 2048, 4096)
+    assert LimitSettings().max_upload_size == 256 * 1024
+    for bad in ({"max_upload_size": 0}, {"max_upload_size": 600_000}, {"upload_memory": 1024},
+                {"max_upload_size": 1.5}, {"max_upload_bytes": 1}):
+        with pytest.raises(ConfigError):
+            build_config({"limits": bad})
