@@ -52,12 +52,14 @@ from comatrix.oscore.client import OscoreClient  # noqa: E402
 from comatrix.oscore.context import SecurityContext  # noqa: E402
 from support import free_port  # noqa: E402
 from support.gateway import GatewayProcess  # noqa: E402
+from support.images import png  # noqa: E402
 from support.synapse import SynapseServer  # noqa: E402
 
 FRAME_PAYLOAD = 80  # bytes of CoAP per IEEE 802.15.4 frame (facts §1)
 BODY20 = "temperature=21.5C ok"
 OPERATIONS = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time",
-              "react", "react remove", "redact", "read")
+              "react", "react remove", "redact", "read",
+              "upload", "thumbnail", "profile")
 FORMS = ("compact", "original", "msc3079", "http")
 SECURITIES = ("plain", "dtls", "oscore")
 #: The bench device's provisioning (a [[devices]] entry with both kinds of key material).
@@ -528,8 +530,30 @@ def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device
     if latest is not None:
         compact_relations(bench, device, security, room_id, latest.cursor)
     notification(bench, connect, security, device, sensor, room_id, gateway, synapse)
+    media(bench, device, room_id, security)
     bench.measure("logout", "compact", device.logout, security=security)
     device.coap.close()
+
+
+def media(bench: Bench, device: CompactDevice, room_id: str, security: str) -> None:
+    """A 1 KB PNG uploaded in 64-byte blocks (as over a radio), a 32x32 thumbnail of it fetched in
+    64-byte blocks, a display name set; HTTP: what the gateway exchanged with Synapse for each."""
+    image = png(18, 18, seed=1)
+    key = device.next_key()
+    http = "http" if security == "plain" else None
+    calls: list[tuple[str, Callable[[], Any], str, str]] = [
+        ("upload", lambda: device.upload(room_id, image, "image/png", None, key, szx=2),
+         f"{len(image)}-byte PNG, 64-byte blocks", "media upload + m.image send"),
+        ("thumbnail", lambda: device.thumbnail(key, 32, 32, crop=True, szx=2), "32x32 crop, 64-byte blocks",
+         "authenticated thumbnail"),
+        ("profile", lambda: device.set_profile("Sensor 01"), "set the display name", "PUT displayname")]
+    for op, call, note, http_note in calls:
+        bench.measure(op, "compact", call, security=security, http_form=http)
+        row = bench.results[(op, "compact", security)]
+        if not row.note:  # a failure keeps its note
+            row.note = note
+        if http is not None:
+            bench.results[(op, "http", "plain")].note = http_note
 
 
 def notification(bench: Bench, connect: Connector, security: str, device: CompactDevice, sensor: Device,

@@ -10,6 +10,8 @@ original CoMatrix form (Proxy-Uri + option 256, full Matrix key names) with
     comatrix-device getmsg '#lab:example.org'     # latest; --new: everything since the last seen
     comatrix-device watch '#lab:example.org'      # Observe: print each new message
     comatrix-device time
+    comatrix-device upload '#lab:example.org' snapshot.jpg   # Block1; resumable: --key K
+    comatrix-device profile --name 'Door camera' --avatar face.png
     comatrix-device logout
 
 Its session handle, seq counter, room handles and cursors live in a small JSON
@@ -41,6 +43,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import mimetypes
 import os
 import random
 import secrets
@@ -62,6 +65,8 @@ from comatrix.compact import codec
 from comatrix.compact.codec import (PATHS, CreateRequest, EventRequest, HandleRequest, Invitation, JoinRequest,
                                     LoginRequest, Message, MessagesRequest, ReactRequest, RoomInfo, RoomRequest,
                                     SendRequest, SetRoomRequest, UserRequest)
+from comatrix.compact.mediawire import (MediaReference, ProfileRequest, ThumbnailRequest, UploadHeader,
+                                        decode_display_name)
 from comatrix.dtls.client import DtlsClientLink
 from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
 
@@ -80,6 +85,10 @@ DEFAULT_PROXY_BASE = "http://[fd00::1]:8008"
 MAX_RATE_LIMIT_WAIT = 5
 #: Block size (RFC 7959 SZX) asked for answers of any length: 32 bytes, a first block within 64.
 SMALL_BLOCK_SZX = 1
+#: Block size of uploads and thumbnails (SZX 6: 1024 bytes; a radio device picks 2, 64 bytes).
+UPLOAD_BLOCK_SZX = 6
+#: RFC 9175 Request-Tag: which upload a block belongs to (the client sets the upload key).
+REQUEST_TAG = 292
 #: Called with ("up" | "down", datagram) for every datagram sent or received.
 Trace = Callable[[str, bytes], None]
 
@@ -698,6 +707,80 @@ class CompactDevice:
     def read(self, room: str, ref: int) -> None:
         self._post("read", EventRequest(self.handle, self.room_handle(room), ref).encode())
 
+    # -- media and profile
+
+    def _exchange(self, code: int, op: str, payload: bytes, options: list[tuple[int, bytes]]) -> Reply:
+        """One exchange retried as a new one (new Message ID) when nothing came back, and after a
+        4.29's Max-Age; at most ``retries`` times each."""
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self.coap.request(code, PATHS[op], payload=payload, options=options)
+            except NoResponse:
+                if attempt == self.retries:
+                    raise
+                continue
+            if reply.code != Code.TOO_MANY_REQUESTS or attempt == self.retries:
+                return reply
+            time.sleep(min(MAX_RATE_LIMIT_WAIT, int.from_bytes(reply.option(OptionNumber.MAX_AGE) or b"\x01", "big")))
+        raise AssertionError("unreachable")
+
+    def next_key(self) -> int:
+        """A fresh upload key from the seq counter (kept, so it is never used for other media)."""
+        key = int(self.compact.get("seq", 0)) + 1
+        self.compact["seq"] = key
+        self.state.save()
+        return key
+
+    def upload(self, room: str | None, data: bytes, mimetype: str, filename: str | None = None,
+               key: int | None = None, szx: int = UPLOAD_BLOCK_SZX) -> int:
+        """Upload ``data`` block-wise (Block1) into ``room`` (None: media only, no event); the key.
+
+        Restarted with the same key after an interruption, it never makes a second event:
+        a gateway that lost the upload (4.08) gets it again from the first block.
+        """
+        key = self.next_key() if key is None else key
+        room_handle = None if room is None else self.room_handle(room)
+        body = UploadHeader(self.handle, room_handle, key, mimetype, filename).encode() + data
+        tag = key.to_bytes(max(1, (key.bit_length() + 7) // 8), "big")
+        for attempt in range(self.retries + 1):
+            reply = self._blocks(body, szx, tag)
+            if reply.code != Code.REQUEST_ENTITY_INCOMPLETE or attempt == self.retries:
+                reply.checked()
+                return key
+        return key
+
+    def _blocks(self, body: bytes, szx: int, tag: bytes) -> Reply:
+        """Every block of ``body`` in turn (each answered 2.31 Continue), the final answer."""
+        size = 16 << szx
+        num = 0
+        while True:
+            more = (num + 1) * size < len(body)
+            options = [(OptionNumber.BLOCK1, Block(num, more, szx).encode()), (REQUEST_TAG, tag)]
+            if num == 0:
+                options.append((OptionNumber.SIZE1, _uint_option(len(body))))
+            reply = self._exchange(Code.POST, "upload", body[num * size:(num + 1) * size], options)
+            if reply.code != Code.CONTINUE or not more:
+                return reply  # the end, an error, or "done before" (2.04 to the first block)
+            num += 1
+
+    def set_profile(self, name: str | None = None, avatar: MediaReference | None = None) -> None:
+        """Set the display name and/or the avatar (an upload key of this session, an mxc:// URI, or
+        (room handle, event reference) of an event that carries an image)."""
+        self._post("profile", ProfileRequest(self.handle, name, avatar).encode())
+
+    def display_name(self) -> str | None:
+        reply = self._request(Code.FETCH, "profile", HandleRequest(self.handle).encode())
+        return decode_display_name(reply.payload)
+
+    def thumbnail(self, media: MediaReference, width: int, height: int, crop: bool = False,
+                  szx: int = UPLOAD_BLOCK_SZX) -> Reply:
+        """A thumbnail of an upload (its key), an mxc:// URI or the media of an event (room handle,
+        event reference), fetched block-wise (Block2)."""
+        request = ThumbnailRequest(self.handle, media, width, height, crop).encode()
+        options = [(OptionNumber.BLOCK2, Block(0, False, szx).encode())]
+        return self.coap.request(Code.FETCH, PATHS["upload"], payload=request, options=options,
+                                 content_format=codec.CONTENT_FORMAT).checked()
+
     def _fetch(self, room: str, cursor: int | None) -> Message | None:
         return self._seen(room, self._fetch_unseen(room, cursor))
 
@@ -892,6 +975,10 @@ COMMANDS = {
     "react": "add (--remove: take back) a reaction KEY to a message (REF: its cursor, getmsg --json)",
     "redact": "redact a message (REF: its cursor, getmsg --json), with an optional --reason",
     "read": "send a read receipt up to a message (REF: its cursor, getmsg --json)",
+    "upload": "upload a file block-wise into a room as m.image/m.file/m.audio/m.video (resumable: --key)",
+    "profile": "set the display name (--name) and/or avatar (--avatar FILE, mxc:// URI or upload key); "
+               "without options print the display name",
+    "thumbnail": "fetch a thumbnail (block-wise) of an upload key or mxc:// URI into a file",
 }
 
 
@@ -936,7 +1023,26 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("text")
     _command(commands, "time")
     _room_commands(commands)
+    _media_commands(commands)
     return parser
+
+
+def _media_commands(commands: Any) -> None:
+    upload = _command(commands, "upload")
+    upload.add_argument("room")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--key", type=int, default=None, help="upload key (repeat it to resume) [default: a new one]")
+    upload.add_argument("--type", default=None, help="mimetype [default: from the file's name or header]")
+    upload.add_argument("--block-size", type=int, choices=[16 << szx for szx in range(7)], default=1024)
+    profile = _command(commands, "profile")
+    profile.add_argument("--name")
+    profile.add_argument("--avatar", metavar="FILE|MXC|KEY", help="an image file (uploaded first), an mxc:// URI "
+                                                                   "or the key of an upload of this session")
+    thumbnail = _command(commands, "thumbnail")
+    thumbnail.add_argument("media", help="upload key or mxc:// URI")
+    thumbnail.add_argument("output", type=Path)
+    thumbnail.add_argument("--size", default="96x96", metavar="WxH")
+    thumbnail.add_argument("--crop", action="store_true")
 
 
 def _room_commands(commands: Any) -> None:
@@ -1056,6 +1162,11 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
             print("comatrix-device: no message", file=sys.stderr)
             return 1
         _show(latest, args.json)
+    elif command in MEDIA_COMMANDS:
+        if not isinstance(device, CompactDevice):
+            print(f"comatrix-device: the original form has no {command}", file=sys.stderr)
+            return 2
+        _run_media_command(args, device)
     elif command in ROOM_COMMANDS:
         if not isinstance(device, CompactDevice):
             print(f"comatrix-device: the original form has no {command}", file=sys.stderr)
@@ -1072,6 +1183,50 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
 
 ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members",
                            "react", "redact", "read"})
+
+
+MEDIA_COMMANDS = frozenset({"upload", "profile", "thumbnail"})
+
+
+def guess_mimetype(path: Path, data: bytes) -> str:
+    """The mimetype of a file: from its first bytes (PNG, GIF, JPEG), else its name."""
+    for magic, mimetype in ((b"\x89PNG", "image/png"), (b"GIF8", "image/gif"), (b"\xff\xd8", "image/jpeg")):
+        if data.startswith(magic):
+            return mimetype
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _media(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _run_media_command(args: argparse.Namespace, device: CompactDevice) -> None:
+    szx = 6
+    if args.command == "upload":
+        data = args.file.read_bytes()
+        key = args.key if args.key is not None else device.next_key()
+        _confirm(args, f"upload key {key} (repeat with --key {key} to resume)")
+        szx = (args.block_size.bit_length() - 5)
+        device.upload(args.room, data, args.type or guess_mimetype(args.file, data), args.file.name, key, szx)
+        _confirm(args, "uploaded")
+    elif args.command == "profile":
+        avatar: int | str | None = None
+        if args.avatar is not None:
+            avatar = _media(args.avatar)
+            if isinstance(avatar, str) and not avatar.startswith("mxc://"):
+                path = Path(avatar)
+                data = path.read_bytes()
+                avatar = device.upload(None, data, guess_mimetype(path, data), path.name, szx=szx)
+        if args.name is None and avatar is None:
+            print(device.display_name() or "", flush=True)
+            return
+        device.set_profile(args.name, avatar)
+        _confirm(args, "profile set")
+    else:
+        width, _, height = args.size.partition("x")
+        reply = device.thumbnail(_media(args.media), int(width), int(height or width), args.crop)
+        args.output.write_bytes(reply.payload)
+        _confirm(args, f"thumbnail: {len(reply.payload)} bytes")
 
 
 def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:

@@ -361,6 +361,12 @@ class LimitSettings:
     #: Long-polls all devices together may hold (each is one TCP connection to the
     #: homeserver); capped at start to fit the process's open-file limit (`comatrix.longpoll`).
     max_long_polls: int = 256
+    #: Largest media a compact upload (``comatrix.c.upload``) may carry, bytes (beyond: 4.13 with
+    #: Size1); the memory its Block1 reassembly buffers may take, all devices together and one
+    #: device's share (beyond: 5.03 / 4.29 with Max-Age).
+    max_upload_size: int = 262144
+    upload_memory: int = 4194304
+    upload_memory_per_device: int = 524288
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -381,6 +387,8 @@ class LimitSettings:
             raise ValueError("session_idle_timeout must be positive")
         if not 1 <= self.long_polls_per_device <= self.max_long_polls:
             raise ValueError("long_polls_per_device must be between 1 and max_long_polls")
+        if not 1 <= self.max_upload_size <= self.upload_memory_per_device <= self.upload_memory:
+            raise ValueError("1 <= max_upload_size <= upload_memory_per_device <= upload_memory required")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -527,6 +527,8 @@ class Store:
     async def event_id_at(self, session_id: int, handle: int, cursor: int) -> str | None:
         """The event an event reference names: the message numbered ``cursor`` in the room handle's
         numbering (None: no such message kept)."""
+        if not 0 <= cursor < 2**63:
+            return None
         rows = await self._pool.runQuery(
             "SELECT event_id FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor = ?",
             (session_id, handle, cursor))

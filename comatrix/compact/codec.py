@@ -77,7 +77,8 @@ MAX_UINT = (1 << 64) - 1
 #: code (0-9, A-Z, a-u), so a native MSC3079 endpoint keeps every short code.
 PATHS = {"login": "+", "logout": "-", "join": "x", "send": "w", "messages": "v", "time": "z",
          "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&",
-         "react": ")", "redact": "_", "read": ","}
+         "react": ")", "redact": "_", "read": ",",
+         "upload": "$", "profile": "="}
 #: Operation -> resource type shown in /.well-known/core.
 RESOURCE_TYPES = {op: f"comatrix.c.{op}" for op in PATHS}
 
@@ -90,6 +91,7 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "create": (64, 64), "room": (64, 64), "invite": (64, 64), "leave": (64, 64), "kick": (64, 64),
     "members": (64, 64),
     "react": (64, 64), "redact": (64, 64), "read": (64, 64),
+    "upload": (64, 64), "thumbnail": (64, 64), "profile": (64, 64),  # media payload aside (mediawire)
 }
 #: A membership as the room info gives it: its index here (uint).
 MEMBERSHIPS = ("join", "invite", "leave", "ban", "knock")

@@ -28,6 +28,7 @@ __all__ = [
     "context",
     "create_room",
     "deactivate",
+    "displayname",
     "kick",
     "react",
     "redact",
@@ -56,6 +57,7 @@ __all__ = [
     "register_appservice_user",
     "set_displayname",
     "sync",
+    "thumbnail",
     "versions",
     "whoami",
 ]
@@ -143,6 +145,8 @@ class MatrixRequest:
     #: A body that is not JSON (a media upload) and its Content-Type; ``body`` is then None.
     raw: bytes | None = field(default=None, repr=False)
     content_type: str | None = None
+    #: The answer is not JSON (media): the transport gives ``{"content": bytes, "content_type": str}``.
+    binary_answer: bool = False
 
     def url(self, base_url: str) -> str:
         """The full URL under ``base_url``; every path segment is percent-encoded."""
@@ -237,6 +241,11 @@ def register_appservice_user(as_token: str, localpart: str) -> MatrixRequest:
 def set_displayname(token: str, user_id: str, displayname: str) -> MatrixRequest:
     """``PUT /profile/{userId}/displayname``."""
     return MatrixRequest("PUT", _v3("profile", user_id, "displayname"), (), {"displayname": displayname}, token)
+
+
+def displayname(token: str, user_id: str) -> MatrixRequest:
+    """``GET /profile/{userId}/displayname``."""
+    return MatrixRequest("GET", _v3("profile", user_id, "displayname"), (), None, token)
 
 
 def deactivate(token: str) -> MatrixRequest:
@@ -415,6 +424,14 @@ def upload(token: str, data: bytes, content_type: str, filename: str | None = No
     query = (("filename", filename),) if filename else ()
     return MatrixRequest("POST", ("_matrix", "media", "v3", "upload"), query, None, token, raw=data,
                          content_type=content_type)
+
+
+def thumbnail(token: str, mxc: str, width: int, height: int, method: str = "scale") -> MatrixRequest:
+    """``GET /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}`` (authenticated media)."""
+    server, _, media_id = mxc.removeprefix("mxc://").partition("/")
+    query = (("width", str(width)), ("height", str(height)), ("method", method))
+    return MatrixRequest("GET", ("_matrix", "client", "v1", "media", "thumbnail", server, media_id), query, None,
+                         token, binary_answer=True)
 
 
 _ADMIN_REGISTER = ("_synapse", "admin", "v1", "register")

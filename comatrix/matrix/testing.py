@@ -91,6 +91,9 @@ class FakeHomeserver(Resource):
         self.hanging: list[Request] = []
         #: Application services: as_token -> the user regex of their namespace (`add_appservice`).
         self.appservices: dict[str, str] = {}
+        #: Uploaded media: media id -> (content, content type); profiles: user id -> fields.
+        self.media: dict[str, tuple[bytes, str]] = {}
+        self.profiles: dict[str, dict[str, str]] = {}
         self._scripts: list[tuple[str, tuple[str, ...], ScriptedAnswer | None]] = []
         self._counter = itertools.count(1)
         self._ts = itertools.count(1_700_000_000_000, 1000)
@@ -174,6 +177,10 @@ class FakeHomeserver(Resource):
                 for k, v in answer.headers.items():
                     request.setHeader(k, v)
                 return answer.body
+        if segments[:5] == ("_matrix", "client", "v1", "media", "thumbnail") and len(segments) == 7:
+            return self._thumbnail(request, segments[6])
+        if segments[:4] == ("_matrix", "media", "v3", "upload"):
+            body = raw_body
         try:
             status, reply = 200, self._dispatch(method, segments, query, request, body)
         except _Reply as r:
@@ -210,6 +217,12 @@ class FakeHomeserver(Resource):
         if path[:3] == ("_matrix", "client", "v1") and len(path) == 9 and path[5] == "relations" and method == "GET":
             self._auth(request)
             return self._relations(path[4], *path[6:])
+        if path == ("_matrix", "media", "v3", "upload") and method == "POST" and isinstance(body, bytes):
+            self._auth(request)
+            media_id = f"m{next(self._counter)}"
+            content_type = (request.getHeader(b"Content-Type") or b"application/octet-stream").decode("latin-1")
+            self.media[media_id] = (body, content_type)
+            return {"content_uri": f"mxc://{self.server_name}/{media_id}"}
         if path[:3] != ("_matrix", "client", "v3"):
             raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
         route = path[3:]
@@ -253,9 +266,36 @@ class FakeHomeserver(Resource):
             self.members[room_id].add(user_id)
             self.add_event(room_id, user_id, "m.room.member", {"membership": "join"}, user_id)
             return {"room_id": room_id}
+        if route[:1] == ("profile",) and len(route) == 3:
+            return self._profile(method, route[1], route[2], user_id, body)
         if route[:1] == ("rooms",) and len(route) >= 3:
             return self._room(method, route[1], route[2:], query, user_id, token, device, body)
         raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+    def _profile(self, method: str, user: str, field: str, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        if method == "PUT":
+            if user != user_id:
+                raise _err(403, "M_FORBIDDEN", "Cannot set another user's profile")
+            self.profiles.setdefault(user, {})[field] = body[field]
+            return {}
+        value = self.profiles.get(user, {}).get(field)
+        if value is None:
+            raise _err(404, "M_NOT_FOUND", "Profile field not set")
+        return {field: value}
+
+    def _thumbnail(self, request: Request, media_id: str) -> bytes:
+        """The media itself stands in for its thumbnail (authenticated, as Synapse's)."""
+        try:
+            self._auth(request)
+        except _Reply as r:
+            request.setResponseCode(r.status)
+            return json.dumps(r.body).encode("utf-8")
+        if media_id not in self.media:
+            request.setResponseCode(404)
+            return json.dumps({"errcode": "M_NOT_FOUND", "error": "Not found"}).encode("utf-8")
+        content, content_type = self.media[media_id]
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        return content
 
     def _register(self, body: dict[str, Any]) -> dict[str, Any]:
         auth = body.get("auth")
