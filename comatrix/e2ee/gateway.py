@@ -96,6 +96,9 @@ class Unavailable:
     async def incoming(self, token: str, room_id: str, events: Sequence[Event]) -> list[Event]:
         return [formats.undecryptable(e, "E2EE unavailable") if e.type == ENCRYPTED_TYPE else e for e in events]
 
+    async def ready(self, token: str) -> None:
+        return None
+
     async def sync_arrived(self, token: str, body: Mapping[str, Any]) -> None:
         return None
 
@@ -149,6 +152,15 @@ class GatewayCrypto:
                 await self._keys_sync(token, device)  # a room key may wait in the device's inbox
             return [device.megolm_decrypt(room_id, e) if e.type == ENCRYPTED_TYPE else e for e in events]
         return await self._with_device(token, identity, decrypt)  # type: ignore[no-any-return]
+
+    async def ready(self, token: str) -> None:
+        if isinstance(token, AppserviceToken):
+            return
+        identity = await self._identity(token)
+
+        async def nothing(device: Any) -> None:
+            return None
+        await self._with_device(token, identity, nothing)
 
     async def sync_arrived(self, token: str, body: Mapping[str, Any]) -> None:
         if isinstance(token, AppserviceToken) or not _has_crypto_news(body):

@@ -57,6 +57,9 @@ class RoomCrypto(Protocol):
     async def incoming(self, token: str, room_id: str, events: Sequence[Event]) -> list[Event]:
         """``events`` with the encrypted ones decrypted or marked undecryptable, never dropped."""
 
+    async def ready(self, token: str) -> None:
+        """Make sure the token's device has its keys on the homeserver (others can then encrypt for it)."""
+
     async def sync_arrived(self, token: str, body: Mapping[str, Any]) -> None:
         """A /sync answer of the token's device: its to-device events, device list changes, key counts."""
 
@@ -269,7 +272,20 @@ class MatrixClient:
         room_id = parse_join(await self.request(api.join(token, target or room, via=via)))
         if room[0] == "#":
             self._aliases.put(room, room_id)
+        if self.crypto is not None:
+            await self._crypto_ready(token)
         return room_id
+
+    async def _crypto_ready(self, token: str) -> None:
+        """Publish the device's keys after a join, so members can encrypt for it; the join stands
+        whatever happens (a later send or read tries again)."""
+        assert self.crypto is not None
+        try:
+            await self.crypto.ready(token)
+        except defer.CancelledError:
+            raise
+        except Exception as error:
+            log.info("E2EE keys of a device not published after its join: {error}", error=type(error).__name__)
 
     async def leave(self, token: str, room_id: str) -> None:
         await self.request(api.leave(token, room_id))
