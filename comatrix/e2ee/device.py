@@ -143,10 +143,10 @@ class DeviceCrypto:
 
     def keys_queried(self, body: Mapping[str, Any], asked: Iterable[str]) -> None:
         """Take a ``/keys/query`` answer: each device whose keys its own key signed."""
-        answered = body.get("device_keys") if isinstance(body.get("device_keys"), Mapping) else {}
+        answered = formats.json_field(body, "device_keys")
         for user in asked:
             devices: dict[str, PeerDevice] = {}
-            for device_id, keys in (answered.get(user) or {}).items():
+            for device_id, keys in formats.json_field(answered, user).items():
                 device = _peer_device(user, device_id, keys)
                 if device is not None:
                     devices[device_id] = device
@@ -161,9 +161,9 @@ class DeviceCrypto:
 
     def keys_claimed(self, body: Mapping[str, Any], devices: Iterable[PeerDevice]) -> None:
         """Start an Olm session with each device whose claimed one-time key it signed itself."""
-        claimed = body.get("one_time_keys") if isinstance(body.get("one_time_keys"), Mapping) else {}
+        claimed = formats.json_field(body, "one_time_keys")
         for device in devices:
-            for key in (claimed.get(device.user_id, {}).get(device.device_id) or {}).values():
+            for key in formats.json_field(formats.json_field(claimed, device.user_id), device.device_id).values():
                 if isinstance(key, Mapping) and isinstance(key.get("key"), str) and verify_signed(
                         key, device.user_id, device.device_id, device.ed25519):
                     session = self.account.create_outbound_session(
@@ -200,7 +200,7 @@ class DeviceCrypto:
             return
         sender = event.get("sender")
         sender_key = content.get("sender_key")
-        mine = (content.get("ciphertext") or {}).get(self.curve25519)
+        mine = formats.json_field(content, "ciphertext").get(self.curve25519)
         if not isinstance(sender_key, str) or not isinstance(mine, Mapping) or not isinstance(sender, str):
             return
         try:
@@ -210,7 +210,7 @@ class DeviceCrypto:
             log.info("To-device message from {sender} not decryptable: {error}", sender=sender, error=error)
             return
         if payload.get("sender") != sender or payload.get("recipient") != self.user_id \
-                or (payload.get("recipient_keys") or {}).get("ed25519") != self.ed25519:
+                or formats.json_field(payload, "recipient_keys").get("ed25519") != self.ed25519:
             log.warn("To-device message from {sender} not meant for this device: ignored", sender=sender)
             return
         if payload.get("type") == formats.ROOM_KEY:
@@ -343,7 +343,7 @@ def _peer_device(user_id: str, device_id: str, keys: Any) -> PeerDevice | None:
     """A device of a ``/keys/query`` answer if its ids match and its own key signed it."""
     if not isinstance(keys, Mapping) or keys.get("user_id") != user_id or keys.get("device_id") != device_id:
         return None
-    key_map = keys.get("keys") if isinstance(keys.get("keys"), Mapping) else {}
+    key_map = formats.json_field(keys, "keys")
     curve, ed = key_map.get(f"curve25519:{device_id}"), key_map.get(f"ed25519:{device_id}")
     if not isinstance(curve, str) or not isinstance(ed, str) or not verify_signed(keys, user_id, device_id, ed):
         log.warn("Device {device} of {user}: keys not signed by itself, ignored", device=device_id, user=user_id)

@@ -17,7 +17,7 @@ from comatrix.matrix.responses import Event
 
 __all__ = [
     "ENCRYPTED", "MEGOLM", "OLM", "UNDECRYPTABLE_BODY", "UNDECRYPTABLE_MSGTYPE", "Rotation",
-    "canonical_json", "decrypted", "json_object", "megolm_content", "room_key_content", "megolm_plaintext", "olm_content", "olm_payload",
+    "canonical_json", "decrypted", "json_field", "json_list", "json_object", "megolm_content", "room_key_content", "megolm_plaintext", "olm_content", "olm_payload",
     "parse_megolm_plaintext", "rotation_of", "undecryptable", "unsigned_copy",
 ]
 
@@ -73,6 +73,18 @@ def megolm_plaintext(room_id: str, event_type: str, content: Mapping[str, Any]) 
 def megolm_content(sender_key: str, device_id: str, session_id: str, ciphertext: str) -> dict[str, Any]:
     return {"algorithm": MEGOLM, "sender_key": sender_key, "device_id": device_id,
             "session_id": session_id, "ciphertext": ciphertext}
+
+
+def json_field(value: Any, key: str) -> Mapping[str, Any]:
+    """``value[key]`` if both are JSON objects, else an empty one (a malformed answer holds nothing)."""
+    found = value.get(key) if isinstance(value, Mapping) else None
+    return found if isinstance(found, Mapping) else {}
+
+
+def json_list(value: Any, key: str) -> list[Any]:
+    """``value[key]`` if it is a JSON array (in a JSON object), else an empty one."""
+    found = value.get(key) if isinstance(value, Mapping) else None
+    return found if isinstance(found, list) else []
 
 
 def json_object(data: bytes) -> dict[str, Any]:

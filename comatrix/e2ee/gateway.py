@@ -229,10 +229,10 @@ class GatewayCrypto:
         log.debug("E2EE: {count} one-time keys uploaded for {user}", count=len(keys), user=device.user_id)
 
     async def _members(self, token: str, room_id: str) -> set[str]:
-        chunk = (await self.matrix.request(api.room_members(token, room_id))).get("chunk")
-        return {event["state_key"] for event in chunk or () if isinstance(event, dict)
+        chunk = formats.json_list(await self.matrix.request(api.room_members(token, room_id)), "chunk")
+        return {event["state_key"] for event in chunk if isinstance(event, dict)
                 and isinstance(event.get("state_key"), str)
-                and (event.get("content") or {}).get("membership") in ("join", "invite")}
+                and formats.json_field(event, "content").get("membership") in ("join", "invite")}
 
     async def _share(self, token: str, device: Any, room_id: str, outbound: Any, members: set[str]) -> None:
         """Send the room key to every device of ``members`` that does not have it yet (Olm, to-device)."""
@@ -269,10 +269,11 @@ class GatewayCrypto:
             device.sync_since = next_batch
 
     async def _take_sync(self, token: str, device: Any, body: Mapping[str, Any]) -> None:
-        for event in (body.get("to_device") or {}).get("events") or ():
+        for event in formats.json_list(formats.json_field(body, "to_device"), "events"):
             if isinstance(event, Mapping):
                 device.to_device(event)
-        device.devices_changed((body.get("device_lists") or {}).get("changed") or ())
+        device.devices_changed(user for user in formats.json_list(formats.json_field(body, "device_lists"), "changed")
+                               if isinstance(user, str))
         counts = body.get("device_one_time_keys_count")
         if isinstance(counts, Mapping) and isinstance(counts.get("signed_curve25519", 0), int):
             await self._upload(token, device, published=counts.get("signed_curve25519", 0))
@@ -282,5 +283,6 @@ def _has_crypto_news(body: Mapping[str, Any]) -> bool:
     """Whether a /sync answer holds anything for the device's crypto state (most hold nothing)."""
     counts = body.get("device_one_time_keys_count")
     published = counts.get("signed_curve25519", 0) if isinstance(counts, Mapping) else formats.OTK_TARGET
-    return bool((body.get("to_device") or {}).get("events") or (body.get("device_lists") or {}).get("changed")
+    return bool(formats.json_list(formats.json_field(body, "to_device"), "events")
+                or formats.json_list(formats.json_field(body, "device_lists"), "changed")
                 or (isinstance(published, int) and published < formats.OTK_TARGET))
