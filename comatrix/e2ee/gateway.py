@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from twisted.internet import defer
@@ -46,6 +47,13 @@ KEYS_SYNC_FILTER: Mapping[str, Any] = {
     "room": {"rooms": [], "account_data": {"types": []}},
 }
 MAX_ROOMS_CACHED = 4096
+#: Device users' identities and states kept in memory (the least recently used leave; states reload
+#: from the vault).
+MAX_IDENTITIES = 4096
+MAX_DEVICES_CACHED = 256
+#: Longest time (s) a send goes without a key /sync first: device list changes (a member's new
+#: device) and room keys waiting in the inbox are seen at least this often by a device that sends.
+KEYS_SYNC_INTERVAL = 60.0
 
 
 class RoomSettings:
@@ -115,9 +123,11 @@ class GatewayCrypto:
         self.reactor = reactor
         self.rooms = RoomSettings(matrix, reactor)
         #: SHA-256 of a token -> (user id, device id): never the token itself.
-        self._identities: dict[bytes, tuple[str, str]] = {}
-        self._devices: dict[tuple[str, str], Any] = {}
+        self._identities: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        self._devices: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._locks: dict[tuple[str, str], defer.DeferredLock] = {}
+        #: (user id, device id) -> when its last key /sync was (not kept: the first send syncs).
+        self._synced: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ the RoomCrypto hooks
 
@@ -133,6 +143,8 @@ class GatewayCrypto:
         identity = await self._identity(token)
 
         async def encrypt(device: Any) -> dict[str, Any]:
+            if self.reactor.seconds() - self._synced.get(identity, -KEYS_SYNC_INTERVAL) >= KEYS_SYNC_INTERVAL:
+                await self._keys_sync(token, device)
             members = await self._members(token, room_id)
             outbound = device.outbound_for(room_id, formats.rotation_of(settings), members,
                                            int(self.reactor.seconds() * 1000))
@@ -182,6 +194,9 @@ class GatewayCrypto:
             if not isinstance(user_id, str) or not isinstance(device_id, str):
                 raise _refuse("the token has no Matrix device")
             identity = self._identities[digest] = (user_id, device_id)
+            while len(self._identities) > MAX_IDENTITIES:
+                self._identities.popitem(last=False)
+        self._identities.move_to_end(digest)
         return identity
 
     async def _with_device(self, token: str, identity: tuple[str, str], work: Any) -> Any:
@@ -202,6 +217,7 @@ class GatewayCrypto:
     async def _load(self, identity: tuple[str, str]) -> Any:
         device = self._devices.get(identity)
         if device is not None:
+            self._devices.move_to_end(identity)
             return device
         state = await self.vault.load(*identity)
         if state is None:
@@ -211,6 +227,13 @@ class GatewayCrypto:
         else:
             device = self._device_class.from_state(state, self.vault.key)
         self._devices[identity] = device
+        while len(self._devices) > MAX_DEVICES_CACHED:
+            # Saved at the end of every use, so the vault has what leaves memory.
+            gone, _state = self._devices.popitem(last=False)
+            self._synced.pop(gone, None)
+            lock = self._locks.get(gone)
+            if lock is not None and not lock.locked:
+                del self._locks[gone]
         return device
 
     async def _save(self, device: Any) -> None:
@@ -263,6 +286,7 @@ class GatewayCrypto:
     async def _keys_sync(self, token: str, device: Any) -> None:
         """One /sync of the device with no room data: its inbox of to-device events (room keys)."""
         body = await self.matrix.request(api.sync(token, since=device.sync_since, filter=KEYS_SYNC_FILTER))
+        self._synced[(device.user_id, device.device_id)] = self.reactor.seconds()
         await self._take_sync(token, device, body)
         next_batch = body.get("next_batch")
         if isinstance(next_batch, str):

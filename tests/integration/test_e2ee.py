@@ -12,7 +12,10 @@ through the gateway, which publishes the device's keys:
 * an encrypted event whose session was never shared reads as ``[undecryptable]``;
 * after a gateway restart the device keeps reading, its device keys are the same,
   and nio decrypts its next message, sent with the same Megolm session (no new
-  key share).
+  key share);
+* members change: one person leaves, another joins; the device's next message is
+  sent with a new Megolm session that the newcomer decrypts and the one who left
+  never receives.
 """
 
 from __future__ import annotations
@@ -73,6 +76,19 @@ class Person:
         self.sync()
         return str(answer.room_id)
 
+    def join(self, room_id: str) -> None:
+        assert isinstance(self.run(self.client.join(room_id)), nio.JoinResponse)
+        self.sync()
+
+    def leave(self, room_id: str) -> None:
+        assert isinstance(self.run(self.client.room_leave(room_id)), nio.RoomLeaveResponse)
+
+    def has_room_key(self, room_id: str, content: dict[str, Any]) -> bool:
+        """Whether this client received the Megolm session an encrypted ``content`` was sent with."""
+        self.sync()
+        store = self.client.olm.inbound_group_store  # type: ignore[union-attr]
+        return store.get(room_id, content["sender_key"], content["session_id"]) is not None
+
     def send(self, room_id: str, body: str) -> None:
         self.sync()  # the device user's join and its device keys
         answer = self.run(self.client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body},
@@ -92,6 +108,23 @@ class Person:
                     return event
             time.sleep(0.2)
         raise AssertionError(f"{body!r} never decrypted by nio; saw {[type(e).__name__ for e in seen]}")
+
+
+@pytest.fixture
+def people(synapse: SynapseServer, synapse_user: Callable[..., MatrixUser],
+           tmp_path: Path) -> Iterator[Callable[[str], Person]]:
+    made: list[Person] = []
+
+    def make(name: str) -> Person:
+        store = tmp_path / f"nio-{name}"
+        store.mkdir()
+        made.append(Person(synapse, synapse_user(name), store))
+        return made[-1]
+    try:
+        yield make
+    finally:
+        for someone in made:
+            someone.close()
 
 
 @pytest.fixture
@@ -170,3 +203,30 @@ def test_device_and_person_read_each_other_in_an_encrypted_room_across_a_restart
     stored = raw_event(synapse, person.user.access_token, room_id, read.event_id)
     assert stored["content"]["session_id"] == session_before  # no new key share was needed
     assert device_keys(synapse, person.user.access_token, sensor.user_id) == keys_before
+
+
+def test_member_change_rotates_the_device_session(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], people: Callable[[str], Person]) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor = synapse_user("sensor")
+    owner, leaver, newcomer = people("owner"), people("leaver"), people("newcomer")
+    room_id = owner.encrypted_room(invite=sensor.user_id)
+    synapse.invite(owner.user.access_token, room_id, leaver.user.user_id)
+    leaver.join(room_id)
+    device = CompactDevice(UdpCoap(gw.uri(), source="127.0.0.73"), DeviceState(None))
+    device.login(sensor.localpart, sensor.password)
+    device.join(room_id)
+
+    device.send(room_id, "one")
+    first = raw_event(synapse, owner.user.access_token, room_id, owner.read(room_id, "one").event_id)["content"]
+    leaver.read(room_id, "one")
+
+    leaver.leave(room_id)
+    synapse.invite(owner.user.access_token, room_id, newcomer.user.user_id)
+    newcomer.join(room_id)
+    device.send(room_id, "two")
+    second = raw_event(synapse, owner.user.access_token, room_id, owner.read(room_id, "two").event_id)["content"]
+    newcomer.read(room_id, "two")
+    assert second["session_id"] != first["session_id"]  # rotated: a member it was made for left
+    assert leaver.has_room_key(room_id, first) and not leaver.has_room_key(room_id, second)
