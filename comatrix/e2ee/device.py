@@ -309,6 +309,8 @@ class DeviceCrypto:
     def to_state(self, key: bytes) -> dict[str, Any]:
         return {
             "user_id": self.user_id, "device_id": self.device_id, "account": self.account.pickle(key),
+            # Public, for `comatrixctl e2ee status` (which needs no vodozemac).
+            "curve25519": self.curve25519, "ed25519": self.ed25519,
             "uploaded": self.uploaded, "sync_since": self.sync_since,
             "olm": {peer: [s.pickle(key) for s in sessions] for peer, sessions in self.olm.items()},
             "outbound": {room: {"session": o.session.pickle(key), "created_ms": o.created_ms, "sent": o.sent,

@@ -20,12 +20,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.internet import threads
 
 from comatrix.durable import write_durably
 
-__all__ = ["KEY_FILENAME", "Vault", "load_or_create_key"]
+__all__ = ["KEY_FILENAME", "Vault", "load_or_create_key", "read_states"]
 
 KEY_FILENAME = "e2ee.key"
 STATE_DIRNAME = "e2ee"
@@ -63,6 +64,24 @@ def unseal(key: bytes, name: str, text: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError("E2EE state is not an object")
     return state
+
+
+def read_states(state_dir: str | Path) -> list[dict[str, Any]]:
+    """Every device user's state in ``state_dir`` (none if E2EE never ran there).  Blocking: for
+    ``comatrixctl``, which reads what the gateway wrote and creates nothing."""
+    try:
+        key = (Path(state_dir) / KEY_FILENAME).read_bytes()
+    except FileNotFoundError:
+        return []
+    directory = Path(state_dir) / STATE_DIRNAME
+    paths = sorted(directory.glob("*.state")) if directory.is_dir() else []
+    states = []
+    for path in paths:
+        try:
+            states.append(unseal(key, path.name, path.read_text()))
+        except (ValueError, InvalidTag):
+            raise ValueError(f"{path} does not open with {KEY_FILENAME}") from None
+    return states
 
 
 class Vault:

@@ -10,6 +10,7 @@ through `to_state` / `from_state` and the sealed file.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import sys
@@ -21,6 +22,7 @@ from twisted.internet import task
 
 from comatrix import e2ee
 from comatrix.coap.errors import NotImplementedCoap
+from comatrix.ctl import main as ctl_main
 from comatrix.e2ee import formats
 from comatrix.e2ee.device import DeviceCrypto
 from comatrix.e2ee.gateway import Unavailable
@@ -229,3 +231,33 @@ def test_without_vodozemac_encrypted_messages_read_as_undecryptable(
     latest = run(matrix.last_message(token, encrypted))
     assert latest is not None and latest.sender == BOB
     assert latest.content["body"] == "[undecryptable]" and latest.content["reason"] == "E2EE unavailable"
+
+
+# ---------------------------------------------------------------------- comatrixctl e2ee status
+
+@pytest_twisted.ensureDeferred
+async def test_ctl_status_shows_keys_and_sessions_without_secrets(tmp_path: Any) -> None:
+    state_dir = tmp_path / "state"
+    config = tmp_path / "comatrix.toml"
+    config.write_text(f'homeserver = "http://127.0.0.1:8008"\nstate_dir = "{state_dir}"\n')
+    alice, bob = DeviceCrypto(ALICE, "ALICEDEV"), DeviceCrypto(BOB, "BOBDEV")
+    exchange_room_key(alice, bob, {ALICE, BOB})
+    alice.megolm_encrypt(ROOM, "m.room.message", {"body": "x"})
+    vault = Vault(state_dir)
+    await vault.save(ALICE, "ALICEDEV", alice.to_state(vault.key))
+    await vault.save(BOB, "BOBDEV", bob.to_state(vault.key))
+
+    out = io.StringIO()
+    assert ctl_main(["--config", str(config), "e2ee", "status", ALICE], out=out) == 0
+    text = out.getvalue()
+    assert f"{ALICE} device ALICEDEV" in text and "BOBDEV\n" not in text.split("olm sessions")[0]
+    assert f"curve25519 {alice.curve25519}" in text and f"ed25519    {alice.ed25519}" in text
+    assert "olm sessions       1 with 1 devices" in text
+    assert f"{ROOM}: 1 messages since" in text and "shared with 1 devices" in text
+    assert "key backup         none" in text
+    pickles = alice.to_state(vault.key)
+    assert pickles["account"] not in text and alice.room_key(ROOM, alice.outbound[ROOM])["session_key"] not in text
+
+    out = io.StringIO()
+    assert ctl_main(["--config", str(config), "e2ee", "status", "@nobody:test.local"], out=out) == 0
+    assert "no E2EE state" in out.getvalue()
