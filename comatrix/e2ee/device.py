@@ -86,8 +86,8 @@ class DeviceCrypto:
         #: Peer Curve25519 identity key -> Olm sessions, most recently used last.
         self.olm: dict[str, list[vz.Session]] = {}
         self.outbound: dict[str, _Outbound] = {}
-        #: (room id, session id) -> (inbound session, sender's Curve25519 key).
-        self.inbound: dict[tuple[str, str], tuple[vz.InboundGroupSession, str]] = {}
+        #: (room id, session id) -> (inbound session, the Curve25519 key and the user that shared it).
+        self.inbound: dict[tuple[str, str], tuple[vz.InboundGroupSession, str, str]] = {}
         #: user id -> device id -> device; users in `stale` are queried again before use.
         self.devices: dict[str, dict[str, PeerDevice]] = {}
         self.stale: set[str] = set()
@@ -214,7 +214,7 @@ class DeviceCrypto:
             log.warn("To-device message from {sender} not meant for this device: ignored", sender=sender)
             return
         if payload.get("type") == formats.ROOM_KEY:
-            self._room_key(payload.get("content"), sender_key)
+            self._room_key(payload.get("content"), sender_key, sender)
 
     def _olm_decrypt(self, sender_key: str, message_type: Any, ciphertext: bytes) -> bytes:
         if message_type not in (0, 1):
@@ -235,7 +235,7 @@ class DeviceCrypto:
         self._keep_olm(sender_key, session)
         return plaintext
 
-    def _room_key(self, content: Any, sender_key: str) -> None:
+    def _room_key(self, content: Any, sender_key: str, sender: str) -> None:
         if not isinstance(content, Mapping) or content.get("algorithm") != formats.MEGOLM:
             return
         room_id, session_id, key = content.get("room_id"), content.get("session_id"), content.get("session_key")
@@ -249,11 +249,11 @@ class DeviceCrypto:
             return
         if session.session_id != session_id:
             return
-        self._keep_inbound(room_id, session, sender_key)
+        self._keep_inbound(room_id, session, sender_key, sender)
         log.debug("Room key of {room} received", room=room_id)
 
-    def _keep_inbound(self, room_id: str, session: vz.InboundGroupSession, sender_key: str) -> None:
-        self.inbound[(room_id, session.session_id)] = (session, sender_key)
+    def _keep_inbound(self, room_id: str, session: vz.InboundGroupSession, sender_key: str, sender: str) -> None:
+        self.inbound[(room_id, session.session_id)] = (session, sender_key, sender)
         while len(self.inbound) > MAX_INBOUND:
             self.inbound.pop(next(iter(self.inbound)))
 
@@ -270,7 +270,7 @@ class DeviceCrypto:
         if current is not None:
             log.debug("Megolm session of {room} rotated", room=room_id)
         session = vz.GroupSession()
-        self._keep_inbound(room_id, vz.InboundGroupSession(session.session_key), self.curve25519)
+        self._keep_inbound(room_id, vz.InboundGroupSession(session.session_key), self.curve25519, self.user_id)
         fresh = self.outbound[room_id] = _Outbound(session, now_ms, members=set(members))
         return fresh
 
@@ -296,6 +296,11 @@ class DeviceCrypto:
         found = self.inbound.get((room_id, str(content.get("session_id"))))
         if found is None:
             return formats.undecryptable(event, "room key not received")
+        if found[2] != event.sender:
+            # A member's session used under another member's name: the text would be believed as theirs.
+            log.warn("Event {event} of {sender} uses a room key shared by another user: not shown",
+                     event=event.event_id, sender=event.sender)
+            return formats.undecryptable(event, "room key of another sender")
         try:
             message = vz.MegolmMessage.from_base64(str(content.get("ciphertext")))
             event_type, inner = formats.parse_megolm_plaintext(found[0].decrypt(message).plaintext, room_id)
@@ -316,7 +321,8 @@ class DeviceCrypto:
             "outbound": {room: {"session": o.session.pickle(key), "created_ms": o.created_ms, "sent": o.sent,
                                 "shared": sorted(o.shared), "members": sorted(o.members)}
                          for room, o in self.outbound.items()},
-            "inbound": [[room, s.pickle(key), sender] for (room, _id), (s, sender) in self.inbound.items()],
+            "inbound": [[room, s.pickle(key), sender_key, sender]
+                        for (room, _id), (s, sender_key, sender) in self.inbound.items()],
             "devices": {user: [dataclasses.astuple(d) for d in devices.values()]
                         for user, devices in self.devices.items()},
             "stale": sorted(self.stale),
@@ -333,8 +339,8 @@ class DeviceCrypto:
             device.outbound[room] = _Outbound(vz.GroupSession.from_pickle(o["session"], key), o["created_ms"],
                                               o["sent"], {tuple(pair) for pair in o["shared"]},  # type: ignore[misc]
                                               set(o["members"]))
-        for room, pickle, sender in state.get("inbound", []):
-            device._keep_inbound(room, vz.InboundGroupSession.from_pickle(pickle, key), sender)
+        for room, pickle, sender_key, sender in state.get("inbound", []):
+            device._keep_inbound(room, vz.InboundGroupSession.from_pickle(pickle, key), sender_key, sender)
         device.devices = {user: {d[1]: PeerDevice(*d) for d in devices}
                           for user, devices in state.get("devices", {}).items()}
         device.stale = set(state.get("stale", []))

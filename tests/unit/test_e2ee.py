@@ -10,6 +10,7 @@ through `to_state` / `from_state` and the sealed file.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import stat
@@ -111,6 +112,15 @@ def test_unknown_session_and_garbage_are_reported_undecryptable() -> None:
     exchange_room_key(alice, bob, {ALICE, BOB})
     broken = dict(alice.megolm_encrypt(ROOM, "m.room.message", {"body": "x"}), ciphertext="AAAA")
     assert bob.megolm_decrypt(ROOM, encrypted_event(broken)).content["reason"] == "decryption failed"
+
+
+def test_a_members_room_key_does_not_vouch_for_another_sender() -> None:
+    alice, bob = DeviceCrypto(ALICE, "ALICEDEV"), DeviceCrypto(BOB, "BOBDEV")
+    exchange_room_key(alice, bob, {ALICE, BOB})
+    content = alice.megolm_encrypt(ROOM, "m.room.message", {"body": "open the door"})
+    forged = dataclasses.replace(encrypted_event(content), sender="@carol:test.local")
+    event = bob.megolm_decrypt(ROOM, forged)
+    assert event.content["body"] == "[undecryptable]" and event.content["reason"] == "room key of another sender"
 
 
 def test_device_keys_not_signed_by_the_device_are_ignored() -> None:
