@@ -15,12 +15,16 @@ through the gateway, which publishes the device's keys:
   key share);
 * members change: one person leaves, another joins; the device's next message is
   sent with a new Megolm session that the newcomer decrypts and the one who left
-  never receives.
+  never receives;
+* without vodozemac the gateway says so at start, refuses the device's send into
+  the encrypted room with 5.01 (nothing reaches the room in clear) and reads its
+  encrypted messages as ``[undecryptable]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, TypeVar
@@ -29,7 +33,7 @@ from urllib.parse import quote
 import nio
 import pytest
 
-from comatrix.client import CompactDevice, DeviceState, OriginalDevice, UdpCoap
+from comatrix.client import CoapResponseError, CompactDevice, DeviceState, OriginalDevice, UdpCoap
 from support.gateway import GatewayProcess
 from support.synapse import MatrixUser, SynapseServer
 from test_resume_restart import NO_LIMITS, WAIT, Watcher
@@ -230,3 +234,30 @@ def test_member_change_rotates_the_device_session(
     newcomer.read(room_id, "two")
     assert second["session_id"] != first["session_id"]  # rotated: a member it was made for left
     assert leaver.has_room_key(room_id, first) and not leaver.has_room_key(room_id, second)
+
+
+def test_without_vodozemac_the_gateway_refuses_to_send_plaintext_into_an_encrypted_room(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], tmp_path: Path) -> None:
+    hidden = tmp_path / "no-vodozemac"
+    hidden.mkdir()
+    (hidden / "vodozemac.py").write_text('raise ImportError("vodozemac hidden by the test")\n')
+    gw = make_gateway(config_text=NO_LIMITS, env={**os.environ, "PYTHONPATH": str(hidden)})
+    assert "E2EE unavailable (vodozemac not installed)" in gw.log_text()
+    owner, sensor = synapse_user("owner"), synapse_user("sensor")
+    room_id = synapse.create_room(owner.access_token, invite=[sensor.user_id], initial_state=[
+        {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": MEGOLM}}])
+    device = CompactDevice(UdpCoap(gw.uri(), source="127.0.0.74"), DeviceState(None))
+    device.login(sensor.localpart, sensor.password)
+    device.join(room_id)
+    with pytest.raises(CoapResponseError) as refused:
+        device.send(room_id, "must not go out in clear")
+    assert refused.value.reply.code_text == "5.01"
+    assert refused.value.reply.payload == b"encrypted room: E2EE unavailable"
+    synapse.send_event(owner.access_token, room_id, "m.room.encrypted", {
+        "algorithm": MEGOLM, "sender_key": "x" * 43, "device_id": "PHONE", "session_id": "y" * 43,
+        "ciphertext": "AwgAEhAAAAAAAAAA"})
+    latest = device.getmsg(room_id)
+    assert latest is not None and latest.body == "[undecryptable]"
+    types = [event["type"] for event in synapse.messages(owner.access_token, room_id, limit=50)]
+    assert "m.room.message" not in types  # nothing in clear reached the room
