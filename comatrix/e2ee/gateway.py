@@ -84,6 +84,10 @@ class RoomSettings:
         return content
 
 
+def _unreadable(events: Sequence[Event], why: str) -> list[Event]:
+    return [formats.undecryptable(e, why) if e.type == ENCRYPTED_TYPE else e for e in events]
+
+
 def _refuse(why: str) -> NotImplementedCoap:
     return NotImplementedCoap(f"encrypted room: {why}")
 
@@ -102,7 +106,7 @@ class Unavailable:
         return event_type, content
 
     async def incoming(self, token: str, room_id: str, events: Sequence[Event]) -> list[Event]:
-        return [formats.undecryptable(e, "E2EE unavailable") if e.type == ENCRYPTED_TYPE else e for e in events]
+        return _unreadable(events, "E2EE unavailable")
 
     async def ready(self, token: str) -> None:
         return None
@@ -154,9 +158,11 @@ class GatewayCrypto:
 
     async def incoming(self, token: str, room_id: str, events: Sequence[Event]) -> list[Event]:
         if isinstance(token, AppserviceToken):
-            return [formats.undecryptable(e, "E2EE not yet for appservice users")
-                    if e.type == ENCRYPTED_TYPE else e for e in events]
-        identity = await self._identity(token)
+            return _unreadable(events, "E2EE not yet for appservice users")
+        try:
+            identity = await self._identity(token)
+        except NotImplementedCoap:
+            return _unreadable(events, "the token has no Matrix device")
 
         async def decrypt(device: Any) -> list[Event]:
             encrypted = [e for e in events if e.type == ENCRYPTED_TYPE]
