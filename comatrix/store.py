@@ -524,6 +524,14 @@ class Store:
             " room_handle = ? ORDER BY cursor DESC LIMIT 1", (session_id, handle))
         return _message(rows[0]) if rows else None
 
+    async def event_id_at(self, session_id: int, handle: int, cursor: int) -> str | None:
+        """The event an event reference names: the message numbered ``cursor`` in the room handle's
+        numbering (None: no such message kept)."""
+        rows = await self._pool.runQuery(
+            "SELECT event_id FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor = ?",
+            (session_id, handle, cursor))
+        return str(rows[0][0]) if rows else None
+
     async def known_event_ids(self, session_id: int, handle: int) -> set[str]:
         rows = await self._pool.runQuery(
             "SELECT event_id FROM compact_messages WHERE session_id = ? AND room_handle = ?",
