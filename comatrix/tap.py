@@ -49,6 +49,7 @@ from comatrix.edhoc import responder as edhoc
 from comatrix.edhoc.resource import EDHOC_PATH, EdhocResource, combined_handler
 from comatrix.edhoc.responder import Responder
 from comatrix.store import Store
+from comatrix import e2ee
 from comatrix.appservice.invites import Invitations
 from comatrix.appservice.registration import Registration, load_registration
 from comatrix.appservice.server import AppserviceResource
@@ -441,6 +442,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "
                  "and are lost when the gateway stops")
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
+    e2ee.install(matrix, config.state_dir, reactor)
     store = Store.for_state_dir(config.state_dir, reactor)
     credentials = Credentials(config.devices, matrix, store, [entry.as_device() for entry in config.services])
     appservice = build_appservice(config, credentials, matrix, store, reactor)

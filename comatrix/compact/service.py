@@ -82,7 +82,7 @@ from comatrix.identity import plain_address
 from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, Lease, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
-from comatrix.matrix.client import MatrixClient, check_room_reference
+from comatrix.matrix.client import ENCRYPTED_TYPE, MatrixClient, check_room_reference
 from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, InvalidRoomReference, MatrixError
 from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
@@ -105,7 +105,7 @@ SYNC_FILTER: Mapping[str, Any] = {
     "presence": {"types": []},
     "account_data": {"types": []},
     "room": {
-        "timeline": {"types": [MESSAGE_TYPE], "limit": SYNC_TIMELINE_LIMIT},
+        "timeline": {"types": [MESSAGE_TYPE, ENCRYPTED_TYPE], "limit": SYNC_TIMELINE_LIMIT},
         "state": {"types": []},
         "ephemeral": {"types": []},
         "account_data": {"types": []},
@@ -459,8 +459,10 @@ class CompactService:
             position: str | None = record.after_token
             for _ in range(MAX_WALK_PAGES):
                 page = parse_messages(await self.matrix.request(api.last_messages(
-                    token, record.room_id, limit=WALK_PAGE_SIZE, from_token=position, dir="f")))
-                cursor = _number(page.events, known, cursor, fresh, deliverable)
+                    token, record.room_id, limit=WALK_PAGE_SIZE, from_token=position, dir="f",
+                    types=self.matrix.readable_types((MESSAGE_TYPE,)))))
+                events = await self.matrix.decrypt(token, record.room_id, page.events)
+                cursor = _number(events, known, cursor, fresh, deliverable)
                 if page.end is None or not page.events:
                     break
                 position = page.end
@@ -474,8 +476,10 @@ class CompactService:
             fresh = []
             cursor = record.last_cursor + 1  # a gap in the numbering: the device sees it lost messages
         # First use (or re-anchoring): the newest message, and "now" as the position.
-        page = parse_messages(await self.matrix.request(api.last_messages(token, record.room_id, limit=1)))
-        latest = [event for event in page.events if deliverable(event)]
+        page = parse_messages(await self.matrix.request(api.last_messages(
+            token, record.room_id, limit=1, types=self.matrix.readable_types((MESSAGE_TYPE,)))))
+        latest = [event for event in await self.matrix.decrypt(token, record.room_id, page.events)
+                  if deliverable(event)]
         if latest:
             cursor += 1
             fresh.append(_stored(cursor, latest[0]))
@@ -499,6 +503,7 @@ class CompactService:
                 return await self._advance(session, handle)
             known = await self.store.known_event_ids(session.id, handle)
             fresh: list[StoredMessage] = []
+            events = await self.matrix.decrypt(session.access_token, record.room_id, events)
             cursor = _number(events, known, record.last_cursor, fresh, self._deliverable(session, record.room_id))
             if fresh:
                 await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
@@ -709,6 +714,7 @@ class CompactService:
         while not loop.stopped:
             try:
                 sync = await self._sync(loop, since)
+                await self._crypto_news(session, sync)
                 joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
                 timelines: dict[str, tuple[Sequence[Event], str]] = {}
                 if since is None:
@@ -745,6 +751,19 @@ class CompactService:
         loop.stopped = True
         if self._loops.get(session.id) is loop:
             del self._loops[session.id]
+
+
+    async def _crypto_news(self, session: SessionRecord, sync: SyncResponse) -> None:
+        """Hand a /sync answer's to-device events and key news to E2EE (they are the device's only copy)."""
+        try:
+            await self.matrix.sync_arrived(session.access_token, sync.body)
+        except defer.CancelledError:
+            raise
+        except (HomeserverError, ServiceUnavailable) as error:
+            log.info("Compact session {id}: E2EE news of a /sync not taken: {error}", id=session.id,
+                     error=_describe(error))
+        except Exception:
+            log.failure("Compact session {id}: E2EE news of a /sync not taken", id=session.id)
 
 
 def _complete_timeline(timeline: Mapping[str, Any]) -> list[Event] | None:

@@ -44,6 +44,10 @@ __all__ = [
     "invite",
     "join",
     "joined_rooms",
+    "keys_claim",
+    "keys_query",
+    "keys_upload",
+    "send_to_device",
     "last_messages",
     "leave",
     "login_password",
@@ -432,6 +436,38 @@ def thumbnail(token: str, mxc: str, width: int, height: int, method: str = "scal
     query = (("width", str(width)), ("height", str(height)), ("method", method))
     return MatrixRequest("GET", ("_matrix", "client", "v1", "media", "thumbnail", server, media_id), query, None,
                          token, binary_answer=True)
+
+
+def keys_upload(token: str, *, device_keys: Mapping[str, Any] | None = None,
+                one_time_keys: Mapping[str, Any] | None = None) -> MatrixRequest:
+    """``POST /keys/upload``: the device's identity keys and/or signed one-time keys."""
+    body: JsonDict = {}
+    if device_keys is not None:
+        body["device_keys"] = dict(device_keys)
+    if one_time_keys:
+        body["one_time_keys"] = dict(one_time_keys)
+    return MatrixRequest("POST", _v3("keys", "upload"), (), body, token)
+
+
+def keys_query(token: str, user_ids: Iterable[str]) -> MatrixRequest:
+    """``POST /keys/query``: every device (and its keys) of ``user_ids``."""
+    body: JsonDict = {"device_keys": {user: [] for user in user_ids}, "timeout": 10000}
+    return MatrixRequest("POST", _v3("keys", "query"), (), body, token)
+
+
+def keys_claim(token: str, devices: Mapping[str, Iterable[str]],
+               algorithm: str = "signed_curve25519") -> MatrixRequest:
+    """``POST /keys/claim``: one one-time key of each device (user id -> device ids)."""
+    body: JsonDict = {"one_time_keys": {user: {device: algorithm for device in ids}
+                                        for user, ids in devices.items()}, "timeout": 10000}
+    return MatrixRequest("POST", _v3("keys", "claim"), (), body, token)
+
+
+def send_to_device(token: str, event_type: str, txn_id: str,
+                   messages: Mapping[str, Mapping[str, Any]]) -> MatrixRequest:
+    """``PUT /sendToDevice/{eventType}/{txnId}``: user id -> device id -> content."""
+    body: JsonDict = {"messages": {user: dict(devices) for user, devices in messages.items()}}
+    return MatrixRequest("PUT", _v3("sendToDevice", event_type, txn_id), (), body, token)
 
 
 _ADMIN_REGISTER = ("_synapse", "admin", "v1", "register")

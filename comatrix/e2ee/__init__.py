@@ -1,0 +1,48 @@
+"""End-to-end encryption done by the gateway for its device users (issue 15).
+
+A device cannot run Olm/Megolm; the gateway, inside the border router's trust
+boundary, does it on the device's behalf with vodozemac (an optional dependency,
+extra ``e2ee``).  `install` puts the right `comatrix.matrix.client.RoomCrypto`
+into the Matrix client: `gateway.GatewayCrypto` with vodozemac, else
+`gateway.Unavailable` (sends into encrypted rooms refused, their messages
+reported undecryptable).  Layers: `formats` (pure wire shapes) < `device`
+(vodozemac state of one device) < `vault` (state at rest) < `gateway` (the calls).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from comatrix.logs import get_logger
+from comatrix.matrix.client import MatrixClient
+
+__all__ = ["available", "install"]
+
+log = get_logger(__name__)
+
+
+def available() -> bool:
+    """Whether vodozemac (the Olm/Megolm implementation) can be imported."""
+    try:
+        import vodozemac  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def install(matrix: MatrixClient, state_dir: str | Path | None, reactor: Any) -> None:
+    """Give ``matrix`` its end-to-end encryption (blocking at start: reads or makes the storage key)."""
+    from comatrix.e2ee.gateway import GatewayCrypto, Unavailable
+
+    if not available():
+        log.warn("E2EE unavailable (vodozemac not installed): sends into encrypted rooms are refused, "
+                 "their messages read as [undecryptable]")
+        matrix.crypto = Unavailable(matrix, reactor)
+        return
+    from comatrix.e2ee.vault import Vault
+
+    if state_dir is None:
+        log.warn("E2EE keys kept in memory only (no state_dir): device users get new device keys at every start")
+    matrix.crypto = GatewayCrypto(matrix, Vault(state_dir), reactor)
+    log.info("E2EE on: the gateway encrypts and decrypts in encrypted rooms for its device users")
