@@ -22,6 +22,8 @@ from comatrix.matrix.responses import Event
 
 __all__ = ["DeviceCrypto", "PeerDevice"]
 
+#: The content key of a relation (reply, edit, reaction): in the clear in an encrypted event.
+RELATION = "m.relates_to"
 log = get_logger(__name__)
 
 #: Inbound Megolm sessions kept per device user (the oldest go first).
@@ -280,10 +282,17 @@ class DeviceCrypto:
 
     def megolm_encrypt(self, room_id: str, event_type: str, content: Mapping[str, Any]) -> dict[str, Any]:
         outbound = self.outbound[room_id]
-        ciphertext = outbound.session.encrypt(formats.megolm_plaintext(room_id, event_type, content))
+        # A relation (reply, edit, reaction) stays in the clear, as the spec asks, so the homeserver
+        # can aggregate it; the rest is encrypted.
+        relation = content.get(RELATION)
+        inner = {key: value for key, value in content.items() if key != RELATION}
+        ciphertext = outbound.session.encrypt(formats.megolm_plaintext(room_id, event_type, inner))
         outbound.sent += 1
-        return formats.megolm_content(self.curve25519, self.device_id, outbound.session.session_id,
-                                      ciphertext.to_base64())
+        envelope = formats.megolm_content(self.curve25519, self.device_id, outbound.session.session_id,
+                                          ciphertext.to_base64())
+        if relation is not None:
+            envelope[RELATION] = relation
+        return envelope
 
     def can_decrypt(self, room_id: str, event: Event) -> bool:
         return (room_id, str(event.content.get("session_id"))) in self.inbound
@@ -307,6 +316,8 @@ class DeviceCrypto:
         except ValueError as error:
             log.info("Event {event} not decryptable: {error}", event=event.event_id, error=error)
             return formats.undecryptable(event, "decryption failed")
+        if RELATION in content and RELATION not in inner:
+            inner = {**inner, RELATION: content[RELATION]}
         return formats.decrypted(event, event_type, inner)
 
     # ------------------------------------------------------------------ persistence

@@ -30,7 +30,7 @@ __all__ = [
     "deactivate",
     "displayname",
     "kick",
-    "react",
+    "reaction_content",
     "redact",
     "receipt",
     "relations",
@@ -389,10 +389,9 @@ def redact(token: str, room_id: str, event_id: str, txn_id: str, reason: str | N
     return MatrixRequest("PUT", _v3("rooms", room_id, "redact", event_id, txn_id), (), body, token)
 
 
-def react(token: str, room_id: str, event_id: str, key: str, txn_id: str) -> MatrixRequest:
-    """An ``m.reaction`` annotation of ``event_id`` with ``key`` (an emoji)."""
-    content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
-    return send_event(token, room_id, "m.reaction", txn_id, content)
+def reaction_content(event_id: str, key: str) -> JsonDict:
+    """The content of an ``m.reaction`` annotation of ``event_id`` with ``key`` (an emoji)."""
+    return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
 
 
 def receipt(token: str, room_id: str, event_id: str, receipt_type: str = "m.read") -> MatrixRequest:

@@ -410,7 +410,9 @@ class MatrixClient:
         return parse_send(await self.request(api.send_state_event(token, room_id, "m.room.name", {"name": name})))
 
     async def react(self, token: str, room_id: str, event_id: str, key: str, txn_id: str) -> str:
-        return parse_send(await self.request(api.react(token, room_id, event_id, key, txn_id)))
+        """An ``m.reaction`` annotation (encrypted in an encrypted room, its relation in the clear)."""
+        return await self.send_message(token, room_id, api.reaction_content(event_id, key), txn_id,
+                                       event_type="m.reaction")
 
     async def redact(self, token: str, room_id: str, event_id: str, txn_id: str, reason: str | None = None) -> str:
         return parse_send(await self.request(api.redact(token, room_id, event_id, txn_id, reason)))

@@ -103,6 +103,17 @@ def test_room_key_over_olm_then_megolm_messages_decrypt() -> None:
     assert alice.megolm_decrypt(ROOM, encrypted_event(own)).content["body"] == "mine"
 
 
+def test_a_relation_travels_in_the_clear_and_is_read_back_with_the_message() -> None:
+    alice, bob = DeviceCrypto(ALICE, "ALICEDEV"), DeviceCrypto(BOB, "BOBDEV")
+    exchange_room_key(alice, bob, {ALICE, BOB})
+    relation = {"rel_type": "m.annotation", "event_id": "$target", "key": "👍"}
+    content = alice.megolm_encrypt(ROOM, "m.reaction", {"m.relates_to": relation})
+    # The homeserver aggregates relations: it must see this one; the payload does not repeat it.
+    assert content["m.relates_to"] == relation and "m.annotation" not in str(content["ciphertext"])
+    event = bob.megolm_decrypt(ROOM, encrypted_event(content))
+    assert (event.type, event.content) == ("m.reaction", {"m.relates_to": relation})
+
+
 def test_unknown_session_and_garbage_are_reported_undecryptable() -> None:
     alice, bob = DeviceCrypto(ALICE, "ALICEDEV"), DeviceCrypto(BOB, "BOBDEV")
     alice.outbound_for(ROOM, formats.Rotation(), {ALICE, BOB}, 0)
