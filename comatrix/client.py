@@ -59,7 +59,8 @@ from comatrix.durable import write_durably
 from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
-from comatrix.compact.codec import (PATHS, CreateRequest, HandleRequest, Invitation, JoinRequest, LoginRequest, Message,
+from comatrix.compact.codec import (PATHS, CreateRequest, HandleRequest, HistoryPage, HistoryRequest, Invitation,
+                                    JoinRequest, LoginRequest, Message,
                                     MessagesRequest, RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
 from comatrix.dtls.client import DtlsClientLink
 from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
@@ -624,19 +625,31 @@ class CompactDevice:
         self.state.save()
         return room_handle
 
-    def send(self, room: str, body: str) -> None:
-        """Send once: a retry after a lost answer reuses the seq, so Matrix keeps one event."""
+    def send(self, room: str, body: str, kind: int | str = 0, reply_to: int | None = None,
+             replaces: int | None = None) -> int | None:
+        """Send once: a retry after a lost answer reuses the seq, so Matrix keeps one event.
+
+        ``kind``: 0 m.text, 1 m.notice, 2 m.emote, or a ``geo:`` URI (m.location, ``body`` its
+        description); ``reply_to``/``replaces``: event references.  Returns the new event's
+        reference (None from a gateway that answers none)."""
         seq = int(self.compact.get("seq", 0)) + 1
         self.compact["seq"] = seq
         self.state.save()  # a seq is never reused for another message, even after a crash
-        payload = SendRequest(self.handle, self.room_handle(room), seq, body).encode()
+        payload = SendRequest(self.handle, self.room_handle(room), seq, body, kind, reply_to, replaces).encode()
         for attempt in range(self.retries + 1):
             try:
-                self._post("send", payload)
-                return
+                reply = self._post("send", payload)
+                return codec.decode_uint(reply.payload) if reply.payload else None
             except NoResponse:
                 if attempt == self.retries:
                     raise
+        return None  # not reached
+
+    def history(self, room: str, start: int | None = None, count: int = -1) -> HistoryPage:
+        """``|count|`` messages before (count < 0; ``start`` None: the newest) or after the event
+        reference ``start``, oldest first, with the reference the next page starts from."""
+        request = HistoryRequest(self.handle, self.room_handle(room), start, count)
+        return codec.decode_history(self._request(Code.FETCH, "history", request.encode(), blocks=True).payload)
 
     # -- rooms and membership
 
@@ -863,7 +876,10 @@ COMMANDS = {
     "login": "log in as USER (password from the argument or $COMATRIX_PASSWORD)",
     "logout": "end the session (the gateway logs its Matrix device out)",
     "join": "join a room (room id, alias or configured name); prints its room handle",
-    "send": "send a text message to a room",
+    "send": "send a message to a room (text, --notice, --emote, --location; --reply-to/--edit an event "
+            "reference); prints the new event's reference",
+    "history": "print a page of a room's history (newest, --before or --after an event reference): "
+               "reference, sender, body; the next page's reference on stderr",
     "getmsg": "print the latest message of a room (--new: every one not yet seen)",
     "watch": "print each new message of a room as it comes (Observe)",
     "time": "print the gateway's clock (Unix seconds)",
@@ -916,12 +932,30 @@ def _parser() -> argparse.ArgumentParser:
         if name == "watch":
             command.add_argument("--count", type=int, default=None, help="stop after N messages")
             command.add_argument("--timeout", type=float, default=None, help="stop after S quiet seconds")
-    send = _command(commands, "send")
-    send.add_argument("room")
-    send.add_argument("text")
+    _send_command(commands)
+    history = _command(commands, "history")
+    history.add_argument("room")
+    start = history.add_mutually_exclusive_group()
+    start.add_argument("--before", type=int, metavar="REF", help="messages before this event reference")
+    start.add_argument("--after", type=int, metavar="REF", help="messages after this event reference")
+    history.add_argument("--limit", type=int, default=codec.MAX_PAGE // 2, metavar="N",
+                         help=f"at most N messages (1-{codec.MAX_PAGE}) [default: %(default)s]")
     _command(commands, "time")
     _room_commands(commands)
     return parser
+
+
+def _send_command(commands: Any) -> None:
+    send = _command(commands, "send")
+    send.add_argument("room")
+    send.add_argument("text", help="the message (of --location: its description)")
+    kind = send.add_mutually_exclusive_group()
+    kind.add_argument("--notice", dest="kind", action="store_const", const=1, default=0, help="m.notice")
+    kind.add_argument("--emote", dest="kind", action="store_const", const=2, help="m.emote")
+    kind.add_argument("--location", dest="kind", metavar="GEO", help="m.location at a geo: URI (geo:LAT,LON)")
+    relation = send.add_mutually_exclusive_group()
+    relation.add_argument("--reply-to", type=int, metavar="REF", help="reply to this event reference")
+    relation.add_argument("--edit", type=int, metavar="REF", help="replace this event reference's text")
 
 
 def _room_commands(commands: Any) -> None:
@@ -1019,7 +1053,15 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
         print(device.time())
     elif command == "join":
         print(device.join(args.room))
+    elif command == "send" and isinstance(device, CompactDevice):
+        reference = device.send(args.room, args.text, args.kind, args.reply_to, args.edit)
+        if reference is not None:
+            print(reference, flush=True)
+        _confirm(args, "sent")
     elif command == "send":
+        if args.kind != 0 or args.reply_to is not None or args.edit is not None:
+            print("comatrix-device: the original form sends text only", file=sys.stderr)
+            return 2
         device.send(args.room, args.text)
         _confirm(args, "sent")
     elif command == "getmsg":
@@ -1046,7 +1088,8 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
     return 0
 
 
-ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members"})
+ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members",
+                           "history"})
 
 
 def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
@@ -1076,8 +1119,24 @@ def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
     elif command == "members":
         for user in device.members(args.room):
             print(user, flush=True)
+    elif command == "history":
+        _history(args, device)
     else:
         _run_membership(args, device)
+
+
+def _history(args: argparse.Namespace, device: CompactDevice) -> None:
+    if not 1 <= args.limit <= codec.MAX_PAGE:
+        raise ValueError(f"--limit must be 1-{codec.MAX_PAGE}")
+    start = args.after if args.after is not None else args.before
+    page = device.history(args.room, start, args.limit if args.after is not None else -args.limit)
+    for event in page.events:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(event)), flush=True)
+        else:
+            kind = "" if event.msgtype == "m.text" else f" [{event.msgtype}]"
+            print(f"{event.ref}\t{event.sender}: {event.body}{kind}", flush=True)
+    _confirm(args, f"next: {'none' if page.next is None else page.next}")
 
 
 def _run_membership(args: argparse.Namespace, device: CompactDevice) -> None:

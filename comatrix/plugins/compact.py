@@ -1,5 +1,5 @@
-"""The compact device profile's resources: ``/+ /- /x /w /v /z``, and for rooms and membership
-``/* /y /@ /~ /! /&`` (``docs/protocol.rst``).
+"""The compact device profile's resources: ``/+ /- /x /w /v /z``, for rooms and membership
+``/* /y /@ /~ /! /&``, and history ``/(`` (``docs/protocol.rst``).
 
 One character per path, positional CBOR bodies, an 8-byte session handle
 instead of the access token, small room handles instead of room ids: every
@@ -31,9 +31,9 @@ from comatrix.coap.numbers import Code
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.compact import codec
 from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, CreateRequest, HandleRequest,
-                                    JoinRequest, LoginRequest, Message, MessagesRequest, RoomRequest, SendRequest,
+                                    HistoryEvent, HistoryPage, HistoryRequest, JoinRequest, LoginRequest, Message, MessagesRequest, RoomRequest, SendRequest,
                                     SetRoomRequest, UserRequest)
-from comatrix.compact.rooms import RoomOperations
+from comatrix.compact.rooms import RoomOperations, short_user
 from comatrix.compact.service import CompactService, handle_hash
 from comatrix.config import ConfigError
 from comatrix.errors import COMPACT_DIAGNOSTIC_BYTES, matrix_error_response
@@ -166,13 +166,26 @@ class JoinResource(CompactResource):
 
 
 class SendResource(CompactResource):
-    link = _link("send", "Compact send: [handle, room, seq, body]")
+    link = _link("send", "Compact send: [handle, room, seq, body(, kind(, reply-to(, replaces)))] -> reference")
 
     async def render_POST(self, request: Request) -> Response:
         send = SendRequest.decode(self.payload(request))
         session = await self.service.session(send.handle, request.peer, request.security)
-        await self.service.send(session, send.room, send.seq, send.body)
-        return Response(code=Code.CHANGED)
+        reference = await self.service.send(session, send.room, send.seq, send.body, send.kind, send.reply_to,
+                                            send.replaces)
+        return _cbor(codec.encode_uint(reference), Code.CHANGED)
+
+
+class HistoryResource(CompactResource):
+    link = _link("history", "Compact history: [handle, room, from, count] -> [next, [ref, sender, body, ts]...]")
+
+    async def render_FETCH(self, request: Request) -> Response:
+        fetch = HistoryRequest.decode(self.payload(request))
+        session = await self.service.session(fetch.handle, request.peer, request.security)
+        following, messages = await self.service.history(session, fetch.room, fetch.start, fetch.count)
+        events = tuple(HistoryEvent(message.cursor, short_user(message.sender, session.user_id), message.body,
+                                    message.ts // 1000, message.msgtype) for message in messages)
+        return _cbor(codec.encode_history(HistoryPage(following, events)), Code.CONTENT)
 
 
 def _device_message(message: StoredMessage | None) -> bytes:
@@ -390,3 +403,4 @@ compact_invite = ResourcePlugin("compact-invite", (PATHS["invite"],), InviteReso
 compact_leave = ResourcePlugin("compact-leave", (PATHS["leave"],), LeaveResource)
 compact_kick = ResourcePlugin("compact-kick", (PATHS["kick"],), KickResource)
 compact_members = ResourcePlugin("compact-members", (PATHS["members"],), MembersResource)
+compact_history = ResourcePlugin("compact-history", (PATHS["history"],), HistoryResource)
