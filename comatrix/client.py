@@ -834,12 +834,13 @@ class OriginalDevice:
         self.state.save()
         return room_id
 
-    def send(self, room: str, body: str) -> str:
+    def send(self, room: str, body: str, content: dict[str, Any] | None = None) -> str:
+        """Send ``body`` as m.text; ``content``: more (or other) fields of the event content."""
         seq = int(self.original.get("seq", 0)) + 1
         self.original["seq"] = seq
         self.state.save()
         reply = self.coap.request(
-            Code.POST, "send", payload=cbor2.dumps({"msgtype": "m.text", "body": body}),
+            Code.POST, "send", payload=cbor2.dumps({"msgtype": "m.text", "body": body, **(content or {})}),
             content_format=ContentFormat.CBOR,
             options=[self._token(), self._proxy("9", self.room_id(room), "m.room.message", str(seq))]).checked()
         return str(cbor2.loads(reply.payload)["event_id"])

@@ -22,7 +22,7 @@ normative description)::
     FETCH /(  [handle, room-handle(, from(, count))] -> 2.05  [[event...], before, after]  (history)
 
 A send's ``kind`` is 0 m.text (the default), 1 m.notice, 2 m.emote, or a ``geo:`` URI
-(text): m.location.  ``reply-to`` and ``replaces`` are event references (the cursors of the
+(text, the ``geo:`` scheme may be left out): m.location.  ``reply-to`` and ``replaces`` are event references (the cursors of the
 session's room handle); an event reference is what a send answers and what history lists.
 
 An invitation is accepted by a join with its room handle: ``POST /x [handle, room-handle]``.
@@ -227,9 +227,10 @@ def _optional_uint(value: Any, what: str) -> int | None:
 
 def _kind(value: Any) -> int | str:
     if isinstance(value, str):
-        if len(value) > MAX_GEO or not _GEO.fullmatch(value):
+        uri = value if value.startswith("geo:") else "geo:" + value  # the scheme may be left out
+        if len(uri) > MAX_GEO or not _GEO.fullmatch(uri):
             raise CodecError("kind: not a geo: URI")
-        return value
+        return uri
     kind = _uint(value, "kind")
     if kind >= len(MSGTYPES):
         raise CodecError("kind: 0, 1, 2 or a geo: URI")
@@ -256,7 +257,8 @@ class SendRequest:
         return LOCATION if isinstance(self.kind, str) else MSGTYPES[self.kind]
 
     def encode(self) -> bytes:
-        items: list[Any] = [self.handle, self.room, self.seq, self.body, self.kind, self.reply_to, self.replaces]
+        kind = self.kind[4:] if isinstance(self.kind, str) and self.kind.startswith("geo:") else self.kind
+        items: list[Any] = [self.handle, self.room, self.seq, self.body, kind, self.reply_to, self.replaces]
         while items[-1] is None:
             items.pop()  # trailing defaults cost nothing
         if len(items) == 5 and items[4] == 0:
@@ -575,12 +577,13 @@ class HistoryPage:
 def _history_event(event: HistoryEvent) -> list[Any]:
     items: list[Any] = [event.ref, event.sender, event.body, event.ts]
     if event.msgtype != "m.text":
-        items.append(event.msgtype)
+        items.append(MSGTYPES.index(event.msgtype) if event.msgtype in MSGTYPES else event.msgtype)
     return items
 
 
 def encode_history(page: HistoryPage) -> bytes:
-    """``[next, [ref, sender, body, ts(, msgtype)], ...]``; msgtype only where it is not m.text."""
+    """``[next, [ref, sender, body, ts(, msgtype)], ...]``; msgtype only where it is not m.text: 1
+    m.notice, 2 m.emote (a send's kinds), any other as its text (``m.location``, ``m.image``...)."""
     return cbor2.dumps([page.next, *(_history_event(event) for event in page.events)])
 
 
@@ -593,6 +596,8 @@ def decode_history(payload: bytes) -> HistoryPage:
         if not isinstance(item, list) or len(item) not in (4, 5):
             raise CodecError("history: an event is [ref, sender, body, ts(, msgtype)]")
         msgtype = item[4] if len(item) == 5 else "m.text"
+        if isinstance(msgtype, int) and not isinstance(msgtype, bool) and 0 <= msgtype < len(MSGTYPES):
+            msgtype = MSGTYPES[msgtype]
         if not isinstance(item[1], str) or not isinstance(item[2], str) or not isinstance(msgtype, str):
             raise CodecError("history: sender, body and msgtype are text strings")
         events.append(HistoryEvent(_uint(item[0], "ref"), item[1], item[2], _uint(item[3], "ts"), msgtype))

@@ -14,7 +14,7 @@ from comatrix.coap import wire
 from comatrix.coap.numbers import Code
 from comatrix.coap.testing import Harness
 from comatrix.compact import codec
-from comatrix.compact.codec import PATHS, HistoryEvent, HistoryPage, SendRequest
+from comatrix.compact.codec import BUDGETS, PATHS, HistoryEvent, HistoryPage, HistoryRequest, SendRequest
 from comatrix.discovery import build_site
 from comatrix.errors import error_response
 from comatrix.plugins import compact
@@ -22,6 +22,7 @@ from comatrix.store import HISTORY_BASE
 
 import support.world
 from test_bad_input_profiles import CBOR, CF, site_context
+from test_compact_codec import BODY20, HANDLE, _datagram, _response
 
 PLUGINS = [compact.compact_login, compact.compact_join, compact.compact_send, compact.compact_messages,
            compact.compact_history]
@@ -191,3 +192,63 @@ def test_an_unknown_event_reference_is_404_before_the_homeserver_is_asked(op: st
     reply = world.call(Code.POST if op == "send" else Code.FETCH, op, [world.handle, *body])
     assert (reply.code, reply.payload) == (Code.NOT_FOUND, b"unknown event reference")
     assert world.homeserver.requests == []
+
+
+# -- the examples of docs/protocol.rst ("Message kinds, replies, edits and history"), byte-exact
+
+SEQ = 1_763_700_000
+TS = 1_763_700_123
+BODY20_HEX = "74 74 65 6d 70 65 72 61 74 75 72 65 3d 32 31 2e 35 43 20 6f 6b"
+SEND_HEAD = "42 02 12 34 4a 7e b1 77 11 3c ff"
+FETCH_HEAD = "42 05 12 34 4a 7e b1 28 11 3c ff"
+H = "48 8c 1f 3a 9e 02 d4 7b 65"
+
+
+def doc_examples() -> dict[str, tuple[bytes, bytes]]:
+    def send(n: int, reference: int, *extra: Any) -> tuple[bytes, bytes]:
+        request = SendRequest(HANDLE, 0, SEQ + n, BODY20, *extra).encode()
+        return _datagram(Code.POST, PATHS["send"], request), _response(Code.CHANGED, codec.encode_uint(reference))
+
+    def history(request: HistoryRequest, page: HistoryPage) -> tuple[bytes, bytes]:
+        return (_datagram(Code.FETCH, PATHS["history"], request.encode()),
+                _response(Code.CONTENT, codec.encode_history(page)))
+    return {
+        "send-kind notice": send(1, 8, 1),
+        "send-kind location": send(2, 9, "geo:48.2082,16.3738"),
+        "send-reply": send(3, 10, 0, 7),
+        "send-edit": send(4, 11, 0, None, 7),
+        "history newest": history(HistoryRequest(HANDLE, 0), HistoryPage(11, (HistoryEvent(11, "sensor01", BODY20, TS),))),
+        "history forward": history(HistoryRequest(HANDLE, 0, 7, 1),
+                                   HistoryPage(8, (HistoryEvent(8, "alice", "door open", TS, "m.notice"),))),
+        "history historic": history(HistoryRequest(HANDLE, 0, 1),
+                                    HistoryPage(None, (HistoryEvent(HISTORY_BASE, "alice", "hello", TS - 86400),))),
+    }
+
+
+def test_the_documented_examples_byte_for_byte_and_within_budget() -> None:
+    examples = doc_examples()
+    hexed = {name: (up.hex(" "), down.hex(" ")) for name, (up, down) in examples.items()}
+    assert hexed["send-kind notice"] == (f"{SEND_HEAD} 85 {H} 00 1a 69 1f ed 21 {BODY20_HEX} 01",
+                                         "62 44 12 34 4a 7e c1 3c ff 08")
+    assert hexed["send-kind location"][0] == (f"{SEND_HEAD} 85 {H} 00 1a 69 1f ed 22 {BODY20_HEX} "
+                                              "6f 34 38 2e 32 30 38 32 2c 31 36 2e 33 37 33 38")
+    assert hexed["send-reply"][0] == f"{SEND_HEAD} 86 {H} 00 1a 69 1f ed 23 {BODY20_HEX} 00 07"
+    assert hexed["send-edit"][0] == f"{SEND_HEAD} 87 {H} 00 1a 69 1f ed 24 {BODY20_HEX} 00 f6 07"
+    assert hexed["history newest"] == (f"{FETCH_HEAD} 82 {H} 00", "62 45 12 34 4a 7e c1 3c ff 82 0b 84 0b "
+                                       f"68 73 65 6e 73 6f 72 30 31 {BODY20_HEX} 1a 69 1f ed 9b")
+    assert hexed["history forward"] == (f"{FETCH_HEAD} 84 {H} 00 07 01", "62 45 12 34 4a 7e c1 3c ff 82 08 85 08 "
+                                        "65 61 6c 69 63 65 69 64 6f 6f 72 20 6f 70 65 6e 1a 69 1f ed 9b 01")
+    assert hexed["history historic"] == (f"{FETCH_HEAD} 83 {H} 00 01", "62 45 12 34 4a 7e c1 3c ff 82 f6 84 "
+                                         "1a ff ff ff ff 65 61 6c 69 63 65 65 68 65 6c 6c 6f 1a 69 1e 9c 1b")
+    sizes = {name: (len(up), len(down)) for name, (up, down) in examples.items()}
+    assert sizes == {"send-kind notice": (49, 10), "send-kind location": (64, 10), "send-reply": (50, 10),
+                     "send-edit": (51, 10), "history newest": (22, 48), "history forward": (24, 35),
+                     "history historic": (23, 34)}
+    for name, (up, down) in sizes.items():
+        request_budget, response_budget = BUDGETS[name.split()[0]]
+        assert up <= request_budget and down <= response_budget, name
+    for name, (up, _down) in examples.items():  # the gateway reads back what the device wrote
+        payload = up[up.index(b"\xff") + 1:]
+        decoded = SendRequest.decode(payload) if name.startswith("send") else HistoryRequest.decode(payload)
+        assert decoded.handle == HANDLE
+    assert SendRequest.decode(examples["send-kind location"][0][11:]).kind == "geo:48.2082,16.3738"
