@@ -577,8 +577,8 @@ class Store:
                                 (session_id, handle))
                     lowest = txn.fetchone()[0]
                     row = (HISTORY_BASE if lowest is None else int(lowest) - 1,)
-                    txn.execute(_INSERT_MESSAGE.replace("compact_messages", "compact_history").replace(
-                        "cursor,", "ref,"), _message_row(session_id, handle, dataclasses.replace(message, cursor=row[0])))
+                    txn.execute(_INSERT_HISTORIC, _message_row(session_id, handle,
+                                                                dataclasses.replace(message, cursor=row[0])))
                 found.append(dataclasses.replace(message, cursor=int(row[0])))
             txn.execute("DELETE FROM compact_history WHERE session_id = ? AND room_handle = ? AND ref NOT IN (SELECT"
                         " ref FROM compact_history WHERE session_id = ? AND room_handle = ? ORDER BY ref LIMIT ?)",
@@ -841,6 +841,10 @@ def _cache_put(cache: "collections.OrderedDict[Any, Any]", key: Any, record: Any
 
 _INSERT_MESSAGE = ("INSERT OR REPLACE INTO compact_messages (session_id, room_handle, cursor, event_id, sender, body,"
                    " ts, msgtype) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+_INSERT_HISTORIC = ("INSERT INTO compact_history (session_id, room_handle, ref, event_id, sender, body, ts, msgtype)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _message_row(session_id: int, handle: int, m: StoredMessage) -> tuple[Any, ...]:

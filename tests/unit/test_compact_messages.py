@@ -9,6 +9,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from comatrix.coap import wire
 from comatrix.coap.numbers import Code
@@ -252,3 +253,23 @@ def test_the_documented_examples_byte_for_byte_and_within_budget() -> None:
         decoded = SendRequest.decode(payload) if name.startswith("send") else HistoryRequest.decode(payload)
         assert decoded.handle == HANDLE
     assert SendRequest.decode(examples["send-kind location"][0][11:]).kind == "geo:48.2082,16.3738"
+
+
+# -- any body: a valid request or a 4.xx that reaches nothing
+
+#: CBOR values a buggy or hostile device might put in the new positions.
+junk = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.text(max_size=30),
+                 st.binary(max_size=10), st.floats(allow_nan=True), st.lists(st.integers(), max_size=3),
+                 st.sampled_from(["geo:1,2", "1.5,2.5", "geo:91.0,-181.0;u=5", 1, 2, 3, -1, -20, 20, 21, 0]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=st.sampled_from(["send", "history"]), extra=st.lists(junk, max_size=5))
+def test_any_extension_is_answered_and_a_refusal_reaches_nothing(op: str, extra: list[Any]) -> None:
+    world = MessagesWorld()
+    world.homeserver.requests.clear()
+    body = [world.handle, 0, 5, "hi", *extra] if op == "send" else [world.handle, 0, *extra]
+    reply = world.call(Code.POST if op == "send" else Code.FETCH, op, body)
+    assert reply.code in (Code.CHANGED, Code.CONTENT, Code.BAD_REQUEST, Code.NOT_FOUND), (body, reply.code)
+    if reply.code >> 5 == 4:
+        assert world.homeserver.requests == [] and 0 < len(reply.payload) <= 48
