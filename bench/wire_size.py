@@ -56,7 +56,8 @@ from support.synapse import SynapseServer  # noqa: E402
 
 FRAME_PAYLOAD = 80  # bytes of CoAP per IEEE 802.15.4 frame (facts §1)
 BODY20 = "temperature=21.5C ok"
-OPERATIONS: tuple[str, ...] = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time")
+OPERATIONS: tuple[str, ...] = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time",
+                               "react", "react remove", "redact", "read")
 OPERATIONS += ("send notice", "send location", "send reply", "send edit", "history")  # issue 13, messages
 FORMS = ("compact", "original", "msc3079", "http")
 SECURITIES = ("plain", "dtls", "oscore")
@@ -65,6 +66,8 @@ PSK_IDENTITY = "sensor01"
 OSCORE_SENDER_ID = b"\x01"  # the device's (the entry's recipient_id)
 OSCORE_RECIPIENT_ID = b""  # the gateway's
 EDHOC_KID = b"\x01"  # the kid of the device's CCS (ID_CRED_I by reference)
+#: One reaction key per security mode (each 4 bytes of UTF-8): every run adds a reaction not there yet.
+REACTION_KEYS = dict(zip(SECURITIES, ("👍", "👀", "👌")))
 GEO = "geo:48.2082,16.3738"
 #: Event content of the message operations beyond a text send, given the event replied to / edited.
 MESSAGE_CONTENTS: dict[str, Callable[[str], dict[str, Any]]] = {
@@ -473,9 +476,13 @@ def msc3079_form(bench: Bench, connect: Connector, security: str, sensor: Device
     bench.measure("join", "msc3079", lambda: msc3079_request(coap, Code.POST, f"K/{room_id}",
                                                              state.get("token"), {}), security=security)
     txn = "m" + secrets.token_hex(4)
-    bench.measure("send", "msc3079", lambda: msc3079_request(
-        coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}", state.get("token"), {28: "m.text", 27: BODY20}),
-        security=security)
+
+    def msc_send() -> None:
+        sent = msc3079_request(coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}", state.get("token"),
+                               {28: "m.text", 27: BODY20})
+        state["event"] = sent.get(1, sent.get("event_id"))
+    bench.measure("send", "msc3079", msc_send, security=security)
+    msc3079_relations(bench, coap, security, room_id, state)
     sent = msc3079_request(coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}x", state.get("token"),
                            {28: "m.text", 27: BODY20})
     for op, content in MESSAGE_CONTENTS.items():
@@ -499,6 +506,42 @@ def _msc3079_keys(content: dict[str, Any]) -> dict[Any, Any]:
     table = {"body": 27, "msgtype": 28, "event_id": 1}
     return {table.get(key, key): _msc3079_keys(value) if isinstance(value, dict) else value
             for key, value in content.items()}
+
+
+def msc3079_relations(bench: Bench, coap: UdpCoap, security: str, room_id: str, state: dict[str, Any]) -> None:
+    """React, take back, read and redact with MSC3079 path codes ``9``, ``F``, ``Z``: the event id travels."""
+    event, token, key = state.get("event"), state.get("token"), REACTION_KEYS[security]
+    relates = {"m.relates_to": {"rel_type": "m.annotation", 1: event, "key": key}}
+    reaction: dict[str, Any] = {}
+
+    def react() -> None:
+        reaction.update(msc3079_request(coap, Code.PUT, f"9/{room_id}/m.reaction/r{secrets.token_hex(4)}",
+                                        token, relates))
+    bench.measure("react", "msc3079", react, security=security)
+    bench.measure("react remove", "msc3079", lambda: msc3079_request(
+        coap, Code.PUT, f"F/{room_id}/{reaction.get(1)}/x{secrets.token_hex(4)}", token, {}), security=security)
+    bench.results[("react remove", "msc3079", security)].note = "redacts the reaction (its id known from react)"
+    bench.measure("read", "msc3079", lambda: msc3079_request(coap, Code.POST, f"Z/{room_id}/m.read/{event}",
+                                                             token, {}), security=security)
+    bench.measure("redact", "msc3079", lambda: msc3079_request(
+        coap, Code.PUT, f"F/{room_id}/{event}/d{secrets.token_hex(4)}", token, {53: "sensor fault"}),
+        security=security)
+
+
+def compact_relations(bench: Bench, device: CompactDevice, security: str, room_id: str, ref: int) -> None:
+    """React, take back, read and redact by event reference (the sensor's own message ``ref``)."""
+    http = "http" if security == "plain" else None
+    key = REACTION_KEYS[security]
+    bench.measure("react", "compact", lambda: device.react(room_id, ref, key), security=security, http_form=http)
+    bench.measure("react remove", "compact", lambda: device.react(room_id, ref, key, remove=True),
+                  security=security, http_form=http)
+    bench.measure("read", "compact", lambda: device.read(room_id, ref), security=security, http_form=http)
+    bench.measure("redact", "compact", lambda: device.redact(room_id, ref, "sensor fault"), security=security,
+                  http_form=http)
+    if http is not None:
+        for op, calls in (("react", "/relations + PUT send"), ("react remove", "/relations + PUT redact"),
+                          ("read", "POST receipt"), ("redact", "PUT redact")):
+            bench.results[(op, "http", "plain")].note = f"the gateway's {calls} for the compact request"
 
 
 def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str,
@@ -527,7 +570,9 @@ def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device
 
     bench.measure("send NON+NR", "compact", quiet_send, security=security, settle=1.0)
     bench.results[("send NON+NR", "compact", security)].note = "NON, No-Response 0x02: no answer on success"
-    bench.measure("getmsg", "compact", lambda: device.getmsg(room_id), security=security)
+    latest = bench.measure("getmsg", "compact", lambda: device.getmsg(room_id), security=security)
+    if latest is not None:
+        compact_relations(bench, device, security, room_id, latest.cursor)
     notification(bench, connect, security, device, sensor, room_id, gateway, synapse)
     bench.measure("logout", "compact", device.logout, security=security)
     device.coap.close()
@@ -687,9 +732,13 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   form (Proxy-Uri with the homeserver URL ``http://[fd00::1]:8008`` and a path
   code, token in option 256, CBOR maps with Matrix key names).  **msc3079**:
   MSC3079 path codes with option 256 (raw token, sent on every request) and
-  option 257, integer keys; ``getmsg`` is ``/E/<room>?dir=b&limit=1&filter=...``.
+  option 257, integer keys; ``getmsg`` is ``/E/<room>?dir=b&limit=1&filter=...``;
+  ``react`` is an ``m.reaction`` sent with ``/9``, ``react remove`` and ``redact``
+  are ``/F`` (the event id in the path), ``read`` is ``/Z/<room>/m.read/<event id>``.
   **http**: HTTP/1.1 bytes the gateway exchanged with Synapse for the original
-  form's operation (one call each); for ``notification``, during the compact
+  form's operation (one call each); for ``react``, ``react remove``, ``redact`` and
+  ``read`` (no original form), what the gateway exchanged for the compact request
+  (a reaction first looks at the event's ``/relations``); for ``notification``, during the compact
   notification (the session's ``/sync`` long-poll answer, plus a forward
   ``/messages`` page when the gateway had to walk the room).  The original
   form keeps its Proxy-Uri inside the OSCORE ciphertext (the gateway is the

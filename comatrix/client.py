@@ -59,9 +59,9 @@ from comatrix.durable import write_durably
 from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
-from comatrix.compact.codec import (PATHS, CreateRequest, HandleRequest, HistoryPage, HistoryRequest, Invitation,
-                                    JoinRequest, LoginRequest, Message,
-                                    MessagesRequest, RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
+from comatrix.compact.codec import (PATHS, CreateRequest, EventRequest, HandleRequest, HistoryPage, HistoryRequest,
+                                    Invitation, JoinRequest, LoginRequest, Message, MessagesRequest, ReactRequest,
+                                    RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
 from comatrix.dtls.client import DtlsClientLink
 from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
 
@@ -699,6 +699,17 @@ class CompactDevice:
         reply = self._post("join", JoinRequest(self.handle, room_handle).encode())
         return self._remember(name, codec.decode_uint(reply.payload))
 
+    # -- reactions, redactions, read receipts (``ref``: the cursor getmsg/watch answered)
+
+    def react(self, room: str, ref: int, key: str, remove: bool = False) -> None:
+        self._post("react", ReactRequest(self.handle, self.room_handle(room), ref, key, remove).encode())
+
+    def redact(self, room: str, ref: int, reason: str | None = None) -> None:
+        self._post("redact", EventRequest(self.handle, self.room_handle(room), ref, reason).encode())
+
+    def read(self, room: str, ref: int) -> None:
+        self._post("read", EventRequest(self.handle, self.room_handle(room), ref).encode())
+
     def _fetch(self, room: str, cursor: int | None) -> Message | None:
         return self._seen(room, self._fetch_unseen(room, cursor))
 
@@ -894,6 +905,9 @@ COMMANDS = {
     "leave": "leave a room",
     "kick": "remove a user from a room, with an optional reason",
     "members": "print a room's joined members, one per line",
+    "react": "add (--remove: take back) a reaction KEY to a message (REF: its cursor, getmsg --json)",
+    "redact": "redact a message (REF: its cursor, getmsg --json), with an optional --reason",
+    "read": "send a read receipt up to a message (REF: its cursor, getmsg --json)",
 }
 
 
@@ -982,6 +996,15 @@ def _room_commands(commands: Any) -> None:
     _command(commands, "decline").add_argument("room_handle", type=int)
     for name in ("leave", "members"):
         _command(commands, name).add_argument("room")
+    for name in ("react", "redact", "read"):
+        command = _command(commands, name)
+        command.add_argument("room")
+        command.add_argument("ref", type=int, help="event reference: the message's cursor")
+        if name == "react":
+            command.add_argument("key", help="the reaction, e.g. an emoji")
+            command.add_argument("--remove", action="store_true", help="take the reaction back")
+        if name == "redact":
+            command.add_argument("--reason")
 
 
 def _command(commands: Any, name: str) -> argparse.ArgumentParser:
@@ -1090,7 +1113,7 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
 
 
 ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members",
-                           "history"})
+                           "react", "redact", "read", "history"})
 
 
 def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
@@ -1122,6 +1145,8 @@ def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
             print(user, flush=True)
     elif command == "history":
         _history(args, device)
+    elif command in ("react", "redact", "read"):
+        _run_relation(args, device)
     else:
         _run_membership(args, device)
 
@@ -1151,6 +1176,20 @@ def _run_membership(args: argparse.Namespace, device: CompactDevice) -> None:
     else:
         device.decline(args.room_handle)
     _confirm(args, {"invite": "invited", "kick": "kicked", "leave": "left", "decline": "declined"}[args.command])
+
+
+
+def _run_relation(args: argparse.Namespace, device: CompactDevice) -> None:
+    """react, redact, read: commands that print nothing but a confirmation."""
+    if args.command == "react":
+        device.react(args.room, args.ref, args.key, args.remove)
+        _confirm(args, "reaction removed" if args.remove else "reacted")
+    elif args.command == "redact":
+        device.redact(args.room, args.ref, args.reason)
+        _confirm(args, "redacted")
+    else:
+        device.read(args.room, args.ref)
+        _confirm(args, "read")
 
 
 if __name__ == "__main__":

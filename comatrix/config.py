@@ -103,6 +103,19 @@ class DeviceCredentials:
     #: Who may invite the device's user (``allow_invites_from``): user ids, ``*:server`` or ``*``.
     #: None: users of the device user's own server.
     allow_invites_from: tuple[str, ...] | None = None
+    #: Whose messages the device's watches and history deliver (``allowed_senders``): user ids,
+    #: ``*:server`` or ``*``; its own always.  None: users of the device user's own server.
+    allowed_senders: tuple[str, ...] | None = None
+    #: Per-room lists (``[devices.rooms."!room"] allowed_senders``) as (room id, patterns) pairs;
+    #: each replaces ``allowed_senders`` in its room.
+    room_senders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def senders_in(self, room_id: str) -> tuple[str, ...] | None:
+        """The sender patterns that apply in ``room_id`` (None: the default, the user's own server)."""
+        for room, patterns in self.room_senders:
+            if room == room_id:
+                return patterns
+        return self.allowed_senders
 
     @property
     def login_device_id(self) -> str:
@@ -817,11 +830,29 @@ def _bind_and_port(table: Mapping[str, Any], section: str, bind: str, port: int)
 _INVITER = re.compile(r"\*|\*:[^\s:]+(:[0-9]+)?|@[^\s:]+:[^\s:]+(:[0-9]+)?")
 
 
-def inviter_patterns(value: Any, label: str) -> tuple[str, ...]:
-    """An ``allow_invites_from`` list, checked (`ConfigError` names ``label``)."""
+def inviter_patterns(value: Any, label: str, key: str = "allow_invites_from") -> tuple[str, ...]:
+    """An ``allow_invites_from`` (or ``allowed_senders``) list, checked (`ConfigError` names ``label``)."""
     if not isinstance(value, list) or not all(isinstance(item, str) and _INVITER.fullmatch(item) for item in value):
-        raise ConfigError(f"{label}: allow_invites_from must be a list of user ids, \"*:server\" or \"*\"")
+        raise ConfigError(f"{label}: {key} must be a list of user ids, \"*:server\" or \"*\"")
     return tuple(value)
+
+
+_ROOM_ID = re.compile(r"![\x21-\x7e]{1,254}")
+
+
+def _room_senders(value: Any, label: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The ``rooms`` table of a ``[[devices]]`` entry: room id -> ``{allowed_senders = [...]}``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{label}: rooms must be a table of room ids")
+    found = []
+    for room_id, table in value.items():
+        if not _ROOM_ID.fullmatch(room_id):
+            raise ConfigError(f"{label}: rooms: {room_id!r} is not a room id (!...)")
+        if not isinstance(table, dict) or set(table) != {"allowed_senders"}:
+            raise ConfigError(f"{label}: rooms.{room_id!r} must be a table with allowed_senders only")
+        found.append((room_id, inviter_patterns(table["allowed_senders"], f"{label}: rooms.{room_id!r}",
+                                                "allowed_senders")))
+    return tuple(found)
 
 
 def _coap_settings(table: Any) -> CoapSettings:
@@ -884,7 +915,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             raise ConfigError(f"{label} must be a table")
         unknown = sorted(set(entry) - {"name", "address", "user", "password", "access_token", "device_id",
                                        "allow", "oscore", "psk_identity", "psk", "psk_hex", "edhoc",
-                                       "appservice", "allow_invites_from"})
+                                       "appservice", "allow_invites_from", "allowed_senders", "rooms"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
@@ -905,6 +936,8 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if not appservice and not token and not (user and password):
             raise ConfigError(f"{label}: give access_token, or user and password (or appservice = true)")
         inviters = inviter_patterns(entry["allow_invites_from"], label) if "allow_invites_from" in entry else None
+        senders = (inviter_patterns(entry["allowed_senders"], label, "allowed_senders")
+                   if "allowed_senders" in entry else None)
         device_id = entry.get("device_id")
         for key, value in (("access_token", token), ("user", user), ("password", password),
                            ("device_id", device_id)):
@@ -916,7 +949,9 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
                                          access_token=token, device_id=device_id,
                                          allow=_allow(entry.get("allow", []), label), oscore=oscore,
                                          psk_identity=psk_identity, psk=psk, edhoc=edhoc,
-                                         appservice=appservice, allow_invites_from=inviters))
+                                         appservice=appservice, allow_invites_from=inviters,
+                                         allowed_senders=senders,
+                                         room_senders=_room_senders(entry.get("rooms", {}), label)))
     return devices
 
 

@@ -19,13 +19,18 @@ normative description)::
     POST  /~  [handle, room-handle]            -> 2.04                                (leave, decline)
     POST  /!  [handle, room-handle, user(, reason)] -> 2.04                           (kick)
     FETCH /&  [handle, room-handle]            -> 2.05  [user, ...]                   (members)
-    FETCH /(  [handle, room-handle(, from(, count))] -> 2.05  [[event...], before, after]  (history)
+    POST  /)  [handle, room-handle, ref, key(, remove)] -> 2.04                       (react; remove: 1)
+    POST  /_  [handle, room-handle, ref(, reason)] -> 2.04                            (redact)
+    POST  /,  [handle, room-handle, ref]       -> 2.04                                (read receipt)
+    FETCH /(  [handle, room-handle(, from(, count))] -> 2.05  [next, [ref, sender, body, ts(, kind)], ...]  (history)
 
 A send's ``kind`` is 0 m.text (the default), 1 m.notice, 2 m.emote, or a ``geo:`` URI
 (text, the ``geo:`` scheme may be left out): m.location.  ``reply-to`` and ``replaces`` are event references (the cursors of the
 session's room handle); an event reference is what a send answers and what history lists.
 
 An invitation is accepted by a join with its room handle: ``POST /x [handle, room-handle]``.
+``ref`` is an event reference: the cursor of a message in that room handle's numbering
+(what ``FETCH /v`` answers).
 ``user`` is a localpart (of the session user's server) or a full user id; answers name users
 of that server by their localpart too.
 
@@ -56,6 +61,7 @@ __all__ = [
     "decode_users", "encode_room_id", "decode_room_id",
     "room_id_from_hash", "room_id_to_hash", "encode_handle", "decode_handle", "encode_uint",
     "decode_uint", "encode_message", "decode_message", "CodecError",
+    "EventRequest", "ReactRequest", "MAX_REACTION_KEY",
     "MSGTYPES", "MAX_GEO", "HistoryRequest", "HistoryEvent", "HistoryPage", "encode_history", "decode_history",
 ]
 
@@ -76,7 +82,8 @@ MAX_UINT = (1 << 64) - 1
 #: Operation -> Uri-Path segment (one character each).  None of them is an MSC3079 path
 #: code (0-9, A-Z, a-u), so a native MSC3079 endpoint keeps every short code.
 PATHS = {"login": "+", "logout": "-", "join": "x", "send": "w", "messages": "v", "time": "z",
-         "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&"}
+         "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&",
+         "react": ")", "redact": "_", "read": ","}
 PATHS["history"] = "("
 #: Operation -> resource type shown in /.well-known/core.
 RESOURCE_TYPES = {op: f"comatrix.c.{op}" for op in PATHS}
@@ -89,6 +96,7 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "join": (64, 64), "login": (64, 64), "logout": (64, 64), "time": (64, 64),
     "create": (64, 64), "room": (64, 64), "invite": (64, 64), "leave": (64, 64), "kick": (64, 64),
     "members": (64, 64),
+    "react": (64, 64), "redact": (64, 64), "read": (64, 64),
 }
 BUDGETS.update({"send-kind": (64, 16), "send-reply": (64, 16), "send-edit": (64, 16), "history": (64, 64)})
 #: A membership as the room info gives it: its index here (uint).
@@ -98,6 +106,8 @@ MAX_INVITES = 8
 MAX_NAME = 255
 MAX_TOPIC = 1024
 MAX_REASON = 255
+#: Longest reaction key (bytes of UTF-8): an emoji, or a short word.
+MAX_REACTION_KEY = 64
 
 _ROOM_ID_V12 = re.compile(r"![A-Za-z0-9_-]{43}")
 
@@ -518,6 +528,55 @@ def decode_room_id(payload: bytes) -> str:
     return _text(value, "room id", MAX_ROOM_REF)
 
 
+# ---------------------------------------------------------------------- relations
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRequest:
+    """``[handle, room-handle, ref(, reason)]``: a read receipt (no reason) or a redaction."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int = 0
+    ref: int = 0
+    reason: str | None = None
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, self.room, self.ref]
+        if self.reason is not None:
+            items.append(self.reason)
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes, *, reason: bool = False) -> "EventRequest":
+        items = _array(payload, (3, 4) if reason else (3,), "request")
+        return cls(_handle(items[0]), _uint(items[1], "room"), _uint(items[2], "ref"),
+                   _optional_text(_tail(items, 3), "reason", MAX_REASON))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReactRequest:
+    """``[handle, room-handle, ref, key(, remove)]``: ``remove`` 1 takes the reaction back."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int = 0
+    ref: int = 0
+    key: str = ""
+    remove: bool = False
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, self.room, self.ref, self.key]
+        if self.remove:
+            items.append(1)
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ReactRequest":
+        items = _array(payload, (4, 5), "react")
+        remove = _uint(items[4], "remove") if len(items) == 5 else 0
+        if remove > 1:
+            raise CodecError("remove must be 0 or 1")
+        return cls(_handle(items[0]), _uint(items[1], "room"), _uint(items[2], "ref"),
+                   _text(items[3], "key", MAX_REACTION_KEY), bool(remove))
 # ---------------------------------------------------------------------- history
 
 #: Events one history page may ask for (either direction).

@@ -46,6 +46,11 @@ the numbering in the store, so a device that observes again after a gateway
 restart gets what arrived meanwhile, with the next cursors.  Homeserver
 trouble is waited out with jittered exponential back-off (`Backoff`).
 
+Allowed senders.  Only messages of the session's own user and of the senders its
+device may hear from (``allowed_senders``, `SenderPolicy`) are numbered: `_sender_allowed`
+is the one test every numbering path (walk, /sync timeline, transaction) applies, so
+a message of anyone else never gets a cursor, a push or a byte on the air.
+
 Application-service mode.  A provisioned device user (`comatrix.appservice`)
 opens a session with no password (`open_appservice_session`): no homeserver
 login, no Matrix device, and the session acts with the ``as_token`` as its user.
@@ -81,6 +86,7 @@ from comatrix.matrix.client import MatrixClient, check_room_reference
 from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, InvalidRoomReference, MatrixError
 from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
+from comatrix.policy import sender_filter
 from comatrix.store import HISTORY_BASE, RoomRecord, SessionRecord, Store, StoredMessage
 
 log = get_logger(__name__)
@@ -125,6 +131,9 @@ MessageSink = Callable[[SessionRecord, int, StoredMessage], None]
 #: Called with a batch of newly numbered messages of many sessions at once; returns the ids of the
 #: sessions none of whose observers took a message (no longer watching).
 BatchSink = Callable[[Sequence[tuple[SessionRecord, int, StoredMessage]]], set[int]]
+#: (session, room id) -> the ``allowed_senders`` patterns that apply (None: the default, users of
+#: the session user's own server).
+SenderPolicy = Callable[[SessionRecord, str], Sequence[str] | None]
 #: What an appservice session's access token is stored as: it has none of its own.
 APPSERVICE_SESSION_TOKEN = ""
 
@@ -187,6 +196,8 @@ class CompactService:
         #: Transaction-fed watches: session id -> session, and room id -> {session id: room handle}.
         self._fed: dict[int, SessionRecord] = {}
         self._fed_rooms: dict[str, dict[int, int]] = {}
+        #: Whose messages a session's watches and history deliver (set by the plugin from ``[[devices]]``).
+        self.allowed_senders: SenderPolicy = lambda session, room_id: None
         #: Returns whether a session still has observers (set by the messages resource).
         self.is_observed: Callable[[SessionRecord], bool] = lambda session: False
         self._locks: dict[tuple[int, int], defer.DeferredLock] = {}
@@ -475,8 +486,18 @@ class CompactService:
         finally:
             lock.release()
 
+    def _deliverable(self, session: SessionRecord, room_id: str) -> Callable[[Event], bool]:
+        """Whether an event of ``room_id`` is a message for the session's device: the test every
+        numbering path applies (so nothing else is numbered, pushed or answered)."""
+        allowed = self._sender_allowed(session, room_id)
+        return lambda event: _usable(event) and allowed(event.sender)
+
+    def _sender_allowed(self, session: SessionRecord, room_id: str) -> Callable[[str], bool]:
+        return sender_filter(self.allowed_senders(session, room_id), session.user_id)
+
     async def _advance(self, session: SessionRecord, handle: int, reanchor: bool = True) -> list[StoredMessage]:
         record = await self.room(session, handle)
+        deliverable = self._deliverable(session, record.room_id)
         token = session.access_token
         cursor = record.last_cursor
         fresh: list[StoredMessage] = []
@@ -486,7 +507,7 @@ class CompactService:
             for _ in range(MAX_WALK_PAGES):
                 page = parse_messages(await self.matrix.request(api.last_messages(
                     token, record.room_id, limit=WALK_PAGE_SIZE, from_token=position, dir="f")))
-                cursor = _number(page.events, known, cursor, fresh)
+                cursor = _number(page.events, known, cursor, fresh, deliverable)
                 if page.end is None or not page.events:
                     break
                 position = page.end
@@ -502,7 +523,7 @@ class CompactService:
             cursor = record.last_cursor + 1  # a gap in the numbering: the device sees it lost messages
         # First use (or re-anchoring): the newest message, and "now" as the position.
         page = parse_messages(await self.matrix.request(api.last_messages(token, record.room_id, limit=1)))
-        latest = [event for event in page.events if _usable(event)]
+        latest = [event for event in page.events if deliverable(event)]
         if latest:
             cursor += 1
             fresh.append(_stored(cursor, latest[0]))
@@ -578,7 +599,8 @@ class CompactService:
                 more = len(events) > wanted
                 break
             position = page.end
-        usable = [_stored(0, event) for event in events[:wanted] if _usable(event)]
+        deliverable = self._deliverable(session, record.room_id)  # history too: allowed senders only
+        usable = [_stored(0, event) for event in events[:wanted] if deliverable(event)]
         # Backward pages arrive newest first and are referenced so: historic references go down with time.
         referenced = await self.store.reference(session.id, record.handle, usable)
         if count < 0:
@@ -602,7 +624,7 @@ class CompactService:
                 return await self._advance(session, handle)
             known = await self.store.known_event_ids(session.id, handle)
             fresh: list[StoredMessage] = []
-            cursor = _number(events, known, record.last_cursor, fresh)
+            cursor = _number(events, known, record.last_cursor, fresh, self._deliverable(session, record.room_id))
             if fresh:
                 await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
             log.debug("Room handle {handle} of compact session {id}: {count} numbered from /sync",
@@ -704,6 +726,10 @@ class CompactService:
         arrivals = {pair: candidates for pair in self._fed_rooms.get(room_id, {}).items()}  # as it is now
         for session_id, (handle, end) in ended.items():
             arrivals[(session_id, handle)] = [message for index, message in indexed if index < end]
+        for (session_id, handle), messages in arrivals.items():
+            fed = self._fed.get(session_id)
+            allowed = self._sender_allowed(fed, room_id) if fed is not None else lambda sender: False
+            arrivals[(session_id, handle)] = [message for message in messages if allowed(message.sender)]
         pairs = sorted(arrivals)
         locks = [self._lock(session_id, handle) for session_id, handle in pairs]
         for lock in locks:
@@ -861,10 +887,11 @@ def _describe(error: Exception) -> str:
     return str(error) if isinstance(error, MatrixError) else type(error).__name__
 
 
-def _number(events: Sequence[Event], known: set[str], cursor: int, fresh: list[StoredMessage]) -> int:
-    """Number the usable events not in ``known`` after ``cursor`` into ``fresh``; the last cursor."""
+def _number(events: Sequence[Event], known: set[str], cursor: int, fresh: list[StoredMessage],
+            deliverable: Callable[[Event], bool]) -> int:
+    """Number the deliverable events not in ``known`` after ``cursor`` into ``fresh``; the last cursor."""
     for event in events:
-        if _usable(event) and event.event_id not in known:
+        if deliverable(event) and event.event_id not in known:
             cursor += 1
             known.add(event.event_id)
             fresh.append(_stored(cursor, event))

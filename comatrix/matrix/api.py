@@ -31,6 +31,8 @@ __all__ = [
     "kick",
     "react",
     "redact",
+    "receipt",
+    "relations",
     "room_messages",
     "room_members",
     "shared_secret_nonce",
@@ -378,6 +380,21 @@ def react(token: str, room_id: str, event_id: str, key: str, txn_id: str) -> Mat
     """An ``m.reaction`` annotation of ``event_id`` with ``key`` (an emoji)."""
     content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
     return send_event(token, room_id, "m.reaction", txn_id, content)
+
+
+def receipt(token: str, room_id: str, event_id: str, receipt_type: str = "m.read") -> MatrixRequest:
+    """``POST /rooms/{roomId}/receipt/{receiptType}/{eventId}``: read up to ``event_id``."""
+    return MatrixRequest("POST", _v3("rooms", room_id, "receipt", receipt_type, event_id), (), {}, token)
+
+
+def relations(token: str, room_id: str, event_id: str, rel_type: str, event_type: str, *,
+              from_token: str | None = None, limit: int = 50) -> MatrixRequest:
+    """``GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}``: one page."""
+    query: tuple[tuple[str, str], ...] = (("limit", str(limit)),)
+    if from_token is not None:
+        query += (("from", from_token),)
+    path = ("_matrix", "client", "v1", "rooms", room_id, "relations", event_id, rel_type, event_type)
+    return MatrixRequest("GET", path, query, access_token=token)
 
 
 def kick(token: str, room_id: str, user_id: str, reason: str | None = None) -> MatrixRequest:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 
 
@@ -237,9 +237,10 @@ class MatrixClient:
         await self.request(api.leave(token, room_id))
 
     async def last_message(
-        self, token: str, room_id: str, *, types: Iterable[str] = ("m.room.message",)
+        self, token: str, room_id: str, *, types: Iterable[str] = ("m.room.message",),
+        senders: Callable[[str], bool] | None = None,
     ) -> Event | None:
-        """The latest event of ``types`` in the room, or None if there is none.
+        """The latest event of ``types`` in the room (of a sender ``senders`` allows), or None if there is none.
 
         State events and redacted events are skipped.  A filtered page may be
         empty without being the end (facts §5), so pages backwards until a
@@ -257,7 +258,8 @@ class MatrixClient:
                 )
             )
             for event in page.events:  # dir=b: newest first
-                if event.type in type_list and not event.is_state and not event.is_redacted:
+                if event.type in type_list and not event.is_state and not event.is_redacted and (
+                        senders is None or senders(event.sender)):
                     return event
             if page.end is None or page.end == from_token:
                 return None
@@ -355,6 +357,23 @@ class MatrixClient:
 
     async def redact(self, token: str, room_id: str, event_id: str, txn_id: str, reason: str | None = None) -> str:
         return parse_send(await self.request(api.redact(token, room_id, event_id, txn_id, reason)))
+
+    async def read_receipt(self, token: str, room_id: str, event_id: str) -> None:
+        await self.request(api.receipt(token, room_id, event_id))
+
+    async def reactions(self, token: str, room_id: str, event_id: str, *, pages: int = 4) -> list[dict[str, Any]]:
+        """The ``m.reaction`` annotations of ``event_id`` (raw events; at most ``pages`` pages of 50)."""
+        found: list[dict[str, Any]] = []
+        position: str | None = None
+        for _ in range(pages):
+            body = await self.request(api.relations(token, room_id, event_id, "m.annotation", "m.reaction",
+                                                    from_token=position))
+            chunk = body.get("chunk")
+            found += [event for event in chunk if isinstance(event, dict)] if isinstance(chunk, list) else []
+            position = body.get("next_batch")
+            if not isinstance(position, str) or not position:
+                break
+        return found
 
     async def kick(self, token: str, room_id: str, user_id: str, reason: str | None = None) -> None:
         await self.request(api.kick(token, room_id, user_id, reason))

@@ -86,6 +86,8 @@ class FakeHomeserver(Resource):
         self.aliases: dict[str, str] = {}
         self.uia_sessions: set[str] = set()
         self.txns: dict[tuple[str, str, str, str], str] = {}
+        #: Read receipts: (room id, user id) -> (receipt type, event id).
+        self.receipts: dict[tuple[str, str], tuple[str, str]] = {}
         self.hanging: list[Request] = []
         #: Application services: as_token -> the user regex of their namespace (`add_appservice`).
         self.appservices: dict[str, str] = {}
@@ -205,6 +207,9 @@ class FakeHomeserver(Resource):
                   request: Request, body: Any) -> dict[str, Any]:
         if path == ("_matrix", "client", "versions"):
             return {"versions": ["v1.11", "v1.12"], "unstable_features": {}}
+        if path[:3] == ("_matrix", "client", "v1") and len(path) == 9 and path[5] == "relations" and method == "GET":
+            self._auth(request)
+            return self._relations(path[4], *path[6:])
         if path[:3] != ("_matrix", "client", "v3"):
             raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
         route = path[3:]
@@ -300,6 +305,14 @@ class FakeHomeserver(Resource):
             if key not in self.txns:
                 self.txns[key] = self.add_event(room_id, user_id, rest[1], body)
             return {"event_id": self.txns[key]}
+        if rest[0] == "redact" and len(rest) == 3 and method == "PUT":
+            key = (device, room_id, "redact/" + rest[1], rest[2])
+            if key not in self.txns:
+                self.txns[key] = self._redact(room_id, user_id, rest[1], body)
+            return {"event_id": self.txns[key]}
+        if rest[0] == "receipt" and len(rest) == 3 and method == "POST":
+            self.receipts[(room_id, user_id)] = (rest[1], rest[2])
+            return {}
         if rest == ("messages",) and method == "GET":
             return self._messages(room_id, query)
         if rest[0] == "context" and len(rest) == 2 and method == "GET":
@@ -310,6 +323,25 @@ class FakeHomeserver(Resource):
             return {"event": event, "events_before": [], "events_after": [], "state": [],
                     "start": f"t{positions[0]}", "end": f"t{positions[0] + 1}"}
         raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+    def _redact(self, room_id: str, user_id: str, event_id: str, body: dict[str, Any]) -> str:
+        """An ``m.room.redaction`` of ``event_id``; the event loses its content."""
+        for event in self.rooms[room_id]:
+            if event["event_id"] == event_id:
+                event["content"] = {}
+                event["unsigned"]["redacted_because"] = {"sender": user_id}
+        redaction = self.add_event(room_id, user_id, "m.room.redaction", dict(body))
+        self.rooms[room_id][-1]["redacts"] = event_id
+        return redaction
+
+    def _relations(self, room_id: str, event_id: str, rel_type: str, event_type: str) -> dict[str, Any]:
+        """``/relations``: the live events of ``event_type`` relating to ``event_id`` by ``rel_type``."""
+        if room_id not in self.rooms:
+            raise _err(404, "M_NOT_FOUND", "Unknown room")
+        chunk = [event for event in self.rooms[room_id] if event["type"] == event_type
+                 and event["content"].get("m.relates_to", {}).get("event_id") == event_id
+                 and event["content"]["m.relates_to"].get("rel_type") == rel_type]
+        return {"chunk": chunk}
 
     def state_events(self, room_id: str, event_type: str) -> dict[str, dict[str, Any]]:
         """The current state events of ``event_type`` in the room, by state key."""
