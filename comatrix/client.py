@@ -649,7 +649,9 @@ class CompactDevice:
         """``|count|`` messages before (count < 0; ``start`` None: the newest) or after the event
         reference ``start``, oldest first, with the reference the next page starts from."""
         request = HistoryRequest(self.handle, self.room_handle(room), start, count)
-        return codec.decode_history(self._request(Code.FETCH, "history", request.encode(), blocks=True).payload)
+        # A page of one short message fits one frame whole; longer pages come in 32-byte blocks.
+        reply = self._request(Code.FETCH, "history", request.encode(), blocks=abs(count) > 1)
+        return codec.decode_history(reply.payload)
 
     # -- rooms and membership
 
