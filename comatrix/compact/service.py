@@ -426,7 +426,8 @@ class CompactService:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": await self.event_id(session, handle, reply_to)}}
         event_id = await self.matrix.send_message(session.access_token, record.room_id, content,
                                                   txn_id(session.id, seq))
-        return await self._own_event(session, handle, StoredMessage(0, event_id, session.user_id, body,
+        # Numbered as a walk would number it: its body is the content's (an edit's "* " fallback).
+        return await self._own_event(session, handle, StoredMessage(0, event_id, session.user_id, content["body"],
                                                                     int(self.reactor.seconds() * 1000), msgtype))
 
     async def event_id(self, session: SessionRecord, handle: int, reference: int) -> str:

@@ -113,6 +113,8 @@ def test_a_reply_and_an_edit_refer_to_events_by_reference() -> None:
     assert last_content(world) == {"msgtype": "m.notice", "body": "* 22.0 C",
                                    "m.new_content": {"msgtype": "m.notice", "body": "22.0 C"},
                                    "m.relates_to": {"rel_type": "m.replace", "event_id": own_event}}
+    [edit] = world.history().events  # numbered as a walk would: with the content's "* " fallback
+    assert (edit.body, edit.msgtype) == ("* 22.0 C", "m.notice")
 
 
 def test_history_pages_backward_from_now_into_events_before_the_join_and_forward_again() -> None:
