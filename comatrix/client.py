@@ -973,8 +973,8 @@ COMMANDS = {
     "login": "log in as USER (password from the argument or $COMATRIX_PASSWORD)",
     "logout": "end the session (the gateway logs its Matrix device out)",
     "join": "join a room (room id, alias or configured name); prints its room handle",
-    "send": "send a message to a room (text, --notice, --emote, --location; --reply-to/--edit an event "
-            "reference); prints the new event's reference",
+    "send": "send a message to a room: text, a notice, an emote or a location, or a reply to or an edit "
+            "of an event reference; prints the new event's reference",
     "history": "print a page of a room's history (newest, --before or --after an event reference): "
                "reference, sender, body; the next page's reference on stderr",
     "getmsg": "print the latest message of a room (--new: every one not yet seen)",
