@@ -10,6 +10,7 @@ address to exist and leave DAD, logging why it waits.
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,8 @@ from comatrix.http_api.feeds import ServiceTokens, start_feeds
 from comatrix.http_api.server import InternalApi
 from comatrix.webhooks import ServiceEvents, Webhooks
 from comatrix.coap.transport import bind_shared
-from comatrix.workers import (COAP_FD, DTLS_FD, STOP_MARGIN, Supervisor, inherited_socket, name_worker_logs,
-                              stop_once_on_signals, worker_command)
+from comatrix.workers import (COAP_FD, DTLS_FD, STOP_MARGIN, SUPERVISOR_ENV, Supervisor, die_with_supervisor,
+                              inherited_socket, name_worker_logs, stop_once_on_signals, worker_command)
 from twisted.web import server as web_server
 
 log = get_logger("comatrix")
@@ -453,6 +454,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         return build_supervisor(options, config, reactor)
     if worker is not None:
         name_worker_logs(worker)
+        die_with_supervisor(int(os.environ.get(SUPERVISOR_ENV, os.getppid())))
         reactor.callWhenRunning(stop_once_on_signals, reactor)
     # Worker 0 alone serves the HTTP API and the metrics (their ports are not shared).
     serves_http = worker in (None, 0)

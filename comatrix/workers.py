@@ -27,6 +27,7 @@ alone serves the HTTP API and the metrics endpoint, so their ports do not clash.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import signal
@@ -43,12 +44,15 @@ from comatrix.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["COAP_FD", "DTLS_FD", "RestartPolicy", "Supervisor", "inherited_socket", "name_worker_logs",
-           "worker_command", "worker_log_file"]
+__all__ = ["COAP_FD", "DTLS_FD", "RestartPolicy", "Supervisor", "die_with_supervisor", "inherited_socket",
+           "name_worker_logs", "stop_once_on_signals", "worker_command", "worker_log_file"]
 
 #: The descriptors a worker finds its share of the CoAP and the DTLS port on.
 COAP_FD = 3
 DTLS_FD = 4
+
+#: Environment variable telling a worker its supervisor's pid (`die_with_supervisor`).
+SUPERVISOR_ENV = "COMATRIX_SUPERVISOR_PID"
 
 #: Seconds a stopping worker gets beyond ``shutdown_grace`` before it is killed.
 STOP_MARGIN = 5.0
@@ -120,6 +124,24 @@ def name_worker_logs(index: int, publisher: Any = globalLogPublisher) -> None:
     publisher.addObserver(observer)
 
 
+def die_with_supervisor(supervisor: int) -> None:
+    """Have the kernel SIGTERM this worker if its supervisor (pid ``supervisor``) dies, e.g. killed.
+
+    Otherwise an orphaned worker would keep its share of the port and serve on, unsupervised.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+#: prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
 def stop_once_on_signals(reactor: Any) -> None:
     """In a worker: SIGTERM stops the reactor once (a second is not an error); SIGINT is the supervisor's.
 
@@ -145,6 +167,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.index = index
         self.on_end = on_end
         self.started = 0.0
+        self.pid: int | None = None
         self.ended: defer.Deferred[None] = defer.Deferred()
 
     def processEnded(self, reason: Any) -> None:
@@ -193,21 +216,22 @@ class Supervisor(service.Service):
             child_fds[COAP_FD + offset] = skt.fileno()
         argv = self.command(index)
         worker.started = self.reactor.seconds()
-        process = self.reactor.spawnProcess(worker, argv[0], argv, env=dict(os.environ), childFDs=child_fds)
+        env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())})
+        process = self.reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
+        worker.pid = getattr(process, "pid", None)
         self.workers[index] = worker
-        log.info("Worker {index} started (pid {pid})", index=index, pid=getattr(process, "pid", "?"))
+        log.info("Worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def _ended(self, index: int, worker: _WorkerProtocol, value: Any) -> None:
         if self.workers.get(index) is worker:
             del self.workers[index]
-        pid = getattr(getattr(worker, "transport", None), "pid", None)
         if self.stopping:
             log.info("Worker {index} stopped ({how})", index=index, how=_exit_description(value))
             return
         delay = self.policies[index].delay(self.reactor.seconds() - worker.started)
         self.restarts += 1
         log.warn("Worker {index} (pid {pid}) exited with {how}; starting it again in {delay:.1f} s",
-                 index=index, pid=pid if pid is not None else "?", how=_exit_description(value), delay=delay)
+                 index=index, pid=worker.pid, how=_exit_description(value), delay=delay)
         self.pending[index] = self.reactor.callLater(delay, self.spawn, index)
 
     def signal_all(self, number: int) -> None:
