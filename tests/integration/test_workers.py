@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -26,7 +27,7 @@ import pytest
 from support import free_port
 from support.coap_clients import libcoap
 from support.gateway import GatewayProcess
-from support.secrets import remember_log_file
+from support.secrets import remember, remember_log_file
 
 PROBE_PLUGIN = '''
 """Test plugins for the workers tests: who answered, a ticker, 3 KB down, an upload sink, a slow answer."""
@@ -127,12 +128,12 @@ def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> obj
 class Supervised:
     """A gateway started with ``--workers 2`` and the probe plugin; its log files are swept for secrets."""
 
-    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, config_text: str | None = None) -> None:
         plugins = workdir / "plugins"
         plugins.mkdir(parents=True, exist_ok=True)
         (plugins / "probe.py").write_text(PROBE_PLUGIN)
         self.gateway = GatewayProcess("http://127.0.0.1:9", workdir, plugin_dirs=[plugins], log_level="info",
-                                      extra_args=["--workers", str(WORKERS), *extra_args])
+                                      config_text=config_text, extra_args=["--workers", str(WORKERS)])
         self.worker_logs = [remember_log_file(workdir / f"gateway.worker{index}.log") for index in range(WORKERS)]
 
     def start(self) -> None:
@@ -263,3 +264,27 @@ def test_sigterm_lets_in_flight_requests_finish_and_stops_every_process(supervis
     for pid in pids:
         _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, f"worker pid {pid} gone")
     assert "Stopping 2 worker(s)" in supervised.gateway.log_text()
+
+
+def test_dtls_peers_keep_their_worker_too(tmp_path: Path) -> None:
+    """The DTLS port is shared the same way: a DTLS session lives in the worker its 4-tuple reaches."""
+    dtls_port = free_port("127.0.0.1", socket.SOCK_DGRAM)
+    psk = secrets.token_urlsafe(24)
+    remember(psk)
+    running = Supervised(tmp_path, config_text=(
+        f'dtls_port = {dtls_port}\n[[devices]]\npsk_identity = "probe"\npsk = "{psk}"\n'
+        f'access_token = "{remember(secrets.token_urlsafe(24))}"\n'))
+    running.start()
+    try:
+        answered: dict[tuple[str, int], set[str]] = {}
+        for peer in _peers(12, first=100):
+            for _ in range(2):
+                result = libcoap("get", f"coaps://127.0.0.1:{dtls_port}/probe/pid", client="coap-client-openssl",
+                                 extra_args=["-u", "probe", "-k", psk, "-a", peer[0], "-p", str(peer[1])])
+                assert result.code == "2.05", result
+                answered.setdefault(peer, set()).add(result.text())
+        assert all(len(pids) == 1 for pids in answered.values()), answered
+        assert {pid for pids in answered.values() for pid in pids} == {
+            str(running.started_pids(index)[0]) for index in range(WORKERS)}
+    finally:
+        running.gateway.stop()
