@@ -144,6 +144,7 @@ def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256, work
         deadline = time.monotonic() + READY_TIMEOUT
         while not all(log.exists() and "Starting protocol" in log.read_text() for log in logs):
             if time.monotonic() > deadline:
+                gw.stop()
                 raise RuntimeError("the gateway's workers did not all start")
             time.sleep(0.1)
     return gw
