@@ -128,11 +128,11 @@ def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> obj
 class Supervised:
     """A gateway started with ``--workers 2`` and the probe plugin; its log files are swept for secrets."""
 
-    def __init__(self, workdir: Path, config_text: str | None = None) -> None:
+    def __init__(self, workdir: Path, config_text: str | None = None, homeserver: str = "http://127.0.0.1:9") -> None:
         plugins = workdir / "plugins"
         plugins.mkdir(parents=True, exist_ok=True)
         (plugins / "probe.py").write_text(PROBE_PLUGIN)
-        self.gateway = GatewayProcess("http://127.0.0.1:9", workdir, plugin_dirs=[plugins], log_level="info",
+        self.gateway = GatewayProcess(homeserver, workdir, plugin_dirs=[plugins], log_level="info",
                                       config_text=config_text, extra_args=["--workers", str(WORKERS)])
         self.worker_logs = [remember_log_file(workdir / f"gateway.worker{index}.log") for index in range(WORKERS)]
 
