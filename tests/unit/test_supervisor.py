@@ -207,3 +207,26 @@ def test_shared_sockets_join_one_port_and_a_port_taken_without_reuse_is_refused(
     finally:
         for skt in sockets:
             skt.close()
+
+
+def test_twistd_comatrix_with_two_workers_binds_both_ports_twice_and_serves_nothing_itself(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    from comatrix.tap import makeService
+    from support import free_port
+    dtls_port = free_port("127.0.0.1", socket.SOCK_DGRAM)
+    options = Options()
+    options.parseOptions(["--ip", "127.0.0.1", "--port", "0", "--dtls-port", str(dtls_port),
+                          "--state-dir", str(tmp_path), "--workers", "2"])
+    supervisor = makeService(options, reactor)
+    try:
+        assert isinstance(supervisor, Supervisor) and supervisor.count == 2
+        coap_ports = {group[0].getsockname()[1] for group in supervisor.sockets}
+        dtls_ports = {group[1].getsockname()[1] for group in supervisor.sockets}
+        assert len(coap_ports) == 1 and dtls_ports == {dtls_port}
+        argv = supervisor.command(1)
+        assert argv[-2:] == ["--worker", "1"] and "--dtls-port" in argv
+    finally:
+        for group in supervisor.sockets:
+            for skt in group:
+                skt.close()
