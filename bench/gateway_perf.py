@@ -377,6 +377,12 @@ class SpreadSendLoad(SendLoad):
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             self.selector.register(sock, selectors.EVENT_READ, index)
+        # A new socket may get the port of one closed a moment ago (the warm-up's): message ids
+        # starting elsewhere keep the gateway's dedup cache from answering with the old exchange.
+        self.mid_offset = secrets.randbits(16)
+
+    def build(self, mid: int, token: int) -> bytes:
+        return super().build((mid + self.mid_offset) & 0xFFFF, token)
 
 
 #: Client sockets of the workers ceiling run.
@@ -457,8 +463,9 @@ class Figures:
     idle_gap: dict[float, dict[str, tuple[float, float, int]]] = dataclasses.field(default_factory=dict)
     idle_gap_cpu: dict[float, tuple[float, float]] = dataclasses.field(default_factory=dict)
     push: list[Any] = dataclasses.field(default_factory=list)
-    #: Workers ceiling: worker count -> (requests/s, bad answers, CPU us per request of all processes).
-    workers: dict[int, tuple[float, int, float]] = dataclasses.field(default_factory=dict)
+    #: Workers ceiling, in run order: (workers, requests/s, bad answers, CPU us per request of all processes,
+    #: load average).
+    workers: list[tuple[int, float, int, float, float]] = dataclasses.field(default_factory=list)
 
 
 OVERHEAD_PATHS = ("direct", "compact", "clean")
@@ -615,7 +622,8 @@ def bench_workers(figures: Figures, counts: Sequence[int], requests: int, inflig
                 others = (coap_throughput.cpu_seconds(stub.pid) - stub_before, time.process_time() - own_before)
             finally:
                 gw.stop()
-            figures.workers[count] = (requests / result.seconds, result.bad_responses, cpu / requests * 1e6)
+            figures.workers.append((count, requests / result.seconds, result.bad_responses, cpu / requests * 1e6,
+                                    os.getloadavg()[0]))
             print(f"  workers   {count} worker(s) -> stub {requests / result.seconds:8.0f} req/s  "
                   f"(bad {result.bad_responses}, retx {result.retransmissions}, {cpu / requests * 1e6:.0f} us "
                   f"CPU/req, all processes; cores busy: gateway {cpu / result.seconds:.2f}, stub "
@@ -631,11 +639,12 @@ def workers_report(figures: Figures) -> list[str]:
     if not figures.workers:
         return []
     lines = ["Workers ceiling (forwarded sends to the stub homeserver, %d client sockets)::" % WORKER_PEERS, "",
-             "    workers     req/s   bad   us CPU/req   vs 1 worker"]
-    single = figures.workers.get(1, (0.0, 0, 0.0))[0]
-    for count, (rate, bad, us) in sorted(figures.workers.items()):
-        ratio = f"{rate / single:10.2f}x" if single else ""
-        lines.append(f"    {count:>7} {rate:9.0f} {bad:5} {us:12.0f}  {ratio}")
+             "    workers     req/s   bad   us CPU/req   load avg   vs the 1-worker run before"]
+    single = 0.0
+    for count, rate, bad, us, load_average in figures.workers:
+        single = rate if count == 1 else single
+        ratio = f"{rate / single:10.2f}x" if single and count > 1 else ""
+        lines.append(f"    {count:>7} {rate:9.0f} {bad:5} {us:12.0f} {load_average:10.1f}  {ratio}")
     return lines + [""]
 
 
@@ -765,6 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also measure the forwarding ceiling with 1 and N workers (0: skip)")
     parser.add_argument("--only-workers", action="store_true", help="measure only that (needs --workers)")
+    parser.add_argument("--workers-rounds", type=int, default=1, help="alternate 1 and N workers this many times")
     parser.add_argument("--serve-stub", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stub-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -780,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="comatrix-bench-") as tmp:
         workdir = Path(tmp)
         if args.workers > 1:
-            bench_workers(figures, (1, args.workers), args.requests, args.inflight, workdir)
+            bench_workers(figures, (1, args.workers) * args.workers_rounds, args.requests, args.inflight, workdir)
         if args.only_workers:
             print()
             print("\n".join(workers_report(figures)))
