@@ -434,6 +434,9 @@ class Config:
     #: ``[[services]]``: who may use the HTTP API, each acting as its own Matrix user.
     services: tuple[ServiceCredentials, ...] = ()
     metrics: MetricsSettings = MetricsSettings()
+    #: Worker processes sharing the CoAP (and DTLS) port with SO_REUSEPORT (`comatrix.workers`);
+    #: 1 is one process, as before.
+    workers: int = 1
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -585,6 +588,11 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         kwargs["allow_registration"] = values["allow_registration"]
     if "max_connections" in values:
         kwargs["max_connections"] = _integer(values, "max_connections")
+    if "workers" in values:
+        workers = _integer(values, "workers")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}")
+        kwargs["workers"] = workers
     for key in ("plugin_dirs", "disabled_plugins"):
         if key in values:
             kwargs[key] = tuple(_string_list(values, key))
@@ -628,7 +636,31 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     _check_psk_identities(config.devices)
     if config.dtls_port is not None and config.dtls_port == config.port:
         raise ConfigError("dtls_port must differ from port")
+    if config.workers > 1:
+        _check_workers(config)
     return config
+
+
+#: Most worker processes (one per core is the sense; a border router has a few).
+MAX_WORKERS = 64
+
+
+def _check_workers(config: Config) -> None:
+    """What several worker processes cannot share yet, refused rather than silently wrong.
+
+    OSCORE sequence numbers and replay windows, and EDHOC-derived contexts, live in
+    one process: two workers with one context would reuse nonces.  The appservice
+    event stream is received by one worker but must reach Observe registrations in
+    every worker.  Without ``state_dir`` each worker's store would be its own memory.
+    """
+    if config.state_dir is None:
+        raise ConfigError("workers > 1 needs state_dir: the workers share their state through its database")
+    if any(device.oscore is not None or device.edhoc is not None for device in config.devices):
+        raise ConfigError("workers > 1 cannot serve [[devices]] with oscore or edhoc (their sequence numbers "
+                          "and replay windows live in one process): set workers = 1")
+    if config.appservice is not None:
+        raise ConfigError("workers > 1 cannot be combined with [appservice] (its events reach one worker's "
+                          "watchers only): set workers = 1")
 
 
 def _check_deadlines(config: Config) -> None:

@@ -36,6 +36,13 @@ store is the database's only writer, so the cache is written through: a
 write drops the records it changes, and a read that overlapped a write is
 not cached (``_generation``).
 
+With ``workers`` > 1 every worker process opens the same database (``shared``):
+WAL lets readers go on while one process writes, a write waits up to
+`BUSY_TIMEOUT` for another process's write transaction instead of failing, and
+nothing is cached, since another process may change any record.  One database
+rather than one per worker, because a device whose source port changes may
+reach another worker and must find its compact session there.
+
 Per MSC3079 ``/sync`` observation (`comatrix.msc3079.resume`): the resume
 point, i.e. the ``next_batch`` of the last batch the client acknowledged, keyed
 by SHA-256 of the access token (never the token) and the CoAP token of the
@@ -95,6 +102,8 @@ EVENTS_REMEMBERED = 20000
 DEAD_LETTERS_KEPT = 256
 #: Session and room records kept in the read cache (each), least recently used go first.
 RECORDS_CACHED = 4096
+#: Seconds a write waits for another process's write transaction (``workers`` > 1) before it fails.
+BUSY_TIMEOUT = 10.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS compact_sessions (
@@ -315,7 +324,8 @@ def _open_connection(connection: Any) -> None:
 class Store:
     """The gateway's SQLite database behind a one-thread adbapi pool."""
 
-    def __init__(self, path: str | None = None, reactor: Any = None) -> None:
+    def __init__(self, path: str | None = None, reactor: Any = None, shared: bool = False) -> None:
+        """``shared``: other processes (workers) write the same database, so nothing is cached."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -324,17 +334,18 @@ class Store:
             _prepare_file(path)
         self._pool = adbapi.ConnectionPool(
             "sqlite3", path if path is not None else ":memory:",
-            check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_open_connection,
+            check_same_thread=False, timeout=BUSY_TIMEOUT, cp_min=1, cp_max=1, cp_openfun=_open_connection,
             cp_reactor=reactor)
+        self.shared = shared
         self._sessions: collections.OrderedDict[bytes, SessionRecord] = collections.OrderedDict()
         self._rooms: collections.OrderedDict[tuple[int, int], RoomRecord] = collections.OrderedDict()
         #: Bumped after every write that changes cached records; a read that saw it change is not cached.
         self._generation = 0
 
     @classmethod
-    def for_state_dir(cls, state_dir: str | None, reactor: Any = None) -> "Store":
+    def for_state_dir(cls, state_dir: str | None, reactor: Any = None, shared: bool = False) -> "Store":
         """``<state_dir>/comatrix.sqlite3``, or an in-memory database without a state dir."""
-        return cls(os.path.join(state_dir, DB_FILENAME) if state_dir else None, reactor)
+        return cls(os.path.join(state_dir, DB_FILENAME) if state_dir else None, reactor, shared)
 
     def open(self) -> "defer.Deferred[None]":
         """Open the connection (and its files) now, in the pool's thread, for the process's life."""
@@ -369,7 +380,7 @@ class Store:
             return None
         row = rows[0]
         record = SessionRecord(int(row[0]), bytes(row[1]), row[2], row[3], row[4], row[5])
-        if generation == self._generation:
+        if generation == self._generation and not self.shared:
             _cache_put(self._sessions, handle_hash, record)
         return record
 
@@ -444,7 +455,7 @@ class Store:
         if not rows:
             return None
         record = RoomRecord(session_id, handle, rows[0][0], int(rows[0][1]), rows[0][2])
-        if generation == self._generation:
+        if generation == self._generation and not self.shared:
             _cache_put(self._rooms, (session_id, handle), record)
         return record
 

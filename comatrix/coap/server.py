@@ -1388,9 +1388,11 @@ def total_delivered(waits: Iterable["defer.Deferred[int]"]) -> "defer.Deferred[i
     return outcome
 
 
-def listen_udp(server: CoapServer, host: str, port: int, reactor: Any = None) -> IListeningPort:
+def listen_udp(server: CoapServer, host: str, port: int, reactor: Any = None,
+               adopt: Any = None) -> IListeningPort:
     """Bind ``server`` on ``host`` (``::`` is dual-stack; ``fe80::1%lowpan0`` binds with the zone).
 
+    ``adopt``: a socket bound already (a worker's share of the port, `transport.bind_shared`).
     Raises ``twisted.internet.error.CannotListenError`` when the address cannot be bound.
     """
-    return transport.listen(server, host, port, reactor if reactor is not None else server.reactor)
+    return transport.listen(server, host, port, reactor if reactor is not None else server.reactor, adopt)

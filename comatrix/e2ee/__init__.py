@@ -31,13 +31,19 @@ def available() -> bool:
     return True
 
 
-def install(matrix: MatrixClient, state_dir: str | Path | None, reactor: Any) -> None:
-    """Give ``matrix`` its end-to-end encryption (blocking at start: reads or makes the storage key)."""
+def install(matrix: MatrixClient, state_dir: str | Path | None, reactor: Any, *,
+            single_process: bool = True) -> None:
+    """Give ``matrix`` its end-to-end encryption (blocking at start: reads or makes the storage key).
+
+    ``single_process`` False (``workers`` > 1): each worker would hold its own copy of a device
+    user's Olm and Megolm state and write the same sealed file, so E2EE is off there.
+    """
     from comatrix.e2ee.gateway import GatewayCrypto, Unavailable
 
-    if not available():
-        log.warn("E2EE unavailable (vodozemac not installed): sends into encrypted rooms are refused, "
-                 "their messages read as [undecryptable]")
+    if not available() or not single_process:
+        why = "vodozemac not installed" if single_process else "not with workers > 1"
+        log.warn("E2EE unavailable ({why}): sends into encrypted rooms are refused, "
+                 "their messages read as [undecryptable]", why=why)
         matrix.crypto = Unavailable(matrix, reactor)
         return
     from comatrix.e2ee.vault import Vault

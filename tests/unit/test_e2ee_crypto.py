@@ -243,6 +243,16 @@ def test_without_vodozemac_the_gateway_says_so_and_refuses_encrypted_rooms(
     assert server.rooms[plain][-1]["content"]["body"] == "plain"
 
 
+def test_with_several_workers_e2ee_is_off_and_encrypted_rooms_are_refused(
+        homeserver: tuple[FakeHomeserver, MatrixClient, str, str, str]) -> None:
+    server, matrix, token, encrypted, _plain = homeserver
+    e2ee.install(matrix, None, task.Clock(), single_process=False)
+    assert isinstance(matrix.crypto, Unavailable)
+    with pytest.raises(NotImplementedCoap):
+        run(matrix.send_message(token, encrypted, {"msgtype": "m.text", "body": "plain"}, "t1"))
+    assert not [e for e in server.rooms[encrypted] if e["type"] == "m.room.message"]
+
+
 def test_without_vodozemac_encrypted_messages_read_as_undecryptable(
         homeserver: tuple[FakeHomeserver, MatrixClient, str, str, str]) -> None:
     server, matrix, token, encrypted, _plain = homeserver
