@@ -95,6 +95,11 @@ class DeviceCrypto:
         self.stale: set[str] = set()
         #: The position of the gateway's own key /sync of this device.
         self.sync_since: str | None = None
+        #: The user's server-side key backup version in use (None: not found or made yet), the inbound
+        #: sessions already in it, and whether a restore from it is due (a state made afresh).
+        self.backup_version: str | None = None
+        self.backed_up: set[tuple[str, str]] = set()
+        self.restore_due = False
 
     # ------------------------------------------------------------------ own keys
 
@@ -257,7 +262,9 @@ class DeviceCrypto:
     def _keep_inbound(self, room_id: str, session: vz.InboundGroupSession, sender_key: str, sender: str) -> None:
         self.inbound[(room_id, session.session_id)] = (session, sender_key, sender)
         while len(self.inbound) > MAX_INBOUND:
-            self.inbound.pop(next(iter(self.inbound)))
+            gone = next(iter(self.inbound))
+            del self.inbound[gone]
+            self.backed_up.discard(gone)
 
     # ------------------------------------------------------------------ Megolm (room events)
 
@@ -320,6 +327,67 @@ class DeviceCrypto:
             inner = {**inner, RELATION: content[RELATION]}
         return formats.decrypted(event, event_type, inner)
 
+    # ------------------------------------------------------------------ server-side key backup
+
+    def backup_auth_data(self, public_key: str) -> dict[str, Any]:
+        """The ``auth_data`` of a new backup version: its public key, signed by this device."""
+        return self._signed({"public_key": public_key})
+
+    def backup_pending(self, public_key: str, limit: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Up to ``limit`` inbound sessions not yet in the backup, encrypted to ``public_key``: the
+        ``rooms`` of ``PUT /room_keys/keys`` and the sessions it holds (`backup_stored` once it is done)."""
+        to_backup = vz.PkEncryption.from_key(vz.Curve25519PublicKey.from_base64(public_key))
+        ed25519 = {d.curve25519: d.ed25519 for devices in self.devices.values() for d in devices.values()}
+        ed25519[self.curve25519] = self.ed25519
+        rooms: dict[str, Any] = {}
+        taken: list[tuple[str, str]] = []
+        for (room_id, session_id), (session, sender_key, sender) in self.inbound.items():
+            if (room_id, session_id) in self.backed_up:
+                continue
+            index = session.first_known_index
+            exported = session.export_at(index)
+            if exported is None:
+                continue
+            plaintext = formats.backup_plaintext(sender_key, ed25519.get(sender_key), sender, exported.to_base64())
+            # By name: the bindings' to_base64 and from_base64 do not take the parts in the same order.
+            sealed = to_backup.encrypt(plaintext)
+            rooms.setdefault(room_id, {"sessions": {}})["sessions"][session_id] = formats.backup_key_data(
+                index, _b64encode(sealed.ciphertext), _b64encode(sealed.mac), _b64encode(sealed.ephemeral_key))
+            taken.append((room_id, session_id))
+            if len(taken) >= limit:
+                break
+        return rooms, taken
+
+    def backup_stored(self, taken: Iterable[tuple[str, str]]) -> None:
+        self.backed_up.update(taken)
+
+    def backup_lost(self) -> None:
+        """The backup version in use is gone (deleted, or replaced): a new one gets everything."""
+        self.backup_version = None
+        self.backed_up.clear()
+
+    def restore(self, body: Mapping[str, Any], private_key: bytes) -> int:
+        """Import the sessions of a ``GET /room_keys/keys`` answer (those this device lacks); how many."""
+        from_backup = vz.PkDecryption.from_key(vz.Curve25519SecretKey.from_bytes(private_key))
+        count = 0
+        for room_id, room in formats.json_field(body, "rooms").items():
+            for session_id, entry in formats.json_field(room, "sessions").items():
+                data = formats.json_field(entry, "session_data")
+                try:
+                    message = vz.Message(_b64decode(str(data.get("ciphertext"))), _b64decode(str(data.get("mac"))),
+                                         _b64decode(str(data.get("ephemeral"))))
+                    sender_key, sender, key = formats.parse_backup_plaintext(from_backup.decrypt(message))
+                    session = vz.InboundGroupSession.import_session(vz.ExportedSessionKey(key))
+                except ValueError as error:
+                    log.info("Backed-up session of {room} not usable: {error}", room=room_id, error=error)
+                    continue
+                if session.session_id != session_id or (room_id, session_id) in self.inbound:
+                    continue
+                self._keep_inbound(room_id, session, sender_key, sender)
+                self.backed_up.add((room_id, session_id))
+                count += 1
+        return count
+
     # ------------------------------------------------------------------ persistence
 
     def to_state(self, key: bytes) -> dict[str, Any]:
@@ -337,6 +405,8 @@ class DeviceCrypto:
             "devices": {user: [dataclasses.astuple(d) for d in devices.values()]
                         for user, devices in self.devices.items()},
             "stale": sorted(self.stale),
+            "backup_version": self.backup_version, "backed_up": sorted(self.backed_up),
+            "restore_due": self.restore_due,
         }
 
     @classmethod
@@ -355,6 +425,9 @@ class DeviceCrypto:
         device.devices = {user: {d[1]: PeerDevice(*d) for d in devices}
                           for user, devices in state.get("devices", {}).items()}
         device.stale = set(state.get("stale", []))
+        device.backup_version = state.get("backup_version")
+        device.backed_up = {(room, session) for room, session in state.get("backed_up", [])}
+        device.restore_due = bool(state.get("restore_due"))
         return device
 
 

@@ -32,7 +32,7 @@ from comatrix.logs import get_logger
 from comatrix.matrix import api
 from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.client import ENCRYPTED_TYPE, MatrixClient
-from comatrix.matrix.errors import MatrixError
+from comatrix.matrix.errors import HomeserverError, MatrixError
 from comatrix.matrix.responses import Event
 
 __all__ = ["GatewayCrypto", "RoomSettings", "Unavailable"]
@@ -54,6 +54,10 @@ MAX_DEVICES_CACHED = 256
 #: Longest time (s) a send goes without a key /sync first: device list changes (a member's new
 #: device) and room keys waiting in the inbox are seen at least this often by a device that sends.
 KEYS_SYNC_INTERVAL = 60.0
+#: Sessions put into the key backup per call (the rest go with the device's next use).
+BACKUP_BATCH = 256
+#: How long (s) a device user's key backup is left alone after it failed or is someone else's.
+BACKUP_RETRY = 300.0
 
 
 class RoomSettings:
@@ -118,8 +122,9 @@ class Unavailable:
 class GatewayCrypto:
     """E2EE for the Matrix devices of device users (token mode), state kept in a `Vault`."""
 
-    def __init__(self, matrix: MatrixClient, vault: Any, reactor: Any) -> None:
+    def __init__(self, matrix: MatrixClient, vault: Any, reactor: Any, backup_key: bytes | None = None) -> None:
         from comatrix.e2ee.device import DeviceCrypto  # vodozemac: only when E2EE is on
+        import vodozemac as vz
 
         self._device_class = DeviceCrypto
         self.matrix = matrix
@@ -132,6 +137,12 @@ class GatewayCrypto:
         self._locks: dict[tuple[str, str], defer.DeferredLock] = {}
         #: (user id, device id) -> when its last key /sync was (not kept: the first send syncs).
         self._synced: dict[tuple[str, str], float] = {}
+        #: The key backup's private key (the operator keeps its recovery key) and public key.
+        self._backup_key = backup_key
+        self._backup_public = None if backup_key is None else \
+            vz.Curve25519SecretKey.from_bytes(backup_key).public_key().to_base64()
+        #: (user id, device id) -> until when its backup is left alone.
+        self._backup_off: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ the RoomCrypto hooks
 
@@ -213,9 +224,11 @@ class GatewayCrypto:
             device = await self._load(identity)
             if not device.uploaded:
                 await self._upload(token, device, published=0)
+            await self._backup_start(token, device)
             try:
                 return await work(device)
             finally:
+                await self._backup_upload(token, device)
                 await self._save(device)
         finally:
             lock.release()
@@ -228,6 +241,7 @@ class GatewayCrypto:
         state = await self.vault.load(*identity)
         if state is None:
             device = self._device_class(*identity)
+            device.restore_due = True  # the user's key backup may hold what an earlier state knew
             await self._save(device)  # the keys are kept before the homeserver sees them
             log.info("E2EE: new identity keys for {user}'s device {device}", user=identity[0], device=identity[1])
         else:
@@ -256,6 +270,71 @@ class GatewayCrypto:
         device.mark_published()
         device.uploaded = True
         log.debug("E2EE: {count} one-time keys uploaded for {user}", count=len(keys), user=device.user_id)
+
+    async def _backup_start(self, token: str, device: Any) -> None:
+        """Find the user's key backup under the gateway's key (restoring from it if the state is new), or
+        make one; a backup under another key is left alone (logged)."""
+        identity = (device.user_id, device.device_id)
+        if self._backup_public is None or device.backup_version is not None \
+                or self.reactor.seconds() < self._backup_off.get(identity, 0.0):
+            return
+        try:
+            current = await self._current_backup(token)
+            if current is None:
+                made = await self.matrix.request(api.room_keys_version_create(
+                    token, formats.BACKUP, device.backup_auth_data(self._backup_public)))
+                device.backup_version = str(made.get("version"))
+                log.info("E2EE: key backup version {version} made for {user}", version=device.backup_version,
+                         user=device.user_id)
+            elif current.get("algorithm") == formats.BACKUP \
+                    and formats.json_field(current, "auth_data").get("public_key") == self._backup_public:
+                version = str(current.get("version"))
+                if device.restore_due:
+                    count = device.restore(await self.matrix.request(api.room_keys_get(token, version)),
+                                           self._backup_key)
+                    log.info("E2EE: {count} room keys of {user} restored from key backup version {version}",
+                             count=count, user=device.user_id, version=version)
+                device.backup_version = version
+            else:
+                log.warn("E2EE: {user}'s key backup is not under the gateway's backup key: its room keys are "
+                         "not backed up", user=device.user_id)
+                self._backup_off[identity] = self.reactor.seconds() + BACKUP_RETRY
+                return
+            device.restore_due = False
+        except HomeserverError as error:
+            log.warn("E2EE: key backup of {user} not reachable: {error}", user=device.user_id, error=error)
+            self._backup_off[identity] = self.reactor.seconds() + BACKUP_RETRY
+
+    async def _current_backup(self, token: str) -> Mapping[str, Any] | None:
+        try:
+            return await self.matrix.request(api.room_keys_version(token))  # type: ignore[no-any-return]
+        except MatrixError as error:
+            if error.http_status == 404:
+                return None
+            raise
+
+    async def _backup_upload(self, token: str, device: Any) -> None:
+        """Put the room keys the backup lacks into it (a failure is logged: they go at the next use)."""
+        if self._backup_public is None or device.backup_version is None:
+            return
+        rooms, taken = device.backup_pending(self._backup_public, BACKUP_BATCH)
+        if not taken:
+            return
+        try:
+            await self.matrix.request(api.room_keys_put(token, device.backup_version, rooms))
+        except MatrixError as error:
+            if error.errcode == "M_WRONG_ROOM_KEYS_VERSION" or error.http_status == 404:
+                log.warn("E2EE: key backup version {version} of {user} is gone: a new one is looked for",
+                         version=device.backup_version, user=device.user_id)
+                device.backup_lost()
+            else:
+                log.warn("E2EE: room keys of {user} not backed up: {error}", user=device.user_id, error=error)
+            return
+        except HomeserverError as error:
+            log.warn("E2EE: room keys of {user} not backed up: {error}", user=device.user_id, error=error)
+            return
+        device.backup_stored(taken)
+        log.debug("E2EE: {count} room keys of {user} backed up", count=len(taken), user=device.user_id)
 
     async def _members(self, token: str, room_id: str) -> set[str]:
         chunk = formats.json_list(await self.matrix.request(api.room_members(token, room_id)), "chunk")

@@ -39,6 +39,13 @@ def describe(user_id: str, states: Sequence[Mapping[str, Any]]) -> str:
         for room, session in sorted(outbound.items()):
             lines.append(f"    {room}: {session.get('sent', 0)} messages since {_when(session.get('created_ms'))}, "
                          f"shared with {len(session.get('shared') or [])} devices")
-        lines += ["  cross-signing      not done yet (the device shows unverified)",
-                  "  key backup         none (not done yet): losing state_dir loses these keys"]
+        lines += ["  cross-signing      not done yet (the device shows unverified)", _backup_line(state)]
     return "\n".join(lines) + "\n"
+
+
+def _backup_line(state: Mapping[str, Any]) -> str:
+    version = state.get("backup_version")
+    if version is None:
+        return "  key backup         none yet (made at the device's next use if the gateway has a state_dir)"
+    return (f"  key backup         version {version}: {len(state.get('backed_up') or [])} of "
+            f"{len(state.get('inbound') or [])} inbound megolm sessions backed up")

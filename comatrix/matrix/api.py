@@ -36,6 +36,10 @@ __all__ = [
     "relations",
     "room_messages",
     "room_members",
+    "room_keys_get",
+    "room_keys_put",
+    "room_keys_version",
+    "room_keys_version_create",
     "shared_secret_nonce",
     "shared_secret_register",
     "set_avatar_url",
@@ -467,6 +471,28 @@ def send_to_device(token: str, event_type: str, txn_id: str,
     """``PUT /sendToDevice/{eventType}/{txnId}``: user id -> device id -> content."""
     body: JsonDict = {"messages": {user: dict(devices) for user, devices in messages.items()}}
     return MatrixRequest("PUT", _v3("sendToDevice", event_type, txn_id), (), body, token)
+
+
+def room_keys_version(token: str) -> MatrixRequest:
+    """``GET /room_keys/version``: the user's current server-side key backup (404 if none)."""
+    return MatrixRequest("GET", _v3("room_keys", "version"), (), None, token)
+
+
+def room_keys_version_create(token: str, algorithm: str, auth_data: Mapping[str, Any]) -> MatrixRequest:
+    """``POST /room_keys/version``: a new key backup version (it becomes the current one)."""
+    body: JsonDict = {"algorithm": algorithm, "auth_data": dict(auth_data)}
+    return MatrixRequest("POST", _v3("room_keys", "version"), (), body, token)
+
+
+def room_keys_put(token: str, version: str, rooms: Mapping[str, Any]) -> MatrixRequest:
+    """``PUT /room_keys/keys?version=``: room id -> {"sessions": session id -> KeyBackupData}."""
+    body: JsonDict = {"rooms": dict(rooms)}
+    return MatrixRequest("PUT", _v3("room_keys", "keys"), (("version", version),), body, token)
+
+
+def room_keys_get(token: str, version: str) -> MatrixRequest:
+    """``GET /room_keys/keys?version=``: every session of a key backup version."""
+    return MatrixRequest("GET", _v3("room_keys", "keys"), (("version", version),), None, token)
 
 
 _ADMIN_REGISTER = ("_synapse", "admin", "v1", "register")

@@ -16,6 +16,9 @@ through the gateway, which publishes the device's keys:
 * members change: one person leaves, another joins; the device's next message is
   sent with a new Megolm session that the newcomer decrypts and the one who left
   never receives;
+* key backup: the device user's room keys (the person's and the device's own) go into a server-side key
+  backup; after the gateway's crypto state is wiped and only the recovery key (``comatrixctl e2ee
+  backup-key``) put back, the device's next Matrix device restores them and reads the old message in clear;
 * without vodozemac the gateway says so at start, refuses the device's send into
   the encrypted room with 5.01 (nothing reaches the room in clear) and reads its
   encrypted messages as ``[undecryptable]``.
@@ -24,7 +27,9 @@ through the gateway, which publishes the device's keys:
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, TypeVar
@@ -33,6 +38,7 @@ from urllib.parse import quote
 import nio
 import pytest
 
+from comatrix import ctl
 from comatrix.client import CoapResponseError, CompactDevice, DeviceState, OriginalDevice, UdpCoap
 from support.gateway import GatewayProcess
 from support.synapse import MatrixUser, SynapseServer
@@ -155,16 +161,22 @@ def device_keys(synapse: SynapseServer, token: str, user_id: str) -> dict[str, A
     return {device: keys["keys"] for device, keys in answer["device_keys"][user_id].items()}
 
 
+def sensor_in_encrypted_room(gw: GatewayProcess, synapse_user: Callable[..., MatrixUser], person: Person,
+                             source: str) -> tuple[MatrixUser, str, CompactDevice]:
+    """A device user invited into the person's new encrypted room, joined by a compact device at ``source``."""
+    sensor = synapse_user("sensor")
+    room_id = person.encrypted_room(invite=sensor.user_id)
+    device = CompactDevice(UdpCoap(gw.uri(), source=source), DeviceState(None))
+    device.login(sensor.localpart, sensor.password)
+    device.join(room_id)
+    return sensor, room_id, device
+
+
 def test_device_and_person_read_each_other_in_an_encrypted_room_across_a_restart(
         make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
         synapse_user: Callable[..., MatrixUser], person: Person) -> None:
     gw = make_gateway(config_text=NO_LIMITS)
-    sensor = synapse_user("sensor")
-    room_id = person.encrypted_room(invite=sensor.user_id)
-
-    device = CompactDevice(UdpCoap(gw.uri(), source="127.0.0.71"), DeviceState(None))
-    device.login(sensor.localpart, sensor.password)
-    device.join(room_id)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.71")
     original = OriginalDevice(UdpCoap(gw.uri(), source="127.0.0.72"), DeviceState(None))
     original.login(sensor.localpart, sensor.password)
     original.join(room_id)  # the original form reads with its own token: its own Matrix device
@@ -261,3 +273,50 @@ def test_without_vodozemac_the_gateway_refuses_to_send_plaintext_into_an_encrypt
     assert latest is not None and latest.body == "[undecryptable]"
     types = [event["type"] for event in synapse.messages(owner.access_token, room_id, limit=50)]
     assert "m.room.message" not in types  # nothing in clear reached the room
+
+
+def comatrixctl(gw: GatewayProcess, *args: str, stdin: str = "") -> str:
+    config = gw.workdir / "ctl.toml"
+    config.write_text(f'homeserver = "{gw.homeserver}"\nstate_dir = "{gw.state_dir}"\n')
+    out = io.StringIO()
+    assert ctl.main(["--config", str(config), *args], out=out, stdin=io.StringIO(stdin)) == 0, out.getvalue()
+    return out.getvalue()
+
+
+def test_room_keys_come_back_from_the_key_backup_after_the_crypto_state_is_lost(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], person: Person) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.75")
+    device.send(room_id, "19.0 C before the loss")  # the device's own Megolm session
+    person.read(room_id, "19.0 C before the loss")
+    person.send(room_id, "from the person, before the loss")
+    latest = device.getmsg(room_id)
+    assert latest is not None and latest.body == "from the person, before the loss"
+
+    # Both room keys are in the device user's key backup, encrypted to the gateway's backup key.
+    backup = synapse.request("GET", "/_matrix/client/v3/room_keys/version", token=sensor.access_token)
+    assert backup["algorithm"] == "m.megolm_backup.v1.curve25519-aes-sha2"
+    assert len(backup["auth_data"]["signatures"][sensor.user_id]) == 1  # signed by the device
+    stored = synapse.request("GET", "/_matrix/client/v3/room_keys/keys", token=sensor.access_token,
+                             query={"version": backup["version"]})
+    assert len(stored["rooms"][room_id]["sessions"]) == 2 and "before the loss" not in str(stored)
+    assert f"key backup         version {backup['version']}: 2 of 2" in comatrixctl(
+        gw, "e2ee", "status", sensor.user_id)
+    recovery = comatrixctl(gw, "e2ee", "backup-key").strip()
+    assert recovery not in gw.log_text()
+
+    # The whole crypto state is lost; the operator puts the recovery key back.
+    gw.stop()
+    shutil.rmtree(gw.state_dir / "e2ee")
+    for name in ("e2ee.key", "e2ee-backup.key"):
+        (gw.state_dir / name).unlink()
+    assert "written (0600)" in comatrixctl(gw, "e2ee", "backup-key", "--restore", stdin=recovery + "\n")
+    gw.start()
+    device.login(sensor.localpart, sensor.password)  # a new Matrix device: new identity keys
+    device.join(room_id)  # already a member: the new login's room handle
+    latest = device.getmsg(room_id)
+    assert latest is not None and latest.body == "from the person, before the loss"
+    assert f"2 room keys of {sensor.user_id} restored from key backup version {backup['version']}" in gw.log_text()
+    assert synapse.request("GET", "/_matrix/client/v3/room_keys/version",
+                           token=sensor.access_token)["version"] == backup["version"]  # the same backup goes on
