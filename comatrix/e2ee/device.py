@@ -100,6 +100,8 @@ class DeviceCrypto:
         self.backup_version: str | None = None
         self.backed_up: set[tuple[str, str]] = set()
         self.restore_due = False
+        #: Whether the user's self-signing key signed this device on the homeserver.
+        self.cross_signed = False
 
     # ------------------------------------------------------------------ own keys
 
@@ -406,7 +408,7 @@ class DeviceCrypto:
                         for user, devices in self.devices.items()},
             "stale": sorted(self.stale),
             "backup_version": self.backup_version, "backed_up": sorted(self.backed_up),
-            "restore_due": self.restore_due,
+            "restore_due": self.restore_due, "cross_signed": self.cross_signed,
         }
 
     @classmethod
@@ -428,6 +430,7 @@ class DeviceCrypto:
         device.backup_version = state.get("backup_version")
         device.backed_up = {(room, session) for room, session in state.get("backed_up", [])}
         device.restore_due = bool(state.get("restore_due"))
+        device.cross_signed = bool(state.get("cross_signed"))
         return device
 
 

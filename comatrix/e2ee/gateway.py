@@ -28,6 +28,7 @@ from twisted.internet import defer
 
 from comatrix.coap.errors import NotImplementedCoap
 from comatrix.e2ee import formats
+from comatrix.e2ee.cross_signing import CrossSigning
 from comatrix.logs import get_logger
 from comatrix.matrix import api
 from comatrix.matrix.api import AppserviceToken
@@ -143,6 +144,12 @@ class GatewayCrypto:
             vz.Curve25519SecretKey.from_bytes(backup_key).public_key().to_base64()
         #: (user id, device id) -> until when its backup is left alone.
         self._backup_off: dict[tuple[str, str], float] = {}
+        #: user id -> its cross-signing keys (also in the vault, under the device id ""), and the lock
+        #: that keeps two of its devices from making two sets; (user id, device id) -> until when its
+        #: signing is left alone.
+        self._cross: OrderedDict[str, CrossSigning] = OrderedDict()
+        self._user_locks: dict[str, defer.DeferredLock] = {}
+        self._signing_off: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ the RoomCrypto hooks
 
@@ -224,6 +231,7 @@ class GatewayCrypto:
             device = await self._load(identity)
             if not device.uploaded:
                 await self._upload(token, device, published=0)
+            await self._cross_sign(token, device)
             await self._backup_start(token, device)
             try:
                 return await work(device)
@@ -271,6 +279,61 @@ class GatewayCrypto:
         device.uploaded = True
         log.debug("E2EE: {count} one-time keys uploaded for {user}", count=len(keys), user=device.user_id)
 
+    async def _cross_sign(self, token: str, device: Any) -> None:
+        """Sign the device with its user's self-signing key (made and uploaded first if the user has none)."""
+        identity = (device.user_id, device.device_id)
+        if device.cross_signed or self.reactor.seconds() < self._signing_off.get(identity, 0.0):
+            return
+        lock = self._user_locks.setdefault(device.user_id, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            cross = await self._cross_signing(token, device.user_id)
+            if cross is not None:
+                signed = cross.sign("self_signing", device.device_keys())
+                answer = await self.matrix.request(api.signatures_upload(
+                    token, {device.user_id: {device.device_id: signed}}))
+                if formats.json_field(answer, "failures"):
+                    raise ValueError(f"signature refused: {dict(formats.json_field(answer, 'failures'))}")
+                device.cross_signed = True
+                log.info("E2EE: {user}'s device {device} signed by the user's self-signing key",
+                         user=device.user_id, device=device.device_id)
+                return
+        except (HomeserverError, ValueError) as error:
+            log.warn("E2EE: {user}'s device {device} not cross-signed: {error}", user=device.user_id,
+                     device=device.device_id, error=error)
+        finally:
+            lock.release()
+        self._signing_off[identity] = self.reactor.seconds() + BACKUP_RETRY
+
+    async def _cross_signing(self, token: str, user_id: str) -> CrossSigning | None:
+        """The user's cross-signing keys, on the homeserver; None if it has others the gateway lacks."""
+        cross = self._cross.get(user_id)
+        if cross is None:
+            state = await self.vault.load(user_id, "")
+            cross = None if state is None else CrossSigning.from_state(state)
+        if cross is None:
+            answer = await self.matrix.request(api.keys_query(token, [user_id]))
+            if formats.json_field(formats.json_field(answer, "master_keys"), user_id):
+                log.warn("E2EE: {user} has cross-signing keys the gateway does not hold: its devices stay "
+                         "unsigned", user=user_id)
+                return None
+            cross = CrossSigning.generate(user_id)
+            await self.vault.save(user_id, "", cross.to_state())  # kept before the homeserver sees them
+        if not cross.uploaded:
+            await self.matrix.request(api.device_signing_upload(token, cross.upload_body()))
+            cross.uploaded = True
+            await self.vault.save(user_id, "", cross.to_state())
+            log.info("E2EE: cross-signing keys of {user} uploaded (master key {master})", user=user_id,
+                     master=cross.public("master"))
+        self._cross[user_id] = cross
+        self._cross.move_to_end(user_id)
+        while len(self._cross) > MAX_DEVICES_CACHED:
+            gone, _keys = self._cross.popitem(last=False)
+            lock = self._user_locks.get(gone)
+            if lock is not None and not lock.locked:
+                del self._user_locks[gone]
+        return cross
+
     async def _backup_start(self, token: str, device: Any) -> None:
         """Find the user's key backup under the gateway's key (restoring from it if the state is new), or
         make one; a backup under another key is left alone (logged)."""
@@ -281,8 +344,11 @@ class GatewayCrypto:
         try:
             current = await self._current_backup(token)
             if current is None:
-                made = await self.matrix.request(api.room_keys_version_create(
-                    token, formats.BACKUP, device.backup_auth_data(self._backup_public)))
+                auth_data = device.backup_auth_data(self._backup_public)
+                cross = self._cross.get(device.user_id)
+                if cross is not None and cross.uploaded:
+                    auth_data = cross.sign("master", auth_data)
+                made = await self.matrix.request(api.room_keys_version_create(token, formats.BACKUP, auth_data))
                 device.backup_version = str(made.get("version"))
                 log.info("E2EE: key backup version {version} made for {user}", version=device.backup_version,
                          user=device.user_id)

@@ -28,6 +28,7 @@ __all__ = [
     "context",
     "create_room",
     "deactivate",
+    "device_signing_upload",
     "displayname",
     "kick",
     "reaction_content",
@@ -41,6 +42,7 @@ __all__ = [
     "room_keys_version",
     "room_keys_version_create",
     "shared_secret_nonce",
+    "signatures_upload",
     "shared_secret_register",
     "set_avatar_url",
     "upload",
@@ -471,6 +473,17 @@ def send_to_device(token: str, event_type: str, txn_id: str,
     """``PUT /sendToDevice/{eventType}/{txnId}``: user id -> device id -> content."""
     body: JsonDict = {"messages": {user: dict(devices) for user, devices in messages.items()}}
     return MatrixRequest("PUT", _v3("sendToDevice", event_type, txn_id), (), body, token)
+
+
+def device_signing_upload(token: str, keys: Mapping[str, Any]) -> MatrixRequest:
+    """``POST /keys/device_signing/upload``: the user's master, self-signing and user-signing keys."""
+    return MatrixRequest("POST", _v3("keys", "device_signing", "upload"), (), dict(keys), token)
+
+
+def signatures_upload(token: str, signed: Mapping[str, Mapping[str, Any]]) -> MatrixRequest:
+    """``POST /keys/signatures/upload``: user id -> key id (a device id) -> the signed key object."""
+    body: JsonDict = {user: dict(keys) for user, keys in signed.items()}
+    return MatrixRequest("POST", _v3("keys", "signatures", "upload"), (), body, token)
 
 
 def room_keys_version(token: str) -> MatrixRequest:

@@ -19,6 +19,8 @@ through the gateway, which publishes the device's keys:
 * key backup: the device user's room keys (the person's and the device's own) go into a server-side key
   backup; after the gateway's crypto state is wiped and only the recovery key (``comatrixctl e2ee
   backup-key``) put back, the device's next Matrix device restores them and reads the old message in clear;
+* cross-signing: the device user's master and self-signing keys are on the homeserver, its device is signed
+  by the self-signing key and its key backup by the master key (signatures checked here);
 * without vodozemac the gateway says so at start, refuses the device's send into
   the encrypted room with 5.01 (nothing reaches the room in clear) and reads its
   encrypted messages as ``[undecryptable]``.
@@ -27,7 +29,9 @@ through the gateway, which publishes the device's keys:
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 import os
 import shutil
 import time
@@ -36,6 +40,7 @@ from typing import Any, Callable, Coroutine, Iterator, TypeVar
 from urllib.parse import quote
 
 import nio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import pytest
 
 from comatrix import ctl
@@ -297,7 +302,7 @@ def test_room_keys_come_back_from_the_key_backup_after_the_crypto_state_is_lost(
     # Both room keys are in the device user's key backup, encrypted to the gateway's backup key.
     backup = synapse.request("GET", "/_matrix/client/v3/room_keys/version", token=sensor.access_token)
     assert backup["algorithm"] == "m.megolm_backup.v1.curve25519-aes-sha2"
-    assert len(backup["auth_data"]["signatures"][sensor.user_id]) == 1  # signed by the device
+    assert len(backup["auth_data"]["signatures"][sensor.user_id]) == 2  # by the device and the master key
     stored = synapse.request("GET", "/_matrix/client/v3/room_keys/keys", token=sensor.access_token,
                              query={"version": backup["version"]})
     assert len(stored["rooms"][room_id]["sessions"]) == 2 and "before the loss" not in str(stored)
@@ -318,5 +323,51 @@ def test_room_keys_come_back_from_the_key_backup_after_the_crypto_state_is_lost(
     latest = device.getmsg(room_id)
     assert latest is not None and latest.body == "from the person, before the loss"
     assert f"2 room keys of {sensor.user_id} restored from key backup version {backup['version']}" in gw.log_text()
+    # The cross-signing keys were in the lost state: the new device stays unsigned (said, not hidden).
+    assert f"{sensor.user_id} has cross-signing keys the gateway does not hold" in gw.log_text()
     assert synapse.request("GET", "/_matrix/client/v3/room_keys/version",
                            token=sensor.access_token)["version"] == backup["version"]  # the same backup goes on
+
+
+def signed_by(value: dict[str, Any], user_id: str, public_key: str) -> bool:
+    """Whether ``value`` carries ``user_id``'s valid signature by the Ed25519 ``public_key`` (checked here)."""
+    signature = value.get("signatures", {}).get(user_id, {}).get(f"ed25519:{public_key}")
+    if signature is None:
+        return False
+    unsigned = {k: v for k, v in value.items() if k not in ("signatures", "unsigned")}
+    Ed25519PublicKey.from_public_bytes(b64decode(public_key)).verify(
+        b64decode(signature), json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode())
+    return True
+
+
+def b64decode(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_the_device_user_is_cross_signed_and_its_device_signed_by_the_self_signing_key(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], person: Person) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.76")
+    answer = synapse.request("POST", "/_matrix/client/v3/keys/query", token=person.user.access_token,
+                             body={"device_keys": {sensor.user_id: []}})
+    master_key = answer["master_keys"][sensor.user_id]
+    [master] = master_key["keys"].values()
+    self_signing = answer["self_signing_keys"][sensor.user_id]
+    [ssk] = self_signing["keys"].values()
+    assert master_key["usage"] == ["master"] and self_signing["usage"] == ["self_signing"]
+    assert signed_by(self_signing, sensor.user_id, master)
+    [(device_id, keys)] = answer["device_keys"][sensor.user_id].items()  # the gateway's device of the sensor
+    assert signed_by(keys, sensor.user_id, ssk)
+    backup = synapse.request("GET", "/_matrix/client/v3/room_keys/version", token=sensor.access_token)
+    assert signed_by(backup["auth_data"], sensor.user_id, master)
+    status = comatrixctl(gw, "e2ee", "status", sensor.user_id)
+    assert f"device {device_id}" in status and "cross-signed       yes" in status
+    assert f"master key         {master}" in status
+    # A restart signs nothing twice and keeps the same keys.
+    gw.stop()
+    gw.start()
+    device.getmsg(room_id)
+    again = synapse.request("POST", "/_matrix/client/v3/keys/query", token=person.user.access_token,
+                            body={"device_keys": {sensor.user_id: []}})
+    assert again["master_keys"][sensor.user_id]["keys"] == master_key["keys"]

@@ -363,3 +363,32 @@ def test_ctl_backup_key_prints_and_restores_the_recovery_key(tmp_path: Any) -> N
     assert ctl_main([*args, "--restore"], out=io.StringIO(), stdin=io.StringIO(other)) != 0  # never overwritten
     assert ctl_main([*args, "--restore"], out=io.StringIO(), stdin=io.StringIO("not a key")) != 0
     assert key_file.read_bytes() == key
+
+
+# ---------------------------------------------------------------------- cross-signing
+
+def test_cross_signing_keys_sign_the_device_and_show_in_status() -> None:
+    from comatrix.e2ee.cross_signing import CrossSigning
+    from comatrix.e2ee.device import verify_signed
+    from comatrix.e2ee.status import describe
+
+    bob = DeviceCrypto(BOB, "BOBDEV")
+    cross = CrossSigning.generate(BOB)
+    master, ssk = cross.public("master"), cross.public("self_signing")
+    body = cross.upload_body()
+    assert body["master_key"] == {"user_id": BOB, "usage": ["master"], "keys": {f"ed25519:{master}": master}}
+    assert body["self_signing_key"]["usage"] == ["self_signing"]
+    for role in ("self_signing_key", "user_signing_key"):
+        assert verify_signed(body[role], BOB, master, master)
+    signed = cross.sign("self_signing", bob.device_keys())
+    assert verify_signed(signed, BOB, ssk, ssk)
+    assert verify_signed(signed, BOB, "BOBDEV", bob.ed25519)  # the device's own signature is kept
+    assert not verify_signed(dict(signed, device_id="OTHER"), BOB, ssk, ssk)
+
+    state = cross.to_state()
+    assert CrossSigning.from_state(state).public("master") == master
+    bob.cross_signed = True
+    text = describe(BOB, [bob.to_state(b"k" * 32), state])
+    assert "cross-signed       yes" in text and f"master key         {master}" in text
+    assert all(private not in text for private in state["private"].values())
+    assert "cross-signing keys: none yet" in describe(BOB, [DeviceCrypto(BOB, "X").to_state(b"k" * 32)])
