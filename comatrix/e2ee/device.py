@@ -32,6 +32,8 @@ MAX_INBOUND = 4096
 MAX_OLM_PER_PEER = 4
 #: Users whose device lists are kept per device user.
 MAX_TRACKED_USERS = 1024
+#: Room key requests of the user's own other devices waiting for an answer, per device user.
+MAX_KEY_REQUESTS = 32
 
 
 def _b64encode(data: bytes) -> str:
@@ -102,6 +104,8 @@ class DeviceCrypto:
         self.restore_due = False
         #: Whether the user's self-signing key signed this device on the homeserver.
         self.cross_signed = False
+        #: (requesting device id, room id, session id) of the user's own other devices (not kept).
+        self.key_requests: list[tuple[str, str, str]] = []
 
     # ------------------------------------------------------------------ own keys
 
@@ -202,8 +206,12 @@ class DeviceCrypto:
         return formats.olm_content(self.curve25519, device.curve25519, message_type, _b64encode(ciphertext))
 
     def to_device(self, event: Mapping[str, Any]) -> None:
-        """Take one to-device event of a /sync: room keys (inside Olm) are kept, the rest ignored."""
+        """Take one to-device event of a /sync: room keys (inside Olm) are kept, room key requests of the
+        user's own other devices noted (`key_requests`), the rest ignored."""
         content = event.get("content")
+        if event.get("type") == formats.ROOM_KEY_REQUEST:
+            self._key_request(event.get("sender"), content)
+            return
         if event.get("type") != formats.ENCRYPTED or not isinstance(content, Mapping) \
                 or content.get("algorithm") != formats.OLM:
             return
@@ -224,6 +232,30 @@ class DeviceCrypto:
             return
         if payload.get("type") == formats.ROOM_KEY:
             self._room_key(payload.get("content"), sender_key, sender)
+
+    def _key_request(self, sender: Any, content: Any) -> None:
+        if sender != self.user_id or not isinstance(content, Mapping) or content.get("action") != "request":
+            return  # another user's devices are never given this user's room keys
+        body = formats.json_field(content, "body")
+        requester, room_id, session_id = content.get("requesting_device_id"), body.get("room_id"), \
+            body.get("session_id")
+        if isinstance(requester, str) and requester != self.device_id and (room_id, session_id) in self.inbound \
+                and len(self.key_requests) < MAX_KEY_REQUESTS:
+            self.key_requests.append((requester, str(room_id), str(session_id)))
+
+    def forwarded_room_key(self, room_id: str, session_id: str) -> dict[str, Any]:
+        """The ``m.forwarded_room_key`` content of an inbound session (from its first known index)."""
+        session, sender_key, _sender = self.inbound[(room_id, session_id)]
+        exported = session.export_at(session.first_known_index)
+        return formats.forwarded_room_key_content(room_id, session_id, sender_key,
+                                                  self._claimed_ed25519().get(sender_key, ""),
+                                                  exported.to_base64() if exported is not None else "")
+
+    def _claimed_ed25519(self) -> dict[str, str]:
+        """Curve25519 identity key -> Ed25519 key of every device known (this one too)."""
+        keys = {d.curve25519: d.ed25519 for devices in self.devices.values() for d in devices.values()}
+        keys[self.curve25519] = self.ed25519
+        return keys
 
     def _olm_decrypt(self, sender_key: str, message_type: Any, ciphertext: bytes) -> bytes:
         if message_type not in (0, 1):
@@ -339,8 +371,7 @@ class DeviceCrypto:
         """Up to ``limit`` inbound sessions not yet in the backup, encrypted to ``public_key``: the
         ``rooms`` of ``PUT /room_keys/keys`` and the sessions it holds (`backup_stored` once it is done)."""
         to_backup = vz.PkEncryption.from_key(vz.Curve25519PublicKey.from_base64(public_key))
-        ed25519 = {d.curve25519: d.ed25519 for devices in self.devices.values() for d in devices.values()}
-        ed25519[self.curve25519] = self.ed25519
+        ed25519 = self._claimed_ed25519()
         rooms: dict[str, Any] = {}
         taken: list[tuple[str, str]] = []
         for (room_id, session_id), (session, sender_key, sender) in self.inbound.items():

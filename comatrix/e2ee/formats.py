@@ -19,7 +19,7 @@ __all__ = [
     "ENCRYPTED", "MEGOLM", "OLM", "UNDECRYPTABLE_BODY", "UNDECRYPTABLE_MSGTYPE", "Rotation",
     "canonical_json", "decrypted", "json_field", "json_list", "json_object", "megolm_content", "room_key_content", "megolm_plaintext", "olm_content", "olm_payload",
     "parse_megolm_plaintext", "rotation_of", "undecryptable", "unsigned_copy",
-    "BACKUP", "backup_key_data", "backup_plaintext", "parse_backup_plaintext", "recovery_key", "recovery_key_bytes",
+    "BACKUP", "backup_key_data", "forwarded_room_key_content", "backup_plaintext", "parse_backup_plaintext", "recovery_key", "recovery_key_bytes",
 ]
 
 ENCRYPTED = "m.room.encrypted"
@@ -27,6 +27,8 @@ OLM = "m.olm.v1.curve25519-aes-sha2"
 MEGOLM = "m.megolm.v1.aes-sha2"
 ALGORITHMS = (OLM, MEGOLM)
 ROOM_KEY = "m.room_key"
+ROOM_KEY_REQUEST = "m.room_key_request"
+FORWARDED_ROOM_KEY = "m.forwarded_room_key"
 #: Server-side key backup: Megolm sessions encrypted to a Curve25519 key (Client-Server spec, "Server-side key
 #: backups").
 BACKUP = "m.megolm_backup.v1.curve25519-aes-sha2"
@@ -132,6 +134,14 @@ def olm_content(sender_key: str, recipient_key: str, message_type: int, body: st
 
 def room_key_content(room_id: str, session_id: str, session_key: str) -> dict[str, Any]:
     return {"algorithm": MEGOLM, "room_id": room_id, "session_id": session_id, "session_key": session_key}
+
+
+def forwarded_room_key_content(room_id: str, session_id: str, sender_key: str, sender_ed25519: str,
+                               session_key: str) -> dict[str, Any]:
+    """An ``m.forwarded_room_key`` (inside Olm): a room key exported for another device of the same user."""
+    return {"algorithm": MEGOLM, "room_id": room_id, "session_id": session_id, "sender_key": sender_key,
+            "sender_claimed_ed25519_key": sender_ed25519, "session_key": session_key,
+            "forwarding_curve25519_key_chain": []}
 
 
 def undecryptable(event: Event, reason: str) -> Event:

@@ -410,16 +410,9 @@ class GatewayCrypto:
 
     async def _share(self, token: str, device: Any, room_id: str, outbound: Any, members: set[str]) -> None:
         """Send the room key to every device of ``members`` that does not have it yet (Olm, to-device)."""
-        unknown = device.unknown(members)
-        if unknown:
-            device.keys_queried(await self.matrix.request(api.keys_query(token, unknown)), unknown)
+        await self._query(token, device, device.unknown(members))
         recipients = [d for d in device.devices_of(members) if (d.user_id, d.device_id) not in outbound.shared]
-        missing = device.without_olm(recipients)
-        if missing:
-            wanted: dict[str, list[str]] = {}
-            for peer in missing:
-                wanted.setdefault(peer.user_id, []).append(peer.device_id)
-            device.keys_claimed(await self.matrix.request(api.keys_claim(token, wanted)), missing)
+        await self._olm_with(token, device, recipients)
         messages: dict[str, dict[str, Any]] = {}
         room_key = device.room_key(room_id, outbound)
         sent_to = [d for d in recipients if device.olm.get(d.curve25519)]
@@ -434,6 +427,48 @@ class GatewayCrypto:
         outbound.shared.update((d.user_id, d.device_id) for d in sent_to)
         log.debug("E2EE: room key of {room} sent to {count} devices", room=room_id, count=len(sent_to))
 
+    async def _query(self, token: str, device: Any, users: Sequence[str]) -> None:
+        if users:
+            device.keys_queried(await self.matrix.request(api.keys_query(token, users)), users)
+
+    async def _olm_with(self, token: str, device: Any, peers: Sequence[Any]) -> None:
+        """Olm sessions with ``peers`` (their one-time keys claimed where there is none yet)."""
+        missing = device.without_olm(peers)
+        if missing:
+            wanted: dict[str, list[str]] = {}
+            for peer in missing:
+                wanted.setdefault(peer.user_id, []).append(peer.device_id)
+            device.keys_claimed(await self.matrix.request(api.keys_claim(token, wanted)), missing)
+
+    async def _answer_key_requests(self, token: str, device: Any) -> None:
+        """Forward the room keys the user's own other devices asked for (Olm, to-device), one by one."""
+        requests, device.key_requests = device.key_requests, []
+        try:
+            await self._forward(token, device, requests)
+        except HomeserverError as error:
+            log.warn("E2EE: room key requests of {user}'s devices not answered: {error}", user=device.user_id,
+                     error=error)
+
+    async def _forward(self, token: str, device: Any, requests: Sequence[tuple[str, str, str]]) -> None:
+        await self._query(token, device, [device.user_id])  # the requesting device may be new
+        own = device.devices.get(device.user_id, {})
+        for requester, room_id, session_id in requests:
+            peer = own.get(requester)
+            if peer is None:
+                log.warn("E2EE: room key request of {user}'s unknown device {device}: not answered",
+                         user=device.user_id, device=requester)
+                continue
+            await self._olm_with(token, device, [peer])
+            if not device.olm.get(peer.curve25519):
+                continue
+            content = device.olm_encrypt(peer, formats.FORWARDED_ROOM_KEY, device.forwarded_room_key(room_id,
+                                                                                                  session_id))
+            await self._save(device)
+            await self.matrix.request(api.send_to_device(token, ENCRYPTED_TYPE, "e2ee" + secrets.token_urlsafe(12),
+                                                         {device.user_id: {requester: content}}))
+            log.info("E2EE: room key of {room} forwarded to {user}'s own device {device}", room=room_id,
+                     user=device.user_id, device=requester)
+
     async def _keys_sync(self, token: str, device: Any) -> None:
         """One /sync of the device with no room data: its inbox of to-device events (room keys)."""
         body = await self.matrix.request(api.sync(token, since=device.sync_since, filter=KEYS_SYNC_FILTER))
@@ -447,6 +482,8 @@ class GatewayCrypto:
         for event in formats.json_list(formats.json_field(body, "to_device"), "events"):
             if isinstance(event, Mapping):
                 device.to_device(event)
+        if device.key_requests:
+            await self._answer_key_requests(token, device)
         device.devices_changed(user for user in formats.json_list(formats.json_field(body, "device_lists"), "changed")
                                if isinstance(user, str))
         counts = body.get("device_one_time_keys_count")

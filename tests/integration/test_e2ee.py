@@ -21,6 +21,9 @@ through the gateway, which publishes the device's keys:
   backup-key``) put back, the device's next Matrix device restores them and reads the old message in clear;
 * cross-signing: the device user's master and self-signing keys are on the homeserver, its device is signed
   by the self-signing key and its key backup by the master key (signatures checked here);
+* room key requests: the device user's own phone (nio, logged in as the device user, trusting the gateway's
+  device) asks for the key of a message sent before it existed; the gateway forwards it and the phone reads
+  the message;
 * without vodozemac the gateway says so at start, refuses the device's send into
   the encrypted room with 5.01 (nothing reaches the room in clear) and reads its
   encrypted messages as ``[undecryptable]``.
@@ -104,11 +107,12 @@ class Person:
         store = self.client.olm.inbound_group_store  # type: ignore[union-attr]
         return store.get(room_id, content["sender_key"], content["session_id"]) is not None
 
-    def send(self, room_id: str, body: str) -> None:
+    def send(self, room_id: str, body: str) -> str:
         self.sync()  # the device user's join and its device keys
         answer = self.run(self.client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body},
                                                 ignore_unverified_devices=True))
         assert isinstance(answer, nio.RoomSendResponse), answer
+        return str(answer.event_id)
 
     def read(self, room_id: str, body: str) -> nio.RoomMessageText:
         """Sync until the room's timeline holds a decrypted text message with ``body``."""
@@ -371,3 +375,37 @@ def test_the_device_user_is_cross_signed_and_its_device_signed_by_the_self_signi
     again = synapse.request("POST", "/_matrix/client/v3/keys/query", token=person.user.access_token,
                             body={"device_keys": {sensor.user_id: []}})
     assert again["master_keys"][sensor.user_id]["keys"] == master_key["keys"]
+
+
+def test_the_device_users_own_phone_gets_a_room_key_it_asks_for(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], person: Person, tmp_path: Path) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.77")
+    event_id = person.send(room_id, "sent before the phone existed")
+    latest = device.getmsg(room_id)
+    assert latest is not None and latest.body == "sent before the phone existed"
+    [gateway_device] = device_keys(synapse, person.user.access_token, sensor.user_id)
+
+    (tmp_path / "nio-phone").mkdir()
+    phone = Person(synapse, sensor, tmp_path / "nio-phone")  # the device user's own phone, a later device
+    try:
+        phone.sync()
+        phone.client.verify_device(phone.client.device_store[sensor.user_id][gateway_device])
+        raw = raw_event(synapse, person.user.access_token, room_id, event_id)
+        encrypted = nio.MegolmEvent.from_dict(raw)
+        encrypted.room_id = room_id
+        with pytest.raises(nio.EncryptionError):  # the phone was not there when the key was shared
+            phone.client.decrypt_event(encrypted)
+        watcher = Watcher(device, room_id, count=1)  # the device's /sync, where the request arrives
+        assert isinstance(phone.run(phone.client.request_room_key(encrypted)), nio.RoomKeyRequestResponse)
+        deadline = time.monotonic() + WAIT
+        while not phone.has_room_key(room_id, raw["content"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        decrypted = phone.client.decrypt_event(encrypted)
+        assert isinstance(decrypted, nio.RoomMessageText) and decrypted.body == "sent before the phone existed"
+        assert f"room key of {room_id} forwarded to {sensor.user_id}'s own device" in gw.log_text()
+        person.send(room_id, "ends the watch")
+        watcher.join()
+    finally:
+        phone.close()

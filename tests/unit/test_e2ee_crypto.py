@@ -392,3 +392,30 @@ def test_cross_signing_keys_sign_the_device_and_show_in_status() -> None:
     assert "cross-signed       yes" in text and f"master key         {master}" in text
     assert all(private not in text for private in state["private"].values())
     assert "cross-signing keys: none yet" in describe(BOB, [DeviceCrypto(BOB, "X").to_state(b"k" * 32)])
+
+
+# ---------------------------------------------------------------------- room key requests
+
+def test_only_the_users_own_other_devices_get_their_room_key_requests_noted() -> None:
+    import vodozemac as vz
+
+    alice, bob = DeviceCrypto(ALICE, "ALICEDEV"), DeviceCrypto(BOB, "BOBDEV")
+    exchange_room_key(alice, bob, {ALICE, BOB})
+    session_id = alice.outbound[ROOM].session.session_id
+
+    def request(sender: str, device: str, session: str = session_id) -> dict[str, Any]:
+        return {"type": formats.ROOM_KEY_REQUEST, "sender": sender, "content": {
+            "action": "request", "requesting_device_id": device, "request_id": "r1",
+            "body": {"algorithm": formats.MEGOLM, "room_id": ROOM, "session_id": session, "sender_key": "x"}}}
+    bob.to_device(request(ALICE, "ALICEDEV"))  # another user: never
+    bob.to_device(request(BOB, "BOBDEV"))  # itself
+    bob.to_device(request(BOB, "PHONE", session="unknown"))  # a session it does not have
+    assert bob.key_requests == []
+    bob.to_device(request(BOB, "PHONE"))
+    assert bob.key_requests == [("PHONE", ROOM, session_id)]
+    bob.keys_queried({"device_keys": {ALICE: {"ALICEDEV": alice.device_keys()}}}, [ALICE])
+    forwarded = bob.forwarded_room_key(ROOM, session_id)
+    assert (forwarded["sender_key"], forwarded["sender_claimed_ed25519_key"]) == (alice.curve25519, alice.ed25519)
+    phone = vz.InboundGroupSession.import_session(vz.ExportedSessionKey(forwarded["session_key"]))
+    content = alice.megolm_encrypt(ROOM, "m.room.message", {"body": "for the phone"})
+    assert b"for the phone" in phone.decrypt(vz.MegolmMessage.from_base64(content["ciphertext"])).plaintext
