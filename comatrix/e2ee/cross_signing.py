@@ -29,6 +29,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii").rstrip("=")
 
 
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
 class CrossSigning:
     """The three cross-signing keys of one user."""
 
@@ -64,6 +68,15 @@ class CrossSigning:
                 "self_signing_key": self.sign("master", self._key("self_signing", "self_signing")),
                 "user_signing_key": self.sign("master", self._key("user_signing", "user_signing"))}
 
+    def secrets(self) -> dict[str, str]:
+        """Secret storage name -> private key (unpadded base64), as clients keep them."""
+        return {f"m.cross_signing.{role}": _b64(key.private_bytes_raw()) for role, key in self._private.items()}
+
+    @classmethod
+    def from_secrets(cls, user_id: str, secrets: Mapping[str, str]) -> "CrossSigning":
+        return cls(user_id, {role: Ed25519PrivateKey.from_private_bytes(_unb64(secrets[f"m.cross_signing.{role}"]))
+                             for role in ROLES})
+
     def to_state(self) -> dict[str, Any]:
         return {"kind": KIND, "user_id": self.user_id, "uploaded": self.uploaded,
                 "private": {role: _b64(key.private_bytes_raw()) for role, key in self._private.items()},
@@ -72,8 +85,7 @@ class CrossSigning:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "CrossSigning":
-        private = {role: Ed25519PrivateKey.from_private_bytes(base64.b64decode(text + "=" * (-len(text) % 4)))
-                   for role, text in state["private"].items()}
+        private = {role: Ed25519PrivateKey.from_private_bytes(_unb64(text)) for role, text in state["private"].items()}
         keys = cls(state["user_id"], private)
         keys.uploaded = bool(state.get("uploaded"))
         return keys

@@ -19,6 +19,7 @@ are refused the same way).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from collections import OrderedDict
@@ -27,7 +28,7 @@ from typing import Any, Mapping, Sequence
 from twisted.internet import defer
 
 from comatrix.coap.errors import NotImplementedCoap
-from comatrix.e2ee import formats
+from comatrix.e2ee import formats, secret_storage
 from comatrix.e2ee.cross_signing import CrossSigning
 from comatrix.logs import get_logger
 from comatrix.matrix import api
@@ -57,6 +58,8 @@ MAX_DEVICES_CACHED = 256
 KEYS_SYNC_INTERVAL = 60.0
 #: Sessions put into the key backup per call (the rest go with the device's next use).
 BACKUP_BATCH = 256
+#: The secret storage name of the key backup's private key.
+BACKUP_SECRET = "m.megolm_backup.v1"
 #: How long (s) a device user's key backup is left alone after it failed or is someone else's.
 BACKUP_RETRY = 300.0
 
@@ -313,11 +316,16 @@ class GatewayCrypto:
             cross = None if state is None else CrossSigning.from_state(state)
         if cross is None:
             answer = await self.matrix.request(api.keys_query(token, [user_id]))
-            if formats.json_field(formats.json_field(answer, "master_keys"), user_id):
-                log.warn("E2EE: {user} has cross-signing keys the gateway does not hold: its devices stay "
-                         "unsigned", user=user_id)
-                return None
-            cross = CrossSigning.generate(user_id)
+            master = formats.json_field(formats.json_field(answer, "master_keys"), user_id)
+            if master:
+                cross = await self._recover_cross_signing(token, user_id, master)
+                if cross is None:
+                    log.warn("E2EE: {user} has cross-signing keys the gateway does not hold: its devices stay "
+                             "unsigned", user=user_id)
+                    return None
+                log.info("E2EE: cross-signing keys of {user} recovered from secret storage", user=user_id)
+            else:
+                cross = CrossSigning.generate(user_id)
             await self.vault.save(user_id, "", cross.to_state())  # kept before the homeserver sees them
         if not cross.uploaded:
             await self.matrix.request(api.device_signing_upload(token, cross.upload_body()))
@@ -325,6 +333,7 @@ class GatewayCrypto:
             await self.vault.save(user_id, "", cross.to_state())
             log.info("E2EE: cross-signing keys of {user} uploaded (master key {master})", user=user_id,
                      master=cross.public("master"))
+            await self._store_secrets(token, cross)
         self._cross[user_id] = cross
         self._cross.move_to_end(user_id)
         while len(self._cross) > MAX_DEVICES_CACHED:
@@ -332,6 +341,49 @@ class GatewayCrypto:
             lock = self._user_locks.get(gone)
             if lock is not None and not lock.locked:
                 del self._user_locks[gone]
+        return cross
+
+    async def _store_secrets(self, token: str, cross: CrossSigning) -> None:
+        """Keep the cross-signing private keys in the user's secret storage, under the backup key."""
+        key = self._backup_key
+        if key is None:
+            return
+        # The backup key too, as clients keep it: the recovery key then opens everything in a client.
+        kept = {**cross.secrets(), BACKUP_SECRET: base64.b64encode(key).decode("ascii").rstrip("=")}
+        entries: dict[str, Mapping[str, Any]] = {
+            name: {"encrypted": {secret_storage.key_id(key): secret_storage.encrypt(key, name, secret)}}
+            for name, secret in kept.items()}
+        entries[secret_storage.key_event(key)] = secret_storage.describe_key(key)
+        entries[secret_storage.DEFAULT_KEY] = {"key": secret_storage.key_id(key)}
+        try:
+            for event_type, content in entries.items():
+                await self.matrix.request(api.set_account_data(token, cross.user_id, event_type, content))
+        except HomeserverError as error:
+            log.warn("E2EE: cross-signing keys of {user} not put into secret storage: {error}", user=cross.user_id,
+                     error=error)
+
+    async def _recover_cross_signing(self, token: str, user_id: str,
+                                     master: Mapping[str, Any]) -> CrossSigning | None:
+        """The user's cross-signing keys from its secret storage under the backup key, if they are the
+        homeserver's ones (None otherwise)."""
+        key = self._backup_key
+        if key is None:
+            return None
+        found: dict[str, str] = {}
+        try:
+            for role in ("master", "self_signing", "user_signing"):
+                name = f"m.cross_signing.{role}"
+                content = await self.matrix.request(api.account_data(token, user_id, name))
+                entry = formats.json_field(formats.json_field(content, "encrypted"), secret_storage.key_id(key))
+                found[name] = secret_storage.decrypt(key, name, entry)
+            cross = CrossSigning.from_secrets(user_id, found)
+        except (HomeserverError, ValueError, KeyError) as error:
+            log.info("E2EE: no cross-signing keys of {user} in secret storage under the backup key: {error}",
+                     user=user_id, error=error)
+            return None
+        if list(formats.json_field(master, "keys").values()) != [cross.public("master")]:
+            return None
+        cross.uploaded = True
         return cross
 
     async def _backup_start(self, token: str, device: Any) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "CLIENT_V3",
     "AppserviceToken",
     "acting_identity",
+    "account_data",
     "MatrixRequest",
     "context",
     "create_room",
@@ -44,6 +45,7 @@ __all__ = [
     "shared_secret_nonce",
     "signatures_upload",
     "shared_secret_register",
+    "set_account_data",
     "set_avatar_url",
     "upload",
     "generic",
@@ -484,6 +486,16 @@ def signatures_upload(token: str, signed: Mapping[str, Mapping[str, Any]]) -> Ma
     """``POST /keys/signatures/upload``: user id -> key id (a device id) -> the signed key object."""
     body: JsonDict = {user: dict(keys) for user, keys in signed.items()}
     return MatrixRequest("POST", _v3("keys", "signatures", "upload"), (), body, token)
+
+
+def account_data(token: str, user_id: str, event_type: str) -> MatrixRequest:
+    """``GET /user/{userId}/account_data/{type}`` (404 if none)."""
+    return MatrixRequest("GET", _v3("user", user_id, "account_data", event_type), (), None, token)
+
+
+def set_account_data(token: str, user_id: str, event_type: str, content: Mapping[str, Any]) -> MatrixRequest:
+    """``PUT /user/{userId}/account_data/{type}``."""
+    return MatrixRequest("PUT", _v3("user", user_id, "account_data", event_type), (), dict(content), token)
 
 
 def room_keys_version(token: str) -> MatrixRequest:

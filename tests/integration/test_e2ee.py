@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import pytest
 
 from comatrix import ctl
+from comatrix.e2ee import formats as e2ee_formats, secret_storage
 from comatrix.client import CoapResponseError, CompactDevice, DeviceState, OriginalDevice, UdpCoap
 from support.gateway import GatewayProcess
 from support.synapse import MatrixUser, SynapseServer
@@ -313,6 +314,14 @@ def test_room_keys_come_back_from_the_key_backup_after_the_crypto_state_is_lost(
     assert f"key backup         version {backup['version']}: 2 of 2" in comatrixctl(
         gw, "e2ee", "status", sensor.user_id)
     recovery = comatrixctl(gw, "e2ee", "backup-key").strip()
+    secret = synapse.request("GET", f"/_matrix/client/v3/user/{quote(sensor.user_id)}/account_data/"
+                             "m.cross_signing.master", token=sensor.access_token)
+    [(_key_id, encrypted)] = secret["encrypted"].items()
+    assert set(encrypted) == {"iv", "ciphertext", "mac"}
+    backup_key = e2ee_formats.recovery_key_bytes(recovery)  # the recovery key opens the secret storage
+    stored_key = synapse.request("GET", f"/_matrix/client/v3/user/{quote(sensor.user_id)}/account_data/"
+                                 "m.megolm_backup.v1", token=sensor.access_token)["encrypted"][_key_id]
+    assert b64decode(secret_storage.decrypt(backup_key, "m.megolm_backup.v1", stored_key)) == backup_key
     assert recovery not in gw.log_text()
 
     # The whole crypto state is lost; the operator puts the recovery key back.
@@ -327,8 +336,12 @@ def test_room_keys_come_back_from_the_key_backup_after_the_crypto_state_is_lost(
     latest = device.getmsg(room_id)
     assert latest is not None and latest.body == "from the person, before the loss"
     assert f"2 room keys of {sensor.user_id} restored from key backup version {backup['version']}" in gw.log_text()
-    # The cross-signing keys were in the lost state: the new device stays unsigned (said, not hidden).
-    assert f"{sensor.user_id} has cross-signing keys the gateway does not hold" in gw.log_text()
+    # The cross-signing keys come back from secret storage (under the same key): the new device is signed.
+    assert f"cross-signing keys of {sensor.user_id} recovered from secret storage" in gw.log_text()
+    answer = synapse.request("POST", "/_matrix/client/v3/keys/query", token=person.user.access_token,
+                             body={"device_keys": {sensor.user_id: []}})
+    [ssk] = answer["self_signing_keys"][sensor.user_id]["keys"].values()
+    assert sum(signed_by(keys, sensor.user_id, ssk) for keys in answer["device_keys"][sensor.user_id].values()) == 2
     assert synapse.request("GET", "/_matrix/client/v3/room_keys/version",
                            token=sensor.access_token)["version"] == backup["version"]  # the same backup goes on
 

@@ -10,6 +10,7 @@ through `to_state` / `from_state` and the sealed file.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import os
@@ -419,3 +420,28 @@ def test_only_the_users_own_other_devices_get_their_room_key_requests_noted() ->
     phone = vz.InboundGroupSession.import_session(vz.ExportedSessionKey(forwarded["session_key"]))
     content = alice.megolm_encrypt(ROOM, "m.room.message", {"body": "for the phone"})
     assert b"for the phone" in phone.decrypt(vz.MegolmMessage.from_base64(content["ciphertext"])).plaintext
+
+
+def test_secret_storage_round_trip_and_refusals() -> None:
+    from comatrix.e2ee import secret_storage
+    from comatrix.e2ee.cross_signing import CrossSigning
+
+    key, other = os.urandom(32), os.urandom(32)
+    cross = CrossSigning.generate(BOB)
+    stored = {name: secret_storage.encrypt(key, name, secret) for name, secret in cross.secrets().items()}
+    assert all(base64_bit63_clear(entry["iv"]) for entry in stored.values())
+    back = {name: secret_storage.decrypt(key, name, entry) for name, entry in stored.items()}
+    assert CrossSigning.from_secrets(BOB, back).public("master") == cross.public("master")
+    name, entry = next(iter(stored.items()))
+    for wrong_key, wrong_name in ((other, name), (key, "m.cross_signing.other")):
+        with pytest.raises(ValueError):
+            secret_storage.decrypt(wrong_key, wrong_name, entry)
+    description = secret_storage.describe_key(key)
+    assert description["algorithm"] == "m.secret_storage.v1.aes-hmac-sha2"
+    assert secret_storage.decrypt(key, "", {**description, "ciphertext": secret_storage.encrypt(
+        key, "", "\0" * 32, iv=base64.b64decode(description["iv"]))["ciphertext"]}) == "\0" * 32
+    assert secret_storage.key_id(key) == secret_storage.key_id(key) != secret_storage.key_id(other)
+
+
+def base64_bit63_clear(iv: str) -> bool:
+    return not base64.b64decode(iv)[8] & 0x80
