@@ -8,7 +8,11 @@ of every joined or invited member, then sends ``m.room.encrypted``; reading
 decrypts with the room keys received.  To-device events, device list changes and
 one-time key counts come from every /sync of the device the gateway makes (the
 compact watch loop hands its answers over) and from a /sync of its own with no
-room data, made when a room key is missing.
+room data, made when a room key is missing.  Beyond that, per device user: the
+user's cross-signing keys (made once, kept sealed and in secret storage) sign
+each of its devices; every room key goes into the user's server-side key backup
+(restored into a state made afresh); room key requests of the user's own other
+devices are answered.
 
 `Unavailable` (no vodozemac) never sends plaintext into an encrypted room: it
 refuses with 5.01, and marks encrypted events undecryptable.  Both learn whether
