@@ -28,7 +28,8 @@ user.  ``appservice generate`` writes the registration the homeserver loads::
 
 ``doctor`` checks a deployment (`comatrix.doctor`), one ``OK``/``WARN``/``FAIL``
 line per check; ``e2ee status`` shows a device user's end-to-end encryption keys,
-sessions and backup state (`comatrix.e2ee.status`); ``register-user`` creates a Matrix account through Synapse's
+sessions and backup state (`comatrix.e2ee.status`), ``e2ee backup-key`` prints (or
+``--restore`` puts back) the recovery key of their key backups; ``register-user`` creates a Matrix account through Synapse's
 shared-secret registration (`comatrix.register`)::
 
     comatrixctl doctor
@@ -66,7 +67,8 @@ from comatrix.config import (DEFAULT_DTLS_PORT, DEVICES_DIR, Config, ConfigError
 from comatrix.edhoc.ccs import generate_key, make_ccs, parse_ccs, private_bytes
 from comatrix.edhoc.responder import KEY_FILENAME, GatewayKey
 from comatrix.e2ee import status as e2ee_status
-from comatrix.e2ee.vault import read_states
+from comatrix.e2ee import formats as e2ee_formats
+from comatrix.e2ee.vault import BACKUP_KEY_FILENAME, read_backup_key, read_states, write_key
 from comatrix.appservice.admin import AdminError, appservice_homeserver
 from comatrix.appservice.registration import DEFAULT_ID, DEFAULT_PREFIX, generate
 from comatrix.netif import read_link_local_address
@@ -493,6 +495,37 @@ def cmd_e2ee_status(args: argparse.Namespace, config: Config, directory: Path, o
     out.write(e2ee_status.describe(str(user), states))
 
 
+def cmd_e2ee_backup_key(args: argparse.Namespace, config: Config, directory: Path, out: TextIO,
+                        stdin: TextIO) -> None:
+    """Print the recovery key of the device users' key backups, or (``--restore``) put one read from stdin
+    back into the state directory, for a gateway whose state was lost."""
+    if config.state_dir is None:
+        raise CtlError("no state_dir in the config: no key backup is made")
+    path = Path(config.state_dir) / BACKUP_KEY_FILENAME
+    try:
+        current = read_backup_key(config.state_dir)
+    except ValueError as error:
+        raise CtlError(str(error)) from None
+    if not args.restore:
+        if current is None:
+            raise CtlError(f"no {path} yet: the gateway makes it at its first start with E2EE")
+        out.write(e2ee_formats.recovery_key(current) + "\n")
+        return
+    try:
+        key = e2ee_formats.recovery_key_bytes(stdin.readline())
+    except ValueError as error:
+        raise CtlError(str(error)) from None
+    if current == key:
+        out.write(f"{path} already holds this key\n")
+        return
+    if current is not None:
+        raise CtlError(f"{path} holds another key: move it away first (it may be the only copy of that one)")
+    Path(config.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_key(path, key)
+    out.write(f"{path} written (0600): restart the gateway; device users' room keys come back from their "
+              "key backups at their next use\n")
+
+
 def cmd_appservice_generate(args: argparse.Namespace, config: Config, directory: Path, out: TextIO,
                             stdin: TextIO) -> None:
     try:
@@ -593,6 +626,11 @@ def parser() -> argparse.ArgumentParser:
     status = e2ee_actions.add_parser("status", help="a device user's keys, sessions and backup state (no secrets)")
     status.add_argument("name", help="a provisioned device's NAME, or a Matrix user id")
     status.set_defaults(run=cmd_e2ee_status)
+    backup_key = e2ee_actions.add_parser("backup-key", help="print the recovery key of the device users' key "
+                                         "backups (a secret: keep it offline), or put it back with --restore")
+    backup_key.add_argument("--restore", action="store_true",
+                            help="read a recovery key from stdin and write it to <state_dir>/e2ee-backup.key")
+    backup_key.set_defaults(run=cmd_e2ee_backup_key)
 
     groups.add_parser("doctor", help="check the deployment: one OK/WARN/FAIL line per check, "
                       "exit status 1 on any FAIL")

@@ -46,9 +46,13 @@ def install(matrix: MatrixClient, state_dir: str | Path | None, reactor: Any, *,
                  "their messages read as [undecryptable]", why=why)
         matrix.crypto = Unavailable(matrix, reactor)
         return
-    from comatrix.e2ee.vault import Vault
+    from comatrix.e2ee.vault import BACKUP_KEY_FILENAME, Vault, load_or_create_key
 
+    backup_key = None
     if state_dir is None:
-        log.warn("E2EE keys kept in memory only (no state_dir): device users get new device keys at every start")
-    matrix.crypto = GatewayCrypto(matrix, Vault(state_dir), reactor)
+        log.warn("E2EE keys kept in memory only (no state_dir): device users get new device keys at every start, "
+                 "and no key backup is made")
+    else:
+        backup_key = load_or_create_key(state_dir, BACKUP_KEY_FILENAME)
+    matrix.crypto = GatewayCrypto(matrix, Vault(state_dir), reactor, backup_key)
     log.info("E2EE on: the gateway encrypts and decrypts in encrypted rooms for its device users")

@@ -32,6 +32,8 @@ MAX_INBOUND = 4096
 MAX_OLM_PER_PEER = 4
 #: Users whose device lists are kept per device user.
 MAX_TRACKED_USERS = 1024
+#: Room key requests of the user's own other devices waiting for an answer, per device user.
+MAX_KEY_REQUESTS = 32
 
 
 def _b64encode(data: bytes) -> str:
@@ -95,6 +97,15 @@ class DeviceCrypto:
         self.stale: set[str] = set()
         #: The position of the gateway's own key /sync of this device.
         self.sync_since: str | None = None
+        #: The user's server-side key backup version in use (None: not found or made yet), the inbound
+        #: sessions already in it, and whether a restore from it is due (a state made afresh).
+        self.backup_version: str | None = None
+        self.backed_up: set[tuple[str, str]] = set()
+        self.restore_due = False
+        #: Whether the user's self-signing key signed this device on the homeserver.
+        self.cross_signed = False
+        #: (requesting device id, room id, session id) of the user's own other devices (not kept).
+        self.key_requests: list[tuple[str, str, str]] = []
 
     # ------------------------------------------------------------------ own keys
 
@@ -195,8 +206,12 @@ class DeviceCrypto:
         return formats.olm_content(self.curve25519, device.curve25519, message_type, _b64encode(ciphertext))
 
     def to_device(self, event: Mapping[str, Any]) -> None:
-        """Take one to-device event of a /sync: room keys (inside Olm) are kept, the rest ignored."""
+        """Take one to-device event of a /sync: room keys (inside Olm) are kept, room key requests of the
+        user's own other devices noted (`key_requests`), the rest ignored."""
         content = event.get("content")
+        if event.get("type") == formats.ROOM_KEY_REQUEST:
+            self._key_request(event.get("sender"), content)
+            return
         if event.get("type") != formats.ENCRYPTED or not isinstance(content, Mapping) \
                 or content.get("algorithm") != formats.OLM:
             return
@@ -217,6 +232,30 @@ class DeviceCrypto:
             return
         if payload.get("type") == formats.ROOM_KEY:
             self._room_key(payload.get("content"), sender_key, sender)
+
+    def _key_request(self, sender: Any, content: Any) -> None:
+        if sender != self.user_id or not isinstance(content, Mapping) or content.get("action") != "request":
+            return  # another user's devices are never given this user's room keys
+        body = formats.json_field(content, "body")
+        requester, room_id, session_id = content.get("requesting_device_id"), body.get("room_id"), \
+            body.get("session_id")
+        if isinstance(requester, str) and requester != self.device_id and (room_id, session_id) in self.inbound \
+                and len(self.key_requests) < MAX_KEY_REQUESTS:
+            self.key_requests.append((requester, str(room_id), str(session_id)))
+
+    def forwarded_room_key(self, room_id: str, session_id: str) -> dict[str, Any]:
+        """The ``m.forwarded_room_key`` content of an inbound session (from its first known index)."""
+        session, sender_key, _sender = self.inbound[(room_id, session_id)]
+        exported = session.export_at(session.first_known_index)
+        return formats.forwarded_room_key_content(room_id, session_id, sender_key,
+                                                  self._claimed_ed25519().get(sender_key, ""),
+                                                  exported.to_base64() if exported is not None else "")
+
+    def _claimed_ed25519(self) -> dict[str, str]:
+        """Curve25519 identity key -> Ed25519 key of every device known (this one too)."""
+        keys = {d.curve25519: d.ed25519 for devices in self.devices.values() for d in devices.values()}
+        keys[self.curve25519] = self.ed25519
+        return keys
 
     def _olm_decrypt(self, sender_key: str, message_type: Any, ciphertext: bytes) -> bytes:
         if message_type not in (0, 1):
@@ -257,7 +296,9 @@ class DeviceCrypto:
     def _keep_inbound(self, room_id: str, session: vz.InboundGroupSession, sender_key: str, sender: str) -> None:
         self.inbound[(room_id, session.session_id)] = (session, sender_key, sender)
         while len(self.inbound) > MAX_INBOUND:
-            self.inbound.pop(next(iter(self.inbound)))
+            gone = next(iter(self.inbound))
+            del self.inbound[gone]
+            self.backed_up.discard(gone)
 
     # ------------------------------------------------------------------ Megolm (room events)
 
@@ -320,6 +361,66 @@ class DeviceCrypto:
             inner = {**inner, RELATION: content[RELATION]}
         return formats.decrypted(event, event_type, inner)
 
+    # ------------------------------------------------------------------ server-side key backup
+
+    def backup_auth_data(self, public_key: str) -> dict[str, Any]:
+        """The ``auth_data`` of a new backup version: its public key, signed by this device."""
+        return self._signed({"public_key": public_key})
+
+    def backup_pending(self, public_key: str, limit: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Up to ``limit`` inbound sessions not yet in the backup, encrypted to ``public_key``: the
+        ``rooms`` of ``PUT /room_keys/keys`` and the sessions it holds (`backup_stored` once it is done)."""
+        to_backup = vz.PkEncryption.from_key(vz.Curve25519PublicKey.from_base64(public_key))
+        ed25519 = self._claimed_ed25519()
+        rooms: dict[str, Any] = {}
+        taken: list[tuple[str, str]] = []
+        for (room_id, session_id), (session, sender_key, sender) in self.inbound.items():
+            if (room_id, session_id) in self.backed_up:
+                continue
+            index = session.first_known_index
+            exported = session.export_at(index)
+            if exported is None:
+                continue
+            plaintext = formats.backup_plaintext(sender_key, ed25519.get(sender_key), sender, exported.to_base64())
+            # By name: the bindings' to_base64 and from_base64 do not take the parts in the same order.
+            sealed = to_backup.encrypt(plaintext)
+            rooms.setdefault(room_id, {"sessions": {}})["sessions"][session_id] = formats.backup_key_data(
+                index, _b64encode(sealed.ciphertext), _b64encode(sealed.mac), _b64encode(sealed.ephemeral_key))
+            taken.append((room_id, session_id))
+            if len(taken) >= limit:
+                break
+        return rooms, taken
+
+    def backup_stored(self, taken: Iterable[tuple[str, str]]) -> None:
+        self.backed_up.update(taken)
+
+    def backup_lost(self) -> None:
+        """The backup version in use is gone (deleted, or replaced): a new one gets everything."""
+        self.backup_version = None
+        self.backed_up.clear()
+
+    def restore(self, body: Mapping[str, Any], private_key: bytes) -> int:
+        """Import the sessions of a ``GET /room_keys/keys`` answer (those this device lacks); how many."""
+        from_backup = vz.PkDecryption.from_key(vz.Curve25519SecretKey.from_bytes(private_key))
+        count = 0
+        for room_id, room in formats.json_field(body, "rooms").items():
+            for session_id, entry in formats.json_field(room, "sessions").items():
+                data = formats.json_field(entry, "session_data")
+                try:
+                    message = vz.Message(_b64decode(str(data.get("ciphertext"))), _b64decode(str(data.get("mac"))),
+                                         _b64decode(str(data.get("ephemeral"))))
+                    sender_key, sender, key = formats.parse_backup_plaintext(from_backup.decrypt(message))
+                    session = vz.InboundGroupSession.import_session(vz.ExportedSessionKey(key))
+                except ValueError as error:
+                    log.info("Backed-up session of {room} not usable: {error}", room=room_id, error=error)
+                    continue
+                if session.session_id != session_id or (room_id, session_id) in self.inbound:
+                    continue
+                self._keep_inbound(room_id, session, sender_key, sender)
+                self.backed_up.add((room_id, session_id))
+                count += 1
+        return count
+
     # ------------------------------------------------------------------ persistence
 
     def to_state(self, key: bytes) -> dict[str, Any]:
@@ -337,6 +438,8 @@ class DeviceCrypto:
             "devices": {user: [dataclasses.astuple(d) for d in devices.values()]
                         for user, devices in self.devices.items()},
             "stale": sorted(self.stale),
+            "backup_version": self.backup_version, "backed_up": sorted(self.backed_up),
+            "restore_due": self.restore_due, "cross_signed": self.cross_signed,
         }
 
     @classmethod
@@ -355,6 +458,10 @@ class DeviceCrypto:
         device.devices = {user: {d[1]: PeerDevice(*d) for d in devices}
                           for user, devices in state.get("devices", {}).items()}
         device.stale = set(state.get("stale", []))
+        device.backup_version = state.get("backup_version")
+        device.backed_up = {(room, session) for room, session in state.get("backed_up", [])}
+        device.restore_due = bool(state.get("restore_due"))
+        device.cross_signed = bool(state.get("cross_signed"))
         return device
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "ENCRYPTED", "MEGOLM", "OLM", "UNDECRYPTABLE_BODY", "UNDECRYPTABLE_MSGTYPE", "Rotation",
     "canonical_json", "decrypted", "json_field", "json_list", "json_object", "megolm_content", "room_key_content", "megolm_plaintext", "olm_content", "olm_payload",
     "parse_megolm_plaintext", "rotation_of", "undecryptable", "unsigned_copy",
+    "BACKUP", "backup_key_data", "forwarded_room_key_content", "backup_plaintext", "parse_backup_plaintext", "recovery_key", "recovery_key_bytes",
 ]
 
 ENCRYPTED = "m.room.encrypted"
@@ -26,6 +27,17 @@ OLM = "m.olm.v1.curve25519-aes-sha2"
 MEGOLM = "m.megolm.v1.aes-sha2"
 ALGORITHMS = (OLM, MEGOLM)
 ROOM_KEY = "m.room_key"
+ROOM_KEY_REQUEST = "m.room_key_request"
+FORWARDED_ROOM_KEY = "m.forwarded_room_key"
+#: Server-side key backup: Megolm sessions encrypted to a Curve25519 key (Client-Server spec, "Server-side key
+#: backups").
+BACKUP = "m.megolm_backup.v1.curve25519-aes-sha2"
+#: Who shared a session, kept inside its encrypted backup entry (the spec's fields name only keys): a
+#: restored session is believed for that user's messages only.
+BACKUP_SENDER = "org.comatrix.sender"
+#: The recovery key (spec, "Recovery key"): 0x8B 0x01, the 32-byte private key, a parity byte, in base58.
+RECOVERY_PREFIX = b"\x8b\x01"
+BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 #: One-time keys kept published: half of what an account holds (as other clients do).
 OTK_TARGET = 25
 #: What a device reads in place of a message the gateway cannot decrypt (the docs name it).
@@ -124,6 +136,14 @@ def room_key_content(room_id: str, session_id: str, session_key: str) -> dict[st
     return {"algorithm": MEGOLM, "room_id": room_id, "session_id": session_id, "session_key": session_key}
 
 
+def forwarded_room_key_content(room_id: str, session_id: str, sender_key: str, sender_ed25519: str,
+                               session_key: str) -> dict[str, Any]:
+    """An ``m.forwarded_room_key`` (inside Olm): a room key exported for another device of the same user."""
+    return {"algorithm": MEGOLM, "room_id": room_id, "session_id": session_id, "sender_key": sender_key,
+            "sender_claimed_ed25519_key": sender_ed25519, "session_key": session_key,
+            "forwarding_curve25519_key_chain": []}
+
+
 def undecryptable(event: Event, reason: str) -> Event:
     """An ``m.room.message`` standing in for an encrypted event the gateway could not decrypt:
     body `UNDECRYPTABLE_BODY`, msgtype `UNDECRYPTABLE_MSGTYPE` and the reason (never dropped)."""
@@ -133,3 +153,60 @@ def undecryptable(event: Event, reason: str) -> Event:
 
 def decrypted(event: Event, event_type: str, content: Mapping[str, Any]) -> Event:
     return dataclasses.replace(event, type=event_type, content=content)
+
+
+def backup_plaintext(sender_key: str, sender_ed25519: str | None, sender: str, session_key: str) -> bytes:
+    """What a backed-up Megolm session holds once decrypted (the spec's ``BackedUpSessionData``)."""
+    claimed = {"ed25519": sender_ed25519} if sender_ed25519 else {}
+    return canonical_json({"algorithm": MEGOLM, "sender_key": sender_key, "session_key": session_key,
+                           "sender_claimed_keys": claimed, "forwarding_curve25519_key_chain": [],
+                           BACKUP_SENDER: sender})
+
+
+def parse_backup_plaintext(plaintext: bytes) -> tuple[str, str, str]:
+    """(sender key, sharing user or "", exported session key) of a decrypted backup entry; ValueError if
+    it is not a Megolm one."""
+    data = json_object(plaintext)
+    sender_key, session_key, sender = data.get("sender_key"), data.get("session_key"), data.get(BACKUP_SENDER, "")
+    if data.get("algorithm") != MEGOLM or not isinstance(sender_key, str) or not isinstance(session_key, str) \
+            or not isinstance(sender, str):
+        raise ValueError("not a Megolm backup entry")
+    return sender_key, sender, session_key
+
+
+def backup_key_data(first_message_index: int, ciphertext: str, mac: str, ephemeral: str) -> dict[str, Any]:
+    """One session's ``KeyBackupData`` (``PUT /room_keys/keys``)."""
+    return {"first_message_index": first_message_index, "forwarded_count": 0, "is_verified": False,
+            "session_data": {"ephemeral": ephemeral, "ciphertext": ciphertext, "mac": mac}}
+
+
+def recovery_key(private_key: bytes) -> str:
+    """The recovery key of a 32-byte backup private key, in groups of four as clients show it."""
+    raw = RECOVERY_PREFIX + private_key
+    parity = 0
+    for byte in raw:
+        parity ^= byte
+    number, text = int.from_bytes(raw + bytes([parity]), "big"), ""
+    while number:
+        number, digit = divmod(number, 58)
+        text = BASE58[digit] + text
+    return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
+
+
+def recovery_key_bytes(text: str) -> bytes:
+    """The 32-byte private key of a recovery key (spaces ignored); ValueError if it is not one."""
+    number = 0
+    for char in "".join(text.split()):
+        if char not in BASE58:
+            raise ValueError("not a recovery key (not base58)")
+        number = number * 58 + BASE58.index(char)
+    length = len(RECOVERY_PREFIX) + 33
+    if number >= 1 << (8 * length):
+        raise ValueError("not a recovery key (too long)")
+    raw = number.to_bytes(length, "big")
+    parity = 0
+    for byte in raw:
+        parity ^= byte
+    if not raw.startswith(RECOVERY_PREFIX) or parity:
+        raise ValueError("not a recovery key (bad prefix or parity)")
+    return raw[len(RECOVERY_PREFIX):-1]

@@ -19,7 +19,9 @@ def _when(ms: Any) -> str:
 
 def describe(user_id: str, states: Sequence[Mapping[str, Any]]) -> str:
     """The status text of ``user_id``'s Matrix devices among ``states``."""
-    mine = [state for state in states if state.get("user_id") == user_id]
+    mine = [state for state in states if state.get("user_id") == user_id and "kind" not in state]
+    cross = next((state for state in states if state.get("user_id") == user_id
+                  and state.get("kind") == "cross-signing"), None)
     if not mine:
         return f"{user_id}: no E2EE state (no device of this user was used in an encrypted room or joined)\n"
     lines: list[str] = []
@@ -39,6 +41,21 @@ def describe(user_id: str, states: Sequence[Mapping[str, Any]]) -> str:
         for room, session in sorted(outbound.items()):
             lines.append(f"    {room}: {session.get('sent', 0)} messages since {_when(session.get('created_ms'))}, "
                          f"shared with {len(session.get('shared') or [])} devices")
-        lines += ["  cross-signing      not done yet (the device shows unverified)",
-                  "  key backup         none (not done yet): losing state_dir loses these keys"]
+        lines += [f"  cross-signed       {'yes' if state.get('cross_signed') else 'no'} "
+                  "(signed by the user's self-signing key)", _backup_line(state)]
+    if cross is None:
+        lines.append(f"{user_id} cross-signing keys: none yet")
+    else:
+        public = cross.get("public") or {}
+        lines += [f"{user_id} cross-signing keys (uploaded: {'yes' if cross.get('uploaded') else 'no'})",
+                  f"  master key         {public.get('master', '?')}",
+                  f"  self-signing key   {public.get('self_signing', '?')}"]
     return "\n".join(lines) + "\n"
+
+
+def _backup_line(state: Mapping[str, Any]) -> str:
+    version = state.get("backup_version")
+    if version is None:
+        return "  key backup         none yet (made at the device's next use if the gateway has a state_dir)"
+    return (f"  key backup         version {version}: {len(state.get('backed_up') or [])} of "
+            f"{len(state.get('inbound') or [])} inbound megolm sessions backed up")

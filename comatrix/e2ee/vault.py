@@ -7,6 +7,9 @@ associated data (a file copied over another one does not open).  Inside, the
 vodozemac pickles are sealed once more with the same key.  Reads and writes run
 in a thread (`write_durably`: temporary file, fsync, rename), never on the reactor.
 
+The key backup's private key is ``<state_dir>/e2ee-backup.key`` (32 bytes, 0600),
+kept apart from the sealed state so that losing the state does not lose it.
+
 Without a state directory the state is kept in memory only: the device keys
 then change at every start (logged at start).
 """
@@ -26,29 +29,50 @@ from twisted.internet import threads
 
 from comatrix.durable import write_durably
 
-__all__ = ["KEY_FILENAME", "Vault", "load_or_create_key", "read_states"]
+__all__ = ["BACKUP_KEY_FILENAME", "KEY_FILENAME", "Vault", "load_or_create_key", "read_backup_key", "read_states",
+           "write_key"]
 
 KEY_FILENAME = "e2ee.key"
+#: The private key of the device users' server-side key backups: apart from the sealed state, so losing
+#: that (``e2ee.key``, ``e2ee/``) leaves what reads the backups.
+BACKUP_KEY_FILENAME = "e2ee-backup.key"
 STATE_DIRNAME = "e2ee"
 KEY_SIZE = 32
 NONCE_SIZE = 12
 
 
-def load_or_create_key(state_dir: str | Path) -> bytes:
-    """The gateway's E2EE storage key, created (0600) the first time.  Blocking: call at start."""
-    path = Path(state_dir) / KEY_FILENAME
+def load_or_create_key(state_dir: str | Path, filename: str = KEY_FILENAME) -> bytes:
+    """The gateway's E2EE storage key (or, with `BACKUP_KEY_FILENAME`, its key backup's private key),
+    created (0600) the first time.  Blocking: call at start."""
+    path = Path(state_dir) / filename
     Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         key = path.read_bytes()
     except FileNotFoundError:
         key = os.urandom(KEY_SIZE)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key)
-            out.flush()
-            os.fsync(out.fileno())
+        write_key(path, key)
     if len(key) != KEY_SIZE:
         raise ValueError(f"{path} is not a {KEY_SIZE}-byte key")
+    return key
+
+
+def write_key(path: Path, key: bytes) -> None:
+    """A new key file (0600); FileExistsError if there is one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def read_backup_key(state_dir: str | Path) -> bytes | None:
+    """The key backup's private key, None if the gateway made none (for ``comatrixctl``)."""
+    try:
+        key = (Path(state_dir) / BACKUP_KEY_FILENAME).read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"{BACKUP_KEY_FILENAME} is not a {KEY_SIZE}-byte key")
     return key
 
 

@@ -24,10 +24,12 @@ __all__ = [
     "CLIENT_V3",
     "AppserviceToken",
     "acting_identity",
+    "account_data",
     "MatrixRequest",
     "context",
     "create_room",
     "deactivate",
+    "device_signing_upload",
     "displayname",
     "kick",
     "reaction_content",
@@ -36,8 +38,14 @@ __all__ = [
     "relations",
     "room_messages",
     "room_members",
+    "room_keys_get",
+    "room_keys_put",
+    "room_keys_version",
+    "room_keys_version_create",
     "shared_secret_nonce",
+    "signatures_upload",
     "shared_secret_register",
+    "set_account_data",
     "set_avatar_url",
     "upload",
     "generic",
@@ -467,6 +475,49 @@ def send_to_device(token: str, event_type: str, txn_id: str,
     """``PUT /sendToDevice/{eventType}/{txnId}``: user id -> device id -> content."""
     body: JsonDict = {"messages": {user: dict(devices) for user, devices in messages.items()}}
     return MatrixRequest("PUT", _v3("sendToDevice", event_type, txn_id), (), body, token)
+
+
+def device_signing_upload(token: str, keys: Mapping[str, Any]) -> MatrixRequest:
+    """``POST /keys/device_signing/upload``: the user's master, self-signing and user-signing keys."""
+    return MatrixRequest("POST", _v3("keys", "device_signing", "upload"), (), dict(keys), token)
+
+
+def signatures_upload(token: str, signed: Mapping[str, Mapping[str, Any]]) -> MatrixRequest:
+    """``POST /keys/signatures/upload``: user id -> key id (a device id) -> the signed key object."""
+    body: JsonDict = {user: dict(keys) for user, keys in signed.items()}
+    return MatrixRequest("POST", _v3("keys", "signatures", "upload"), (), body, token)
+
+
+def account_data(token: str, user_id: str, event_type: str) -> MatrixRequest:
+    """``GET /user/{userId}/account_data/{type}`` (404 if none)."""
+    return MatrixRequest("GET", _v3("user", user_id, "account_data", event_type), (), None, token)
+
+
+def set_account_data(token: str, user_id: str, event_type: str, content: Mapping[str, Any]) -> MatrixRequest:
+    """``PUT /user/{userId}/account_data/{type}``."""
+    return MatrixRequest("PUT", _v3("user", user_id, "account_data", event_type), (), dict(content), token)
+
+
+def room_keys_version(token: str) -> MatrixRequest:
+    """``GET /room_keys/version``: the user's current server-side key backup (404 if none)."""
+    return MatrixRequest("GET", _v3("room_keys", "version"), (), None, token)
+
+
+def room_keys_version_create(token: str, algorithm: str, auth_data: Mapping[str, Any]) -> MatrixRequest:
+    """``POST /room_keys/version``: a new key backup version (it becomes the current one)."""
+    body: JsonDict = {"algorithm": algorithm, "auth_data": dict(auth_data)}
+    return MatrixRequest("POST", _v3("room_keys", "version"), (), body, token)
+
+
+def room_keys_put(token: str, version: str, rooms: Mapping[str, Any]) -> MatrixRequest:
+    """``PUT /room_keys/keys?version=``: room id -> {"sessions": session id -> KeyBackupData}."""
+    body: JsonDict = {"rooms": dict(rooms)}
+    return MatrixRequest("PUT", _v3("room_keys", "keys"), (("version", version),), body, token)
+
+
+def room_keys_get(token: str, version: str) -> MatrixRequest:
+    """``GET /room_keys/keys?version=``: every session of a key backup version."""
+    return MatrixRequest("GET", _v3("room_keys", "keys"), (("version", version),), None, token)
 
 
 _ADMIN_REGISTER = ("_synapse", "admin", "v1", "register")

@@ -16,6 +16,14 @@ through the gateway, which publishes the device's keys:
 * members change: one person leaves, another joins; the device's next message is
   sent with a new Megolm session that the newcomer decrypts and the one who left
   never receives;
+* key backup: the device user's room keys (the person's and the device's own) go into a server-side key
+  backup; after the gateway's crypto state is wiped and only the recovery key (``comatrixctl e2ee
+  backup-key``) put back, the device's next Matrix device restores them and reads the old message in clear;
+* cross-signing: the device user's master and self-signing keys are on the homeserver, its device is signed
+  by the self-signing key and its key backup by the master key (signatures checked here);
+* room key requests: the device user's own phone (nio, logged in as the device user, trusting the gateway's
+  device) asks for the key of a message sent before it existed; the gateway forwards it and the phone reads
+  the message;
 * without vodozemac the gateway says so at start, refuses the device's send into
   the encrypted room with 5.01 (nothing reaches the room in clear) and reads its
   encrypted messages as ``[undecryptable]``.
@@ -24,15 +32,22 @@ through the gateway, which publishes the device's keys:
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, TypeVar
 from urllib.parse import quote
 
 import nio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import pytest
 
+from comatrix import ctl
+from comatrix.e2ee import formats as e2ee_formats, secret_storage
 from comatrix.client import CoapResponseError, CompactDevice, DeviceState, OriginalDevice, UdpCoap
 from support.gateway import GatewayProcess
 from support.synapse import MatrixUser, SynapseServer
@@ -93,11 +108,12 @@ class Person:
         store = self.client.olm.inbound_group_store  # type: ignore[union-attr]
         return store.get(room_id, content["sender_key"], content["session_id"]) is not None
 
-    def send(self, room_id: str, body: str) -> None:
+    def send(self, room_id: str, body: str) -> str:
         self.sync()  # the device user's join and its device keys
         answer = self.run(self.client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body},
                                                 ignore_unverified_devices=True))
         assert isinstance(answer, nio.RoomSendResponse), answer
+        return str(answer.event_id)
 
     def read(self, room_id: str, body: str) -> nio.RoomMessageText:
         """Sync until the room's timeline holds a decrypted text message with ``body``."""
@@ -155,16 +171,22 @@ def device_keys(synapse: SynapseServer, token: str, user_id: str) -> dict[str, A
     return {device: keys["keys"] for device, keys in answer["device_keys"][user_id].items()}
 
 
+def sensor_in_encrypted_room(gw: GatewayProcess, synapse_user: Callable[..., MatrixUser], person: Person,
+                             source: str) -> tuple[MatrixUser, str, CompactDevice]:
+    """A device user invited into the person's new encrypted room, joined by a compact device at ``source``."""
+    sensor = synapse_user("sensor")
+    room_id = person.encrypted_room(invite=sensor.user_id)
+    device = CompactDevice(UdpCoap(gw.uri(), source=source), DeviceState(None))
+    device.login(sensor.localpart, sensor.password)
+    device.join(room_id)
+    return sensor, room_id, device
+
+
 def test_device_and_person_read_each_other_in_an_encrypted_room_across_a_restart(
         make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
         synapse_user: Callable[..., MatrixUser], person: Person) -> None:
     gw = make_gateway(config_text=NO_LIMITS)
-    sensor = synapse_user("sensor")
-    room_id = person.encrypted_room(invite=sensor.user_id)
-
-    device = CompactDevice(UdpCoap(gw.uri(), source="127.0.0.71"), DeviceState(None))
-    device.login(sensor.localpart, sensor.password)
-    device.join(room_id)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.71")
     original = OriginalDevice(UdpCoap(gw.uri(), source="127.0.0.72"), DeviceState(None))
     original.login(sensor.localpart, sensor.password)
     original.join(room_id)  # the original form reads with its own token: its own Matrix device
@@ -261,3 +283,142 @@ def test_without_vodozemac_the_gateway_refuses_to_send_plaintext_into_an_encrypt
     assert latest is not None and latest.body == "[undecryptable]"
     types = [event["type"] for event in synapse.messages(owner.access_token, room_id, limit=50)]
     assert "m.room.message" not in types  # nothing in clear reached the room
+
+
+def comatrixctl(gw: GatewayProcess, *args: str, stdin: str = "") -> str:
+    config = gw.workdir / "ctl.toml"
+    config.write_text(f'homeserver = "{gw.homeserver}"\nstate_dir = "{gw.state_dir}"\n')
+    out = io.StringIO()
+    assert ctl.main(["--config", str(config), *args], out=out, stdin=io.StringIO(stdin)) == 0, out.getvalue()
+    return out.getvalue()
+
+
+def test_room_keys_come_back_from_the_key_backup_after_the_crypto_state_is_lost(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], person: Person) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.75")
+    device.send(room_id, "19.0 C before the loss")  # the device's own Megolm session
+    person.read(room_id, "19.0 C before the loss")
+    person.send(room_id, "from the person, before the loss")
+    latest = device.getmsg(room_id)
+    assert latest is not None and latest.body == "from the person, before the loss"
+
+    # Both room keys are in the device user's key backup, encrypted to the gateway's backup key.
+    backup = synapse.request("GET", "/_matrix/client/v3/room_keys/version", token=sensor.access_token)
+    assert backup["algorithm"] == "m.megolm_backup.v1.curve25519-aes-sha2"
+    assert len(backup["auth_data"]["signatures"][sensor.user_id]) == 2  # by the device and the master key
+    stored = synapse.request("GET", "/_matrix/client/v3/room_keys/keys", token=sensor.access_token,
+                             query={"version": backup["version"]})
+    assert len(stored["rooms"][room_id]["sessions"]) == 2 and "before the loss" not in str(stored)
+    assert f"key backup         version {backup['version']}: 2 of 2" in comatrixctl(
+        gw, "e2ee", "status", sensor.user_id)
+    recovery = comatrixctl(gw, "e2ee", "backup-key").strip()
+    secret = synapse.request("GET", f"/_matrix/client/v3/user/{quote(sensor.user_id)}/account_data/"
+                             "m.cross_signing.master", token=sensor.access_token)
+    [(_key_id, encrypted)] = secret["encrypted"].items()
+    assert set(encrypted) == {"iv", "ciphertext", "mac"}
+    backup_key = e2ee_formats.recovery_key_bytes(recovery)  # the recovery key opens the secret storage
+    stored_key = synapse.request("GET", f"/_matrix/client/v3/user/{quote(sensor.user_id)}/account_data/"
+                                 "m.megolm_backup.v1", token=sensor.access_token)["encrypted"][_key_id]
+    assert b64decode(secret_storage.decrypt(backup_key, "m.megolm_backup.v1", stored_key)) == backup_key
+    assert recovery not in gw.log_text()
+
+    # The whole crypto state is lost; the operator puts the recovery key back.
+    gw.stop()
+    shutil.rmtree(gw.state_dir / "e2ee")
+    for name in ("e2ee.key", "e2ee-backup.key"):
+        (gw.state_dir / name).unlink()
+    assert "written (0600)" in comatrixctl(gw, "e2ee", "backup-key", "--restore", stdin=recovery + "\n")
+    gw.start()
+    device.login(sensor.localpart, sensor.password)  # a new Matrix device: new identity keys
+    device.join(room_id)  # already a member: the new login's room handle
+    latest = device.getmsg(room_id)
+    assert latest is not None and latest.body == "from the person, before the loss"
+    assert f"2 room keys of {sensor.user_id} restored from key backup version {backup['version']}" in gw.log_text()
+    # The cross-signing keys come back from secret storage (under the same key): the new device is signed.
+    assert f"cross-signing keys of {sensor.user_id} recovered from secret storage" in gw.log_text()
+    answer = synapse.request("POST", "/_matrix/client/v3/keys/query", token=person.user.access_token,
+                             body={"device_keys": {sensor.user_id: []}})
+    [ssk] = answer["self_signing_keys"][sensor.user_id]["keys"].values()
+    assert sum(signed_by(keys, sensor.user_id, ssk) for keys in answer["device_keys"][sensor.user_id].values()) == 2
+    assert synapse.request("GET", "/_matrix/client/v3/room_keys/version",
+                           token=sensor.access_token)["version"] == backup["version"]  # the same backup goes on
+
+
+def signed_by(value: dict[str, Any], user_id: str, public_key: str) -> bool:
+    """Whether ``value`` carries ``user_id``'s valid signature by the Ed25519 ``public_key`` (checked here)."""
+    signature = value.get("signatures", {}).get(user_id, {}).get(f"ed25519:{public_key}")
+    if signature is None:
+        return False
+    unsigned = {k: v for k, v in value.items() if k not in ("signatures", "unsigned")}
+    Ed25519PublicKey.from_public_bytes(b64decode(public_key)).verify(
+        b64decode(signature), json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode())
+    return True
+
+
+def b64decode(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_the_device_user_is_cross_signed_and_its_device_signed_by_the_self_signing_key(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], person: Person) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.76")
+    answer = synapse.request("POST", "/_matrix/client/v3/keys/query", token=person.user.access_token,
+                             body={"device_keys": {sensor.user_id: []}})
+    master_key = answer["master_keys"][sensor.user_id]
+    [master] = master_key["keys"].values()
+    self_signing = answer["self_signing_keys"][sensor.user_id]
+    [ssk] = self_signing["keys"].values()
+    assert master_key["usage"] == ["master"] and self_signing["usage"] == ["self_signing"]
+    assert signed_by(self_signing, sensor.user_id, master)
+    [(device_id, keys)] = answer["device_keys"][sensor.user_id].items()  # the gateway's device of the sensor
+    assert signed_by(keys, sensor.user_id, ssk)
+    backup = synapse.request("GET", "/_matrix/client/v3/room_keys/version", token=sensor.access_token)
+    assert signed_by(backup["auth_data"], sensor.user_id, master)
+    status = comatrixctl(gw, "e2ee", "status", sensor.user_id)
+    assert f"device {device_id}" in status and "cross-signed       yes" in status
+    assert f"master key         {master}" in status
+    # A restart signs nothing twice and keeps the same keys.
+    gw.stop()
+    gw.start()
+    device.getmsg(room_id)
+    again = synapse.request("POST", "/_matrix/client/v3/keys/query", token=person.user.access_token,
+                            body={"device_keys": {sensor.user_id: []}})
+    assert again["master_keys"][sensor.user_id]["keys"] == master_key["keys"]
+
+
+def test_the_device_users_own_phone_gets_a_room_key_it_asks_for(
+        make_gateway: Callable[..., GatewayProcess], synapse: SynapseServer,
+        synapse_user: Callable[..., MatrixUser], person: Person, tmp_path: Path) -> None:
+    gw = make_gateway(config_text=NO_LIMITS)
+    sensor, room_id, device = sensor_in_encrypted_room(gw, synapse_user, person, "127.0.0.77")
+    event_id = person.send(room_id, "sent before the phone existed")
+    latest = device.getmsg(room_id)
+    assert latest is not None and latest.body == "sent before the phone existed"
+    [gateway_device] = device_keys(synapse, person.user.access_token, sensor.user_id)
+
+    (tmp_path / "nio-phone").mkdir()
+    phone = Person(synapse, sensor, tmp_path / "nio-phone")  # the device user's own phone, a later device
+    try:
+        phone.sync()
+        phone.client.verify_device(phone.client.device_store[sensor.user_id][gateway_device])
+        raw = raw_event(synapse, person.user.access_token, room_id, event_id)
+        encrypted = nio.MegolmEvent.from_dict(raw)
+        encrypted.room_id = room_id
+        with pytest.raises(nio.EncryptionError):  # the phone was not there when the key was shared
+            phone.client.decrypt_event(encrypted)
+        watcher = Watcher(device, room_id, count=1)  # the device's /sync, where the request arrives
+        assert isinstance(phone.run(phone.client.request_room_key(encrypted)), nio.RoomKeyRequestResponse)
+        deadline = time.monotonic() + WAIT
+        while not phone.has_room_key(room_id, raw["content"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        decrypted = phone.client.decrypt_event(encrypted)
+        assert isinstance(decrypted, nio.RoomMessageText) and decrypted.body == "sent before the phone existed"
+        assert f"room key of {room_id} forwarded to {sensor.user_id}'s own device" in gw.log_text()
+        person.send(room_id, "ends the watch")
+        watcher.join()
+    finally:
+        phone.close()

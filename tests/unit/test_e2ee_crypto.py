@@ -10,6 +10,7 @@ through `to_state` / `from_state` and the sealed file.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import os
@@ -292,3 +293,165 @@ async def test_ctl_status_shows_keys_and_sessions_without_secrets(tmp_path: Any)
     out = io.StringIO()
     assert ctl_main(["--config", str(config), "e2ee", "status", "@nobody:test.local"], out=out) == 0
     assert "no E2EE state" in out.getvalue()
+
+
+# ---------------------------------------------------------------------- server-side key backup
+
+def test_recovery_key_round_trip_and_refusals() -> None:
+    key = bytes(range(32))
+    text = formats.recovery_key(key)
+    assert text.startswith("Es") and all(len(group) == 4 for group in text.split()[:-1])  # the spec's shape
+    assert formats.recovery_key_bytes(text) == key
+    assert formats.recovery_key_bytes(text.replace(" ", "") + "\n") == key
+    flipped = text[:-1] + ("1" if text[-1] != "1" else "2")
+    for bad in (flipped, "0OIl", text + "1", ""):
+        with pytest.raises(ValueError):
+            formats.recovery_key_bytes(bad)
+
+
+def test_backed_up_room_keys_restore_into_a_new_device_state() -> None:
+    import vodozemac as vz
+
+    private = vz.Curve25519SecretKey()
+    public = private.public_key().to_base64()
+    alice, bob = DeviceCrypto(ALICE, "ALICEDEV"), DeviceCrypto(BOB, "BOBDEV")
+    exchange_room_key(alice, bob, {ALICE, BOB})
+    content = alice.megolm_encrypt(ROOM, "m.room.message", {"body": "before the loss"})
+    bob.outbound_for(ROOM, formats.Rotation(), {ALICE, BOB}, 0)  # bob's own session is backed up too
+    own = bob.megolm_encrypt(ROOM, "m.room.message", {"body": "bob's own"})
+
+    auth = bob.backup_auth_data(public)
+    assert auth["public_key"] == public and f"ed25519:{bob.device_id}" in auth["signatures"][BOB]
+    rooms, taken = bob.backup_pending(public, limit=1)
+    assert len(taken) == 1 and "session_key" not in str(rooms)  # encrypted to the backup key
+    bob.backup_stored(taken)
+    more, rest = bob.backup_pending(public, limit=10)
+    bob.backup_stored(rest)
+    assert len(rest) == 1 and bob.backup_pending(public, limit=10) == ({}, [])
+    entry = next(iter(more[ROOM]["sessions"].values()))
+    assert set(entry["session_data"]) == {"ephemeral", "ciphertext", "mac"} and entry["first_message_index"] == 0
+    backup = {"rooms": {ROOM: {"sessions": {**rooms[ROOM]["sessions"], **more[ROOM]["sessions"]}}}}
+
+    fresh = DeviceCrypto(BOB, "NEWDEV")  # bob's crypto state was lost: a new device of the same user
+    assert fresh.megolm_decrypt(ROOM, encrypted_event(content)).content["body"] == "[undecryptable]"
+    assert fresh.restore(backup, private.to_bytes()) == 2
+    assert fresh.megolm_decrypt(ROOM, encrypted_event(content)).content["body"] == "before the loss"
+    mine = dataclasses.replace(encrypted_event(own), sender=BOB)
+    assert fresh.megolm_decrypt(ROOM, mine).content["body"] == "bob's own"
+    assert fresh.backup_pending(public, limit=10) == ({}, [])  # what came from the backup is not sent back
+    # The restored senders still hold: alice's session does not vouch for bob's name.
+    forged = dataclasses.replace(encrypted_event(content), sender=BOB)
+    assert fresh.megolm_decrypt(ROOM, forged).content["reason"] == "room key of another sender"
+    # Another key opens nothing; the state keeps the backup bookkeeping.
+    assert DeviceCrypto(BOB, "OTHER").restore(backup, vz.Curve25519SecretKey().to_bytes()) == 0
+    fresh.backup_version = "3"
+    again = DeviceCrypto.from_state(fresh.to_state(b"k" * 32), b"k" * 32)
+    assert (again.backup_version, again.backed_up) == ("3", fresh.backed_up)
+
+
+def test_ctl_backup_key_prints_and_restores_the_recovery_key(tmp_path: Any) -> None:
+    state_dir = tmp_path / "state"
+    config = tmp_path / "comatrix.toml"
+    config.write_text(f'homeserver = "http://127.0.0.1:8008"\nstate_dir = "{state_dir}"\n')
+    args = ["--config", str(config), "e2ee", "backup-key"]
+    assert ctl_main(args, out=io.StringIO()) != 0  # the gateway has made none yet
+    from comatrix.e2ee.vault import BACKUP_KEY_FILENAME, load_or_create_key
+
+    key = load_or_create_key(state_dir, BACKUP_KEY_FILENAME)
+    key_file = state_dir / BACKUP_KEY_FILENAME
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    out = io.StringIO()
+    assert ctl_main(args, out=out) == 0
+    recovery = out.getvalue().strip()
+    assert formats.recovery_key_bytes(recovery) == key
+
+    key_file.unlink()  # the state directory was lost; the operator kept the recovery key
+    out = io.StringIO()
+    assert ctl_main([*args, "--restore"], out=out, stdin=io.StringIO(recovery + "\n")) == 0
+    assert key_file.read_bytes() == key and stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert recovery not in out.getvalue()
+    other = formats.recovery_key(bytes(32))
+    assert ctl_main([*args, "--restore"], out=io.StringIO(), stdin=io.StringIO(other)) != 0  # never overwritten
+    assert ctl_main([*args, "--restore"], out=io.StringIO(), stdin=io.StringIO("not a key")) != 0
+    assert key_file.read_bytes() == key
+
+
+# ---------------------------------------------------------------------- cross-signing
+
+def test_cross_signing_keys_sign_the_device_and_show_in_status() -> None:
+    from comatrix.e2ee.cross_signing import CrossSigning
+    from comatrix.e2ee.device import verify_signed
+    from comatrix.e2ee.status import describe
+
+    bob = DeviceCrypto(BOB, "BOBDEV")
+    cross = CrossSigning.generate(BOB)
+    master, ssk = cross.public("master"), cross.public("self_signing")
+    body = cross.upload_body()
+    assert body["master_key"] == {"user_id": BOB, "usage": ["master"], "keys": {f"ed25519:{master}": master}}
+    assert body["self_signing_key"]["usage"] == ["self_signing"]
+    for role in ("self_signing_key", "user_signing_key"):
+        assert verify_signed(body[role], BOB, master, master)
+    signed = cross.sign("self_signing", bob.device_keys())
+    assert verify_signed(signed, BOB, ssk, ssk)
+    assert verify_signed(signed, BOB, "BOBDEV", bob.ed25519)  # the device's own signature is kept
+    assert not verify_signed(dict(signed, device_id="OTHER"), BOB, ssk, ssk)
+
+    state = cross.to_state()
+    assert CrossSigning.from_state(state).public("master") == master
+    bob.cross_signed = True
+    text = describe(BOB, [bob.to_state(b"k" * 32), state])
+    assert "cross-signed       yes" in text and f"master key         {master}" in text
+    assert all(private not in text for private in state["private"].values())
+    assert "cross-signing keys: none yet" in describe(BOB, [DeviceCrypto(BOB, "X").to_state(b"k" * 32)])
+
+
+# ---------------------------------------------------------------------- room key requests
+
+def test_only_the_users_own_other_devices_get_their_room_key_requests_noted() -> None:
+    import vodozemac as vz
+
+    alice, bob = DeviceCrypto(ALICE, "ALICEDEV"), DeviceCrypto(BOB, "BOBDEV")
+    exchange_room_key(alice, bob, {ALICE, BOB})
+    session_id = alice.outbound[ROOM].session.session_id
+
+    def request(sender: str, device: str, session: str = session_id) -> dict[str, Any]:
+        return {"type": formats.ROOM_KEY_REQUEST, "sender": sender, "content": {
+            "action": "request", "requesting_device_id": device, "request_id": "r1",
+            "body": {"algorithm": formats.MEGOLM, "room_id": ROOM, "session_id": session, "sender_key": "x"}}}
+    bob.to_device(request(ALICE, "ALICEDEV"))  # another user: never
+    bob.to_device(request(BOB, "BOBDEV"))  # itself
+    bob.to_device(request(BOB, "PHONE", session="unknown"))  # a session it does not have
+    assert bob.key_requests == []
+    bob.to_device(request(BOB, "PHONE"))
+    assert bob.key_requests == [("PHONE", ROOM, session_id)]
+    bob.keys_queried({"device_keys": {ALICE: {"ALICEDEV": alice.device_keys()}}}, [ALICE])
+    forwarded = bob.forwarded_room_key(ROOM, session_id)
+    assert (forwarded["sender_key"], forwarded["sender_claimed_ed25519_key"]) == (alice.curve25519, alice.ed25519)
+    phone = vz.InboundGroupSession.import_session(vz.ExportedSessionKey(forwarded["session_key"]))
+    content = alice.megolm_encrypt(ROOM, "m.room.message", {"body": "for the phone"})
+    assert b"for the phone" in phone.decrypt(vz.MegolmMessage.from_base64(content["ciphertext"])).plaintext
+
+
+def test_secret_storage_round_trip_and_refusals() -> None:
+    from comatrix.e2ee import secret_storage
+    from comatrix.e2ee.cross_signing import CrossSigning
+
+    key, other = os.urandom(32), os.urandom(32)
+    cross = CrossSigning.generate(BOB)
+    stored = {name: secret_storage.encrypt(key, name, secret) for name, secret in cross.secrets().items()}
+    assert all(base64_bit63_clear(entry["iv"]) for entry in stored.values())
+    back = {name: secret_storage.decrypt(key, name, entry) for name, entry in stored.items()}
+    assert CrossSigning.from_secrets(BOB, back).public("master") == cross.public("master")
+    name, entry = next(iter(stored.items()))
+    for wrong_key, wrong_name in ((other, name), (key, "m.cross_signing.other")):
+        with pytest.raises(ValueError):
+            secret_storage.decrypt(wrong_key, wrong_name, entry)
+    description = secret_storage.describe_key(key)
+    assert description["algorithm"] == "m.secret_storage.v1.aes-hmac-sha2"
+    assert secret_storage.decrypt(key, "", {**description, "ciphertext": secret_storage.encrypt(
+        key, "", "\0" * 32, iv=base64.b64decode(description["iv"]))["ciphertext"]}) == "\0" * 32
+    assert secret_storage.key_id(key) == secret_storage.key_id(key) != secret_storage.key_id(other)
+
+
+def base64_bit63_clear(iv: str) -> bool:
+    return not base64.b64decode(iv)[8] & 0x80
