@@ -35,6 +35,7 @@ from comatrix.codec import cbor
 from comatrix.compact.mediawire import image_size, msgtype_for
 from comatrix.compact.relations import own_reactions
 from comatrix.plugins.rooms import MAX_TXN_ID, allowed_senders
+from comatrix.policy import OTHER
 from comatrix.resources import ResourcePlugin, MatrixResource, cbor_response
 
 #: Matrix identifiers (users, events, rooms) are at most 255 bytes.
@@ -94,11 +95,14 @@ def _digest(text: str) -> str:
 class OperationResource(MatrixResource):
     """A clean-form resource whose methods act as the operations `METHOD_OPERATIONS` names."""
 
+    #: The resource's path and its key in `METHOD_OPERATIONS`.
     name = ""
+    #: A resource the table does not name is ``other``: refused to shared credentials unless allowed.
+    operation = OTHER
 
-    def __init__(self, context: Any) -> None:
-        super().__init__(context)
-        self.operation = next(op for (name, _), op in METHOD_OPERATIONS.items() if name == self.name)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.operation = next((op for (name, _), op in METHOD_OPERATIONS.items() if name == cls.name), OTHER)
 
     async def act(self, request: Request, call: Callable[[str], Any]) -> Any:
         """``call(token)`` as the operation of this request's method."""
