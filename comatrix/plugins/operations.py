@@ -49,12 +49,14 @@ MAX_HISTORY = 50
 PRESETS = frozenset({"private_chat", "public_chat"})
 
 #: (resource, method) -> the `comatrix.policy.OPERATIONS` name it acts as: the same as the MSC3079
-#: endpoint it calls, so both forms grant the same to shared credentials.
+#: endpoint it calls, so both forms grant the same to shared credentials.  Two are not methods: ``alias``
+#: (GET with ``?alias=``) and ``remove`` (a react with ``remove``: it redacts).
 METHOD_OPERATIONS: Mapping[tuple[str, str], str] = {
-    ("create", "POST"): "create_room", ("room", "GET"): "state", ("room", "alias"): "alias", ("room", "POST"): "state/set",
+    ("create", "POST"): "create_room",
+    ("room", "GET"): "state", ("room", "alias"): "alias", ("room", "POST"): "state/set",
     ("invite", "POST"): "invite", ("leave", "POST"): "leave", ("kick", "POST"): "kick",
     ("members", "GET"): "members", ("invitations", "GET"): "invitations", ("history", "GET"): "messages",
-    ("react", "POST"): "send", ("react", "DELETE"): "redact", ("redact", "POST"): "redact",
+    ("react", "POST"): "send", ("react", "remove"): "redact", ("redact", "POST"): "redact",
     ("read", "POST"): "receipt", ("profile", "GET"): "profile", ("profile", "POST"): "profile/set",
     ("upload", "POST"): "upload",
 }
@@ -347,7 +349,7 @@ class ReactResource(OperationResource):
             return [await self.matrix.redact(token, room_id, reaction, "cx" + _digest(reaction))
                     for reaction in mine]
 
-        redactions = await self.with_token(request, remove, METHOD_OPERATIONS[self.name, "DELETE"])
+        redactions = await self.with_token(request, remove, METHOD_OPERATIONS[self.name, "remove"])
         if not redactions:
             raise NotFound("no such reaction of this user")
         return cbor_response({"event_id": redactions[-1]}, Code.CHANGED)

@@ -11,8 +11,9 @@ from typing import Any
 import cbor2
 import pytest
 
+from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, OptionNumber
-from comatrix.coap.testing import Harness
+from comatrix.coap.testing import Harness, option
 from comatrix.discovery import build_site
 from comatrix.errors import error_response
 from comatrix.matrix.testing import ScriptedAnswer
@@ -209,3 +210,25 @@ def test_shared_credentials_get_device_operations_only_unless_allowed() -> None:
     assert allowed.call(Code.POST, "create", {"name": "x"}, shared=True)[0] == "2.01"
     assert allowed.call(Code.POST, "upload", raw=PNG, content_format=None, shared=True,
                         query=("type=image/png",))[0] == "2.04"
+
+
+def test_a_long_member_list_goes_block_wise_and_each_resource_is_listed() -> None:
+    gw = Gateway()
+    gw.homeserver.members[gw.room].update(f"@sensor-{n:03}:test.local" for n in range(80))
+    [first] = gw.harness.send(Code.GET, ("members",), query=(f"room={gw.room}",),
+                              options=[(256, gw.token.encode())])
+    block = Block.decode(option(first, OptionNumber.BLOCK2) or b"")
+    assert first.code == Code.CONTENT and block.num == 0 and block.more and len(first.payload) == block.size
+    payload, num = first.payload, 0
+    while block.more:
+        num += 1
+        asked = (OptionNumber.BLOCK2, Block(num, False, 6).encode())
+        [reply] = gw.harness.send(Code.GET, ("members",), query=(f"room={gw.room}",),
+                                  options=[(256, gw.token.encode()), asked])
+        block = Block.decode(option(reply, OptionNumber.BLOCK2) or b"")
+        payload += reply.payload
+    assert len(cbor2.loads(payload)) == 81
+    [listing] = gw.harness.send(Code.GET, (".well-known", "core"))
+    links = listing.payload.decode()
+    for plugin in PLUGINS:
+        assert f'</{plugin.name}>;rt="comatrix.{plugin.name}"' in links, plugin.name
