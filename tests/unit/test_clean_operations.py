@@ -232,3 +232,16 @@ def test_a_long_member_list_goes_block_wise_and_each_resource_is_listed() -> Non
     links = listing.payload.decode()
     for plugin in PLUGINS:
         assert f'</{plugin.name}>;rt="comatrix.{plugin.name}"' in links, plugin.name
+
+
+def test_history_through_an_entry_carries_only_its_allowed_senders() -> None:
+    gw = Gateway()
+    entry = {"address": "2001:db8::/64", "user": gw.user_id, "password": "pw", "allowed_senders": ["@eve:elsewhere.org"]}
+    gw.harness = Harness(build_site(PLUGINS, gw.context([entry]), error_response))
+    gw.message("from alice", gw.alice)
+    gw.message("from eve", "@eve:elsewhere.org")
+    gw.message("my own")
+    page = gw.ok(Code.GET, "history", query=(f"room={gw.room}",), shared=True)
+    assert [event["body"] for event in page["chunk"]] == ["my own", "from eve"]
+    with_token = gw.ok(Code.GET, "history", query=(f"room={gw.room}",))  # a token of its own: no filter
+    assert [event["body"] for event in with_token["chunk"]][:3] == ["my own", "from eve", "from alice"]
