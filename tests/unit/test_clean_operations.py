@@ -236,7 +236,8 @@ def test_a_long_member_list_goes_block_wise_and_each_resource_is_listed() -> Non
 
 def test_history_through_an_entry_carries_only_its_allowed_senders() -> None:
     gw = Gateway()
-    entry = {"address": "2001:db8::/64", "user": gw.user_id, "password": "pw", "allowed_senders": ["@eve:elsewhere.org"]}
+    entry = {"address": "2001:db8::/64", "user": gw.user_id, "password": "pw",
+             "allowed_senders": ["@eve:elsewhere.org"]}
     gw.harness = Harness(build_site(PLUGINS, gw.context([entry]), error_response))
     gw.message("from alice", gw.alice)
     gw.message("from eve", "@eve:elsewhere.org")
