@@ -57,9 +57,10 @@ from support.synapse import SynapseServer  # noqa: E402
 
 FRAME_PAYLOAD = 80  # bytes of CoAP per IEEE 802.15.4 frame (facts §1)
 BODY20 = "temperature=21.5C ok"
-OPERATIONS = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time",
-              "react", "react remove", "redact", "read",
-              "upload", "thumbnail", "profile")
+OPERATIONS: tuple[str, ...] = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time",
+                               "react", "react remove", "redact", "read",
+                               "upload", "thumbnail", "profile")
+OPERATIONS += ("send notice", "send location", "send reply", "send edit", "history")  # issue 13, messages
 FORMS = ("compact", "clean", "original", "msc3079", "http")
 SECURITIES = ("plain", "dtls", "oscore")
 #: The bench device's provisioning (a [[devices]] entry with both kinds of key material).
@@ -69,6 +70,18 @@ OSCORE_RECIPIENT_ID = b""  # the gateway's
 EDHOC_KID = b"\x01"  # the kid of the device's CCS (ID_CRED_I by reference)
 #: One reaction key per security mode (each 4 bytes of UTF-8): every run adds a reaction not there yet.
 REACTION_KEYS = dict(zip(SECURITIES, ("👍", "👀", "👌")))
+GEO = "geo:48.2082,16.3738"
+#: Event content of the message operations beyond a text send, given the event replied to / edited.
+MESSAGE_CONTENTS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "send notice": lambda event_id: {"msgtype": "m.notice"},
+    "send location": lambda event_id: {"msgtype": "m.location", "geo_uri": GEO},
+    "send reply": lambda event_id: {"m.relates_to": {"m.in_reply_to": {"event_id": event_id}}},
+    "send edit": lambda event_id: {"body": "* " + BODY20, "m.new_content": {"msgtype": "m.text", "body": BODY20},
+                                   "m.relates_to": {"rel_type": "m.replace", "event_id": event_id}},
+}
+#: Operation rows whose budget has another name in BUDGETS.
+BUDGET_OF = {"send notice": "send-kind", "send location": "send-kind", "send reply": "send-reply",
+             "send edit": "send-edit"}
 #: Goals of issue 11 for the compact send request (bytes up).
 GOALS = {"oscore": 64, "dtls": 80}
 
@@ -440,8 +453,16 @@ def original_form(bench: Bench, connect: Connector, security: str, sensor: Devic
     bench.measure("login", "original", lambda: original.login("sensor01", sensor.password),
                   security=security, http_form=http)
     bench.measure("join", "original", lambda: original.join(room_id), security=security, http_form=http)
-    bench.measure("send", "original", lambda: original.send(room_id, BODY20), security=security, http_form=http)
+    event_id = bench.measure("send", "original", lambda: original.send(room_id, BODY20), security=security,
+                             http_form=http)
+    for op, content in MESSAGE_CONTENTS.items():
+        if op == "send location":
+            continue  # n/a: the original form's /send takes m.text, m.notice and m.emote only
+        bench.measure(op, "original", lambda: original.send(room_id, BODY20, content(str(event_id))),
+                      security=security, http_form=http)
     bench.measure("getmsg", "original", lambda: original.getmsg(room_id), security=security, http_form=http)
+    bench.measure("history", "original", lambda: original.getmsg(room_id), security=security, http_form=http)
+    bench.results[("history", "original", security)].note = "a page of 1 = getmsg (/messages limit 1)"
     bench.measure("logout", "original", original.logout, security=security, http_form=http)
     original.coap.close()
 
@@ -470,7 +491,10 @@ def clean_form(bench: Bench, connect: Connector, security: str, sensor: Device, 
     key = REACTION_KEYS[security]
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("login", login), ("join", lambda: call(Code.POST, "join", {"room_id": room_id})), ("send", send),
+        ("send notice", lambda: call(Code.POST, "send", {"room_id": room_id, "txn_id": "c" + secrets.token_hex(4),
+                                                         "body": BODY20, "msgtype": "m.notice"})),
         ("getmsg", lambda: call(Code.GET, "getmsg", query=(f"room={room_id}",))),
+        ("history", lambda: call(Code.GET, "history", query=(f"room={room_id}", "limit=1"))),
         ("react", lambda: call(Code.POST, "react", {"room_id": room_id, "event_id": state.get("event"), "key": key})),
         ("react remove", lambda: call(Code.POST, "react", {"room_id": room_id, "event_id": state.get("event"),
                                                            "key": key, "remove": True})),
@@ -503,12 +527,29 @@ def msc3079_form(bench: Bench, connect: Connector, security: str, sensor: Device
         state["event"] = sent.get(1, sent.get("event_id"))
     bench.measure("send", "msc3079", msc_send, security=security)
     msc3079_relations(bench, coap, security, room_id, state)
+    sent = msc3079_request(coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}x", state.get("token"),
+                           {28: "m.text", 27: BODY20})
+    for op, content in MESSAGE_CONTENTS.items():
+        fields = {28: "m.text", 27: BODY20, **_msc3079_keys(content(str((sent or {}).get(1))))}
+        bench.measure(op, "msc3079", lambda: msc3079_request(
+            coap, Code.PUT, f"9/{room_id}/m.room.message/{secrets.token_hex(4)}", state.get("token"), fields),
+            security=security)
+    bench.measure("history", "msc3079", lambda: msc3079_request(
+        coap, Code.GET, f"E/{room_id}", state.get("token"),
+        query=("dir=b", "limit=1", 'filter={"types":["m.room.message"]}')), security=security)
     bench.measure("getmsg", "msc3079", lambda: msc3079_request(
         coap, Code.GET, f"E/{room_id}", state.get("token"),
         query=("dir=b", "limit=1", 'filter={"types":["m.room.message"]}')), security=security)
     bench.measure("logout", "msc3079", lambda: msc3079_request(coap, Code.POST, "3", state.get("token"), {}),
                   security=security)
     coap.close()
+
+
+def _msc3079_keys(content: dict[str, Any]) -> dict[Any, Any]:
+    """Event content with the keys key table 1 has as integers (body 27, msgtype 28, event_id 1)."""
+    table = {"body": 27, "msgtype": 28, "event_id": 1}
+    return {table.get(key, key): _msc3079_keys(value) if isinstance(value, dict) else value
+            for key, value in content.items()}
 
 
 def msc3079_relations(bench: Bench, coap: UdpCoap, security: str, room_id: str, state: dict[str, Any]) -> None:
@@ -554,7 +595,15 @@ def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device
     bench.measure("login", "compact", lambda: device.login("sensor01", sensor.password), security=security)
     bench.results[("login", "compact", security)].note = "login + GET /z (seeds seq)"
     bench.measure("join", "compact", lambda: device.join(room_id), security=security)
-    bench.measure("send", "compact", lambda: device.send(room_id, BODY20), security=security)
+    reference = bench.measure("send", "compact", lambda: device.send(room_id, BODY20), security=security)
+    bench.measure("send notice", "compact", lambda: device.send(room_id, BODY20, 1), security=security)
+    bench.measure("send location", "compact", lambda: device.send(room_id, BODY20, GEO), security=security)
+    bench.measure("send reply", "compact", lambda: device.send(room_id, BODY20, reply_to=reference),
+                  security=security)
+    bench.measure("send edit", "compact", lambda: device.send(room_id, BODY20, replaces=reference),
+                  security=security)
+    bench.measure("history", "compact", lambda: device.history(room_id), security=security)
+    bench.results[("history", "compact", security)].note = "a page of 1 from now (FETCH /()"
 
     def quiet_send() -> None:
         """Fire-and-forget: NON with No-Response 0x02 (RFC 7967); nothing comes back on success."""
@@ -650,8 +699,8 @@ def render(results: dict[tuple[str, str, str], Row], msc_note: str) -> str:
                               plain.note or "HTTP/1.1 to Synapse"))
                 continue
             budget = ""
-            if form == "compact" and op in BUDGETS:
-                request_budget, response_budget = BUDGETS[op]
+            if form == "compact" and BUDGET_OF.get(op, op) in BUDGETS:
+                request_budget, response_budget = BUDGETS[BUDGET_OF.get(op, op)]
                 budget = f"budget {request_budget or '-'}/{response_budget}"
             notes = [budget, plain_note(plain)] + [
                 f"{security}: {row.note}" for security, row in zip(SECURITIES[1:], rows[1:])
@@ -763,6 +812,18 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   ``/messages`` page when the gateway had to walk the room).  The original
   form keeps its Proxy-Uri inside the OSCORE ciphertext (the gateway is the
   origin server, not a proxy).
+* **Messages** (issue 13): ``send notice`` (m.notice), ``send location``
+  (m.location, ``geo:48.2082,16.3738``), ``send reply`` (``m.in_reply_to``) and
+  ``send edit`` (``m.replace``) carry the 20-character body like ``send``; the
+  compact form refers to the event replied to or edited by its event reference
+  (a uint), the others by its event id (in the MSC3079 rows with the key table's
+  integer keys where it has them: body, msgtype, event_id).  ``history``: a page
+  of one message from now (compact ``FETCH /(``); the original and MSC3079
+  forms have no history operation of their own, so their row is the same
+  ``/messages`` call as ``getmsg``; the clean form's is ``GET
+  /history?room=&limit=1``.  The original form's ``/send`` takes no
+  ``m.location`` (n/a), nor does the clean form's, which has no replies or
+  edits either (n/a).
 
 ::
 

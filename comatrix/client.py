@@ -62,9 +62,9 @@ from comatrix.durable import write_durably
 from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
-from comatrix.compact.codec import (PATHS, CreateRequest, EventRequest, HandleRequest, Invitation, JoinRequest,
-                                    LoginRequest, Message, MessagesRequest, ReactRequest, RoomInfo, RoomRequest,
-                                    SendRequest, SetRoomRequest, UserRequest)
+from comatrix.compact.codec import (PATHS, CreateRequest, EventRequest, HandleRequest, HistoryPage, HistoryRequest,
+                                    Invitation, JoinRequest, LoginRequest, Message, MessagesRequest, ReactRequest,
+                                    RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
 from comatrix.compact.mediawire import (MediaReference, ProfileRequest, ThumbnailRequest, UploadHeader,
                                         decode_display_name)
 from comatrix.dtls.client import DtlsClientLink
@@ -634,19 +634,33 @@ class CompactDevice:
         self.state.save()
         return room_handle
 
-    def send(self, room: str, body: str) -> None:
-        """Send once: a retry after a lost answer reuses the seq, so Matrix keeps one event."""
+    def send(self, room: str, body: str, kind: int | str = 0, reply_to: int | None = None,
+             replaces: int | None = None) -> int | None:
+        """Send once: a retry after a lost answer reuses the seq, so Matrix keeps one event.
+
+        ``kind``: 0 m.text, 1 m.notice, 2 m.emote, or a ``geo:`` URI (m.location, ``body`` its
+        description); ``reply_to``/``replaces``: event references.  Returns the new event's
+        reference (None from a gateway that answers none)."""
         seq = int(self.compact.get("seq", 0)) + 1
         self.compact["seq"] = seq
         self.state.save()  # a seq is never reused for another message, even after a crash
-        payload = SendRequest(self.handle, self.room_handle(room), seq, body).encode()
+        payload = SendRequest(self.handle, self.room_handle(room), seq, body, kind, reply_to, replaces).encode()
         for attempt in range(self.retries + 1):
             try:
-                self._post("send", payload)
-                return
+                reply = self._post("send", payload)
+                return codec.decode_uint(reply.payload) if reply.payload else None
             except NoResponse:
                 if attempt == self.retries:
                     raise
+        return None  # not reached
+
+    def history(self, room: str, start: int | None = None, count: int = -1) -> HistoryPage:
+        """``|count|`` messages before (count < 0; ``start`` None: the newest) or after the event
+        reference ``start``, oldest first, with the reference the next page starts from."""
+        request = HistoryRequest(self.handle, self.room_handle(room), start, count)
+        # A page of one short message fits one frame whole; longer pages come in 32-byte blocks.
+        reply = self._request(Code.FETCH, "history", request.encode(), blocks=abs(count) > 1)
+        return codec.decode_history(reply.payload)
 
     # -- rooms and membership
 
@@ -916,12 +930,13 @@ class OriginalDevice:
         self.state.save()
         return room_id
 
-    def send(self, room: str, body: str) -> str:
+    def send(self, room: str, body: str, content: dict[str, Any] | None = None) -> str:
+        """Send ``body`` as m.text; ``content``: more (or other) fields of the event content."""
         seq = int(self.original.get("seq", 0)) + 1
         self.original["seq"] = seq
         self.state.save()
         reply = self.coap.request(
-            Code.POST, "send", payload=cbor2.dumps({"msgtype": "m.text", "body": body}),
+            Code.POST, "send", payload=cbor2.dumps({"msgtype": "m.text", "body": body, **(content or {})}),
             content_format=ContentFormat.CBOR,
             options=[self._token(), self._proxy("9", self.room_id(room), "m.room.message", str(seq))]).checked()
         return str(cbor2.loads(reply.payload)["event_id"])
@@ -958,7 +973,10 @@ COMMANDS = {
     "login": "log in as USER (password from the argument or $COMATRIX_PASSWORD)",
     "logout": "end the session (the gateway logs its Matrix device out)",
     "join": "join a room (room id, alias or configured name); prints its room handle",
-    "send": "send a text message to a room",
+    "send": "send a message to a room (text, --notice, --emote, --location; --reply-to/--edit an event "
+            "reference); prints the new event's reference",
+    "history": "print a page of a room's history (newest, --before or --after an event reference): "
+               "reference, sender, body; the next page's reference on stderr",
     "getmsg": "print the latest message of a room (--new: every one not yet seen)",
     "watch": "print each new message of a room as it comes (Observe)",
     "time": "print the gateway's clock (Unix seconds)",
@@ -1018,9 +1036,14 @@ def _parser() -> argparse.ArgumentParser:
         if name == "watch":
             command.add_argument("--count", type=int, default=None, help="stop after N messages")
             command.add_argument("--timeout", type=float, default=None, help="stop after S quiet seconds")
-    send = _command(commands, "send")
-    send.add_argument("room")
-    send.add_argument("text")
+    _send_command(commands)
+    history = _command(commands, "history")
+    history.add_argument("room")
+    start = history.add_mutually_exclusive_group()
+    start.add_argument("--before", type=int, metavar="REF", help="messages before this event reference")
+    start.add_argument("--after", type=int, metavar="REF", help="messages after this event reference")
+    history.add_argument("--limit", type=int, default=codec.MAX_PAGE // 2, metavar="N",
+                         help=f"at most N messages (1-{codec.MAX_PAGE}) [default: %(default)s]")
     _command(commands, "time")
     _room_commands(commands)
     _media_commands(commands)
@@ -1043,6 +1066,19 @@ def _media_commands(commands: Any) -> None:
     thumbnail.add_argument("output", type=Path)
     thumbnail.add_argument("--size", default="96x96", metavar="WxH")
     thumbnail.add_argument("--crop", action="store_true")
+
+
+def _send_command(commands: Any) -> None:
+    send = _command(commands, "send")
+    send.add_argument("room")
+    send.add_argument("text", help="the message (of --location: its description)")
+    kind = send.add_mutually_exclusive_group()
+    kind.add_argument("--notice", dest="kind", action="store_const", const=1, default=0, help="m.notice")
+    kind.add_argument("--emote", dest="kind", action="store_const", const=2, help="m.emote")
+    kind.add_argument("--location", dest="kind", metavar="GEO", help="m.location at a geo: URI (geo:LAT,LON)")
+    relation = send.add_mutually_exclusive_group()
+    relation.add_argument("--reply-to", type=int, metavar="REF", help="reply to this event reference")
+    relation.add_argument("--edit", type=int, metavar="REF", help="replace this event reference's text")
 
 
 def _room_commands(commands: Any) -> None:
@@ -1149,7 +1185,15 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
         print(device.time())
     elif command == "join":
         print(device.join(args.room))
+    elif command == "send" and isinstance(device, CompactDevice):
+        reference = device.send(args.room, args.text, args.kind, args.reply_to, args.edit)
+        if reference is not None:
+            print(reference, flush=True)
+        _confirm(args, "sent")
     elif command == "send":
+        if args.kind != 0 or args.reply_to is not None or args.edit is not None:
+            print("comatrix-device: the original form sends text only", file=sys.stderr)
+            return 2
         device.send(args.room, args.text)
         _confirm(args, "sent")
     elif command == "getmsg":
@@ -1182,7 +1226,7 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
 
 
 ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members",
-                           "react", "redact", "read"})
+                           "react", "redact", "read", "history"})
 
 
 MEDIA_COMMANDS = frozenset({"upload", "profile", "thumbnail"})
@@ -1256,10 +1300,26 @@ def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
     elif command == "members":
         for user in device.members(args.room):
             print(user, flush=True)
+    elif command == "history":
+        _history(args, device)
     elif command in ("react", "redact", "read"):
         _run_relation(args, device)
     else:
         _run_membership(args, device)
+
+
+def _history(args: argparse.Namespace, device: CompactDevice) -> None:
+    if not 1 <= args.limit <= codec.MAX_PAGE:
+        raise ValueError(f"--limit must be 1-{codec.MAX_PAGE}")
+    start = args.after if args.after is not None else args.before
+    page = device.history(args.room, start, args.limit if args.after is not None else -args.limit)
+    for event in page.events:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(event)), flush=True)
+        else:
+            kind = "" if event.msgtype == "m.text" else f" [{event.msgtype}]"
+            print(f"{event.ref}\t{event.sender}: {event.body}{kind}", flush=True)
+    _confirm(args, f"next: {'none' if page.next is None else page.next}")
 
 
 def _run_membership(args: argparse.Namespace, device: CompactDevice) -> None:

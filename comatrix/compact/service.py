@@ -76,7 +76,7 @@ from twisted.python.failure import Failure
 from comatrix.coap.errors import (BadRequest, Forbidden, NotFound, ServiceUnavailable, TooManyRequests,
                                   Unauthorized)
 from comatrix.coap.message import Peer, Security
-from comatrix.compact.codec import HANDLE_SIZE
+from comatrix.compact.codec import HANDLE_SIZE, LOCATION, MSGTYPES
 from comatrix.config import LimitSettings
 from comatrix.identity import plain_address
 from comatrix.logs import get_logger
@@ -87,7 +87,7 @@ from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, InvalidRoomReference, MatrixError
 from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
 from comatrix.policy import sender_filter
-from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
+from comatrix.store import HISTORY_BASE, RoomRecord, SessionRecord, Store, StoredMessage
 
 log = get_logger(__name__)
 
@@ -122,6 +122,8 @@ MAX_TOUCH_INTERVAL = 300.0
 #: Largest room handle or cursor the store can hold (SQLite INTEGER is signed 64-bit).  The wire
 #: takes any uint below 2**64; nothing above this is ever assigned, and SQLite would refuse it.
 MAX_STORED_NUMBER = 2**63 - 1
+#: References above this are historic (`Store.reference`), below it cursors.
+HISTORIC_FLOOR = HISTORY_BASE - 2**24
 
 Session = SessionRecord
 #: Called for each newly numbered message of a session's room: (session, room handle, message).
@@ -401,11 +403,54 @@ class CompactService:
             raise NotFound("unknown room handle")
         return record
 
-    async def send(self, session: SessionRecord, handle: int, seq: int, body: str) -> str:
+    async def send(self, session: SessionRecord, handle: int, seq: int, body: str, kind: int | str = 0,
+                   reply_to: int | None = None, replaces: int | None = None) -> int:
+        """Send a message (``kind``: an index into `MSGTYPES` or a ``geo:`` URI, see the codec), a
+        reply to or an edit of an event reference; returns the new event's reference.
+
+        The event is numbered at once (the next cursor of the room handle, unless a walk
+        already numbered it) and pushed to the session's observers like any other, so the
+        device can refer to it right away.  A retry with the same seq is the same event
+        (same transaction id) and gets the same reference.
+        """
         record = await self.room(session, handle)
-        content = {"msgtype": "m.text", "body": body}
-        return await self.matrix.send_message(session.access_token, record.room_id, content,
-                                              txn_id(session.id, seq))
+        msgtype = LOCATION if isinstance(kind, str) else MSGTYPES[kind]
+        content: dict[str, Any] = {"msgtype": msgtype, "body": body}
+        if isinstance(kind, str):
+            content["geo_uri"] = kind
+        if replaces is not None:
+            content = {**content, "body": "* " + body, "m.new_content": dict(content),
+                       "m.relates_to": {"rel_type": "m.replace",
+                                        "event_id": await self.event_id(session, handle, replaces)}}
+        elif reply_to is not None:
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": await self.event_id(session, handle, reply_to)}}
+        event_id = await self.matrix.send_message(session.access_token, record.room_id, content,
+                                                  txn_id(session.id, seq))
+        # Numbered as a walk would number it: its body is the content's (an edit's "* " fallback).
+        return await self._own_event(session, handle, StoredMessage(0, event_id, session.user_id, content["body"],
+                                                                    int(self.reactor.seconds() * 1000), msgtype))
+
+    async def event_id(self, session: SessionRecord, handle: int, reference: int) -> str:
+        """The event of an event reference of the room handle; 4.04 if the gateway has none."""
+        event_id = await self.store.event_id_at(session.id, handle, reference)
+        if event_id is None:
+            raise NotFound("unknown event reference")
+        return event_id
+
+    async def _own_event(self, session: SessionRecord, handle: int, message: StoredMessage) -> int:
+        lock = self._lock(session.id, handle)
+        await lock.acquire()
+        try:
+            (numbered,) = await self.store.append_messages([(session.id, handle, [message])])
+        finally:
+            lock.release()
+        for fresh in numbered:
+            if self.on_message is not None:
+                self.on_message(session, handle, fresh)
+        if numbered:
+            return numbered[0].cursor
+        (known,) = await self.store.reference(session.id, handle, [message])  # a retry: already numbered
+        return known.cursor
 
     # ------------------------------------------------------------------ messages
 
@@ -430,12 +475,15 @@ class CompactService:
             lock = self._locks[key] = defer.DeferredLock()
         return lock
 
-    async def advance(self, session: SessionRecord, handle: int) -> list[StoredMessage]:
-        """Number the room's messages the gateway has not seen yet; returns them, oldest first."""
+    async def advance(self, session: SessionRecord, handle: int, *, reanchor: bool = True) -> list[StoredMessage]:
+        """Number the room's messages the gateway has not seen yet; returns them, oldest first.
+
+        ``reanchor`` False (a history page): a room far behind is walked `MAX_WALK_PAGES` on
+        and its position kept there, instead of jumping to the newest message."""
         lock = self._lock(session.id, handle)
         await lock.acquire()
         try:
-            return await self._advance(session, handle)
+            return await self._advance(session, handle, reanchor)
         finally:
             lock.release()
 
@@ -448,7 +496,7 @@ class CompactService:
     def _sender_allowed(self, session: SessionRecord, room_id: str) -> Callable[[str], bool]:
         return sender_filter(self.allowed_senders(session, room_id), session.user_id)
 
-    async def _advance(self, session: SessionRecord, handle: int) -> list[StoredMessage]:
+    async def _advance(self, session: SessionRecord, handle: int, reanchor: bool = True) -> list[StoredMessage]:
         record = await self.room(session, handle)
         deliverable = self._deliverable(session, record.room_id)
         token = session.access_token
@@ -467,7 +515,8 @@ class CompactService:
                     break
                 position = page.end
             else:
-                position = None
+                if reanchor:
+                    position = None
             if position is not None:
                 await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
                 return fresh
@@ -485,6 +534,83 @@ class CompactService:
             fresh.append(_stored(cursor, latest[0]))
         await self.store.advance_timeline(session.id, handle, fresh[-1:], cursor, page.start)
         return fresh[-1:]
+
+    # ------------------------------------------------------------------ history
+
+    async def history(self, session: SessionRecord, handle: int, start: int | None,
+                      count: int) -> tuple[int | None, list[StoredMessage]]:
+        """A page of ``|count|`` messages before (count < 0; ``start`` None: now) or after the event
+        reference ``start``, oldest first, each with its reference in ``cursor``; and the reference
+        the next page that way starts from (None: this one reached the room's start, or its newest).
+
+        Numbered messages come from the store; forward past the newest, the room is walked on
+        (without re-anchoring: nothing is skipped); before the kept ones, or from a historic
+        reference, pages come from the homeserver and get references (`Store.reference`).
+        """
+        record = await self.room(session, handle)
+        historic = start is not None and start > HISTORIC_FLOOR
+        if start is not None and (historic or start > record.last_cursor):
+            await self.event_id(session, handle, start)  # 4.04 before anything reaches the homeserver
+        if count > 0:
+            return await self._forward(session, record, start, count, historic)
+        if start is None:
+            await self.advance(session, handle)
+            start = MAX_STORED_NUMBER
+        page = [] if historic else await self.store.messages_around(session.id, handle, start, count)
+        if len(page) == -count:
+            return page[0].cursor, page
+        anchor = page[0].event_id if page else await self.store.event_id_at(session.id, handle, start)
+        if anchor is None and start != MAX_STORED_NUMBER:
+            raise NotFound("event reference out of the kept window")
+        more, older = await self._homeserver_page(session, record, anchor, count + len(page))
+        page = older + page
+        return (page[0].cursor if more and page else None), page
+
+    async def _forward(self, session: SessionRecord, record: RoomRecord, start: int | None, count: int,
+                       historic: bool) -> tuple[int | None, list[StoredMessage]]:
+        assert start is not None
+        if historic:
+            more, page = await self._homeserver_page(session, record, await self.event_id(
+                session, record.handle, start), count)
+            return (page[-1].cursor if more and page else None), page
+        page = await self.store.messages_around(session.id, record.handle, start, count + 1)
+        if len(page) <= count:
+            await self.advance(session, record.handle, reanchor=False)
+            page = await self.store.messages_around(session.id, record.handle, start, count + 1)
+        more = len(page) > count
+        page = page[:count]
+        return (page[-1].cursor if more else None), page
+
+    async def _homeserver_page(self, session: SessionRecord, record: RoomRecord, anchor: str | None,
+                               count: int) -> tuple[bool, list[StoredMessage]]:
+        """``|count|`` messages before (count < 0) or after the event ``anchor`` (None: the room's
+        end), oldest first, referenced; and whether the homeserver has more that way."""
+        token = session.access_token
+        position: str | None = None
+        if anchor is not None:
+            around = await self.matrix.request(api.context(token, record.room_id, anchor))
+            position = around.get("start" if count < 0 else "end")
+            if not isinstance(position, str):
+                raise InvalidResponse("context: no pagination token")
+        wanted = abs(count)
+        events: list[Event] = []
+        more = True  # unless the homeserver says it has no more (a short chunk alone does not)
+        for _ in range(MAX_WALK_PAGES):
+            page = parse_messages(await self.matrix.request(api.last_messages(  # one more: is there more?
+                token, record.room_id, limit=wanted + 1 - len(events), from_token=position,
+                dir="b" if count < 0 else "f")))
+            events += page.events
+            if len(events) > wanted or page.end is None:
+                more = len(events) > wanted
+                break
+            position = page.end
+        deliverable = self._deliverable(session, record.room_id)  # history too: allowed senders only
+        usable = [_stored(0, event) for event in events[:wanted] if deliverable(event)]
+        # Backward pages arrive newest first and are referenced so: historic references go down with time.
+        referenced = await self.store.reference(session.id, record.handle, usable)
+        if count < 0:
+            referenced.reverse()
+        return more, referenced
 
     async def timeline_arrived(self, session: SessionRecord, handle: int, events: Sequence[Event],
                                position: str) -> list[StoredMessage]:
@@ -794,5 +920,6 @@ def _number(events: Sequence[Event], known: set[str], cursor: int, fresh: list[S
 
 def _stored(cursor: int, event: Event) -> StoredMessage:
     body = event.content.get("body")
+    msgtype = event.content.get("msgtype")
     return StoredMessage(cursor, event.event_id, event.sender, body if isinstance(body, str) else "",
-                         event.origin_server_ts)
+                         event.origin_server_ts, msgtype if isinstance(msgtype, str) else "m.text")

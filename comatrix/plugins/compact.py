@@ -1,5 +1,5 @@
 """The compact device profile's resources: ``/+ /- /x /w /v /z``, for rooms and membership
-``/* /y /@ /~ /! /&``, for reactions, redactions and read receipts ``/) /_ /,``
+``/* /y /@ /~ /! /&``, for reactions, redactions and read receipts ``/) /_ /,``, and history ``/(``
 (``docs/protocol.rst``).
 
 One character per path, positional CBOR bodies, an 8-byte session handle
@@ -35,10 +35,11 @@ from comatrix.coap.numbers import Code
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.compact import codec
 from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, CreateRequest, EventRequest,
-                                    HandleRequest, JoinRequest, LoginRequest, Message, MessagesRequest,
-                                    ReactRequest, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
+                                    HandleRequest, HistoryEvent, HistoryPage, HistoryRequest, JoinRequest,
+                                    LoginRequest, Message, MessagesRequest, ReactRequest, RoomRequest, SendRequest,
+                                    SetRoomRequest, UserRequest)
 from comatrix.compact.relations import RelationOperations
-from comatrix.compact.rooms import RoomOperations
+from comatrix.compact.rooms import RoomOperations, short_user
 from comatrix.compact.service import CompactService, handle_hash
 from comatrix.config import ConfigError, DeviceCredentials
 from comatrix.credentials import Credentials
@@ -201,13 +202,26 @@ class JoinResource(CompactResource):
 
 
 class SendResource(CompactResource):
-    link = _link("send", "Compact send: [handle, room, seq, body]")
+    link = _link("send", "Compact send: [handle, room, seq, body(, kind(, reply-to(, replaces)))] -> reference")
 
     async def render_POST(self, request: Request) -> Response:
         send = SendRequest.decode(self.payload(request))
         session = await self.service.session(send.handle, request.peer, request.security)
-        await self.service.send(session, send.room, send.seq, send.body)
-        return Response(code=Code.CHANGED)
+        reference = await self.service.send(session, send.room, send.seq, send.body, send.kind, send.reply_to,
+                                            send.replaces)
+        return _cbor(codec.encode_uint(reference), Code.CHANGED)
+
+
+class HistoryResource(CompactResource):
+    link = _link("history", "Compact history: [handle, room, from, count] -> [next, [ref, sender, body, ts]...]")
+
+    async def render_FETCH(self, request: Request) -> Response:
+        fetch = HistoryRequest.decode(self.payload(request))
+        session = await self.service.session(fetch.handle, request.peer, request.security)
+        following, messages = await self.service.history(session, fetch.room, fetch.start, fetch.count)
+        events = tuple(HistoryEvent(message.cursor, short_user(message.sender, session.user_id), message.body,
+                                    message.ts // 1000, message.msgtype) for message in messages)
+        return _cbor(codec.encode_history(HistoryPage(following, events)), Code.CONTENT)
 
 
 def _device_message(message: StoredMessage | None) -> bytes:
@@ -466,3 +480,4 @@ compact_members = ResourcePlugin("compact-members", (PATHS["members"],), Members
 compact_react = ResourcePlugin("compact-react", (PATHS["react"],), ReactResource)
 compact_redact = ResourcePlugin("compact-redact", (PATHS["redact"],), RedactResource)
 compact_read = ResourcePlugin("compact-read", (PATHS["read"],), ReadResource)
+compact_history = ResourcePlugin("compact-history", (PATHS["history"],), HistoryResource)
