@@ -1,4 +1,4 @@
-"""Bytes on air per device operation: compact profile vs original CoMatrix vs MSC3079 vs HTTP,
+"""Bytes on air per device operation: compact profile vs clean and original CoMatrix vs MSC3079 vs HTTP,
 each in plain CoAP, over DTLS 1.2 (PSK) and with OSCORE.
 
 Starts a real Synapse (server name ``example.org``, so the sender is exactly
@@ -61,7 +61,7 @@ OPERATIONS: tuple[str, ...] = ("login", "join", "send", "send NON+NR", "getmsg",
                                "react", "react remove", "redact", "read",
                                "upload", "thumbnail", "profile")
 OPERATIONS += ("send notice", "send location", "send reply", "send edit", "history")  # issue 13, messages
-FORMS = ("compact", "original", "msc3079", "http")
+FORMS = ("compact", "clean", "original", "msc3079", "http")
 SECURITIES = ("plain", "dtls", "oscore")
 #: The bench device's provisioning (a [[devices]] entry with both kinds of key material).
 PSK_IDENTITY = "sensor01"
@@ -377,6 +377,7 @@ def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write:
     versions = UdpCoap(plain.uri).request(Code.GET, "0")
     for security in SECURITIES:
         original_form(bench, connect, security, sensor, room_id)
+        clean_form(bench, connect, security, sensor, room_id)
         if versions.ok:
             msc3079_form(bench, connect, security, sensor, room_id)
         compact_form(bench, connect, security, sensor, room_id, gateway, synapse)
@@ -464,6 +465,47 @@ def original_form(bench: Bench, connect: Connector, security: str, sensor: Devic
     bench.results[("history", "original", security)].note = "a page of 1 = getmsg (/messages limit 1)"
     bench.measure("logout", "original", original.logout, security=security, http_form=http)
     original.coap.close()
+
+
+def clean_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str) -> None:
+    """The clean form: no Proxy-Uri, CBOR maps with Matrix's names, the token in option 256 (README
+    "Resources"; issue 13's operations are ``comatrix/plugins/operations.py``)."""
+    coap = connect(security)
+    state: dict[str, Any] = {}
+
+    def call(code: int, path: str, body: Any = None, query: tuple[str, ...] = ()) -> Any:
+        options = [(OptionNumber.URI_QUERY, item.encode("utf-8")) for item in query]
+        if "token" in state:
+            options.append((256, state["token"].encode("ascii")))
+        reply = coap.request(code, path, payload=b"" if body is None else cbor2.dumps(body),
+                             content_format=None if body is None else 60, options=options).checked()
+        return cbor2.loads(reply.payload) if reply.payload else None
+
+    def login() -> None:
+        state["token"] = call(Code.POST, "login", {"user": "sensor01", "password": sensor.password})["access_token"]
+
+    def send() -> None:
+        state["event"] = call(Code.POST, "send", {"room_id": room_id, "txn_id": "c" + secrets.token_hex(4),
+                                                  "body": BODY20})["event_id"]
+
+    key = REACTION_KEYS[security]
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("login", login), ("join", lambda: call(Code.POST, "join", {"room_id": room_id})), ("send", send),
+        ("send notice", lambda: call(Code.POST, "send", {"room_id": room_id, "txn_id": "c" + secrets.token_hex(4),
+                                                         "body": BODY20, "msgtype": "m.notice"})),
+        ("getmsg", lambda: call(Code.GET, "getmsg", query=(f"room={room_id}",))),
+        ("history", lambda: call(Code.GET, "history", query=(f"room={room_id}", "limit=1"))),
+        ("react", lambda: call(Code.POST, "react", {"room_id": room_id, "event_id": state.get("event"), "key": key})),
+        ("react remove", lambda: call(Code.POST, "react", {"room_id": room_id, "event_id": state.get("event"),
+                                                           "key": key, "remove": True})),
+        ("read", lambda: call(Code.POST, "read", {"room_id": room_id, "event_id": state.get("event")})),
+        ("redact", lambda: call(Code.POST, "redact", {"room_id": room_id, "event_id": state.get("event"),
+                                                      "reason": "sensor fault"})),
+        ("profile", lambda: call(Code.POST, "profile", {"displayname": "Sensor 01"})),
+        ("logout", lambda: call(Code.POST, "logout"))]
+    for op, step in steps:
+        bench.measure(op, "clean", step, security=security)
+    coap.close()
 
 
 def msc3079_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str) -> None:
@@ -752,7 +794,10 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   message_2, message_3 and message_4 (key confirmation), not the OSCORE
   request that follows.
 * **compact**: the compact profile (``docs/protocol.rst``), with its budgets
-  (request/response bytes per message).  **original**: the original CoMatrix
+  (request/response bytes per message).  **clean**: the clean form (no
+  Proxy-Uri; CBOR maps with Matrix key names and the room id or event id whole,
+  ``?room=`` for GET, token in option 256; ``README.rst`` "Resources"; upload
+  not measured).  **original**: the original CoMatrix
   form (Proxy-Uri with the homeserver URL ``http://[fd00::1]:8008`` and a path
   code, token in option 256, CBOR maps with Matrix key names).  **msc3079**:
   MSC3079 path codes with option 256 (raw token, sent on every request) and
@@ -775,8 +820,10 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   integer keys where it has them: body, msgtype, event_id).  ``history``: a page
   of one message from now (compact ``FETCH /(``); the original and MSC3079
   forms have no history operation of their own, so their row is the same
-  ``/messages`` call as ``getmsg``.  The original form's ``/send`` takes no
-  ``m.location`` (n/a).
+  ``/messages`` call as ``getmsg``; the clean form's is ``GET
+  /history?room=&limit=1``.  The original form's ``/send`` takes no
+  ``m.location`` (n/a), nor does the clean form's, which has no replies or
+  edits either (n/a).
 
 ::
 

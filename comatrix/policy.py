@@ -71,7 +71,7 @@ OPERATIONS: Mapping[str, str] = {
     "send_to_device": "encryption",
     "admin": "admin",
     # Rooms beyond sending and reading.
-    "create_room": "rooms", "invite": "rooms", "leave": "rooms", "forget": "rooms",
+    "create_room": "rooms", "invite": "rooms", "leave": "rooms", "forget": "rooms", "invitations": "rooms",
     "state/set": "rooms", "room_upgrade": "rooms",
     "redact": "moderation", "kick": "moderation", "ban": "moderation", "unban": "moderation",
     "report": "moderation",
@@ -80,6 +80,7 @@ OPERATIONS: Mapping[str, str] = {
     "search": "search",
     "profile/set": "status", "presence/set": "status",
     "turn_server": "voip",
+    "upload": "media",
     OTHER: OTHER,
 }
 

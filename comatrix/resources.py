@@ -166,13 +166,16 @@ class MatrixResource(CoapResource):
         """The Matrix txnId for an idempotency key the device chose (`address_scoped_txn_id`)."""
         return address_scoped_txn_id(request, txn_id)
 
-    async def with_token(self, request: Request, call: Callable[[str], Awaitable[T]]) -> T:
-        """Run ``call(token)`` as `operation`; a gateway-held token the homeserver refused is renewed once."""
+    async def with_token(self, request: Request, call: Callable[[str], Awaitable[T]],
+                         operation: str | None = None) -> T:
+        """Run ``call(token)`` as ``operation`` (default `operation`, for resources whose methods
+        differ); a gateway-held token the homeserver refused is renewed once."""
         credentials = self.context.credentials
-        token = await credentials.token_for(request, operation=self.operation)
+        operation = operation or self.operation
+        token = await credentials.token_for(request, operation=operation)
         try:
             return await call(token)
         except MatrixError as error:
             if error.http_status != 401 or not credentials.forget(request, token):
                 raise
-        return await call(await credentials.token_for(request, operation=self.operation))
+        return await call(await credentials.token_for(request, operation=operation))

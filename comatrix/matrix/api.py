@@ -260,6 +260,11 @@ def displayname(token: str, user_id: str) -> MatrixRequest:
     return MatrixRequest("GET", _v3("profile", user_id, "displayname"), (), None, token)
 
 
+def avatar_url(token: str, user_id: str) -> MatrixRequest:
+    """``GET /profile/{userId}/avatar_url``."""
+    return MatrixRequest("GET", _v3("profile", user_id, "avatar_url"), (), None, token)
+
+
 def deactivate(token: str) -> MatrixRequest:
     """``POST /account/deactivate`` (an application service may deactivate its users without UIA)."""
     return MatrixRequest("POST", _v3("account", "deactivate"), (), {"erase": False}, token)

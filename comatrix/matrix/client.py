@@ -24,6 +24,7 @@ from comatrix.matrix.responses import (
     Event,
     Invitation,
     LoginResponse,
+    MessagesPage,
     SyncResponse,
     parse_create_room,
     parse_invitations,
@@ -323,6 +324,17 @@ class MatrixClient:
                  pages=self._max_message_pages, room_id=room_id)
         return None
 
+    async def message_page(self, token: str, room_id: str, *, direction: str = "b", from_token: str | None = None,
+                           limit: int = 10) -> MessagesPage:
+        """One page of the room's ``m.room.message`` events (decrypted; state and redacted events left
+        out), and the position after it (``end``; None: nothing further)."""
+        page = parse_messages(await self.request(api.last_messages(
+            token, room_id, limit=limit, types=self.readable_types(("m.room.message",)), from_token=from_token,
+            dir=direction)))
+        events = [event for event in await self.decrypt(token, room_id, page.events)
+                  if event.type == "m.room.message" and not event.is_state and not event.is_redacted]
+        return MessagesPage(tuple(events), page.start, page.end)
+
     async def send_message(
         self,
         token: str,
@@ -442,6 +454,19 @@ class MatrixClient:
 
     async def set_avatar_url(self, token: str, user_id: str, avatar_url: str) -> None:
         await self.request(api.set_avatar_url(token, user_id, avatar_url))
+
+    async def profile(self, token: str, user_id: str) -> dict[str, Any]:
+        """``{displayname, avatar_url}`` of a user (None for what is not set)."""
+        async def field(request: MatrixRequest, key: str) -> Any:
+            try:
+                return (await self.request(request)).get(key)
+            except MatrixError as error:
+                if error.http_status == 404:
+                    return None
+                raise
+
+        return {"displayname": await field(api.displayname(token, user_id), "displayname"),
+                "avatar_url": await field(api.avatar_url(token, user_id), "avatar_url")}
 
     async def upload(self, token: str, data: bytes, content_type: str, filename: str | None = None) -> str:
         """Upload media; its ``mxc://`` URI."""

@@ -21,6 +21,7 @@ from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.codec import cbor
 from comatrix.credentials import token_from_request
+from comatrix.interfaces import PluginContext
 from comatrix.policy import sender_filter
 from comatrix.resources import MatrixResource, ResourcePlugin, cbor_response
 
@@ -66,16 +67,20 @@ class GetMessageResource(MatrixResource):
 
 
     def _senders(self, request: Request, room_id: str) -> Callable[[str], bool] | None:
-        """The ``allowed_senders`` of the entry a device without a token of its own acts through (its own
-        messages and, by default, those of its user's server); None: no entry, no filter."""
-        entry = self.context.credentials.entry_for(request)
-        if entry is None or token_from_request(request) is not None:
-            return None
-        patterns = entry.senders_in(room_id)
-        own = entry.user if entry.user is not None and entry.user.startswith("@") else None
-        if own is None:  # a bare access_token or localpart: only what the entry lists
-            return None if patterns is None else sender_filter(patterns, "")
-        return sender_filter(patterns, own)
+        return allowed_senders(self.context, request, room_id)
+
+
+def allowed_senders(context: PluginContext, request: Request, room_id: str) -> Callable[[str], bool] | None:
+    """The ``allowed_senders`` of the entry a device without a token of its own acts through (its own
+    messages and, by default, those of its user's server); None: no entry, no filter."""
+    entry = context.credentials.entry_for(request)
+    if entry is None or token_from_request(request) is not None:
+        return None
+    patterns = entry.senders_in(room_id)
+    own = entry.user if entry.user is not None and entry.user.startswith("@") else None
+    if own is None:  # a bare access_token or localpart: only what the entry lists
+        return None if patterns is None else sender_filter(patterns, "")
+    return sender_filter(patterns, own)
 
 
 class SendResource(MatrixResource):

@@ -16,6 +16,7 @@ from comatrix.compact.codec import PATHS
 from comatrix.errors import error_response
 from comatrix.interfaces import IResourcePlugin, PluginContext
 from comatrix.plugins import accounts, clock, msc3079, rooms
+from comatrix.plugins.operations import METHOD_OPERATIONS
 from comatrix.resources import ResourcePlugin
 from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.testing import FakeHomeserver, stub_transport
@@ -23,7 +24,8 @@ from comatrix.matrix.testing import FakeHomeserver, stub_transport
 REPO = Path(__file__).resolve().parents[2]
 ORIGINAL = {"register", "login", "logout", "join", "getmsg", "send", "time"}
 COMPACT = {f"compact-{op}" for op in PATHS}  # one plugin per compact operation
-BUILTIN_NAMES = ORIGINAL | COMPACT | {"msc3079"}
+CLEAN = {name for name, _method in METHOD_OPERATIONS}  # issue 13's clean form, one plugin per resource
+BUILTIN_NAMES = ORIGINAL | COMPACT | CLEAN | {"msc3079"}
 
 
 def make_context() -> PluginContext:
