@@ -128,7 +128,9 @@ def gateway_config(max_observers: int) -> str:
     # Every benchmark observer comes from 127.0.0.1, one device to the gateway: its share is the whole table.
     return ("max_connections = 32\n"
             f"[coap]\nmax_observers = {max_observers}\nmax_observers_per_peer = {max_observers}\n"
-            "[limits]\ndevice_rate = 0\nglobal_rate = 0\nmax_upstream = 64\nupstream_queue = 1024\n")
+            "[limits]\ndevice_rate = 0\nglobal_rate = 0\nmax_upstream = 64\nupstream_queue = 1024\n"
+            # The 16 compact senders all log in from 127.0.0.1: one device to the gateway.
+            "max_sessions_per_device = 64\n")
 
 
 def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256, *, code: Path | None = None,
