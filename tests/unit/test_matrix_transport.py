@@ -406,3 +406,47 @@ def test_homeserver_url_is_a_uri_once() -> None:
     assert MatrixTransport("https://bücher.example/matrix/", reactor=reactor).base_url == \
         "https://xn--bcher-kva.example/matrix"
     assert MatrixTransport("http://[fd00::1]:8008", reactor=reactor).base_url == "http://[fd00::1]:8008"
+
+
+@pytest.mark.parametrize("body", [False, True])
+def test_request_on_a_closed_kept_alive_connection_is_retried_once_without_body(body: bool) -> None:
+    # The server may close an idle kept-alive connection just as it is reused: a request without a
+    # body goes again on a new connection (as Twisted's pool does); one with a body might have been
+    # acted on, so its failure stands (the device sees 5.02 and may retry itself).
+    from twisted.internet.defer import fail
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+
+    from comatrix.matrix.transport import _BytesBody
+    from comatrix.matrix.upstream import UpstreamAgent
+
+    class Stale:
+        state = "QUIESCENT"
+        transport = None
+
+        def request(self, request: Any) -> Deferred[Any]:
+            return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+
+    class Endpoint:
+        def __init__(self) -> None:
+            self.connects = 0
+
+        def connect(self, factory: Any) -> Deferred[Any]:
+            self.connects += 1
+            return Deferred()
+
+    clock = Clock()
+    endpoint = Endpoint()
+    agent = UpstreamAgent(clock, "http://hs:8008", connect_timeout=5.0, endpoint=endpoint)
+    agent._pool.append((Stale(), clock.seconds()))  # type: ignore[arg-type]
+    d = agent.request(b"PUT" if body else b"GET", b"http://hs:8008/_matrix/x",
+                      bodyProducer=_BytesBody(b"{}") if body else None)
+    if body:
+        with pytest.raises(ResponseNeverReceived):
+            result_of(d)
+        assert endpoint.connects == 0
+    else:
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        assert outcome == [] and endpoint.connects == 1  # waiting on the new connection
