@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import secrets
+import selectors
 import socket
 import struct
 import subprocess
@@ -133,10 +134,10 @@ def gateway_config(max_observers: int) -> str:
             "max_sessions_per_device = 64\n")
 
 
-def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256, *, code: Path | None = None,
-                  profile: Path | None = None) -> Any:
-    """``twistd comatrix`` in front of ``homeserver``; the comatrix package of the checkout ``code``
-    (default: this one), under cProfile writing to ``profile`` when given."""
+def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256, workers: int = 1, *,
+                  code: Path | None = None, profile: Path | None = None) -> Any:
+    """``twistd comatrix`` in front of ``homeserver`` with ``workers`` workers; the comatrix package of the
+    checkout ``code`` (default: this one), under cProfile writing to ``profile`` when given."""
     from support.gateway import GatewayProcess
 
     class Gateway(GatewayProcess):
@@ -149,9 +150,32 @@ def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256, *, c
             return args
 
     gw = Gateway(homeserver, workdir, config_text=gateway_config(max_observers), log_level="warn",
-                 plugin_dirs=[ROOT / "bench" / "plugins"])
+                 plugin_dirs=[ROOT / "bench" / "plugins"],
+                 extra_args=["--workers", str(workers)] if workers > 1 else [])
     gw.start()
+    if workers > 1:  # every worker serving, not only the first to answer
+        logs = [workdir / f"gateway.worker{index}.log" for index in range(workers)]
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(log.exists() and "Starting protocol" in log.read_text() for log in logs):
+            if time.monotonic() > deadline:
+                gw.stop()
+                raise RuntimeError("the gateway's workers did not all start")
+            time.sleep(0.1)
     return gw
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a supervisor's workers)."""
+    found = [pid]
+    for task_dir in Path(f"/proc/{pid}/task").iterdir():
+        children = (task_dir / "children").read_text().split()
+        for child in children:
+            found += process_tree(int(child))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(coap_throughput.cpu_seconds(member) for member in process_tree(pid))
 
 
 def rss_mib(pid: int) -> float:
@@ -432,6 +456,32 @@ class SendLoad(coap_throughput.LoadGenerator):
         return False
 
 
+class SpreadSendLoad(SendLoad):
+    """`SendLoad` from `WORKER_PEERS` sockets: as many peers (4-tuples), spread over the workers by the kernel."""
+
+    def __init__(self, port: int, total: int, inflight: int, token_base: int) -> None:
+        super().__init__(port, total, inflight, token_base)
+        for sock in self.socks:
+            self.selector.unregister(sock)
+            sock.close()
+        self.socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(WORKER_PEERS)]
+        for index, sock in enumerate(self.socks):
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.selector.register(sock, selectors.EVENT_READ, index)
+        # A new socket may get the port of one closed a moment ago (the warm-up's): message ids
+        # starting elsewhere keep the gateway's dedup cache from answering with the old exchange.
+        self.mid_offset = secrets.randbits(16)
+
+    def build(self, mid: int, token: int) -> bytes:
+        return super().build((mid + self.mid_offset) & 0xFFFF, token)
+
+
+#: Client sockets of the workers ceiling run.
+WORKER_PEERS = 64
+
+
 def load(generator_class: Callable[..., Any], port: int, total: int, inflight: int) -> Any:
     generator = generator_class(port, total, inflight, token_base=secrets.randbits(31))
     try:
@@ -506,6 +556,9 @@ class Figures:
     idle_gap: dict[float, dict[str, tuple[float, float, int]]] = dataclasses.field(default_factory=dict)
     idle_gap_cpu: dict[float, tuple[float, float]] = dataclasses.field(default_factory=dict)
     push: list[Any] = dataclasses.field(default_factory=list)
+    #: Workers ceiling, in run order: (workers, requests/s, bad answers, CPU us per request of all processes,
+    #: load average).
+    workers: list[tuple[int, float, int, float, float]] = dataclasses.field(default_factory=list)
     #: Concurrent readers in front of Synapse: path -> (reads/s, p50 ms, p99 ms, reads); gateway CPU us/read.
     readers: dict[str, tuple[float, float, float, int]] = dataclasses.field(default_factory=dict)
     readers_cpu: float = 0.0
@@ -691,6 +744,47 @@ def bench_ceiling_and_memory(figures: Figures, requests: int, inflight: int, obs
         proc.wait(10)
 
 
+def bench_workers(figures: Figures, counts: Sequence[int], requests: int, inflight: int, workdir: Path) -> None:
+    """The forwarding ceiling against the stub with each worker count, the same load from `WORKER_PEERS` peers."""
+    stub, stub_port = start_stub()
+    try:
+        for count in counts:
+            gw = start_gateway(f"http://127.0.0.1:{stub_port}", workdir / f"gw-workers{count}", workers=count)
+            try:
+                load(SpreadSendLoad, gw.port, 500 * count, inflight)  # warm-up: every worker's connections
+                cpu_before, stub_before, own_before = tree_cpu_seconds(gw.pid), coap_throughput.cpu_seconds(
+                    stub.pid), time.process_time()
+                result = load(SpreadSendLoad, gw.port, requests, inflight)
+                cpu = tree_cpu_seconds(gw.pid) - cpu_before
+                others = (coap_throughput.cpu_seconds(stub.pid) - stub_before, time.process_time() - own_before)
+            finally:
+                gw.stop()
+            figures.workers.append((count, requests / result.seconds, result.bad_responses, cpu / requests * 1e6,
+                                    os.getloadavg()[0]))
+            print(f"  workers   {count} worker(s) -> stub {requests / result.seconds:8.0f} req/s  "
+                  f"(bad {result.bad_responses}, retx {result.retransmissions}, {cpu / requests * 1e6:.0f} us "
+                  f"CPU/req, all processes; cores busy: gateway {cpu / result.seconds:.2f}, stub "
+                  f"{others[0] / result.seconds:.2f}, load generator {others[1] / result.seconds:.2f}; "
+                  f"load average {os.getloadavg()[0]:.1f})", flush=True)
+    finally:
+        stub.terminate()
+        stub.wait(10)
+
+
+def workers_report(figures: Figures) -> list[str]:
+    """The workers ceiling as RST lines (empty when not measured)."""
+    if not figures.workers:
+        return []
+    lines = ["Workers ceiling (forwarded sends to the stub homeserver, %d client sockets)::" % WORKER_PEERS, "",
+             "    workers     req/s   bad   us CPU/req   load avg   vs the 1-worker run before"]
+    single = 0.0
+    for count, rate, bad, us, load_average in figures.workers:
+        single = rate if count == 1 else single
+        ratio = f"{rate / single:10.2f}x" if single and count > 1 else ""
+        lines.append(f"    {count:>7} {rate:9.0f} {bad:5} {us:12.0f} {load_average:10.1f}  {ratio}")
+    return lines + [""]
+
+
 #: Where a function's own time goes, by the file it is defined in (first match wins).
 PROFILE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("CoMatrix", ("/comatrix/",)),
@@ -864,7 +958,6 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
     if "baseline" in figures.ceiling:
         lines.append(f"    ratio baseline/txThings: "
                      f"{figures.ceiling['baseline'][0] / figures.ceiling['txthings'][0]:.2f}")
-    lines.append("    ratio 2 workers / 1 worker: (measured by the workers change)")
     lines.append("")
     if figures.profiles:
         names = list(dict.fromkeys(name for shares, _calls in figures.profiles.values() for name in shares))
@@ -921,6 +1014,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", metavar="RST", help="write the figures to this file (docs/performance.rst)")
     parser.add_argument("--idle-gap-ms", type=float, default=18.0,
                         help="stub answer delay for the idle-gap control, about Synapse's time per send (0: skip)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="also measure the forwarding ceiling with 1 and N workers (0: skip)")
+    parser.add_argument("--only-workers", action="store_true", help="measure only that (needs --workers)")
+    parser.add_argument("--workers-rounds", type=int, default=1, help="alternate 1 and N workers this many times")
     parser.add_argument("--reads-each", type=int, default=200,
                         help="reads per reader with 16 concurrent readers in front of Synapse (0: skip)")
     parser.add_argument("--profile-sends", type=int, default=20_000,
@@ -943,6 +1040,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures = Figures()
     with tempfile.TemporaryDirectory(prefix="comatrix-bench-") as tmp:
         workdir = Path(tmp)
+        if args.workers > 1:
+            bench_workers(figures, (1, args.workers) * args.workers_rounds, args.requests, args.inflight, workdir)
+        if args.only_workers:
+            print()
+            print("\n".join(workers_report(figures)))
+            return 0
         if not args.no_overhead:
             bench_overhead(figures, args.sends, args.sends_each, workdir, reads_each=args.reads_each)
         if args.baseline is not None:
@@ -962,6 +1065,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures.push = push_latency.run_push(args.push_observers, messages=5 if args.quick else None,
                                                  workdir=workdir / "push")
     text = report(figures, info, command.strip(), args.requests, args.observers)
+    if figures.workers:
+        text += "\n\n" + "\n".join(workers_report(figures))
     print()
     print(text)
     if args.write:

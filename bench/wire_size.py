@@ -52,11 +52,15 @@ from comatrix.oscore.client import OscoreClient  # noqa: E402
 from comatrix.oscore.context import SecurityContext  # noqa: E402
 from support import free_port  # noqa: E402
 from support.gateway import GatewayProcess  # noqa: E402
+from support.images import png  # noqa: E402
 from support.synapse import SynapseServer  # noqa: E402
 
 FRAME_PAYLOAD = 80  # bytes of CoAP per IEEE 802.15.4 frame (facts §1)
 BODY20 = "temperature=21.5C ok"
-OPERATIONS = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time")
+OPERATIONS: tuple[str, ...] = ("login", "join", "send", "send NON+NR", "getmsg", "notification", "logout", "time",
+                               "react", "react remove", "redact", "read",
+                               "upload", "thumbnail", "profile")
+OPERATIONS += ("send notice", "send location", "send reply", "send edit", "history")  # issue 13, messages
 FORMS = ("compact", "original", "msc3079", "http")
 SECURITIES = ("plain", "dtls", "oscore")
 #: The bench device's provisioning (a [[devices]] entry with both kinds of key material).
@@ -64,6 +68,20 @@ PSK_IDENTITY = "sensor01"
 OSCORE_SENDER_ID = b"\x01"  # the device's (the entry's recipient_id)
 OSCORE_RECIPIENT_ID = b""  # the gateway's
 EDHOC_KID = b"\x01"  # the kid of the device's CCS (ID_CRED_I by reference)
+#: One reaction key per security mode (each 4 bytes of UTF-8): every run adds a reaction not there yet.
+REACTION_KEYS = dict(zip(SECURITIES, ("👍", "👀", "👌")))
+GEO = "geo:48.2082,16.3738"
+#: Event content of the message operations beyond a text send, given the event replied to / edited.
+MESSAGE_CONTENTS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "send notice": lambda event_id: {"msgtype": "m.notice"},
+    "send location": lambda event_id: {"msgtype": "m.location", "geo_uri": GEO},
+    "send reply": lambda event_id: {"m.relates_to": {"m.in_reply_to": {"event_id": event_id}}},
+    "send edit": lambda event_id: {"body": "* " + BODY20, "m.new_content": {"msgtype": "m.text", "body": BODY20},
+                                   "m.relates_to": {"rel_type": "m.replace", "event_id": event_id}},
+}
+#: Operation rows whose budget has another name in BUDGETS.
+BUDGET_OF = {"send notice": "send-kind", "send location": "send-kind", "send reply": "send-reply",
+             "send edit": "send-edit"}
 #: Goals of issue 11 for the compact send request (bytes up).
 GOALS = {"oscore": 64, "dtls": 80}
 
@@ -434,8 +452,16 @@ def original_form(bench: Bench, connect: Connector, security: str, sensor: Devic
     bench.measure("login", "original", lambda: original.login("sensor01", sensor.password),
                   security=security, http_form=http)
     bench.measure("join", "original", lambda: original.join(room_id), security=security, http_form=http)
-    bench.measure("send", "original", lambda: original.send(room_id, BODY20), security=security, http_form=http)
+    event_id = bench.measure("send", "original", lambda: original.send(room_id, BODY20), security=security,
+                             http_form=http)
+    for op, content in MESSAGE_CONTENTS.items():
+        if op == "send location":
+            continue  # n/a: the original form's /send takes m.text, m.notice and m.emote only
+        bench.measure(op, "original", lambda: original.send(room_id, BODY20, content(str(event_id))),
+                      security=security, http_form=http)
     bench.measure("getmsg", "original", lambda: original.getmsg(room_id), security=security, http_form=http)
+    bench.measure("history", "original", lambda: original.getmsg(room_id), security=security, http_form=http)
+    bench.results[("history", "original", security)].note = "a page of 1 = getmsg (/messages limit 1)"
     bench.measure("logout", "original", original.logout, security=security, http_form=http)
     original.coap.close()
 
@@ -452,15 +478,72 @@ def msc3079_form(bench: Bench, connect: Connector, security: str, sensor: Device
     bench.measure("join", "msc3079", lambda: msc3079_request(coap, Code.POST, f"K/{room_id}",
                                                              state.get("token"), {}), security=security)
     txn = "m" + secrets.token_hex(4)
-    bench.measure("send", "msc3079", lambda: msc3079_request(
-        coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}", state.get("token"), {28: "m.text", 27: BODY20}),
-        security=security)
+
+    def msc_send() -> None:
+        sent = msc3079_request(coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}", state.get("token"),
+                               {28: "m.text", 27: BODY20})
+        state["event"] = sent.get(1, sent.get("event_id"))
+    bench.measure("send", "msc3079", msc_send, security=security)
+    msc3079_relations(bench, coap, security, room_id, state)
+    sent = msc3079_request(coap, Code.PUT, f"9/{room_id}/m.room.message/{txn}x", state.get("token"),
+                           {28: "m.text", 27: BODY20})
+    for op, content in MESSAGE_CONTENTS.items():
+        fields = {28: "m.text", 27: BODY20, **_msc3079_keys(content(str((sent or {}).get(1))))}
+        bench.measure(op, "msc3079", lambda: msc3079_request(
+            coap, Code.PUT, f"9/{room_id}/m.room.message/{secrets.token_hex(4)}", state.get("token"), fields),
+            security=security)
+    bench.measure("history", "msc3079", lambda: msc3079_request(
+        coap, Code.GET, f"E/{room_id}", state.get("token"),
+        query=("dir=b", "limit=1", 'filter={"types":["m.room.message"]}')), security=security)
     bench.measure("getmsg", "msc3079", lambda: msc3079_request(
         coap, Code.GET, f"E/{room_id}", state.get("token"),
         query=("dir=b", "limit=1", 'filter={"types":["m.room.message"]}')), security=security)
     bench.measure("logout", "msc3079", lambda: msc3079_request(coap, Code.POST, "3", state.get("token"), {}),
                   security=security)
     coap.close()
+
+
+def _msc3079_keys(content: dict[str, Any]) -> dict[Any, Any]:
+    """Event content with the keys key table 1 has as integers (body 27, msgtype 28, event_id 1)."""
+    table = {"body": 27, "msgtype": 28, "event_id": 1}
+    return {table.get(key, key): _msc3079_keys(value) if isinstance(value, dict) else value
+            for key, value in content.items()}
+
+
+def msc3079_relations(bench: Bench, coap: UdpCoap, security: str, room_id: str, state: dict[str, Any]) -> None:
+    """React, take back, read and redact with MSC3079 path codes ``9``, ``F``, ``Z``: the event id travels."""
+    event, token, key = state.get("event"), state.get("token"), REACTION_KEYS[security]
+    relates = {"m.relates_to": {"rel_type": "m.annotation", 1: event, "key": key}}
+    reaction: dict[str, Any] = {}
+
+    def react() -> None:
+        reaction.update(msc3079_request(coap, Code.PUT, f"9/{room_id}/m.reaction/r{secrets.token_hex(4)}",
+                                        token, relates))
+    bench.measure("react", "msc3079", react, security=security)
+    bench.measure("react remove", "msc3079", lambda: msc3079_request(
+        coap, Code.PUT, f"F/{room_id}/{reaction.get(1)}/x{secrets.token_hex(4)}", token, {}), security=security)
+    bench.results[("react remove", "msc3079", security)].note = "redacts the reaction (its id known from react)"
+    bench.measure("read", "msc3079", lambda: msc3079_request(coap, Code.POST, f"Z/{room_id}/m.read/{event}",
+                                                             token, {}), security=security)
+    bench.measure("redact", "msc3079", lambda: msc3079_request(
+        coap, Code.PUT, f"F/{room_id}/{event}/d{secrets.token_hex(4)}", token, {53: "sensor fault"}),
+        security=security)
+
+
+def compact_relations(bench: Bench, device: CompactDevice, security: str, room_id: str, ref: int) -> None:
+    """React, take back, read and redact by event reference (the sensor's own message ``ref``)."""
+    http = "http" if security == "plain" else None
+    key = REACTION_KEYS[security]
+    bench.measure("react", "compact", lambda: device.react(room_id, ref, key), security=security, http_form=http)
+    bench.measure("react remove", "compact", lambda: device.react(room_id, ref, key, remove=True),
+                  security=security, http_form=http)
+    bench.measure("read", "compact", lambda: device.read(room_id, ref), security=security, http_form=http)
+    bench.measure("redact", "compact", lambda: device.redact(room_id, ref, "sensor fault"), security=security,
+                  http_form=http)
+    if http is not None:
+        for op, calls in (("react", "/relations + PUT send"), ("react remove", "/relations + PUT redact"),
+                          ("read", "POST receipt"), ("redact", "PUT redact")):
+            bench.results[(op, "http", "plain")].note = f"the gateway's {calls} for the compact request"
 
 
 def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str,
@@ -470,7 +553,15 @@ def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device
     bench.measure("login", "compact", lambda: device.login("sensor01", sensor.password), security=security)
     bench.results[("login", "compact", security)].note = "login + GET /z (seeds seq)"
     bench.measure("join", "compact", lambda: device.join(room_id), security=security)
-    bench.measure("send", "compact", lambda: device.send(room_id, BODY20), security=security)
+    reference = bench.measure("send", "compact", lambda: device.send(room_id, BODY20), security=security)
+    bench.measure("send notice", "compact", lambda: device.send(room_id, BODY20, 1), security=security)
+    bench.measure("send location", "compact", lambda: device.send(room_id, BODY20, GEO), security=security)
+    bench.measure("send reply", "compact", lambda: device.send(room_id, BODY20, reply_to=reference),
+                  security=security)
+    bench.measure("send edit", "compact", lambda: device.send(room_id, BODY20, replaces=reference),
+                  security=security)
+    bench.measure("history", "compact", lambda: device.history(room_id), security=security)
+    bench.results[("history", "compact", security)].note = "a page of 1 from now (FETCH /()"
 
     def quiet_send() -> None:
         """Fire-and-forget: NON with No-Response 0x02 (RFC 7967); nothing comes back on success."""
@@ -481,10 +572,34 @@ def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device
 
     bench.measure("send NON+NR", "compact", quiet_send, security=security, settle=1.0)
     bench.results[("send NON+NR", "compact", security)].note = "NON, No-Response 0x02: no answer on success"
-    bench.measure("getmsg", "compact", lambda: device.getmsg(room_id), security=security)
+    latest = bench.measure("getmsg", "compact", lambda: device.getmsg(room_id), security=security)
+    if latest is not None:
+        compact_relations(bench, device, security, room_id, latest.cursor)
     notification(bench, connect, security, device, sensor, room_id, gateway, synapse)
+    media(bench, device, room_id, security)
     bench.measure("logout", "compact", device.logout, security=security)
     device.coap.close()
+
+
+def media(bench: Bench, device: CompactDevice, room_id: str, security: str) -> None:
+    """A 1 KB PNG uploaded in 64-byte blocks (as over a radio), a 32x32 thumbnail of it fetched in
+    64-byte blocks, a display name set; HTTP: what the gateway exchanged with Synapse for each."""
+    image = png(18, 18, seed=1)
+    key = device.next_key()
+    http = "http" if security == "plain" else None
+    calls: list[tuple[str, Callable[[], Any], str, str]] = [
+        ("upload", lambda: device.upload(room_id, image, "image/png", None, key, szx=2),
+         f"{len(image)}-byte PNG, 64-byte blocks", "media upload + m.image send"),
+        ("thumbnail", lambda: device.thumbnail(key, 32, 32, crop=True, szx=2), "32x32 crop, 64-byte blocks",
+         "authenticated thumbnail"),
+        ("profile", lambda: device.set_profile("Sensor 01"), "set the display name", "PUT displayname")]
+    for op, call, note, http_note in calls:
+        bench.measure(op, "compact", call, security=security, http_form=http)
+        row = bench.results[(op, "compact", security)]
+        if not row.note:  # a failure keeps its note
+            row.note = note
+        if http is not None:
+            bench.results[(op, "http", "plain")].note = http_note
 
 
 def notification(bench: Bench, connect: Connector, security: str, device: CompactDevice, sensor: Device,
@@ -542,8 +657,8 @@ def render(results: dict[tuple[str, str, str], Row], msc_note: str) -> str:
                               plain.note or "HTTP/1.1 to Synapse"))
                 continue
             budget = ""
-            if form == "compact" and op in BUDGETS:
-                request_budget, response_budget = BUDGETS[op]
+            if form == "compact" and BUDGET_OF.get(op, op) in BUDGETS:
+                request_budget, response_budget = BUDGETS[BUDGET_OF.get(op, op)]
                 budget = f"budget {request_budget or '-'}/{response_budget}"
             notes = [budget, plain_note(plain)] + [
                 f"{security}: {row.note}" for security, row in zip(SECURITIES[1:], rows[1:])
@@ -641,13 +756,27 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   form (Proxy-Uri with the homeserver URL ``http://[fd00::1]:8008`` and a path
   code, token in option 256, CBOR maps with Matrix key names).  **msc3079**:
   MSC3079 path codes with option 256 (raw token, sent on every request) and
-  option 257, integer keys; ``getmsg`` is ``/E/<room>?dir=b&limit=1&filter=...``.
+  option 257, integer keys; ``getmsg`` is ``/E/<room>?dir=b&limit=1&filter=...``;
+  ``react`` is an ``m.reaction`` sent with ``/9``, ``react remove`` and ``redact``
+  are ``/F`` (the event id in the path), ``read`` is ``/Z/<room>/m.read/<event id>``.
   **http**: HTTP/1.1 bytes the gateway exchanged with Synapse for the original
-  form's operation (one call each); for ``notification``, during the compact
+  form's operation (one call each); for ``react``, ``react remove``, ``redact`` and
+  ``read`` (no original form), what the gateway exchanged for the compact request
+  (a reaction first looks at the event's ``/relations``); for ``notification``, during the compact
   notification (the session's ``/sync`` long-poll answer, plus a forward
   ``/messages`` page when the gateway had to walk the room).  The original
   form keeps its Proxy-Uri inside the OSCORE ciphertext (the gateway is the
   origin server, not a proxy).
+* **Messages** (issue 13): ``send notice`` (m.notice), ``send location``
+  (m.location, ``geo:48.2082,16.3738``), ``send reply`` (``m.in_reply_to``) and
+  ``send edit`` (``m.replace``) carry the 20-character body like ``send``; the
+  compact form refers to the event replied to or edited by its event reference
+  (a uint), the others by its event id (in the MSC3079 rows with the key table's
+  integer keys where it has them: body, msgtype, event_id).  ``history``: a page
+  of one message from now (compact ``FETCH /(``); the original and MSC3079
+  forms have no history operation of their own, so their row is the same
+  ``/messages`` call as ``getmsg``.  The original form's ``/send`` takes no
+  ``m.location`` (n/a).
 
 ::
 

@@ -10,6 +10,8 @@ original CoMatrix form (Proxy-Uri + option 256, full Matrix key names) with
     comatrix-device getmsg '#lab:example.org'     # latest; --new: everything since the last seen
     comatrix-device watch '#lab:example.org'      # Observe: print each new message
     comatrix-device time
+    comatrix-device upload '#lab:example.org' snapshot.jpg   # Block1; resumable: --key K
+    comatrix-device profile --name 'Door camera' --avatar face.png
     comatrix-device logout
 
 Its session handle, seq counter, room handles and cursors live in a small JSON
@@ -41,6 +43,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import mimetypes
 import os
 import random
 import secrets
@@ -59,8 +62,11 @@ from comatrix.durable import write_durably
 from comatrix.coap.blockwise import Block
 from comatrix.coap.numbers import Code, ContentFormat, MessageType, OptionNumber, dotted
 from comatrix.compact import codec
-from comatrix.compact.codec import (PATHS, CreateRequest, HandleRequest, Invitation, JoinRequest, LoginRequest, Message,
-                                    MessagesRequest, RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
+from comatrix.compact.codec import (PATHS, CreateRequest, EventRequest, HandleRequest, HistoryPage, HistoryRequest,
+                                    Invitation, JoinRequest, LoginRequest, Message, MessagesRequest, ReactRequest,
+                                    RoomInfo, RoomRequest, SendRequest, SetRoomRequest, UserRequest)
+from comatrix.compact.mediawire import (MediaReference, ProfileRequest, ThumbnailRequest, UploadHeader,
+                                        decode_display_name)
 from comatrix.dtls.client import DtlsClientLink
 from comatrix.oscore.client import OscoreClient, OscoreError, load_device_context
 
@@ -79,6 +85,10 @@ DEFAULT_PROXY_BASE = "http://[fd00::1]:8008"
 MAX_RATE_LIMIT_WAIT = 5
 #: Block size (RFC 7959 SZX) asked for answers of any length: 32 bytes, a first block within 64.
 SMALL_BLOCK_SZX = 1
+#: Block size of uploads and thumbnails (SZX 6: 1024 bytes; a radio device picks 2, 64 bytes).
+UPLOAD_BLOCK_SZX = 6
+#: RFC 9175 Request-Tag: which upload a block belongs to (the client sets the upload key).
+REQUEST_TAG = 292
 #: Called with ("up" | "down", datagram) for every datagram sent or received.
 Trace = Callable[[str, bytes], None]
 
@@ -624,19 +634,33 @@ class CompactDevice:
         self.state.save()
         return room_handle
 
-    def send(self, room: str, body: str) -> None:
-        """Send once: a retry after a lost answer reuses the seq, so Matrix keeps one event."""
+    def send(self, room: str, body: str, kind: int | str = 0, reply_to: int | None = None,
+             replaces: int | None = None) -> int | None:
+        """Send once: a retry after a lost answer reuses the seq, so Matrix keeps one event.
+
+        ``kind``: 0 m.text, 1 m.notice, 2 m.emote, or a ``geo:`` URI (m.location, ``body`` its
+        description); ``reply_to``/``replaces``: event references.  Returns the new event's
+        reference (None from a gateway that answers none)."""
         seq = int(self.compact.get("seq", 0)) + 1
         self.compact["seq"] = seq
         self.state.save()  # a seq is never reused for another message, even after a crash
-        payload = SendRequest(self.handle, self.room_handle(room), seq, body).encode()
+        payload = SendRequest(self.handle, self.room_handle(room), seq, body, kind, reply_to, replaces).encode()
         for attempt in range(self.retries + 1):
             try:
-                self._post("send", payload)
-                return
+                reply = self._post("send", payload)
+                return codec.decode_uint(reply.payload) if reply.payload else None
             except NoResponse:
                 if attempt == self.retries:
                     raise
+        return None  # not reached
+
+    def history(self, room: str, start: int | None = None, count: int = -1) -> HistoryPage:
+        """``|count|`` messages before (count < 0; ``start`` None: the newest) or after the event
+        reference ``start``, oldest first, with the reference the next page starts from."""
+        request = HistoryRequest(self.handle, self.room_handle(room), start, count)
+        # A page of one short message fits one frame whole; longer pages come in 32-byte blocks.
+        reply = self._request(Code.FETCH, "history", request.encode(), blocks=abs(count) > 1)
+        return codec.decode_history(reply.payload)
 
     # -- rooms and membership
 
@@ -685,6 +709,91 @@ class CompactDevice:
         """Accept the invitation of ``room_handle`` (join it); remembered under ``name``."""
         reply = self._post("join", JoinRequest(self.handle, room_handle).encode())
         return self._remember(name, codec.decode_uint(reply.payload))
+
+    # -- reactions, redactions, read receipts (``ref``: the cursor getmsg/watch answered)
+
+    def react(self, room: str, ref: int, key: str, remove: bool = False) -> None:
+        self._post("react", ReactRequest(self.handle, self.room_handle(room), ref, key, remove).encode())
+
+    def redact(self, room: str, ref: int, reason: str | None = None) -> None:
+        self._post("redact", EventRequest(self.handle, self.room_handle(room), ref, reason).encode())
+
+    def read(self, room: str, ref: int) -> None:
+        self._post("read", EventRequest(self.handle, self.room_handle(room), ref).encode())
+
+    # -- media and profile
+
+    def _exchange(self, code: int, op: str, payload: bytes, options: list[tuple[int, bytes]]) -> Reply:
+        """One exchange retried as a new one (new Message ID) when nothing came back, and after a
+        4.29's Max-Age; at most ``retries`` times each."""
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self.coap.request(code, PATHS[op], payload=payload, options=options)
+            except NoResponse:
+                if attempt == self.retries:
+                    raise
+                continue
+            if reply.code != Code.TOO_MANY_REQUESTS or attempt == self.retries:
+                return reply
+            time.sleep(min(MAX_RATE_LIMIT_WAIT, int.from_bytes(reply.option(OptionNumber.MAX_AGE) or b"\x01", "big")))
+        raise AssertionError("unreachable")
+
+    def next_key(self) -> int:
+        """A fresh upload key from the seq counter (kept, so it is never used for other media)."""
+        key = int(self.compact.get("seq", 0)) + 1
+        self.compact["seq"] = key
+        self.state.save()
+        return key
+
+    def upload(self, room: str | None, data: bytes, mimetype: str, filename: str | None = None,
+               key: int | None = None, szx: int = UPLOAD_BLOCK_SZX) -> int:
+        """Upload ``data`` block-wise (Block1) into ``room`` (None: media only, no event); the key.
+
+        Restarted with the same key after an interruption, it never makes a second event:
+        a gateway that lost the upload (4.08) gets it again from the first block.
+        """
+        key = self.next_key() if key is None else key
+        room_handle = None if room is None else self.room_handle(room)
+        body = UploadHeader(self.handle, room_handle, key, mimetype, filename).encode() + data
+        tag = key.to_bytes(max(1, (key.bit_length() + 7) // 8), "big")
+        for attempt in range(self.retries + 1):
+            reply = self._blocks(body, szx, tag)
+            if reply.code != Code.REQUEST_ENTITY_INCOMPLETE or attempt == self.retries:
+                reply.checked()
+                return key
+        return key
+
+    def _blocks(self, body: bytes, szx: int, tag: bytes) -> Reply:
+        """Every block of ``body`` in turn (each answered 2.31 Continue), the final answer."""
+        size = 16 << szx
+        num = 0
+        while True:
+            more = (num + 1) * size < len(body)
+            options = [(OptionNumber.BLOCK1, Block(num, more, szx).encode()), (REQUEST_TAG, tag)]
+            if num == 0:
+                options.append((OptionNumber.SIZE1, _uint_option(len(body))))
+            reply = self._exchange(Code.POST, "upload", body[num * size:(num + 1) * size], options)
+            if reply.code != Code.CONTINUE or not more:
+                return reply  # the end, an error, or "done before" (2.04 to the first block)
+            num += 1
+
+    def set_profile(self, name: str | None = None, avatar: MediaReference | None = None) -> None:
+        """Set the display name and/or the avatar (an upload key of this session, an mxc:// URI, or
+        (room handle, event reference) of an event that carries an image)."""
+        self._post("profile", ProfileRequest(self.handle, name, avatar).encode())
+
+    def display_name(self) -> str | None:
+        reply = self._request(Code.FETCH, "profile", HandleRequest(self.handle).encode())
+        return decode_display_name(reply.payload)
+
+    def thumbnail(self, media: MediaReference, width: int, height: int, crop: bool = False,
+                  szx: int = UPLOAD_BLOCK_SZX) -> Reply:
+        """A thumbnail of an upload (its key), an mxc:// URI or the media of an event (room handle,
+        event reference), fetched block-wise (Block2)."""
+        request = ThumbnailRequest(self.handle, media, width, height, crop).encode()
+        options = [(OptionNumber.BLOCK2, Block(0, False, szx).encode())]
+        return self.coap.request(Code.FETCH, PATHS["upload"], payload=request, options=options,
+                                 content_format=codec.CONTENT_FORMAT).checked()
 
     def _fetch(self, room: str, cursor: int | None) -> Message | None:
         return self._seen(room, self._fetch_unseen(room, cursor))
@@ -821,12 +930,13 @@ class OriginalDevice:
         self.state.save()
         return room_id
 
-    def send(self, room: str, body: str) -> str:
+    def send(self, room: str, body: str, content: dict[str, Any] | None = None) -> str:
+        """Send ``body`` as m.text; ``content``: more (or other) fields of the event content."""
         seq = int(self.original.get("seq", 0)) + 1
         self.original["seq"] = seq
         self.state.save()
         reply = self.coap.request(
-            Code.POST, "send", payload=cbor2.dumps({"msgtype": "m.text", "body": body}),
+            Code.POST, "send", payload=cbor2.dumps({"msgtype": "m.text", "body": body, **(content or {})}),
             content_format=ContentFormat.CBOR,
             options=[self._token(), self._proxy("9", self.room_id(room), "m.room.message", str(seq))]).checked()
         return str(cbor2.loads(reply.payload)["event_id"])
@@ -863,7 +973,10 @@ COMMANDS = {
     "login": "log in as USER (password from the argument or $COMATRIX_PASSWORD)",
     "logout": "end the session (the gateway logs its Matrix device out)",
     "join": "join a room (room id, alias or configured name); prints its room handle",
-    "send": "send a text message to a room",
+    "send": "send a message to a room: text, a notice, an emote or a location, or a reply to or an edit "
+            "of an event reference; prints the new event's reference",
+    "history": "print a page of a room's history (newest, --before or --after an event reference): "
+               "reference, sender, body; the next page's reference on stderr",
     "getmsg": "print the latest message of a room (--new: every one not yet seen)",
     "watch": "print each new message of a room as it comes (Observe)",
     "time": "print the gateway's clock (Unix seconds)",
@@ -877,6 +990,13 @@ COMMANDS = {
     "leave": "leave a room",
     "kick": "remove a user from a room, with an optional reason",
     "members": "print a room's joined members, one per line",
+    "react": "add (--remove: take back) a reaction KEY to a message (REF: its cursor, getmsg --json)",
+    "redact": "redact a message (REF: its cursor, getmsg --json), with an optional --reason",
+    "read": "send a read receipt up to a message (REF: its cursor, getmsg --json)",
+    "upload": "upload a file block-wise into a room as m.image/m.file/m.audio/m.video (resumable: --key)",
+    "profile": "set the display name (--name) and/or avatar (--avatar FILE, mxc:// URI or upload key); "
+               "without options print the display name",
+    "thumbnail": "fetch a thumbnail (block-wise) of an upload key or mxc:// URI into a file",
 }
 
 
@@ -916,12 +1036,49 @@ def _parser() -> argparse.ArgumentParser:
         if name == "watch":
             command.add_argument("--count", type=int, default=None, help="stop after N messages")
             command.add_argument("--timeout", type=float, default=None, help="stop after S quiet seconds")
-    send = _command(commands, "send")
-    send.add_argument("room")
-    send.add_argument("text")
+    _send_command(commands)
+    history = _command(commands, "history")
+    history.add_argument("room")
+    start = history.add_mutually_exclusive_group()
+    start.add_argument("--before", type=int, metavar="REF", help="messages before this event reference")
+    start.add_argument("--after", type=int, metavar="REF", help="messages after this event reference")
+    history.add_argument("--limit", type=int, default=codec.MAX_PAGE // 2, metavar="N",
+                         help=f"at most N messages (1-{codec.MAX_PAGE}) [default: %(default)s]")
     _command(commands, "time")
     _room_commands(commands)
+    _media_commands(commands)
     return parser
+
+
+def _media_commands(commands: Any) -> None:
+    upload = _command(commands, "upload")
+    upload.add_argument("room")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--key", type=int, default=None, help="upload key (repeat it to resume) [default: a new one]")
+    upload.add_argument("--type", default=None, help="mimetype [default: from the file's name or header]")
+    upload.add_argument("--block-size", type=int, choices=[16 << szx for szx in range(7)], default=1024)
+    profile = _command(commands, "profile")
+    profile.add_argument("--name")
+    profile.add_argument("--avatar", metavar="FILE|MXC|KEY", help="an image file (uploaded first), an mxc:// URI "
+                                                                   "or the key of an upload of this session")
+    thumbnail = _command(commands, "thumbnail")
+    thumbnail.add_argument("media", help="upload key or mxc:// URI")
+    thumbnail.add_argument("output", type=Path)
+    thumbnail.add_argument("--size", default="96x96", metavar="WxH")
+    thumbnail.add_argument("--crop", action="store_true")
+
+
+def _send_command(commands: Any) -> None:
+    send = _command(commands, "send")
+    send.add_argument("room")
+    send.add_argument("text", help="the message (of --location: its description)")
+    kind = send.add_mutually_exclusive_group()
+    kind.add_argument("--notice", dest="kind", action="store_const", const=1, default=0, help="m.notice")
+    kind.add_argument("--emote", dest="kind", action="store_const", const=2, help="m.emote")
+    kind.add_argument("--location", dest="kind", metavar="GEO", help="m.location at a geo: URI (geo:LAT,LON)")
+    relation = send.add_mutually_exclusive_group()
+    relation.add_argument("--reply-to", type=int, metavar="REF", help="reply to this event reference")
+    relation.add_argument("--edit", type=int, metavar="REF", help="replace this event reference's text")
 
 
 def _room_commands(commands: Any) -> None:
@@ -947,6 +1104,15 @@ def _room_commands(commands: Any) -> None:
     _command(commands, "decline").add_argument("room_handle", type=int)
     for name in ("leave", "members"):
         _command(commands, name).add_argument("room")
+    for name in ("react", "redact", "read"):
+        command = _command(commands, name)
+        command.add_argument("room")
+        command.add_argument("ref", type=int, help="event reference: the message's cursor")
+        if name == "react":
+            command.add_argument("key", help="the reaction, e.g. an emoji")
+            command.add_argument("--remove", action="store_true", help="take the reaction back")
+        if name == "redact":
+            command.add_argument("--reason")
 
 
 def _command(commands: Any, name: str) -> argparse.ArgumentParser:
@@ -1019,7 +1185,15 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
         print(device.time())
     elif command == "join":
         print(device.join(args.room))
+    elif command == "send" and isinstance(device, CompactDevice):
+        reference = device.send(args.room, args.text, args.kind, args.reply_to, args.edit)
+        if reference is not None:
+            print(reference, flush=True)
+        _confirm(args, "sent")
     elif command == "send":
+        if args.kind != 0 or args.reply_to is not None or args.edit is not None:
+            print("comatrix-device: the original form sends text only", file=sys.stderr)
+            return 2
         device.send(args.room, args.text)
         _confirm(args, "sent")
     elif command == "getmsg":
@@ -1032,6 +1206,11 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
             print("comatrix-device: no message", file=sys.stderr)
             return 1
         _show(latest, args.json)
+    elif command in MEDIA_COMMANDS:
+        if not isinstance(device, CompactDevice):
+            print(f"comatrix-device: the original form has no {command}", file=sys.stderr)
+            return 2
+        _run_media_command(args, device)
     elif command in ROOM_COMMANDS:
         if not isinstance(device, CompactDevice):
             print(f"comatrix-device: the original form has no {command}", file=sys.stderr)
@@ -1046,7 +1225,52 @@ def _run(args: argparse.Namespace, coap: UdpCoap, state: DeviceState) -> int:
     return 0
 
 
-ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members"})
+ROOM_COMMANDS = frozenset({"create", "room", "invite", "invitations", "accept", "decline", "leave", "kick", "members",
+                           "react", "redact", "read", "history"})
+
+
+MEDIA_COMMANDS = frozenset({"upload", "profile", "thumbnail"})
+
+
+def guess_mimetype(path: Path, data: bytes) -> str:
+    """The mimetype of a file: from its first bytes (PNG, GIF, JPEG), else its name."""
+    for magic, mimetype in ((b"\x89PNG", "image/png"), (b"GIF8", "image/gif"), (b"\xff\xd8", "image/jpeg")):
+        if data.startswith(magic):
+            return mimetype
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _media(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _run_media_command(args: argparse.Namespace, device: CompactDevice) -> None:
+    szx = 6
+    if args.command == "upload":
+        data = args.file.read_bytes()
+        key = args.key if args.key is not None else device.next_key()
+        _confirm(args, f"upload key {key} (repeat with --key {key} to resume)")
+        szx = (args.block_size.bit_length() - 5)
+        device.upload(args.room, data, args.type or guess_mimetype(args.file, data), args.file.name, key, szx)
+        _confirm(args, "uploaded")
+    elif args.command == "profile":
+        avatar: int | str | None = None
+        if args.avatar is not None:
+            avatar = _media(args.avatar)
+            if isinstance(avatar, str) and not avatar.startswith("mxc://"):
+                path = Path(avatar)
+                data = path.read_bytes()
+                avatar = device.upload(None, data, guess_mimetype(path, data), path.name, szx=szx)
+        if args.name is None and avatar is None:
+            print(device.display_name() or "", flush=True)
+            return
+        device.set_profile(args.name, avatar)
+        _confirm(args, "profile set")
+    else:
+        width, _, height = args.size.partition("x")
+        reply = device.thumbnail(_media(args.media), int(width), int(height or width), args.crop)
+        args.output.write_bytes(reply.payload)
+        _confirm(args, f"thumbnail: {len(reply.payload)} bytes")
 
 
 def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
@@ -1076,8 +1300,26 @@ def _run_room_command(args: argparse.Namespace, device: CompactDevice) -> None:
     elif command == "members":
         for user in device.members(args.room):
             print(user, flush=True)
+    elif command == "history":
+        _history(args, device)
+    elif command in ("react", "redact", "read"):
+        _run_relation(args, device)
     else:
         _run_membership(args, device)
+
+
+def _history(args: argparse.Namespace, device: CompactDevice) -> None:
+    if not 1 <= args.limit <= codec.MAX_PAGE:
+        raise ValueError(f"--limit must be 1-{codec.MAX_PAGE}")
+    start = args.after if args.after is not None else args.before
+    page = device.history(args.room, start, args.limit if args.after is not None else -args.limit)
+    for event in page.events:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(event)), flush=True)
+        else:
+            kind = "" if event.msgtype == "m.text" else f" [{event.msgtype}]"
+            print(f"{event.ref}\t{event.sender}: {event.body}{kind}", flush=True)
+    _confirm(args, f"next: {'none' if page.next is None else page.next}")
 
 
 def _run_membership(args: argparse.Namespace, device: CompactDevice) -> None:
@@ -1091,6 +1333,20 @@ def _run_membership(args: argparse.Namespace, device: CompactDevice) -> None:
     else:
         device.decline(args.room_handle)
     _confirm(args, {"invite": "invited", "kick": "kicked", "leave": "left", "decline": "declined"}[args.command])
+
+
+
+def _run_relation(args: argparse.Namespace, device: CompactDevice) -> None:
+    """react, redact, read: commands that print nothing but a confirmation."""
+    if args.command == "react":
+        device.react(args.room, args.ref, args.key, args.remove)
+        _confirm(args, "reaction removed" if args.remove else "reacted")
+    elif args.command == "redact":
+        device.redact(args.room, args.ref, args.reason)
+        _confirm(args, "redacted")
+    else:
+        device.read(args.room, args.ref)
+        _confirm(args, "read")
 
 
 if __name__ == "__main__":

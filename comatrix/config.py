@@ -103,6 +103,19 @@ class DeviceCredentials:
     #: Who may invite the device's user (``allow_invites_from``): user ids, ``*:server`` or ``*``.
     #: None: users of the device user's own server.
     allow_invites_from: tuple[str, ...] | None = None
+    #: Whose messages the device's watches and history deliver (``allowed_senders``): user ids,
+    #: ``*:server`` or ``*``; its own always.  None: users of the device user's own server.
+    allowed_senders: tuple[str, ...] | None = None
+    #: Per-room lists (``[devices.rooms."!room"] allowed_senders``) as (room id, patterns) pairs;
+    #: each replaces ``allowed_senders`` in its room.
+    room_senders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def senders_in(self, room_id: str) -> tuple[str, ...] | None:
+        """The sender patterns that apply in ``room_id`` (None: the default, the user's own server)."""
+        for room, patterns in self.room_senders:
+            if room == room_id:
+                return patterns
+        return self.allowed_senders
 
     @property
     def login_device_id(self) -> str:
@@ -348,6 +361,12 @@ class LimitSettings:
     #: Long-polls all devices together may hold (each is one TCP connection to the
     #: homeserver); capped at start to fit the process's open-file limit (`comatrix.longpoll`).
     max_long_polls: int = 256
+    #: Largest media a compact upload (``comatrix.c.upload``) may carry, bytes (beyond: 4.13 with
+    #: Size1); the memory its Block1 reassembly buffers may take, all devices together and one
+    #: device's share (beyond: 5.03 / 4.29 with Max-Age).
+    max_upload_size: int = 262144
+    upload_memory: int = 4194304
+    upload_memory_per_device: int = 524288
 
     def __post_init__(self) -> None:
         if self.device_rate < 0 or self.global_rate < 0:
@@ -368,6 +387,8 @@ class LimitSettings:
             raise ValueError("session_idle_timeout must be positive")
         if not 1 <= self.long_polls_per_device <= self.max_long_polls:
             raise ValueError("long_polls_per_device must be between 1 and max_long_polls")
+        if not 1 <= self.max_upload_size <= self.upload_memory_per_device <= self.upload_memory:
+            raise ValueError("1 <= max_upload_size <= upload_memory_per_device <= upload_memory required")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +434,9 @@ class Config:
     #: ``[[services]]``: who may use the HTTP API, each acting as its own Matrix user.
     services: tuple[ServiceCredentials, ...] = ()
     metrics: MetricsSettings = MetricsSettings()
+    #: Worker processes sharing the CoAP (and DTLS) port with SO_REUSEPORT (`comatrix.workers`);
+    #: 1 is one process, as before.
+    workers: int = 1
     #: ``[plugins.<name>]`` tables, handed to the plugin of that name untouched.
     plugins: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -564,6 +588,11 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
         kwargs["allow_registration"] = values["allow_registration"]
     if "max_connections" in values:
         kwargs["max_connections"] = _integer(values, "max_connections")
+    if "workers" in values:
+        workers = _integer(values, "workers")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}")
+        kwargs["workers"] = workers
     for key in ("plugin_dirs", "disabled_plugins"):
         if key in values:
             kwargs[key] = tuple(_string_list(values, key))
@@ -607,7 +636,31 @@ def _from_mapping(values: Mapping[str, Any]) -> Config:
     _check_psk_identities(config.devices)
     if config.dtls_port is not None and config.dtls_port == config.port:
         raise ConfigError("dtls_port must differ from port")
+    if config.workers > 1:
+        _check_workers(config)
     return config
+
+
+#: Most worker processes (one per core is the sense; a border router has a few).
+MAX_WORKERS = 64
+
+
+def _check_workers(config: Config) -> None:
+    """What several worker processes cannot share yet, refused rather than silently wrong.
+
+    OSCORE sequence numbers and replay windows, and EDHOC-derived contexts, live in
+    one process: two workers with one context would reuse nonces.  The appservice
+    event stream is received by one worker but must reach Observe registrations in
+    every worker.  Without ``state_dir`` each worker's store would be its own memory.
+    """
+    if config.state_dir is None:
+        raise ConfigError("workers > 1 needs state_dir: the workers share their state through its database")
+    if any(device.oscore is not None or device.edhoc is not None for device in config.devices):
+        raise ConfigError("workers > 1 cannot serve [[devices]] with oscore or edhoc (their sequence numbers "
+                          "and replay windows live in one process): set workers = 1")
+    if config.appservice is not None:
+        raise ConfigError("workers > 1 cannot be combined with [appservice] (its events reach one worker's "
+                          "watchers only): set workers = 1")
 
 
 def _check_deadlines(config: Config) -> None:
@@ -817,11 +870,29 @@ def _bind_and_port(table: Mapping[str, Any], section: str, bind: str, port: int)
 _INVITER = re.compile(r"\*|\*:[^\s:]+(:[0-9]+)?|@[^\s:]+:[^\s:]+(:[0-9]+)?")
 
 
-def inviter_patterns(value: Any, label: str) -> tuple[str, ...]:
-    """An ``allow_invites_from`` list, checked (`ConfigError` names ``label``)."""
+def inviter_patterns(value: Any, label: str, key: str = "allow_invites_from") -> tuple[str, ...]:
+    """An ``allow_invites_from`` (or ``allowed_senders``) list, checked (`ConfigError` names ``label``)."""
     if not isinstance(value, list) or not all(isinstance(item, str) and _INVITER.fullmatch(item) for item in value):
-        raise ConfigError(f"{label}: allow_invites_from must be a list of user ids, \"*:server\" or \"*\"")
+        raise ConfigError(f"{label}: {key} must be a list of user ids, \"*:server\" or \"*\"")
     return tuple(value)
+
+
+_ROOM_ID = re.compile(r"![\x21-\x7e]{1,254}")
+
+
+def _room_senders(value: Any, label: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The ``rooms`` table of a ``[[devices]]`` entry: room id -> ``{allowed_senders = [...]}``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{label}: rooms must be a table of room ids")
+    found = []
+    for room_id, table in value.items():
+        if not _ROOM_ID.fullmatch(room_id):
+            raise ConfigError(f"{label}: rooms: {room_id!r} is not a room id (!...)")
+        if not isinstance(table, dict) or set(table) != {"allowed_senders"}:
+            raise ConfigError(f"{label}: rooms.{room_id!r} must be a table with allowed_senders only")
+        found.append((room_id, inviter_patterns(table["allowed_senders"], f"{label}: rooms.{room_id!r}",
+                                                "allowed_senders")))
+    return tuple(found)
 
 
 def _coap_settings(table: Any) -> CoapSettings:
@@ -884,7 +955,7 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
             raise ConfigError(f"{label} must be a table")
         unknown = sorted(set(entry) - {"name", "address", "user", "password", "access_token", "device_id",
                                        "allow", "oscore", "psk_identity", "psk", "psk_hex", "edhoc",
-                                       "appservice", "allow_invites_from"})
+                                       "appservice", "allow_invites_from", "allowed_senders", "rooms"})
         if unknown:
             raise ConfigError(f"{label}: unknown key(s) {', '.join(unknown)}")
         oscore = _oscore(entry["oscore"], label) if "oscore" in entry else None
@@ -905,6 +976,8 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
         if not appservice and not token and not (user and password):
             raise ConfigError(f"{label}: give access_token, or user and password (or appservice = true)")
         inviters = inviter_patterns(entry["allow_invites_from"], label) if "allow_invites_from" in entry else None
+        senders = (inviter_patterns(entry["allowed_senders"], label, "allowed_senders")
+                   if "allowed_senders" in entry else None)
         device_id = entry.get("device_id")
         for key, value in (("access_token", token), ("user", user), ("password", password),
                            ("device_id", device_id)):
@@ -916,7 +989,9 @@ def _devices(entries: Any, where: str) -> list[DeviceCredentials]:
                                          access_token=token, device_id=device_id,
                                          allow=_allow(entry.get("allow", []), label), oscore=oscore,
                                          psk_identity=psk_identity, psk=psk, edhoc=edhoc,
-                                         appservice=appservice, allow_invites_from=inviters))
+                                         appservice=appservice, allow_invites_from=inviters,
+                                         allowed_senders=senders,
+                                         room_senders=_room_senders(entry.get("rooms", {}), label)))
     return devices
 
 

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+#: The schemes of `Security` (an IPv6 address never starts with one and a colon: no hex digits).
+SECURITY_SCHEMES = ("dtls", "oscore", "edhoc")
 #: Longest token accepted in option 256; Synapse tokens are ~40 bytes, macaroons ~250.
 MAX_TOKEN_BYTES = 1024
 #: What a token may hold: visible ASCII, no space (it goes in an HTTP header as it is).
@@ -198,6 +200,14 @@ class Credentials:
             if device is not None:
                 return device
         return self.device_for(request.peer.host)
+
+    def entry_for_binding(self, binding: str) -> DeviceCredentials | None:
+        """The entry of what a compact session is bound to: ``scheme:identity`` of the security
+        context it was opened through, else the device's address."""
+        scheme, _, identity = binding.partition(":")
+        if scheme in SECURITY_SCHEMES:
+            return self._by_security.get(Security(scheme, identity))
+        return self.device_for(binding)
 
     async def token_for(self, request: Request, *, operation: str) -> str:
         """The token ``request`` acts with for ``operation`` (a name of `comatrix.policy.OPERATIONS`).

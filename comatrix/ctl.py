@@ -27,10 +27,12 @@ user.  ``appservice generate`` writes the registration the homeserver loads::
     comatrixctl device add sensor01 --address fe80::1234
 
 ``doctor`` checks a deployment (`comatrix.doctor`), one ``OK``/``WARN``/``FAIL``
-line per check; ``register-user`` creates a Matrix account through Synapse's
+line per check; ``e2ee status`` shows a device user's end-to-end encryption keys,
+sessions and backup state (`comatrix.e2ee.status`); ``register-user`` creates a Matrix account through Synapse's
 shared-secret registration (`comatrix.register`)::
 
     comatrixctl doctor
+    comatrixctl e2ee status sensor01
     comatrixctl register-user sensor01 --shared-secret-file /etc/matrix-synapse/registration_shared_secret
 
 ``add`` and ``rotate`` print what the firmware needs (identity, key, gateway
@@ -63,6 +65,8 @@ from comatrix.config import (DEFAULT_DTLS_PORT, DEVICES_DIR, Config, ConfigError
                              build_config, inviter_patterns, read_config_files)
 from comatrix.edhoc.ccs import generate_key, make_ccs, parse_ccs, private_bytes
 from comatrix.edhoc.responder import KEY_FILENAME, GatewayKey
+from comatrix.e2ee import status as e2ee_status
+from comatrix.e2ee.vault import read_states
 from comatrix.appservice.admin import AdminError, appservice_homeserver
 from comatrix.appservice.registration import DEFAULT_ID, DEFAULT_PREFIX, generate
 from comatrix.netif import read_link_local_address
@@ -471,6 +475,24 @@ def cmd_list(args: argparse.Namespace, config: Config, directory: Path, out: Tex
                   f"{entry.get('user', '-')}\n")
 
 
+def cmd_e2ee_status(args: argparse.Namespace, config: Config, directory: Path, out: TextIO,
+                    stdin: TextIO) -> None:
+    """Keys, sessions and backup state of a device user (a provisioned NAME, or a user id)."""
+    if args.name.startswith("@"):
+        user = args.name
+    else:
+        user = _find(read_devices(directory), args.name).entry.get("user") or ""
+        if not user:
+            raise CtlError(f"{args.name} has no Matrix user")
+    if config.state_dir is None:
+        raise CtlError("no state_dir in the config: E2EE state is kept in the gateway's memory only")
+    try:
+        states = read_states(config.state_dir)
+    except ValueError as error:
+        raise CtlError(str(error)) from None
+    out.write(e2ee_status.describe(str(user), states))
+
+
 def cmd_appservice_generate(args: argparse.Namespace, config: Config, directory: Path, out: TextIO,
                             stdin: TextIO) -> None:
     try:
@@ -565,6 +587,12 @@ def parser() -> argparse.ArgumentParser:
                                  help=f"device users are @<prefix>NAME [{DEFAULT_PREFIX}]")
     generate_parser.add_argument("-o", "--output", metavar="FILE", help="write here (0640) instead of stdout")
     generate_parser.set_defaults(run=cmd_appservice_generate)
+
+    e2ee = groups.add_parser("e2ee", help="end-to-end encryption done by the gateway for device users")
+    e2ee_actions = e2ee.add_subparsers(dest="action", required=True)
+    status = e2ee_actions.add_parser("status", help="a device user's keys, sessions and backup state (no secrets)")
+    status.add_argument("name", help="a provisioned device's NAME, or a Matrix user id")
+    status.set_defaults(run=cmd_e2ee_status)
 
     groups.add_parser("doctor", help="check the deployment: one OK/WARN/FAIL line per check, "
                       "exit status 1 on any FAIL")

@@ -27,12 +27,13 @@ before a resource renders (`comatrix.resources.MatrixResource`) or forwards
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from comatrix.coap.errors import Forbidden
 
 __all__ = ["DEVICE", "REGISTRATION", "OPERATIONS", "CATEGORIES", "CODE_OPERATIONS", "FULL_PATHS",
-           "operation_for", "expand_allow", "check_registration", "check_shared"]
+           "operation_for", "expand_allow", "check_registration", "check_shared", "user_allowed",
+           "sender_filter"]
 
 #: The category shared credentials may always use.
 DEVICE = "device"
@@ -176,3 +177,22 @@ def check_shared(allowed: frozenset[str], operation: str) -> None:
     """4.03 unless shared credentials may perform ``operation`` (device ops, or ``allowed``)."""
     if OPERATIONS.get(operation, OTHER) != DEVICE and operation not in allowed:
         raise Forbidden("not allowed for shared credentials")
+
+
+def user_allowed(patterns: Sequence[str] | None, owner: str, user: str) -> bool:
+    """Whether ``user`` matches ``patterns`` (user ids, ``*:server``, ``*``) set for ``owner``'s device.
+
+    None -- nothing configured -- means users of ``owner``'s own server: the default of both
+    ``allow_invites_from`` and ``allowed_senders``.
+    """
+    if patterns is None:
+        patterns = ("*:" + owner.partition(":")[2],)
+    server = user.partition(":")[2]
+    return any(pattern in ("*", user) or (pattern.startswith("*:") and server == pattern[2:])
+               for pattern in patterns)
+
+
+def sender_filter(patterns: Sequence[str] | None, own_user: str) -> Callable[[str], bool]:
+    """Whether a message of a sender reaches ``own_user``'s device: its own, or one ``allowed_senders``
+    (``patterns``; None: the default, users of its own server) allows."""
+    return lambda sender: sender == own_user or user_allowed(patterns, own_user, sender)

@@ -25,13 +25,23 @@ What is kept, per compact session (see ``docs/protocol.rst``):
 * per room handle, the message timeline position: the last cursor number the
   gateway assigned and the Matrix pagination token just after that message;
 * the last `MESSAGES_KEPT` numbered messages of each room handle (sender, body,
-  time), so "messages since cursor N" is answered without losing any.
+  time, msgtype), so "messages since cursor N" is answered without losing any;
+* per room handle, up to `HISTORY_KEPT` events a history page fetched that have no
+  cursor (older than the numbering), with *historic references* counted down from
+  `HISTORY_BASE` (the most recently referenced are kept).
 
 Sessions and room records are also kept in a small in-memory read cache, so a
 device's send costs no database round trip once its session is known.  The
 store is the database's only writer, so the cache is written through: a
 write drops the records it changes, and a read that overlapped a write is
 not cached (``_generation``).
+
+With ``workers`` > 1 every worker process opens the same database (``shared``):
+WAL lets readers go on while one process writes, a write waits up to
+`BUSY_TIMEOUT` for another process's write transaction instead of failing, and
+nothing is cached, since another process may change any record.  One database
+rather than one per worker, because a device whose source port changes may
+reach another worker and must find its compact session there.
 
 Per MSC3079 ``/sync`` observation (`comatrix.msc3079.resume`): the resume
 point, i.e. the ``next_batch`` of the last batch the client acknowledged, keyed
@@ -73,13 +83,17 @@ from comatrix.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DB_FILENAME", "DEAD_LETTERS_KEPT", "MESSAGES_KEPT", "RECORDS_CACHED", "SYNC_POSITIONS_KEPT", "DeadLetter",
+__all__ = ["DB_FILENAME", "DEAD_LETTERS_KEPT", "HISTORY_BASE", "HISTORY_KEPT", "MESSAGES_KEPT", "RECORDS_CACHED", "SYNC_POSITIONS_KEPT", "DeadLetter",
            "PendingDelivery", "RoomRecord", "SessionRecord", "SessionUsage", "Store", "StoredMessage", "SyncPosition",
            "WebhookSubscription"]
 
 DB_FILENAME = "comatrix.sqlite3"
 #: Numbered messages kept per (session, room handle); older cursors fall out of the window.
 MESSAGES_KEPT = 64
+#: Events with a historic reference kept per (session, room handle); the first referenced go first.
+HISTORY_KEPT = 256
+#: Historic references count down from here: 2**32 - 1 (5 bytes of CBOR), far above any cursor.
+HISTORY_BASE = 2**32 - 1
 #: /sync resume points kept (one per observation: access token x CoAP token).
 SYNC_POSITIONS_KEPT = 4096
 #: Event ids of application-service transactions remembered (to drop an event pushed twice).
@@ -88,6 +102,8 @@ EVENTS_REMEMBERED = 20000
 DEAD_LETTERS_KEPT = 256
 #: Session and room records kept in the read cache (each), least recently used go first.
 RECORDS_CACHED = 4096
+#: Seconds a write waits for another process's write transaction (``workers`` > 1) before it fails.
+BUSY_TIMEOUT = 10.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS compact_sessions (
@@ -117,6 +133,17 @@ _SCHEMA = (
         body TEXT NOT NULL,
         ts INTEGER NOT NULL,
         PRIMARY KEY (session_id, room_handle, cursor))""",
+    """CREATE TABLE IF NOT EXISTS compact_history (
+        session_id INTEGER NOT NULL,
+        room_handle INTEGER NOT NULL,
+        ref INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        body TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        msgtype TEXT,
+        PRIMARY KEY (session_id, room_handle, ref),
+        UNIQUE (session_id, room_handle, event_id))""",
     """CREATE TABLE IF NOT EXISTS sync_positions (
         token_hash BLOB NOT NULL,
         observer BLOB NOT NULL,
@@ -207,6 +234,7 @@ class StoredMessage:
     sender: str
     body: str
     ts: int  # origin_server_ts, milliseconds
+    msgtype: str = "m.text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +296,7 @@ _ADDED_COLUMNS = (
      "'a:' || CASE WHEN instr(peer_host, '%') > 0 THEN substr(peer_host, 1, instr(peer_host, '%') - 1)"
      " ELSE peer_host END"),
     ("compact_sessions", "last_used", "REAL", "created"),
+    ("compact_messages", "msgtype", "TEXT", None),  # null: m.text
 )
 
 
@@ -295,7 +324,8 @@ def _open_connection(connection: Any) -> None:
 class Store:
     """The gateway's SQLite database behind a one-thread adbapi pool."""
 
-    def __init__(self, path: str | None = None, reactor: Any = None) -> None:
+    def __init__(self, path: str | None = None, reactor: Any = None, shared: bool = False) -> None:
+        """``shared``: other processes (workers) write the same database, so nothing is cached."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -304,17 +334,18 @@ class Store:
             _prepare_file(path)
         self._pool = adbapi.ConnectionPool(
             "sqlite3", path if path is not None else ":memory:",
-            check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_open_connection,
+            check_same_thread=False, timeout=BUSY_TIMEOUT, cp_min=1, cp_max=1, cp_openfun=_open_connection,
             cp_reactor=reactor)
+        self.shared = shared
         self._sessions: collections.OrderedDict[bytes, SessionRecord] = collections.OrderedDict()
         self._rooms: collections.OrderedDict[tuple[int, int], RoomRecord] = collections.OrderedDict()
         #: Bumped after every write that changes cached records; a read that saw it change is not cached.
         self._generation = 0
 
     @classmethod
-    def for_state_dir(cls, state_dir: str | None, reactor: Any = None) -> "Store":
+    def for_state_dir(cls, state_dir: str | None, reactor: Any = None, shared: bool = False) -> "Store":
         """``<state_dir>/comatrix.sqlite3``, or an in-memory database without a state dir."""
-        return cls(os.path.join(state_dir, DB_FILENAME) if state_dir else None, reactor)
+        return cls(os.path.join(state_dir, DB_FILENAME) if state_dir else None, reactor, shared)
 
     def open(self) -> "defer.Deferred[None]":
         """Open the connection (and its files) now, in the pool's thread, for the process's life."""
@@ -349,13 +380,14 @@ class Store:
             return None
         row = rows[0]
         record = SessionRecord(int(row[0]), bytes(row[1]), row[2], row[3], row[4], row[5])
-        if generation == self._generation:
+        if generation == self._generation and not self.shared:
             _cache_put(self._sessions, handle_hash, record)
         return record
 
     async def delete_session(self, session_id: int) -> None:
         def delete(txn: Any) -> None:
-            for table, column in (("compact_messages", "session_id"), ("compact_rooms", "session_id"),
+            for table, column in (("compact_messages", "session_id"), ("compact_history", "session_id"),
+                                  ("compact_rooms", "session_id"),
                                   ("compact_sessions", "id")):
                 txn.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
         try:
@@ -423,7 +455,7 @@ class Store:
         if not rows:
             return None
         record = RoomRecord(session_id, handle, rows[0][0], int(rows[0][1]), rows[0][2])
-        if generation == self._generation:
+        if generation == self._generation and not self.shared:
             _cache_put(self._rooms, (session_id, handle), record)
         return record
 
@@ -443,9 +475,7 @@ class Store:
 
         def write(txn: Any) -> None:
             txn.executemany(
-                "INSERT OR REPLACE INTO compact_messages (session_id, room_handle, cursor, event_id,"
-                " sender, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(session_id, handle, m.cursor, m.event_id, m.sender, m.body, m.ts) for m in batch])
+                _INSERT_MESSAGE, [_message_row(session_id, handle, m) for m in batch])
             txn.execute("UPDATE compact_rooms SET last_cursor = ?, after_token = ? WHERE session_id = ?"
                         " AND handle = ?", (last_cursor, after_token, session_id, handle))
             txn.execute("DELETE FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor <= ?",
@@ -491,9 +521,7 @@ class Store:
                 if not fresh:
                     continue
                 txn.executemany(
-                    "INSERT OR REPLACE INTO compact_messages (session_id, room_handle, cursor, event_id,"
-                    " sender, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(session_id, handle, m.cursor, m.event_id, m.sender, m.body, m.ts) for m in fresh])
+                    _INSERT_MESSAGE, [_message_row(session_id, handle, m) for m in fresh])
                 if after_last is not None and fresh[-1].event_id == candidates[-1].event_id:
                     txn.execute("UPDATE compact_rooms SET last_cursor = ?, after_token = ? WHERE session_id = ?"
                                 " AND handle = ?", (cursor, after_last, session_id, handle))
@@ -514,15 +542,61 @@ class Store:
     async def message_at_or_after(self, session_id: int, handle: int, cursor: int) -> StoredMessage | None:
         """The kept message with the smallest cursor >= ``cursor`` (a larger one means a gap)."""
         rows = await self._pool.runQuery(
-            "SELECT cursor, event_id, sender, body, ts FROM compact_messages WHERE session_id = ? AND"
+            "SELECT cursor, event_id, sender, body, ts, msgtype FROM compact_messages WHERE session_id = ? AND"
             " room_handle = ? AND cursor >= ? ORDER BY cursor LIMIT 1", (session_id, handle, cursor))
         return _message(rows[0]) if rows else None
 
     async def latest_message(self, session_id: int, handle: int) -> StoredMessage | None:
         rows = await self._pool.runQuery(
-            "SELECT cursor, event_id, sender, body, ts FROM compact_messages WHERE session_id = ? AND"
+            "SELECT cursor, event_id, sender, body, ts, msgtype FROM compact_messages WHERE session_id = ? AND"
             " room_handle = ? ORDER BY cursor DESC LIMIT 1", (session_id, handle))
         return _message(rows[0]) if rows else None
+
+    async def event_id_at(self, session_id: int, handle: int, cursor: int) -> str | None:
+        """The event of an event reference: a cursor of the room handle, or a historic reference."""
+        if not 0 <= cursor < 2**63:
+            return None
+        rows = await self._pool.runQuery(
+            "SELECT event_id FROM compact_messages WHERE session_id = ? AND room_handle = ? AND cursor = ?"
+            " UNION ALL SELECT event_id FROM compact_history WHERE session_id = ? AND room_handle = ? AND ref = ?",
+            (session_id, handle, cursor, session_id, handle, cursor))
+        return str(rows[0][0]) if rows else None
+
+    async def messages_around(self, session_id: int, handle: int, cursor: int, count: int) -> list[StoredMessage]:
+        """Up to ``|count|`` kept numbered messages before (count < 0) or after ``cursor``, oldest first."""
+        before = count < 0
+        rows = await self._pool.runQuery(
+            "SELECT cursor, event_id, sender, body, ts, msgtype FROM compact_messages WHERE session_id = ? AND"
+            f" room_handle = ? AND cursor {'<' if before else '>'} ? ORDER BY cursor {'DESC' if before else 'ASC'}"
+            " LIMIT ?", (session_id, handle, min(cursor, 2**63 - 1), abs(count)))
+        found = [_message(row) for row in rows]
+        return found[::-1] if before else found
+
+    async def reference(self, session_id: int, handle: int, messages: Sequence[StoredMessage],
+                        keep: int = HISTORY_KEPT) -> list[StoredMessage]:
+        """``messages`` (a history page, cursors ignored) with their event references: the cursor or
+        historic reference they have, else a new historic reference (the next one down)."""
+        def write(txn: Any) -> list[StoredMessage]:
+            found = []
+            for message in messages:
+                txn.execute("SELECT cursor FROM compact_messages WHERE session_id = ? AND room_handle = ? AND"
+                            " event_id = ? UNION ALL SELECT ref FROM compact_history WHERE session_id = ? AND"
+                            " room_handle = ? AND event_id = ?", (session_id, handle, message.event_id) * 2)
+                row = txn.fetchone()
+                if row is None:
+                    txn.execute("SELECT MIN(ref) FROM compact_history WHERE session_id = ? AND room_handle = ?",
+                                (session_id, handle))
+                    lowest = txn.fetchone()[0]
+                    row = (HISTORY_BASE if lowest is None else int(lowest) - 1,)
+                    txn.execute(_INSERT_HISTORIC, _message_row(session_id, handle,
+                                                                dataclasses.replace(message, cursor=row[0])))
+                found.append(dataclasses.replace(message, cursor=int(row[0])))
+            txn.execute("DELETE FROM compact_history WHERE session_id = ? AND room_handle = ? AND ref NOT IN (SELECT"
+                        " ref FROM compact_history WHERE session_id = ? AND room_handle = ? ORDER BY ref LIMIT ?)",
+                        (session_id, handle, session_id, handle, keep))
+            return found
+        result: list[StoredMessage] = await self._pool.runInteraction(write)
+        return result
 
     async def known_event_ids(self, session_id: int, handle: int) -> set[str]:
         rows = await self._pool.runQuery(
@@ -776,5 +850,18 @@ def _cache_put(cache: "collections.OrderedDict[Any, Any]", key: Any, record: Any
         cache.popitem(last=False)
 
 
+_INSERT_MESSAGE = ("INSERT OR REPLACE INTO compact_messages (session_id, room_handle, cursor, event_id, sender, body,"
+                   " ts, msgtype) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+_INSERT_HISTORIC = ("INSERT INTO compact_history (session_id, room_handle, ref, event_id, sender, body, ts, msgtype)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _message_row(session_id: int, handle: int, m: StoredMessage) -> tuple[Any, ...]:
+    return (session_id, handle, m.cursor, m.event_id, m.sender, m.body, m.ts,
+            None if m.msgtype == "m.text" else m.msgtype)
+
+
 def _message(row: Any) -> StoredMessage:
-    return StoredMessage(int(row[0]), row[1], row[2], row[3], int(row[4]))
+    return StoredMessage(int(row[0]), row[1], row[2], row[3], int(row[4]), row[5] or "m.text")

@@ -10,10 +10,11 @@ address to exist and leave DAD, logging why it waits.
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.application import service
 from twisted.internet import defer
@@ -49,6 +50,7 @@ from comatrix.edhoc import responder as edhoc
 from comatrix.edhoc.resource import EDHOC_PATH, EdhocResource, combined_handler
 from comatrix.edhoc.responder import Responder
 from comatrix.store import Store
+from comatrix import e2ee
 from comatrix.appservice.invites import Invitations
 from comatrix.appservice.registration import Registration, load_registration
 from comatrix.appservice.server import AppserviceResource
@@ -57,6 +59,9 @@ from comatrix.http_api.endpoints import Endpoints
 from comatrix.http_api.feeds import ServiceTokens, start_feeds
 from comatrix.http_api.server import InternalApi
 from comatrix.webhooks import ServiceEvents, Webhooks
+from comatrix.coap.transport import bind_shared
+from comatrix.workers import (COAP_FD, DTLS_FD, STOP_MARGIN, SUPERVISOR_ENV, Supervisor, die_with_supervisor,
+                              inherited_socket, name_worker_logs, stop_once_on_signals, worker_command)
 from twisted.web import server as web_server
 
 log = get_logger("comatrix")
@@ -87,6 +92,10 @@ class Options(usage.Options):
          "/time and /.well-known/core [default: optional]."],
         ["log-level", None, None, "Minimum level of CoMatrix log lines: debug, info, warn, error "
          "[default: info]."],
+        ["workers", None, None, "Worker processes sharing the CoAP port (SO_REUSEPORT), supervised by "
+         "this one [default: 1, a single process].", int],
+        # Internal: set by the supervisor on the processes it starts (comatrix.workers).
+        ["worker", None, None, None, int],
     ]
     optFlags = [["version", "V", "Print the version and exit."],
                 ["allow-registration", None, "Let devices create Matrix accounts through the gateway "
@@ -123,12 +132,25 @@ class Options(usage.Options):
             "log_level": self["log-level"],
             "security": self["security"],
             "allow_registration": True if self["allow-registration"] else None,
+            "workers": self["workers"],
         }
         if self["plugin_dirs"]:
             values["plugin_dirs"] = list(self["plugin_dirs"])
         if self["disabled_plugins"]:
             values["disabled_plugins"] = list(self["disabled_plugins"])
         return {key: value for key, value in values.items() if value is not None}
+
+
+    def worker_args(self) -> list[str]:
+        """The options given to this process, as the command line of one of its workers."""
+        args: list[str] = []
+        for name in ("config", "ip", "port", "dtls-port", "interface", "homeserver", "state-dir",
+                     "credentials-file", "request-timeout", "security", "log-level"):
+            if self[name] is not None:
+                args += [f"--{name}", str(self[name])]
+        args += [arg for directory in self["plugin_dirs"] for arg in ("--plugin-dir", directory)]
+        args += [arg for name in self["disabled_plugins"] for arg in ("--disable-plugin", name)]
+        return args + (["--allow-registration"] if self["allow-registration"] else [])
 
 
 def load_config(options: Options) -> Config:
@@ -428,6 +450,15 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     except ConfigError as exc:
         raise SystemExit(f"comatrix: {exc}") from None
     set_level(config.log_level)
+    worker = options["worker"]
+    if worker is None and config.workers > 1:
+        return build_supervisor(options, config, reactor)
+    if worker is not None:
+        name_worker_logs(worker)
+        die_with_supervisor(int(os.environ.get(SUPERVISOR_ENV, os.getppid())))
+        reactor.callWhenRunning(stop_once_on_signals, reactor)
+    # Worker 0 alone serves the HTTP API and the metrics (their ports are not shared).
+    serves_http = worker in (None, 0)
     try:
         plugins = discover(config.plugin_dirs, config.disabled_plugins)
     except PluginError as exc:
@@ -441,10 +472,11 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         log.warn("No state_dir: sessions, room handles and resume points are kept in memory only "
                  "and are lost when the gateway stops")
     matrix = MatrixClient(transport, alias_cache_ttl=config.alias_cache_ttl, reactor=reactor)
-    store = Store.for_state_dir(config.state_dir, reactor)
+    e2ee.install(matrix, config.state_dir, reactor, single_process=worker is None)
+    store = Store.for_state_dir(config.state_dir, reactor, shared=worker is not None)
     credentials = Credentials(config.devices, matrix, store, [entry.as_device() for entry in config.services])
     appservice = build_appservice(config, credentials, matrix, store, reactor)
-    metrics = Metrics() if config.metrics.enabled else None
+    metrics = Metrics() if config.metrics.enabled and serves_http else None
     context = PluginContext(config=config, matrix=matrix, credentials=credentials,
                             state={}, reactor=reactor, store=store,
                             events=appservice[1] if appservice is not None else None, metrics=metrics)
@@ -466,13 +498,15 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
 
     server = coap_server(oscore)
     address = resolve_listen_address(config)
-    port = _listen(lambda: listen_udp(server, address, config.port, reactor=reactor), address, config.port)
+    port = _listen(lambda: listen_udp(server, address, config.port, reactor=reactor,
+                                      adopt=_inherited(worker, COAP_FD)), address, config.port)
     dtls = None
     if config.dtls_port is not None:
         dtls_server = coap_server()  # the same Site: every resource, Observe and block-wise alike
         dtls_port = config.dtls_port
         dtls = (dtls_server, _listen(lambda: listen_dtls(dtls_server, credentials.psk_for, config.dtls,
-                                                         address, dtls_port, reactor=reactor),
+                                                         address, dtls_port, reactor=reactor,
+                                                         adopt=_inherited(worker, DTLS_FD)),
                                      address, dtls_port))
     policy.announce(log)
     if metrics is not None:
@@ -482,7 +516,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         listen_metrics(config, metrics, reactor)
     appservice_port = (listen_appservice(config, *appservice, credentials, reactor)
                        if appservice is not None else None)
-    http_api_port = listen_http_api(config, context, appservice[0] if appservice is not None else None, reactor)
+    http_api_port = (listen_http_api(config, context, appservice[0] if appservice is not None else None, reactor)
+                     if serves_http else None)
     def reload_config() -> Config:
         new = load_config(options)
         if appservice is not None:
@@ -495,7 +530,32 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
                           http_api_port)
 
 
-def _listen(bind: Callable[[], IListeningPort], address: str, number: int) -> IListeningPort:
+def build_supervisor(options: Options, config: Config, reactor: Any) -> Supervisor:
+    """``workers`` > 1: bind every worker's share of the port(s) now, and start the workers (`comatrix.workers`)."""
+    address = resolve_listen_address(config)
+    count = config.workers
+    coap = _listen(lambda: bind_shared(address, config.port, count), address, config.port)
+    dtls: list[Any] = []
+    if config.dtls_port is not None:
+        dtls_port = config.dtls_port
+        dtls = _listen(lambda: bind_shared(address, dtls_port, count), address, dtls_port)
+    groups = [[coap[index]] + dtls[index:index + 1] for index in range(count)]
+    twistd, plugin_args = getattr(options, "parent", None), options.worker_args()
+    log.info("CoMatrix {version}: {count} workers on {host} port {port}", version=__version__, count=count,
+             host=address, port=coap[0].getsockname()[1])
+    return Supervisor(count, lambda index: worker_command(twistd, plugin_args, index), groups, reactor,
+                      config.shutdown_grace + STOP_MARGIN)
+
+
+def _inherited(worker: int | None, fd: int) -> Any:
+    """A worker's share of a port, handed over by the supervisor; None in a single process."""
+    return inherited_socket(fd) if worker is not None else None
+
+
+_Bound = TypeVar("_Bound")
+
+
+def _listen(bind: Callable[[], _Bound], address: str, number: int) -> _Bound:
     """Bind now; a port that cannot be bound ends the process with a one-line reason."""
     try:
         return bind()

@@ -19,6 +19,7 @@ from comatrix.logs import get_logger
 from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.errors import HomeserverError
 from comatrix.matrix.responses import Event
+from comatrix.policy import user_allowed
 from comatrix.appservice.stream import member_events, membership
 
 log = get_logger(__name__)
@@ -36,14 +37,7 @@ def server_of(user_id: str) -> str:
 
 def inviter_allowed(patterns: Sequence[str] | None, invitee: str, inviter: str) -> bool:
     """Whether ``inviter`` may invite ``invitee`` under ``patterns`` (None: the invitee's own server)."""
-    if patterns is None:
-        patterns = ("*:" + server_of(invitee),)
-    for pattern in patterns:
-        if pattern == "*" or pattern == inviter:
-            return True
-        if pattern.startswith("*:") and server_of(inviter) == pattern[2:]:
-            return True
-    return False
+    return user_allowed(patterns, invitee, inviter)
 
 
 class Invitations:

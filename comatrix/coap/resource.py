@@ -75,6 +75,10 @@ class CoapResource(txresource.CoAPResource):  # type: ignore[misc]
     conditional_requests: bool = False
     #: Whether notifications go out as CON (acknowledged, retransmitted) rather than NON.
     confirmable_notifications: bool = False
+    #: Whether each Block1 block reaches the resource as it comes (it answers 2.31 Continue itself,
+    #: and keeps the reassembly state, bounded) instead of the server reassembling the body
+    #: within ``CoapSettings.max_body_size``: for bodies larger than that (media uploads).
+    streams_block1: bool = False
     #: Set by ``Site.put``: the sites serving this resource (for `notify_observers`).
     _coap_sites: tuple[ObserverNotifier, ...] = ()
 

@@ -803,7 +803,9 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
         if request.conditional and not getattr(self.site.resolve(request.path), "conditional_requests", False):
             self._complete(incoming, BadOption("conditional request not supported here").to_response())
             return
-        if incoming.block1 is not None:
+        if incoming.block1 is not None and self._streams_block1(request.path):
+            pass  # the resource takes each block itself (its own bounded state): see CoapResource
+        elif incoming.block1 is not None:
             assembled = self._block1(incoming, request)
             if assembled is None:
                 return
@@ -842,6 +844,12 @@ class CoapServer(txcoap.Coap):  # type: ignore[misc]
                               callbackArgs=(incoming,), errbackArgs=(incoming,))
         if not incoming.done and incoming.mtype == CON:
             incoming.ack_timer = self.reactor.callLater(settings.empty_ack_delay, self._empty_ack, incoming)
+
+    def _streams_block1(self, path: tuple[str, ...]) -> bool:
+        try:
+            return bool(getattr(self.site.resolve(path), "streams_block1", False))
+        except NotFound:
+            return False
 
     # amplification limit and discovery rate (see comatrix.coap.amplification)
 
@@ -1380,9 +1388,11 @@ def total_delivered(waits: Iterable["defer.Deferred[int]"]) -> "defer.Deferred[i
     return outcome
 
 
-def listen_udp(server: CoapServer, host: str, port: int, reactor: Any = None) -> IListeningPort:
+def listen_udp(server: CoapServer, host: str, port: int, reactor: Any = None,
+               adopt: Any = None) -> IListeningPort:
     """Bind ``server`` on ``host`` (``::`` is dual-stack; ``fe80::1%lowpan0`` binds with the zone).
 
+    ``adopt``: a socket bound already (a worker's share of the port, `transport.bind_shared`).
     Raises ``twisted.internet.error.CannotListenError`` when the address cannot be bound.
     """
-    return transport.listen(server, host, port, reactor if reactor is not None else server.reactor)
+    return transport.listen(server, host, port, reactor if reactor is not None else server.reactor, adopt)

@@ -70,11 +70,14 @@ class ScopedUDPPort(udp.Port):  # type: ignore[misc]
 
     def _bindSocket(self) -> None:
         # Same steps as udp.Port._bindSocket, but binding a zoned address needs the 4-tuple.
-        try:
-            skt = self.createInternetSocket()
-            skt.bind(sockaddr(self.interface, self.port))
-        except OSError as exc:
-            raise error.CannotListenError(self.interface, self.port, exc)
+        skt = self._preexistingSocket
+        self._preexistingSocket = None
+        if skt is None:
+            try:
+                skt = self.createInternetSocket()
+                skt.bind(sockaddr(self.interface, self.port))
+            except OSError as exc:
+                raise error.CannotListenError(self.interface, self.port, exc)
         self._realPortNumber = skt.getsockname()[1]
         self.connected = 1
         self.socket = skt
@@ -117,8 +120,12 @@ class ScopedUDPPort(udp.Port):  # type: ignore[misc]
         return super().write(datagram, addr)
 
 
-def listen(protocol: DatagramProtocol, host: str, port: int, reactor: Any = None) -> IListeningPort:
-    """Bind ``protocol`` to ``host``/``port`` (IPv4, IPv6, ``::`` dual-stack, or ``fe80::1%zone``)."""
+def listen(protocol: DatagramProtocol, host: str, port: int, reactor: Any = None,
+           adopt: socket.socket | None = None) -> IListeningPort:
+    """Bind ``protocol`` to ``host``/``port`` (IPv4, IPv6, ``::`` dual-stack, or ``fe80::1%zone``).
+
+    ``adopt``: serve this socket, bound already to ``host``/``port`` (`bind_shared`), instead.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
@@ -134,5 +141,43 @@ def listen(protocol: DatagramProtocol, host: str, port: int, reactor: Any = None
                                   maxPacketSize=MAX_DATAGRAM)
     except error.InvalidAddressError as exc:
         raise error.CannotListenError(host, port, exc)
+    if adopt is not None:
+        adopt.setblocking(False)
+        listening._preexistingSocket = adopt  # type: ignore[assignment]
     listening.startListening()
     return listening  # type: ignore[return-value]
+
+
+class _SharedSocketPort(ScopedUDPPort):
+    """Only creates a bound socket, with ``SO_REUSEPORT``, for another process to serve."""
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return skt
+
+
+def bind_shared(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` sockets bound to one ``host``/``port`` with ``SO_REUSEPORT``, blocking, not served here.
+
+    Linux delivers each datagram to one socket of the group, chosen by a hash of the
+    source and destination address and port, so one peer (4-tuple) always reaches the
+    same socket while the group stays as it is.  Only sockets of the same user may
+    join the group.  Raises ``CannotListenError`` (the first socket fails when the port
+    is taken by a socket without ``SO_REUSEPORT``).
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            try:
+                maker = _SharedSocketPort(port, DatagramProtocol(), interface=host)
+            except error.InvalidAddressError as exc:
+                raise error.CannotListenError(host, port, exc)
+            maker._bindSocket()
+            sockets.append(maker.socket)
+            port = maker.socket.getsockname()[1]  # port 0: the others join the port the first one got
+    except BaseException:
+        for skt in sockets:
+            skt.close()
+        raise
+    return sockets

@@ -7,7 +7,7 @@ normative description)::
     POST  /+  [user, password]                 -> 2.01  h'<8-byte session handle>'   (login)
     POST  /-  [handle]                         -> 2.04  (empty)                       (logout)
     POST  /x  [handle, room]                   -> 2.04  room-handle (uint)            (join)
-    POST  /w  [handle, room-handle, seq, body] -> 2.04  (empty)                       (send: write)
+    POST  /w  [handle, room-handle, seq, body(, kind(, reply-to(, replaces)))] -> 2.04  reference (uint)  (send)
     FETCH /v  [handle, room-handle(, cursor)]  -> 2.05  [sender, body, ts, cursor] or []  (messages: view)
     GET   /z                                   -> 2.05  unix-seconds (uint)           (time: zeit)
     POST  /*  [handle, public(, name(, topic(, [user...]))) -> 2.01 room-handle      (create)
@@ -19,8 +19,18 @@ normative description)::
     POST  /~  [handle, room-handle]            -> 2.04                                (leave, decline)
     POST  /!  [handle, room-handle, user(, reason)] -> 2.04                           (kick)
     FETCH /&  [handle, room-handle]            -> 2.05  [user, ...]                   (members)
+    POST  /)  [handle, room-handle, ref, key(, remove)] -> 2.04                       (react; remove: 1)
+    POST  /_  [handle, room-handle, ref(, reason)] -> 2.04                            (redact)
+    POST  /,  [handle, room-handle, ref]       -> 2.04                                (read receipt)
+    FETCH /(  [handle, room-handle(, from(, count))] -> 2.05  [next, [ref, sender, body, ts(, kind)], ...]  (history)
+
+A send's ``kind`` is 0 m.text (the default), 1 m.notice, 2 m.emote, or a ``geo:`` URI
+(text, the ``geo:`` scheme may be left out): m.location.  ``reply-to`` and ``replaces`` are event references (the cursors of the
+session's room handle); an event reference is what a send answers and what history lists.
 
 An invitation is accepted by a join with its room handle: ``POST /x [handle, room-handle]``.
+``ref`` is an event reference: the cursor of a message in that room handle's numbering
+(what ``FETCH /v`` answers).
 ``user`` is a localpart (of the session user's server) or a full user id; answers name users
 of that server by their localpart too.
 
@@ -51,6 +61,8 @@ __all__ = [
     "decode_users", "encode_room_id", "decode_room_id",
     "room_id_from_hash", "room_id_to_hash", "encode_handle", "decode_handle", "encode_uint",
     "decode_uint", "encode_message", "decode_message", "CodecError",
+    "EventRequest", "ReactRequest", "MAX_REACTION_KEY",
+    "MSGTYPES", "MAX_GEO", "HistoryRequest", "HistoryEvent", "HistoryPage", "encode_history", "decode_history",
 ]
 
 #: application/cbor: the bodies are plain CBOR; the resource type (rt) names the layout.
@@ -70,7 +82,10 @@ MAX_UINT = (1 << 64) - 1
 #: Operation -> Uri-Path segment (one character each).  None of them is an MSC3079 path
 #: code (0-9, A-Z, a-u), so a native MSC3079 endpoint keeps every short code.
 PATHS = {"login": "+", "logout": "-", "join": "x", "send": "w", "messages": "v", "time": "z",
-         "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&"}
+         "create": "*", "room": "y", "invite": "@", "leave": "~", "kick": "!", "members": "&",
+         "react": ")", "redact": "_", "read": ",",
+         "upload": "$", "profile": "="}
+PATHS["history"] = "("
 #: Operation -> resource type shown in /.well-known/core.
 RESOURCE_TYPES = {op: f"comatrix.c.{op}" for op in PATHS}
 
@@ -82,7 +97,10 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "join": (64, 64), "login": (64, 64), "logout": (64, 64), "time": (64, 64),
     "create": (64, 64), "room": (64, 64), "invite": (64, 64), "leave": (64, 64), "kick": (64, 64),
     "members": (64, 64),
+    "react": (64, 64), "redact": (64, 64), "read": (64, 64),
+    "upload": (64, 64), "thumbnail": (64, 64), "profile": (64, 64),  # media payload aside (mediawire)
 }
+BUDGETS.update({"send-kind": (64, 16), "send-reply": (64, 16), "send-edit": (64, 16), "history": (64, 64)})
 #: A membership as the room info gives it: its index here (uint).
 MEMBERSHIPS = ("join", "invite", "leave", "ban", "knock")
 #: Users a create may invite; text fields of the room operations (bytes of UTF-8).
@@ -90,6 +108,8 @@ MAX_INVITES = 8
 MAX_NAME = 255
 MAX_TOPIC = 1024
 MAX_REASON = 255
+#: Longest reaction key (bytes of UTF-8): an emoji, or a short word.
+MAX_REACTION_KEY = 64
 
 _ROOM_ID_V12 = re.compile(r"![A-Za-z0-9_-]{43}")
 
@@ -205,20 +225,67 @@ class JoinRequest:
         return cls(_handle(handle), _text(room, "room", MAX_ROOM_REF))
 
 
+#: A send's ``kind`` -> msgtype (a ``geo:`` URI as kind is m.location).
+MSGTYPES = ("m.text", "m.notice", "m.emote")
+LOCATION = "m.location"
+MAX_GEO = 255
+#: RFC 5870: ``geo:`` latitude, longitude(, altitude)(;parameters).
+_GEO = re.compile(r"geo:-?[0-9]{1,3}(\.[0-9]+)?,-?[0-9]{1,3}(\.[0-9]+)?(,-?[0-9]+(\.[0-9]+)?)?(;[!-~]*)?")
+
+
+def _optional_uint(value: Any, what: str) -> int | None:
+    return None if value is None else _uint(value, what)
+
+
+def _kind(value: Any) -> int | str:
+    if isinstance(value, str):
+        uri = value if value.startswith("geo:") else "geo:" + value  # the scheme may be left out
+        if len(uri) > MAX_GEO or not _GEO.fullmatch(uri):
+            raise CodecError("kind: not a geo: URI")
+        return uri
+    kind = _uint(value, "kind")
+    if kind >= len(MSGTYPES):
+        raise CodecError("kind: 0, 1, 2 or a geo: URI")
+    return kind
+
+
 @dataclasses.dataclass(frozen=True)
 class SendRequest:
+    """``[handle, room, seq, body(, kind(, reply-to(, replaces)))]``; trailing defaults are left out,
+    so a plain text message is the 4-element array it always was."""
+
     handle: bytes = dataclasses.field(repr=False)
     room: int = 0
     seq: int = 0
     body: str = ""
+    #: An index into `MSGTYPES`, or a ``geo:`` URI (m.location).
+    kind: int | str = 0
+    #: Event references: the event this one replies to, the event it edits (not both).
+    reply_to: int | None = None
+    replaces: int | None = None
+
+    @property
+    def msgtype(self) -> str:
+        return LOCATION if isinstance(self.kind, str) else MSGTYPES[self.kind]
 
     def encode(self) -> bytes:
-        return cbor2.dumps([self.handle, self.room, self.seq, self.body])
+        kind = self.kind[4:] if isinstance(self.kind, str) and self.kind.startswith("geo:") else self.kind
+        items: list[Any] = [self.handle, self.room, self.seq, self.body, kind, self.reply_to, self.replaces]
+        while items[-1] is None:
+            items.pop()  # trailing defaults cost nothing
+        if len(items) == 5 and items[4] == 0:
+            items.pop()
+        return cbor2.dumps(items)
 
     @classmethod
     def decode(cls, payload: bytes) -> "SendRequest":
-        handle, room, seq, body = _array(payload, (4,), "send")
-        return cls(_handle(handle), _uint(room, "room"), _uint(seq, "seq"), _text(body, "body", MAX_BODY))
+        items = _array(payload, (4, 5, 6, 7), "send")
+        handle, room, seq, body = items[:4]
+        reply_to, replaces = _optional_uint(_tail(items, 5), "reply-to"), _optional_uint(_tail(items, 6), "replaces")
+        if reply_to is not None and replaces is not None:
+            raise CodecError("a reply cannot be an edit too")
+        return cls(_handle(handle), _uint(room, "room"), _uint(seq, "seq"), _text(body, "body", MAX_BODY),
+                   _kind(items[4] if len(items) > 4 else 0), reply_to, replaces)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,3 +528,138 @@ def decode_room_id(payload: bytes) -> str:
     if isinstance(value, bytes) and len(value) == ROOM_HASH_SIZE:
         return room_id_from_hash(value)
     return _text(value, "room id", MAX_ROOM_REF)
+
+
+# ---------------------------------------------------------------------- relations
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRequest:
+    """``[handle, room-handle, ref(, reason)]``: a read receipt (no reason) or a redaction."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int = 0
+    ref: int = 0
+    reason: str | None = None
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, self.room, self.ref]
+        if self.reason is not None:
+            items.append(self.reason)
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes, *, reason: bool = False) -> "EventRequest":
+        items = _array(payload, (3, 4) if reason else (3,), "request")
+        return cls(_handle(items[0]), _uint(items[1], "room"), _uint(items[2], "ref"),
+                   _optional_text(_tail(items, 3), "reason", MAX_REASON))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReactRequest:
+    """``[handle, room-handle, ref, key(, remove)]``: ``remove`` 1 takes the reaction back."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int = 0
+    ref: int = 0
+    key: str = ""
+    remove: bool = False
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, self.room, self.ref, self.key]
+        if self.remove:
+            items.append(1)
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ReactRequest":
+        items = _array(payload, (4, 5), "react")
+        remove = _uint(items[4], "remove") if len(items) == 5 else 0
+        if remove > 1:
+            raise CodecError("remove must be 0 or 1")
+        return cls(_handle(items[0]), _uint(items[1], "room"), _uint(items[2], "ref"),
+                   _text(items[3], "key", MAX_REACTION_KEY), bool(remove))
+# ---------------------------------------------------------------------- history
+
+#: Events one history page may ask for (either direction).
+MAX_PAGE = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryRequest:
+    """``[handle, room-handle(, from(, count))]``: ``count`` events before (count < 0, default -1)
+    or after (count > 0) the event reference ``from``; ``from`` null is "now" (backward only)."""
+
+    handle: bytes = dataclasses.field(repr=False)
+    room: int = 0
+    start: int | None = None
+    count: int = -1
+
+    def encode(self) -> bytes:
+        items: list[Any] = [self.handle, self.room, self.start, self.count]
+        if self.count == -1:
+            items.pop()
+            if self.start is None:
+                items.pop()
+        return cbor2.dumps(items)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "HistoryRequest":
+        items = _array(payload, (2, 3, 4), "history")
+        start = _optional_uint(_tail(items, 2), "from")
+        count = items[3] if len(items) > 3 else -1
+        if not isinstance(count, int) or isinstance(count, bool) or count == 0 or abs(count) > MAX_PAGE:
+            raise CodecError(f"count must be -{MAX_PAGE}..-1 or 1..{MAX_PAGE}")
+        if count > 0 and start is None:
+            raise CodecError("a forward page needs a from reference")
+        return cls(_handle(items[0]), _uint(items[1], "room"), start, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryEvent:
+    """One event of a history page; ``ts`` in Unix seconds, ``sender`` short (a localpart for
+    users of the session user's server)."""
+
+    ref: int
+    sender: str
+    body: str
+    ts: int
+    msgtype: str = "m.text"
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryPage:
+    """Events oldest first, and ``next``: the reference to page on from (null: nothing more that way)."""
+
+    next: int | None
+    events: tuple[HistoryEvent, ...] = ()
+
+
+def _history_event(event: HistoryEvent) -> list[Any]:
+    items: list[Any] = [event.ref, event.sender, event.body, event.ts]
+    if event.msgtype != "m.text":
+        items.append(MSGTYPES.index(event.msgtype) if event.msgtype in MSGTYPES else event.msgtype)
+    return items
+
+
+def encode_history(page: HistoryPage) -> bytes:
+    """``[next, [ref, sender, body, ts(, msgtype)], ...]``; msgtype only where it is not m.text: 1
+    m.notice, 2 m.emote (a send's kinds), any other as its text (``m.location``, ``m.image``...)."""
+    return cbor2.dumps([page.next, *(_history_event(event) for event in page.events)])
+
+
+def decode_history(payload: bytes) -> HistoryPage:
+    items = decode(payload)
+    if not isinstance(items, list) or not items:
+        raise CodecError("history: expected [next, event...]")
+    events = []
+    for item in items[1:]:
+        if not isinstance(item, list) or len(item) not in (4, 5):
+            raise CodecError("history: an event is [ref, sender, body, ts(, msgtype)]")
+        msgtype = item[4] if len(item) == 5 else "m.text"
+        if isinstance(msgtype, int) and not isinstance(msgtype, bool) and 0 <= msgtype < len(MSGTYPES):
+            msgtype = MSGTYPES[msgtype]
+        if not isinstance(item[1], str) or not isinstance(item[2], str) or not isinstance(msgtype, str):
+            raise CodecError("history: sender, body and msgtype are text strings")
+        events.append(HistoryEvent(_uint(item[0], "ref"), item[1], item[2], _uint(item[3], "ts"), msgtype))
+    return HistoryPage(_optional_uint(items[0], "next"), tuple(events))

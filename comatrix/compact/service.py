@@ -46,6 +46,11 @@ the numbering in the store, so a device that observes again after a gateway
 restart gets what arrived meanwhile, with the next cursors.  Homeserver
 trouble is waited out with jittered exponential back-off (`Backoff`).
 
+Allowed senders.  Only messages of the session's own user and of the senders its
+device may hear from (``allowed_senders``, `SenderPolicy`) are numbered: `_sender_allowed`
+is the one test every numbering path (walk, /sync timeline, transaction) applies, so
+a message of anyone else never gets a cursor, a push or a byte on the air.
+
 Application-service mode.  A provisioned device user (`comatrix.appservice`)
 opens a session with no password (`open_appservice_session`): no homeserver
 login, no Matrix device, and the session acts with the ``as_token`` as its user.
@@ -71,17 +76,18 @@ from twisted.python.failure import Failure
 from comatrix.coap.errors import (BadRequest, Forbidden, NotFound, ServiceUnavailable, TooManyRequests,
                                   Unauthorized)
 from comatrix.coap.message import Peer, Security
-from comatrix.compact.codec import HANDLE_SIZE
+from comatrix.compact.codec import HANDLE_SIZE, LOCATION, MSGTYPES
 from comatrix.config import LimitSettings
 from comatrix.identity import plain_address
 from comatrix.logs import get_logger
 from comatrix.longpoll import DEADLINE_MARGIN, Backoff, Lease, LongPoller, is_transient, retry_delay
 from comatrix.matrix import api
-from comatrix.matrix.client import MatrixClient, check_room_reference
+from comatrix.matrix.client import ENCRYPTED_TYPE, MatrixClient, check_room_reference
 from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.errors import HomeserverError, InvalidResponse, InvalidRoomReference, MatrixError
 from comatrix.matrix.responses import Event, SyncResponse, parse_event, parse_messages, parse_sync
-from comatrix.store import RoomRecord, SessionRecord, Store, StoredMessage
+from comatrix.policy import sender_filter
+from comatrix.store import HISTORY_BASE, RoomRecord, SessionRecord, Store, StoredMessage
 
 log = get_logger(__name__)
 
@@ -99,7 +105,7 @@ SYNC_FILTER: Mapping[str, Any] = {
     "presence": {"types": []},
     "account_data": {"types": []},
     "room": {
-        "timeline": {"types": [MESSAGE_TYPE], "limit": SYNC_TIMELINE_LIMIT},
+        "timeline": {"types": [MESSAGE_TYPE, ENCRYPTED_TYPE], "limit": SYNC_TIMELINE_LIMIT},
         "state": {"types": []},
         "ephemeral": {"types": []},
         "account_data": {"types": []},
@@ -116,6 +122,8 @@ MAX_TOUCH_INTERVAL = 300.0
 #: Largest room handle or cursor the store can hold (SQLite INTEGER is signed 64-bit).  The wire
 #: takes any uint below 2**64; nothing above this is ever assigned, and SQLite would refuse it.
 MAX_STORED_NUMBER = 2**63 - 1
+#: References above this are historic (`Store.reference`), below it cursors.
+HISTORIC_FLOOR = HISTORY_BASE - 2**24
 
 Session = SessionRecord
 #: Called for each newly numbered message of a session's room: (session, room handle, message).
@@ -123,6 +131,9 @@ MessageSink = Callable[[SessionRecord, int, StoredMessage], None]
 #: Called with a batch of newly numbered messages of many sessions at once; returns the ids of the
 #: sessions none of whose observers took a message (no longer watching).
 BatchSink = Callable[[Sequence[tuple[SessionRecord, int, StoredMessage]]], set[int]]
+#: (session, room id) -> the ``allowed_senders`` patterns that apply (None: the default, users of
+#: the session user's own server).
+SenderPolicy = Callable[[SessionRecord, str], Sequence[str] | None]
 #: What an appservice session's access token is stored as: it has none of its own.
 APPSERVICE_SESSION_TOKEN = ""
 
@@ -185,6 +196,8 @@ class CompactService:
         #: Transaction-fed watches: session id -> session, and room id -> {session id: room handle}.
         self._fed: dict[int, SessionRecord] = {}
         self._fed_rooms: dict[str, dict[int, int]] = {}
+        #: Whose messages a session's watches and history deliver (set by the plugin from ``[[devices]]``).
+        self.allowed_senders: SenderPolicy = lambda session, room_id: None
         #: Returns whether a session still has observers (set by the messages resource).
         self.is_observed: Callable[[SessionRecord], bool] = lambda session: False
         self._locks: dict[tuple[int, int], defer.DeferredLock] = {}
@@ -390,11 +403,54 @@ class CompactService:
             raise NotFound("unknown room handle")
         return record
 
-    async def send(self, session: SessionRecord, handle: int, seq: int, body: str) -> str:
+    async def send(self, session: SessionRecord, handle: int, seq: int, body: str, kind: int | str = 0,
+                   reply_to: int | None = None, replaces: int | None = None) -> int:
+        """Send a message (``kind``: an index into `MSGTYPES` or a ``geo:`` URI, see the codec), a
+        reply to or an edit of an event reference; returns the new event's reference.
+
+        The event is numbered at once (the next cursor of the room handle, unless a walk
+        already numbered it) and pushed to the session's observers like any other, so the
+        device can refer to it right away.  A retry with the same seq is the same event
+        (same transaction id) and gets the same reference.
+        """
         record = await self.room(session, handle)
-        content = {"msgtype": "m.text", "body": body}
-        return await self.matrix.send_message(session.access_token, record.room_id, content,
-                                              txn_id(session.id, seq))
+        msgtype = LOCATION if isinstance(kind, str) else MSGTYPES[kind]
+        content: dict[str, Any] = {"msgtype": msgtype, "body": body}
+        if isinstance(kind, str):
+            content["geo_uri"] = kind
+        if replaces is not None:
+            content = {**content, "body": "* " + body, "m.new_content": dict(content),
+                       "m.relates_to": {"rel_type": "m.replace",
+                                        "event_id": await self.event_id(session, handle, replaces)}}
+        elif reply_to is not None:
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": await self.event_id(session, handle, reply_to)}}
+        event_id = await self.matrix.send_message(session.access_token, record.room_id, content,
+                                                  txn_id(session.id, seq))
+        # Numbered as a walk would number it: its body is the content's (an edit's "* " fallback).
+        return await self._own_event(session, handle, StoredMessage(0, event_id, session.user_id, content["body"],
+                                                                    int(self.reactor.seconds() * 1000), msgtype))
+
+    async def event_id(self, session: SessionRecord, handle: int, reference: int) -> str:
+        """The event of an event reference of the room handle; 4.04 if the gateway has none."""
+        event_id = await self.store.event_id_at(session.id, handle, reference)
+        if event_id is None:
+            raise NotFound("unknown event reference")
+        return event_id
+
+    async def _own_event(self, session: SessionRecord, handle: int, message: StoredMessage) -> int:
+        lock = self._lock(session.id, handle)
+        await lock.acquire()
+        try:
+            (numbered,) = await self.store.append_messages([(session.id, handle, [message])])
+        finally:
+            lock.release()
+        for fresh in numbered:
+            if self.on_message is not None:
+                self.on_message(session, handle, fresh)
+        if numbered:
+            return numbered[0].cursor
+        (known,) = await self.store.reference(session.id, handle, [message])  # a retry: already numbered
+        return known.cursor
 
     # ------------------------------------------------------------------ messages
 
@@ -419,17 +475,30 @@ class CompactService:
             lock = self._locks[key] = defer.DeferredLock()
         return lock
 
-    async def advance(self, session: SessionRecord, handle: int) -> list[StoredMessage]:
-        """Number the room's messages the gateway has not seen yet; returns them, oldest first."""
+    async def advance(self, session: SessionRecord, handle: int, *, reanchor: bool = True) -> list[StoredMessage]:
+        """Number the room's messages the gateway has not seen yet; returns them, oldest first.
+
+        ``reanchor`` False (a history page): a room far behind is walked `MAX_WALK_PAGES` on
+        and its position kept there, instead of jumping to the newest message."""
         lock = self._lock(session.id, handle)
         await lock.acquire()
         try:
-            return await self._advance(session, handle)
+            return await self._advance(session, handle, reanchor)
         finally:
             lock.release()
 
-    async def _advance(self, session: SessionRecord, handle: int) -> list[StoredMessage]:
+    def _deliverable(self, session: SessionRecord, room_id: str) -> Callable[[Event], bool]:
+        """Whether an event of ``room_id`` is a message for the session's device: the test every
+        numbering path applies (so nothing else is numbered, pushed or answered)."""
+        allowed = self._sender_allowed(session, room_id)
+        return lambda event: _usable(event) and allowed(event.sender)
+
+    def _sender_allowed(self, session: SessionRecord, room_id: str) -> Callable[[str], bool]:
+        return sender_filter(self.allowed_senders(session, room_id), session.user_id)
+
+    async def _advance(self, session: SessionRecord, handle: int, reanchor: bool = True) -> list[StoredMessage]:
         record = await self.room(session, handle)
+        deliverable = self._deliverable(session, record.room_id)
         token = session.access_token
         cursor = record.last_cursor
         fresh: list[StoredMessage] = []
@@ -438,13 +507,16 @@ class CompactService:
             position: str | None = record.after_token
             for _ in range(MAX_WALK_PAGES):
                 page = parse_messages(await self.matrix.request(api.last_messages(
-                    token, record.room_id, limit=WALK_PAGE_SIZE, from_token=position, dir="f")))
-                cursor = _number(page.events, known, cursor, fresh)
+                    token, record.room_id, limit=WALK_PAGE_SIZE, from_token=position, dir="f",
+                    types=self.matrix.readable_types((MESSAGE_TYPE,)))))
+                events = await self.matrix.decrypt(token, record.room_id, page.events)
+                cursor = _number(events, known, cursor, fresh, deliverable)
                 if page.end is None or not page.events:
                     break
                 position = page.end
             else:
-                position = None
+                if reanchor:
+                    position = None
             if position is not None:
                 await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
                 return fresh
@@ -453,13 +525,92 @@ class CompactService:
             fresh = []
             cursor = record.last_cursor + 1  # a gap in the numbering: the device sees it lost messages
         # First use (or re-anchoring): the newest message, and "now" as the position.
-        page = parse_messages(await self.matrix.request(api.last_messages(token, record.room_id, limit=1)))
-        latest = [event for event in page.events if _usable(event)]
+        page = parse_messages(await self.matrix.request(api.last_messages(
+            token, record.room_id, limit=1, types=self.matrix.readable_types((MESSAGE_TYPE,)))))
+        latest = [event for event in await self.matrix.decrypt(token, record.room_id, page.events)
+                  if deliverable(event)]
         if latest:
             cursor += 1
             fresh.append(_stored(cursor, latest[0]))
         await self.store.advance_timeline(session.id, handle, fresh[-1:], cursor, page.start)
         return fresh[-1:]
+
+    # ------------------------------------------------------------------ history
+
+    async def history(self, session: SessionRecord, handle: int, start: int | None,
+                      count: int) -> tuple[int | None, list[StoredMessage]]:
+        """A page of ``|count|`` messages before (count < 0; ``start`` None: now) or after the event
+        reference ``start``, oldest first, each with its reference in ``cursor``; and the reference
+        the next page that way starts from (None: this one reached the room's start, or its newest).
+
+        Numbered messages come from the store; forward past the newest, the room is walked on
+        (without re-anchoring: nothing is skipped); before the kept ones, or from a historic
+        reference, pages come from the homeserver and get references (`Store.reference`).
+        """
+        record = await self.room(session, handle)
+        historic = start is not None and start > HISTORIC_FLOOR
+        if start is not None and (historic or start > record.last_cursor):
+            await self.event_id(session, handle, start)  # 4.04 before anything reaches the homeserver
+        if count > 0:
+            return await self._forward(session, record, start, count, historic)
+        if start is None:
+            await self.advance(session, handle)
+            start = MAX_STORED_NUMBER
+        page = [] if historic else await self.store.messages_around(session.id, handle, start, count)
+        if len(page) == -count:
+            return page[0].cursor, page
+        anchor = page[0].event_id if page else await self.store.event_id_at(session.id, handle, start)
+        if anchor is None and start != MAX_STORED_NUMBER:
+            raise NotFound("event reference out of the kept window")
+        more, older = await self._homeserver_page(session, record, anchor, count + len(page))
+        page = older + page
+        return (page[0].cursor if more and page else None), page
+
+    async def _forward(self, session: SessionRecord, record: RoomRecord, start: int | None, count: int,
+                       historic: bool) -> tuple[int | None, list[StoredMessage]]:
+        assert start is not None
+        if historic:
+            more, page = await self._homeserver_page(session, record, await self.event_id(
+                session, record.handle, start), count)
+            return (page[-1].cursor if more and page else None), page
+        page = await self.store.messages_around(session.id, record.handle, start, count + 1)
+        if len(page) <= count:
+            await self.advance(session, record.handle, reanchor=False)
+            page = await self.store.messages_around(session.id, record.handle, start, count + 1)
+        more = len(page) > count
+        page = page[:count]
+        return (page[-1].cursor if more else None), page
+
+    async def _homeserver_page(self, session: SessionRecord, record: RoomRecord, anchor: str | None,
+                               count: int) -> tuple[bool, list[StoredMessage]]:
+        """``|count|`` messages before (count < 0) or after the event ``anchor`` (None: the room's
+        end), oldest first, referenced; and whether the homeserver has more that way."""
+        token = session.access_token
+        position: str | None = None
+        if anchor is not None:
+            around = await self.matrix.request(api.context(token, record.room_id, anchor))
+            position = around.get("start" if count < 0 else "end")
+            if not isinstance(position, str):
+                raise InvalidResponse("context: no pagination token")
+        wanted = abs(count)
+        events: list[Event] = []
+        more = True  # unless the homeserver says it has no more (a short chunk alone does not)
+        for _ in range(MAX_WALK_PAGES):
+            page = parse_messages(await self.matrix.request(api.last_messages(  # one more: is there more?
+                token, record.room_id, limit=wanted + 1 - len(events), from_token=position,
+                dir="b" if count < 0 else "f")))
+            events += page.events
+            if len(events) > wanted or page.end is None:
+                more = len(events) > wanted
+                break
+            position = page.end
+        deliverable = self._deliverable(session, record.room_id)  # history too: allowed senders only
+        usable = [_stored(0, event) for event in events[:wanted] if deliverable(event)]
+        # Backward pages arrive newest first and are referenced so: historic references go down with time.
+        referenced = await self.store.reference(session.id, record.handle, usable)
+        if count < 0:
+            referenced.reverse()
+        return more, referenced
 
     async def timeline_arrived(self, session: SessionRecord, handle: int, events: Sequence[Event],
                                position: str) -> list[StoredMessage]:
@@ -478,7 +629,8 @@ class CompactService:
                 return await self._advance(session, handle)
             known = await self.store.known_event_ids(session.id, handle)
             fresh: list[StoredMessage] = []
-            cursor = _number(events, known, record.last_cursor, fresh)
+            events = await self.matrix.decrypt(session.access_token, record.room_id, events)
+            cursor = _number(events, known, record.last_cursor, fresh, self._deliverable(session, record.room_id))
             if fresh:
                 await self.store.advance_timeline(session.id, handle, fresh, cursor, position)
             log.debug("Room handle {handle} of compact session {id}: {count} numbered from /sync",
@@ -580,6 +732,10 @@ class CompactService:
         arrivals = {pair: candidates for pair in self._fed_rooms.get(room_id, {}).items()}  # as it is now
         for session_id, (handle, end) in ended.items():
             arrivals[(session_id, handle)] = [message for index, message in indexed if index < end]
+        for (session_id, handle), messages in arrivals.items():
+            fed = self._fed.get(session_id)
+            allowed = self._sender_allowed(fed, room_id) if fed is not None else lambda sender: False
+            arrivals[(session_id, handle)] = [message for message in messages if allowed(message.sender)]
         pairs = sorted(arrivals)
         locks = [self._lock(session_id, handle) for session_id, handle in pairs]
         for lock in locks:
@@ -684,6 +840,7 @@ class CompactService:
         while not loop.stopped:
             try:
                 sync = await self._sync(loop, since)
+                await self._crypto_news(session, sync)
                 joined = sync.body.get("rooms", {}).get("join", {}) if isinstance(sync.body, Mapping) else {}
                 timelines: dict[str, tuple[Sequence[Event], str]] = {}
                 if since is None:
@@ -722,6 +879,19 @@ class CompactService:
             del self._loops[session.id]
 
 
+    async def _crypto_news(self, session: SessionRecord, sync: SyncResponse) -> None:
+        """Hand a /sync answer's to-device events and key news to E2EE (they are the device's only copy)."""
+        try:
+            await self.matrix.sync_arrived(session.access_token, sync.body)
+        except defer.CancelledError:
+            raise
+        except (HomeserverError, ServiceUnavailable) as error:
+            log.info("Compact session {id}: E2EE news of a /sync not taken: {error}", id=session.id,
+                     error=_describe(error))
+        except Exception:
+            log.failure("Compact session {id}: E2EE news of a /sync not taken", id=session.id)
+
+
 def _complete_timeline(timeline: Mapping[str, Any]) -> list[Event] | None:
     """The events of a /sync room timeline that holds everything since the last /sync, else None."""
     if timeline.get("limited") is not False:  # limited, or a server that does not say: walk
@@ -737,10 +907,11 @@ def _describe(error: Exception) -> str:
     return str(error) if isinstance(error, MatrixError) else type(error).__name__
 
 
-def _number(events: Sequence[Event], known: set[str], cursor: int, fresh: list[StoredMessage]) -> int:
-    """Number the usable events not in ``known`` after ``cursor`` into ``fresh``; the last cursor."""
+def _number(events: Sequence[Event], known: set[str], cursor: int, fresh: list[StoredMessage],
+            deliverable: Callable[[Event], bool]) -> int:
+    """Number the deliverable events not in ``known`` after ``cursor`` into ``fresh``; the last cursor."""
     for event in events:
-        if _usable(event) and event.event_id not in known:
+        if deliverable(event) and event.event_id not in known:
             cursor += 1
             known.add(event.event_id)
             fresh.append(_stored(cursor, event))
@@ -749,5 +920,6 @@ def _number(events: Sequence[Event], known: set[str], cursor: int, fresh: list[S
 
 def _stored(cursor: int, event: Event) -> StoredMessage:
     body = event.content.get("body")
+    msgtype = event.content.get("msgtype")
     return StoredMessage(cursor, event.event_id, event.sender, body if isinstance(body, str) else "",
-                         event.origin_server_ts)
+                         event.origin_server_ts, msgtype if isinstance(msgtype, str) else "m.text")

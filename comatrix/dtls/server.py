@@ -280,11 +280,12 @@ class DtlsProtocol(DatagramProtocol):
 
 
 def listen_dtls(coap: Any, psk_for: Callable[[str], bytes | None], settings: DtlsSettings,
-                host: str, port: int, reactor: Any = None) -> Any:
+                host: str, port: int, reactor: Any = None, adopt: Any = None) -> Any:
     """Serve ``coap`` over DTLS on ``host``/``port``; returns the listening port.
 
+    ``adopt``: a socket bound already (a worker's share of the port, `transport.bind_shared`).
     Raises ``CannotListenError`` when the port cannot be bound and `DtlsUnavailable`
     when libssl is missing.
     """
     protocol = DtlsProtocol(coap, psk_for, settings, reactor=reactor)
-    return transport.listen(protocol, host, port, protocol.reactor)
+    return transport.listen(protocol, host, port, protocol.reactor, adopt)

@@ -29,9 +29,12 @@ __all__ = [
     "context",
     "create_room",
     "deactivate",
+    "displayname",
     "kick",
-    "react",
+    "reaction_content",
     "redact",
+    "receipt",
+    "relations",
     "room_messages",
     "room_members",
     "shared_secret_nonce",
@@ -42,6 +45,10 @@ __all__ = [
     "invite",
     "join",
     "joined_rooms",
+    "keys_claim",
+    "keys_query",
+    "keys_upload",
+    "send_to_device",
     "last_messages",
     "leave",
     "login_password",
@@ -55,6 +62,7 @@ __all__ = [
     "register_appservice_user",
     "set_displayname",
     "sync",
+    "thumbnail",
     "versions",
     "whoami",
 ]
@@ -149,6 +157,8 @@ class MatrixRequest:
     #: A body that is not JSON (a media upload) and its Content-Type; ``body`` is then None.
     raw: bytes | None = field(default=None, repr=False)
     content_type: str | None = None
+    #: The answer is not JSON (media): the transport gives ``{"content": bytes, "content_type": str}``.
+    binary_answer: bool = False
 
     def url(self, base_url: str) -> str:
         """The full URL under ``base_url``; every path segment is percent-encoded."""
@@ -243,6 +253,11 @@ def register_appservice_user(as_token: str, localpart: str) -> MatrixRequest:
 def set_displayname(token: str, user_id: str, displayname: str) -> MatrixRequest:
     """``PUT /profile/{userId}/displayname``."""
     return MatrixRequest("PUT", _v3("profile", user_id, "displayname"), (), {"displayname": displayname}, token)
+
+
+def displayname(token: str, user_id: str) -> MatrixRequest:
+    """``GET /profile/{userId}/displayname``."""
+    return MatrixRequest("GET", _v3("profile", user_id, "displayname"), (), None, token)
 
 
 def deactivate(token: str) -> MatrixRequest:
@@ -382,10 +397,24 @@ def redact(token: str, room_id: str, event_id: str, txn_id: str, reason: str | N
     return MatrixRequest("PUT", _v3("rooms", room_id, "redact", event_id, txn_id), (), body, token)
 
 
-def react(token: str, room_id: str, event_id: str, key: str, txn_id: str) -> MatrixRequest:
-    """An ``m.reaction`` annotation of ``event_id`` with ``key`` (an emoji)."""
-    content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
-    return send_event(token, room_id, "m.reaction", txn_id, content)
+def reaction_content(event_id: str, key: str) -> JsonDict:
+    """The content of an ``m.reaction`` annotation of ``event_id`` with ``key`` (an emoji)."""
+    return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+
+
+def receipt(token: str, room_id: str, event_id: str, receipt_type: str = "m.read") -> MatrixRequest:
+    """``POST /rooms/{roomId}/receipt/{receiptType}/{eventId}``: read up to ``event_id``."""
+    return MatrixRequest("POST", _v3("rooms", room_id, "receipt", receipt_type, event_id), (), {}, token)
+
+
+def relations(token: str, room_id: str, event_id: str, rel_type: str, event_type: str, *,
+              from_token: str | None = None, limit: int = 50) -> MatrixRequest:
+    """``GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}``: one page."""
+    query: tuple[tuple[str, str], ...] = (("limit", str(limit)),)
+    if from_token is not None:
+        query += (("from", from_token),)
+    path = ("_matrix", "client", "v1", "rooms", room_id, "relations", event_id, rel_type, event_type)
+    return MatrixRequest("GET", path, query, access_token=token)
 
 
 def kick(token: str, room_id: str, user_id: str, reason: str | None = None) -> MatrixRequest:
@@ -406,6 +435,46 @@ def upload(token: str, data: bytes, content_type: str, filename: str | None = No
     query = (("filename", filename),) if filename else ()
     return MatrixRequest("POST", ("_matrix", "media", "v3", "upload"), query, None, token, raw=data,
                          content_type=content_type)
+
+
+def thumbnail(token: str, mxc: str, width: int, height: int, method: str = "scale") -> MatrixRequest:
+    """``GET /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}`` (authenticated media)."""
+    server, _, media_id = mxc.removeprefix("mxc://").partition("/")
+    query = (("width", str(width)), ("height", str(height)), ("method", method))
+    return MatrixRequest("GET", ("_matrix", "client", "v1", "media", "thumbnail", server, media_id), query, None,
+                         token, binary_answer=True)
+
+
+def keys_upload(token: str, *, device_keys: Mapping[str, Any] | None = None,
+                one_time_keys: Mapping[str, Any] | None = None) -> MatrixRequest:
+    """``POST /keys/upload``: the device's identity keys and/or signed one-time keys."""
+    body: JsonDict = {}
+    if device_keys is not None:
+        body["device_keys"] = dict(device_keys)
+    if one_time_keys:
+        body["one_time_keys"] = dict(one_time_keys)
+    return MatrixRequest("POST", _v3("keys", "upload"), (), body, token)
+
+
+def keys_query(token: str, user_ids: Iterable[str]) -> MatrixRequest:
+    """``POST /keys/query``: every device (and its keys) of ``user_ids``."""
+    body: JsonDict = {"device_keys": {user: [] for user in user_ids}, "timeout": 10000}
+    return MatrixRequest("POST", _v3("keys", "query"), (), body, token)
+
+
+def keys_claim(token: str, devices: Mapping[str, Iterable[str]],
+               algorithm: str = "signed_curve25519") -> MatrixRequest:
+    """``POST /keys/claim``: one one-time key of each device (user id -> device ids)."""
+    body: JsonDict = {"one_time_keys": {user: {device: algorithm for device in ids}
+                                        for user, ids in devices.items()}, "timeout": 10000}
+    return MatrixRequest("POST", _v3("keys", "claim"), (), body, token)
+
+
+def send_to_device(token: str, event_type: str, txn_id: str,
+                   messages: Mapping[str, Mapping[str, Any]]) -> MatrixRequest:
+    """``PUT /sendToDevice/{eventType}/{txnId}``: user id -> device id -> content."""
+    body: JsonDict = {"messages": {user: dict(devices) for user, devices in messages.items()}}
+    return MatrixRequest("PUT", _v3("sendToDevice", event_type, txn_id), (), body, token)
 
 
 _ADMIN_REGISTER = ("_synapse", "admin", "v1", "register")

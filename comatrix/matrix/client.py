@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 
 
@@ -40,7 +40,29 @@ from comatrix.matrix.responses import (
 )
 from comatrix.matrix.transport import MatrixTransport
 
-__all__ = ["MatrixClient", "check_room_reference"]
+__all__ = ["ENCRYPTED_TYPE", "MatrixClient", "RoomCrypto", "check_room_reference"]
+
+#: The event type of every end-to-end encrypted room event.
+ENCRYPTED_TYPE = "m.room.encrypted"
+
+
+class RoomCrypto(Protocol):
+    """End-to-end encryption of room events, done for the acting token's Matrix device
+    (`comatrix.e2ee` installs one in `MatrixClient.crypto`)."""
+
+    async def outgoing(self, token: str, room_id: str, event_type: str,
+                       content: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+        """The event to send instead (encrypted in an encrypted room), or a CoAP error refusing it."""
+
+    async def incoming(self, token: str, room_id: str, events: Sequence[Event]) -> list[Event]:
+        """``events`` with the encrypted ones decrypted or marked undecryptable, never dropped."""
+
+    async def ready(self, token: str) -> None:
+        """Make sure the token's device has its keys on the homeserver (others can then encrypt for it)."""
+
+    async def sync_arrived(self, token: str, body: Mapping[str, Any]) -> None:
+        """A /sync answer of the token's device: its to-device events, device list changes, key counts."""
+
 
 log = get_logger(__name__)
 
@@ -132,11 +154,30 @@ class MatrixClient:
         self._reactor = reactor
         self._aliases = _AliasCache(alias_cache_ttl, alias_cache_size, reactor)
         self._max_message_pages = max_message_pages
+        #: End-to-end encryption (None: events go out and come in as they are).
+        self.crypto: RoomCrypto | None = None
 
     async def request(self, req: MatrixRequest) -> dict[str, Any]:
         """Send any request (pass-through); return the JSON object of the 2xx answer."""
         _status, body = await self.transport.request(req)
         return body
+
+    def readable_types(self, types: Iterable[str]) -> tuple[str, ...]:
+        """The event types to ask for when ``types`` are wanted: messages may arrive encrypted."""
+        wanted = tuple(types)
+        if self.crypto is not None and "m.room.message" in wanted and ENCRYPTED_TYPE not in wanted:
+            wanted += (ENCRYPTED_TYPE,)
+        return wanted
+
+    async def decrypt(self, token: str, room_id: str, events: Sequence[Event]) -> list[Event]:
+        """``events`` as the device reads them (see `RoomCrypto.incoming`)."""
+        if self.crypto is None or not any(event.type == ENCRYPTED_TYPE for event in events):
+            return list(events)
+        return await self.crypto.incoming(token, room_id, events)
+
+    async def sync_arrived(self, token: str, body: Mapping[str, Any]) -> None:
+        if self.crypto is not None:
+            await self.crypto.sync_arrived(token, body)
 
     async def versions(self) -> dict[str, Any]:
         return await self.request(api.versions())
@@ -231,15 +272,29 @@ class MatrixClient:
         room_id = parse_join(await self.request(api.join(token, target or room, via=via)))
         if room[0] == "#":
             self._aliases.put(room, room_id)
+        if self.crypto is not None:
+            await self._crypto_ready(token)
         return room_id
+
+    async def _crypto_ready(self, token: str) -> None:
+        """Publish the device's keys after a join, so members can encrypt for it; the join stands
+        whatever happens (a later send or read tries again)."""
+        assert self.crypto is not None
+        try:
+            await self.crypto.ready(token)
+        except defer.CancelledError:
+            raise
+        except Exception as error:
+            log.info("E2EE keys of a device not published after its join: {error}", error=type(error).__name__)
 
     async def leave(self, token: str, room_id: str) -> None:
         await self.request(api.leave(token, room_id))
 
     async def last_message(
-        self, token: str, room_id: str, *, types: Iterable[str] = ("m.room.message",)
+        self, token: str, room_id: str, *, types: Iterable[str] = ("m.room.message",),
+        senders: Callable[[str], bool] | None = None,
     ) -> Event | None:
-        """The latest event of ``types`` in the room, or None if there is none.
+        """The latest event of ``types`` in the room (of a sender ``senders`` allows), or None if there is none.
 
         State events and redacted events are skipped.  A filtered page may be
         empty without being the end (facts §5), so pages backwards until a
@@ -252,12 +307,13 @@ class MatrixClient:
             page = parse_messages(
                 await self.request(
                     api.last_messages(
-                        token, room_id, limit=limit, types=type_list, from_token=from_token
+                        token, room_id, limit=limit, types=self.readable_types(type_list), from_token=from_token
                     )
                 )
             )
-            for event in page.events:  # dir=b: newest first
-                if event.type in type_list and not event.is_state and not event.is_redacted:
+            for event in await self.decrypt(token, room_id, page.events):  # dir=b: newest first
+                if event.type in type_list and not event.is_state and not event.is_redacted and (
+                        senders is None or senders(event.sender)):
                     return event
             if page.end is None or page.end == from_token:
                 return None
@@ -275,7 +331,10 @@ class MatrixClient:
         txn_id: str,
         event_type: str = "m.room.message",
     ) -> str:
-        """Send an event; retrying with the same ``txn_id`` never duplicates it.  Returns the event id."""
+        """Send an event (encrypted in an encrypted room); retrying with the same ``txn_id`` never
+        duplicates it.  Returns the event id."""
+        if self.crypto is not None:
+            event_type, content = await self.crypto.outgoing(token, room_id, event_type, content)
         return parse_send(
             await self.request(api.send_event(token, room_id, event_type, txn_id, content))
         )
@@ -351,10 +410,29 @@ class MatrixClient:
         return parse_send(await self.request(api.send_state_event(token, room_id, "m.room.name", {"name": name})))
 
     async def react(self, token: str, room_id: str, event_id: str, key: str, txn_id: str) -> str:
-        return parse_send(await self.request(api.react(token, room_id, event_id, key, txn_id)))
+        """An ``m.reaction`` annotation (encrypted in an encrypted room, its relation in the clear)."""
+        return await self.send_message(token, room_id, api.reaction_content(event_id, key), txn_id,
+                                       event_type="m.reaction")
 
     async def redact(self, token: str, room_id: str, event_id: str, txn_id: str, reason: str | None = None) -> str:
         return parse_send(await self.request(api.redact(token, room_id, event_id, txn_id, reason)))
+
+    async def read_receipt(self, token: str, room_id: str, event_id: str) -> None:
+        await self.request(api.receipt(token, room_id, event_id))
+
+    async def reactions(self, token: str, room_id: str, event_id: str, *, pages: int = 4) -> list[dict[str, Any]]:
+        """The ``m.reaction`` annotations of ``event_id`` (raw events; at most ``pages`` pages of 50)."""
+        found: list[dict[str, Any]] = []
+        position: str | None = None
+        for _ in range(pages):
+            body = await self.request(api.relations(token, room_id, event_id, "m.annotation", "m.reaction",
+                                                    from_token=position))
+            chunk = body.get("chunk")
+            found += [event for event in chunk if isinstance(event, dict)] if isinstance(chunk, list) else []
+            position = body.get("next_batch")
+            if not isinstance(position, str) or not position:
+                break
+        return found
 
     async def kick(self, token: str, room_id: str, user_id: str, reason: str | None = None) -> None:
         await self.request(api.kick(token, room_id, user_id, reason))

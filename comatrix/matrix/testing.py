@@ -86,9 +86,14 @@ class FakeHomeserver(Resource):
         self.aliases: dict[str, str] = {}
         self.uia_sessions: set[str] = set()
         self.txns: dict[tuple[str, str, str, str], str] = {}
+        #: Read receipts: (room id, user id) -> (receipt type, event id).
+        self.receipts: dict[tuple[str, str], tuple[str, str]] = {}
         self.hanging: list[Request] = []
         #: Application services: as_token -> the user regex of their namespace (`add_appservice`).
         self.appservices: dict[str, str] = {}
+        #: Uploaded media: media id -> (content, content type); profiles: user id -> fields.
+        self.media: dict[str, tuple[bytes, str]] = {}
+        self.profiles: dict[str, dict[str, str]] = {}
         self._scripts: list[tuple[str, tuple[str, ...], ScriptedAnswer | None]] = []
         self._counter = itertools.count(1)
         self._ts = itertools.count(1_700_000_000_000, 1000)
@@ -172,6 +177,10 @@ class FakeHomeserver(Resource):
                 for k, v in answer.headers.items():
                     request.setHeader(k, v)
                 return answer.body
+        if segments[:5] == ("_matrix", "client", "v1", "media", "thumbnail") and len(segments) == 7:
+            return self._thumbnail(request, segments[6])
+        if segments[:4] == ("_matrix", "media", "v3", "upload"):
+            body = raw_body
         try:
             status, reply = 200, self._dispatch(method, segments, query, request, body)
         except _Reply as r:
@@ -205,6 +214,15 @@ class FakeHomeserver(Resource):
                   request: Request, body: Any) -> dict[str, Any]:
         if path == ("_matrix", "client", "versions"):
             return {"versions": ["v1.11", "v1.12"], "unstable_features": {}}
+        if path[:3] == ("_matrix", "client", "v1") and len(path) == 9 and path[5] == "relations" and method == "GET":
+            self._auth(request)
+            return self._relations(path[4], *path[6:])
+        if path == ("_matrix", "media", "v3", "upload") and method == "POST" and isinstance(body, bytes):
+            self._auth(request)
+            media_id = f"m{next(self._counter)}"
+            content_type = (request.getHeader(b"Content-Type") or b"application/octet-stream").decode("latin-1")
+            self.media[media_id] = (body, content_type)
+            return {"content_uri": f"mxc://{self.server_name}/{media_id}"}
         if path[:3] != ("_matrix", "client", "v3"):
             raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
         route = path[3:]
@@ -248,9 +266,36 @@ class FakeHomeserver(Resource):
             self.members[room_id].add(user_id)
             self.add_event(room_id, user_id, "m.room.member", {"membership": "join"}, user_id)
             return {"room_id": room_id}
+        if route[:1] == ("profile",) and len(route) == 3:
+            return self._profile(method, route[1], route[2], user_id, body)
         if route[:1] == ("rooms",) and len(route) >= 3:
             return self._room(method, route[1], route[2:], query, user_id, token, device, body)
         raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+    def _profile(self, method: str, user: str, field: str, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        if method == "PUT":
+            if user != user_id:
+                raise _err(403, "M_FORBIDDEN", "Cannot set another user's profile")
+            self.profiles.setdefault(user, {})[field] = body[field]
+            return {}
+        value = self.profiles.get(user, {}).get(field)
+        if value is None:
+            raise _err(404, "M_NOT_FOUND", "Profile field not set")
+        return {field: value}
+
+    def _thumbnail(self, request: Request, media_id: str) -> bytes:
+        """The media itself stands in for its thumbnail (authenticated, as Synapse's)."""
+        try:
+            self._auth(request)
+        except _Reply as r:
+            request.setResponseCode(r.status)
+            return json.dumps(r.body).encode("utf-8")
+        if media_id not in self.media:
+            request.setResponseCode(404)
+            return json.dumps({"errcode": "M_NOT_FOUND", "error": "Not found"}).encode("utf-8")
+        content, content_type = self.media[media_id]
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        return content
 
     def _register(self, body: dict[str, Any]) -> dict[str, Any]:
         auth = body.get("auth")
@@ -300,6 +345,14 @@ class FakeHomeserver(Resource):
             if key not in self.txns:
                 self.txns[key] = self.add_event(room_id, user_id, rest[1], body)
             return {"event_id": self.txns[key]}
+        if rest[0] == "redact" and len(rest) == 3 and method == "PUT":
+            key = (device, room_id, "redact/" + rest[1], rest[2])
+            if key not in self.txns:
+                self.txns[key] = self._redact(room_id, user_id, rest[1], body)
+            return {"event_id": self.txns[key]}
+        if rest[0] == "receipt" and len(rest) == 3 and method == "POST":
+            self.receipts[(room_id, user_id)] = (rest[1], rest[2])
+            return {}
         if rest == ("messages",) and method == "GET":
             return self._messages(room_id, query)
         if rest[0] == "context" and len(rest) == 2 and method == "GET":
@@ -310,6 +363,25 @@ class FakeHomeserver(Resource):
             return {"event": event, "events_before": [], "events_after": [], "state": [],
                     "start": f"t{positions[0]}", "end": f"t{positions[0] + 1}"}
         raise _err(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+    def _redact(self, room_id: str, user_id: str, event_id: str, body: dict[str, Any]) -> str:
+        """An ``m.room.redaction`` of ``event_id``; the event loses its content."""
+        for event in self.rooms[room_id]:
+            if event["event_id"] == event_id:
+                event["content"] = {}
+                event["unsigned"]["redacted_because"] = {"sender": user_id}
+        redaction = self.add_event(room_id, user_id, "m.room.redaction", dict(body))
+        self.rooms[room_id][-1]["redacts"] = event_id
+        return redaction
+
+    def _relations(self, room_id: str, event_id: str, rel_type: str, event_type: str) -> dict[str, Any]:
+        """``/relations``: the live events of ``event_type`` relating to ``event_id`` by ``rel_type``."""
+        if room_id not in self.rooms:
+            raise _err(404, "M_NOT_FOUND", "Unknown room")
+        chunk = [event for event in self.rooms[room_id] if event["type"] == event_type
+                 and event["content"].get("m.relates_to", {}).get("event_id") == event_id
+                 and event["content"]["m.relates_to"].get("rel_type") == rel_type]
+        return {"chunk": chunk}
 
     def state_events(self, room_id: str, event_type: str) -> dict[str, dict[str, Any]]:
         """The current state events of ``event_type`` in the room, by state key."""

@@ -286,7 +286,7 @@ class MatrixTransport:
         the call was asked for in.
         """
         url = req.url(self.base_url)
-        raw_headers = {b"Accept": [b"application/json"], b"User-Agent": [_USER_AGENT]}
+        raw_headers = {b"Accept": [b"*/*" if req.binary_answer else b"application/json"], b"User-Agent": [_USER_AGENT]}
         raw_headers.update(self._forwarded(device))
         if req.access_token is not None:
             try:
@@ -397,6 +397,10 @@ class MatrixTransport:
         self, response: Any, raw: bytes, req: MatrixRequest, where: str
     ) -> tuple[int, dict[str, Any]]:
         status = int(response.code)
+        if req.binary_answer and 200 <= status < 300:
+            content_type = response.headers.getRawHeaders(b"Content-Type") or [b"application/octet-stream"]
+            log.debug("{where} -> {status}, {size} bytes", where=where, status=status, size=len(raw))
+            return status, {"content": raw, "content_type": content_type[0].decode("latin-1")}
         body = _decode_json(raw)
         if 200 <= status < 300:
             if body is None:

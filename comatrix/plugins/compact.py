@@ -1,5 +1,6 @@
-"""The compact device profile's resources: ``/+ /- /x /w /v /z``, and for rooms and membership
-``/* /y /@ /~ /! /&`` (``docs/protocol.rst``).
+"""The compact device profile's resources: ``/+ /- /x /w /v /z``, for rooms and membership
+``/* /y /@ /~ /! /&``, for reactions, redactions and read receipts ``/) /_ /,``, and history ``/(``
+(``docs/protocol.rst``).
 
 One character per path, positional CBOR bodies, an 8-byte session handle
 instead of the access token, small room handles instead of room ids: every
@@ -14,7 +15,10 @@ Settings (``[plugins.compact]`` in the config file)::
 
 How many sessions a device may hold and how long an unused one lives are
 ``[limits]`` settings (``max_sessions_per_device``, ``max_sessions``,
-``session_idle_timeout``): see `comatrix.compact.service`.
+``session_idle_timeout``): see `comatrix.compact.service`.  Whose messages a session's
+watches and history deliver is the ``allowed_senders`` of the ``[[devices]]`` entry the
+session was opened through (by its security identity, else its address), per room where
+the entry's ``rooms`` table names one; without either, users of the session user's own server.
 """
 
 from __future__ import annotations
@@ -30,22 +34,30 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code
 from comatrix.coap.resource import CoapResource, LinkAttributes
 from comatrix.compact import codec
-from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, CreateRequest, HandleRequest,
-                                    JoinRequest, LoginRequest, Message, MessagesRequest, RoomRequest, SendRequest,
+from comatrix.compact.codec import (CONTENT_FORMAT, PATHS, RESOURCE_TYPES, CreateRequest, EventRequest,
+                                    HandleRequest, HistoryEvent, HistoryPage, HistoryRequest, JoinRequest,
+                                    LoginRequest, Message, MessagesRequest, ReactRequest, RoomRequest, SendRequest,
                                     SetRoomRequest, UserRequest)
-from comatrix.compact.rooms import RoomOperations
+from comatrix.compact.relations import RelationOperations
+from comatrix.compact.rooms import RoomOperations, short_user
 from comatrix.compact.service import CompactService, handle_hash
-from comatrix.config import ConfigError
+from comatrix.config import ConfigError, DeviceCredentials
+from comatrix.credentials import Credentials
 from comatrix.errors import COMPACT_DIAGNOSTIC_BYTES, matrix_error_response
 from comatrix.identity import device_of
 from comatrix.interfaces import PluginContext
+from comatrix.logs import get_logger
 from comatrix.longpoll import long_poller
 from comatrix.matrix.errors import MatrixError
 from comatrix.resources import MatrixResource, ResourcePlugin
 from comatrix.store import SessionRecord, Store, StoredMessage
 
+log = get_logger(__name__)
+
 #: Key of the shared `CompactService` in ``PluginContext.state``.
 STATE_KEY = "compact"
+#: ``[[devices]]`` entries whose allowed_senders are logged one by one at start (the rest are counted).
+MAX_LOGGED_ENTRIES = 20
 SETTINGS_NAME = "compact"
 
 
@@ -70,6 +82,8 @@ def compact_service(context: PluginContext) -> CompactService:
                              acting=context.credentials.acting_token if events is not None else None)
     if events is not None:
         events.subscribe(service.rooms_arrived)  # watches of device users are fed by transactions
+    service.allowed_senders = functools.partial(_allowed_senders, context.credentials)
+    _log_allowed_senders(context.config.devices)
     context.state[STATE_KEY] = service
     add_trigger = getattr(context.reactor, "addSystemEventTrigger", None)
     if add_trigger is not None:
@@ -77,6 +91,28 @@ def compact_service(context: PluginContext) -> CompactService:
         add_trigger("after", "startup", service.start_expiry)
         add_trigger("before", "shutdown", service.stop)
     return service
+
+
+def _allowed_senders(credentials: Credentials, session: SessionRecord, room_id: str) -> Sequence[str] | None:
+    """The ``allowed_senders`` of the entry ``session`` was opened through, in ``room_id``."""
+    entry = credentials.entry_for_binding(session.peer_host)
+    return entry.senders_in(room_id) if entry is not None else None
+
+
+def _log_allowed_senders(devices: Sequence[DeviceCredentials]) -> None:
+    """Say at start whose messages reach devices (the default, and each entry that sets its own)."""
+    configured = [device for device in devices if device.allowed_senders is not None or device.room_senders]
+    log.info("Compact watches and history deliver a device's own messages and those of users of its own "
+             "server, unless its [[devices]] entry sets allowed_senders ({count} of {total} do)",
+             count=len(configured), total=len(devices))
+    for device in configured[:MAX_LOGGED_ENTRIES]:
+        log.info("Device {label}: allowed_senders {senders}{rooms}", label=device.label,
+                 senders=list(device.allowed_senders) if device.allowed_senders is not None else "(own server)",
+                 rooms="".join(f"; in {room}: {list(patterns)}" for room, patterns in device.room_senders))
+    for device in configured:
+        if "*" in (device.allowed_senders or ()) or any("*" in patterns for _room, patterns in device.room_senders):
+            log.warn("Device {label}: allowed_senders \"*\": messages of anyone in its rooms reach it",
+                     label=device.label)
 
 
 def _link(op: str, title: str, *, obs: bool = False) -> LinkAttributes:
@@ -166,13 +202,26 @@ class JoinResource(CompactResource):
 
 
 class SendResource(CompactResource):
-    link = _link("send", "Compact send: [handle, room, seq, body]")
+    link = _link("send", "Compact send: [handle, room, seq, body(, kind(, reply-to(, replaces)))] -> reference")
 
     async def render_POST(self, request: Request) -> Response:
         send = SendRequest.decode(self.payload(request))
         session = await self.service.session(send.handle, request.peer, request.security)
-        await self.service.send(session, send.room, send.seq, send.body)
-        return Response(code=Code.CHANGED)
+        reference = await self.service.send(session, send.room, send.seq, send.body, send.kind, send.reply_to,
+                                            send.replaces)
+        return _cbor(codec.encode_uint(reference), Code.CHANGED)
+
+
+class HistoryResource(CompactResource):
+    link = _link("history", "Compact history: [handle, room, from, count] -> [next, [ref, sender, body, ts]...]")
+
+    async def render_FETCH(self, request: Request) -> Response:
+        fetch = HistoryRequest.decode(self.payload(request))
+        session = await self.service.session(fetch.handle, request.peer, request.security)
+        following, messages = await self.service.history(session, fetch.room, fetch.start, fetch.count)
+        events = tuple(HistoryEvent(message.cursor, short_user(message.sender, session.user_id), message.body,
+                                    message.ts // 1000, message.msgtype) for message in messages)
+        return _cbor(codec.encode_history(HistoryPage(following, events)), Code.CONTENT)
 
 
 def _device_message(message: StoredMessage | None) -> bytes:
@@ -365,6 +414,44 @@ class MembersResource(RoomsResource):
         return _cbor(codec.encode_users(await self.rooms.members(session, int(fetch.room))), Code.CONTENT)
 
 
+class RelationsResource(CompactResource):
+    """Base of the react, redact and read resources (`comatrix.compact.relations`)."""
+
+    def __init__(self, context: PluginContext) -> None:
+        super().__init__(context)
+        self.relations = RelationOperations(self.service)
+
+
+class ReactResource(RelationsResource):
+    link = _link("react", "Compact react: [handle, room, ref, key(, remove)]")
+
+    async def render_POST(self, request: Request) -> Response:
+        react = ReactRequest.decode(self.payload(request))
+        session = await self.service.session(react.handle, request.peer, request.security)
+        await self.relations.react(session, react.room, react.ref, react.key, remove=react.remove)
+        return Response(code=Code.CHANGED)
+
+
+class RedactResource(RelationsResource):
+    link = _link("redact", "Compact redact: [handle, room, ref(, reason)]")
+
+    async def render_POST(self, request: Request) -> Response:
+        redact = EventRequest.decode(self.payload(request), reason=True)
+        session = await self.service.session(redact.handle, request.peer, request.security)
+        await self.relations.redact(session, redact.room, redact.ref, redact.reason)
+        return Response(code=Code.CHANGED)
+
+
+class ReadResource(RelationsResource):
+    link = _link("read", "Compact read receipt: [handle, room, ref]")
+
+    async def render_POST(self, request: Request) -> Response:
+        read = EventRequest.decode(self.payload(request))
+        session = await self.service.session(read.handle, request.peer, request.security)
+        await self.relations.read(session, read.room, read.ref)
+        return Response(code=Code.CHANGED)
+
+
 class TimeResource(CoapResource):
     """GET -> Unix seconds as a CBOR uint (seeds the device's seq counter)."""
 
@@ -390,3 +477,7 @@ compact_invite = ResourcePlugin("compact-invite", (PATHS["invite"],), InviteReso
 compact_leave = ResourcePlugin("compact-leave", (PATHS["leave"],), LeaveResource)
 compact_kick = ResourcePlugin("compact-kick", (PATHS["kick"],), KickResource)
 compact_members = ResourcePlugin("compact-members", (PATHS["members"],), MembersResource)
+compact_react = ResourcePlugin("compact-react", (PATHS["react"],), ReactResource)
+compact_redact = ResourcePlugin("compact-redact", (PATHS["redact"],), RedactResource)
+compact_read = ResourcePlugin("compact-read", (PATHS["read"],), ReadResource)
+compact_history = ResourcePlugin("compact-history", (PATHS["history"],), HistoryResource)

@@ -2,7 +2,8 @@
 
 join:   POST, room in Proxy-Uri ``/K/<room>`` (or ``/L/<room>``) or CBOR ``{room_id}`` -> 2.04 ``{room_id}``
 getmsg: GET, room in Proxy-Uri ``/E/<room>`` -> 2.05 ``{sender, body}`` as the original gateway answered
-        (one 802.15.4 frame); ``?room=<room>`` -> 2.05 ``{sender, body, event_id, origin_server_ts}``
+        (one 802.15.4 frame); ``?room=<room>`` -> 2.05 ``{sender, body, event_id, origin_server_ts}``;
+        a device acting through a ``[[devices]]`` entry gets the latest message of its ``allowed_senders``
 send:   POST/PUT, Proxy-Uri ``/9/<room>/<type>/<txn>`` or CBOR ``{room_id, txn_id, body[, msgtype, format, formatted_body]}``
         -> 2.04 ``{event_id}``; the same txn id never makes a second event.
 
@@ -12,13 +13,15 @@ Rooms may be room ids (``!...``) or aliases (``#name:server``, resolved and cach
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from comatrix.coap.errors import BadRequest, NotFound
 from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.codec import cbor
+from comatrix.credentials import token_from_request
+from comatrix.policy import sender_filter
 from comatrix.resources import MatrixResource, ResourcePlugin, cbor_response
 
 #: Matrix's event size limit is 64 KiB; a device message is far smaller, keep a sane cap.
@@ -51,7 +54,7 @@ class GetMessageResource(MatrixResource):
 
         async def latest(token: str) -> Any:
             room_id = await self.matrix.resolve_room(token, room)
-            return await self.matrix.last_message(token, room_id)
+            return await self.matrix.last_message(token, room_id, senders=self._senders(request, room_id))
 
         event = await self.with_token(request, latest)
         if event is None:
@@ -60,6 +63,19 @@ class GetMessageResource(MatrixResource):
         if path is None:  # the clean form: a device that can use them asked
             message.update(event_id=event.event_id, origin_server_ts=event.origin_server_ts)
         return cbor_response(message)
+
+
+    def _senders(self, request: Request, room_id: str) -> Callable[[str], bool] | None:
+        """The ``allowed_senders`` of the entry a device without a token of its own acts through (its own
+        messages and, by default, those of its user's server); None: no entry, no filter."""
+        entry = self.context.credentials.entry_for(request)
+        if entry is None or token_from_request(request) is not None:
+            return None
+        patterns = entry.senders_in(room_id)
+        own = entry.user if entry.user is not None and entry.user.startswith("@") else None
+        if own is None:  # a bare access_token or localpart: only what the entry lists
+            return None if patterns is None else sender_filter(patterns, "")
+        return sender_filter(patterns, own)
 
 
 class SendResource(MatrixResource):

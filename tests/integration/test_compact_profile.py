@@ -164,10 +164,11 @@ def test_retry_with_the_same_seq_makes_one_event(gateway: GatewayProcess, synaps
     payload = SendRequest(device.handle, 0, 77, "reading 42").encode()
     for _ in range(3):
         reply = device.coap.request(Code.POST, PATHS["send"], payload=payload, content_format=60)
-        assert reply.code_text == "2.04" and reply.payload == b""
+        # The answer is the event's reference (cursor 1: the room had no message): the same each time.
+        assert reply.code_text == "2.04" and reply.payload == codec.encode_uint(1)
     bodies = [e["content"]["body"] for e in synapse.text_messages(sensor.access_token, room_id)]
     assert bodies.count("reading 42") == 1
-    device.send(room_id, "reading 43")  # the next seq is another event
+    assert device.send(room_id, "reading 43") == 2  # the next seq is another event
     bodies = [e["content"]["body"] for e in synapse.text_messages(sensor.access_token, room_id)]
     assert bodies[:2] == ["reading 43", "reading 42"]
 

@@ -30,7 +30,9 @@ import pytest
 from support.gateway import coap_probe
 
 REPO = Path(__file__).resolve().parents[2]
-SECTION = "First steps: a walk-through"
+#: Sections with a `MARKER`: each one's blocks after it run, in README order, in one shell.
+SECTIONS = ("First steps: a walk-through", "Resources", "The compact device profile: one frame per operation",
+            "Native MSC3079 (low-bandwidth Matrix clients)", "Services on the border router: the HTTP API")
 MARKER = ".. walk-through:"
 STEP = "@@walk-through step {}@@"
 #: Bounds: the demo's start after setup (Synapse, bcrypt registrations, three comatrixctl
@@ -47,20 +49,26 @@ class Step:
     expected: list[str] = dataclasses.field(default_factory=list)
 
 
-def section(readme: str, title: str) -> list[str]:
-    """The lines of the section ``title`` (up to the next title underlined with ``=``)."""
+def _is_title(lines: list[str], index: int) -> bool:
+    return bool(lines[index].strip()) and index + 1 < len(lines) and set(lines[index + 1] or "x") == {"="}
+
+
+def marked_regions(readme: str) -> dict[str, list[str]]:
+    """Section title -> its lines from its `MARKER` line to the section's end, in README order."""
     lines = readme.splitlines()
-    start = lines.index(title)
-    for index in range(start + 2, len(lines) - 1):
-        if lines[index + 1] and set(lines[index + 1]) == {"="} and lines[index].strip():
-            return lines[start + 2:index]
-    return lines[start + 2:]
+    regions: dict[str, list[str]] = {}
+    for start, line in enumerate(lines):
+        if not line.startswith(MARKER):
+            continue
+        title = next(lines[index] for index in range(start, -1, -1) if _is_title(lines, index))
+        end = next((index for index in range(start + 1, len(lines)) if _is_title(lines, index)), len(lines))
+        regions[title] = lines[start:end]
+    return regions
 
 
 def shell_blocks(lines: list[str]) -> list[list[str]]:
-    """The ``.. code-block:: shell`` blocks after `MARKER`, dedented."""
+    """The ``.. code-block:: shell`` blocks of ``lines``, dedented."""
     blocks: list[list[str]] = []
-    lines = lines[[line.startswith(MARKER) for line in lines].index(True):]
     index = 0
     while index < len(lines):
         if lines[index].strip() != ".. code-block:: shell":
@@ -160,7 +168,9 @@ def test_the_readme_walk_through_runs_as_written(demo: Demo) -> None:
     assert "the first run takes about 2 minutes" in progress
     assert "setup: step 3 of 3: " in progress
 
-    walk = steps(shell_blocks(section((REPO / "README.rst").read_text(), SECTION)))
+    regions = marked_regions((REPO / "README.rst").read_text())
+    assert tuple(regions) == SECTIONS
+    walk = steps([block for region in regions.values() for block in shell_blocks(region)])
     assert len(walk) >= 8 and all(step.lines for step in walk)
     home = demo.place / "home"
     home.mkdir()

@@ -16,8 +16,8 @@ def made_stores(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     stores: list[Any] = []
     for_state_dir = tap.Store.for_state_dir
 
-    def recorded(state_dir: str | None, reactor: Any = None) -> Any:
-        stores.append(for_state_dir(state_dir, reactor))
+    def recorded(state_dir: str | None, reactor: Any = None, shared: bool = False) -> Any:
+        stores.append(for_state_dir(state_dir, reactor, shared))
         return stores[-1]
 
     monkeypatch.setattr(tap.Store, "for_state_dir", recorded)

@@ -62,6 +62,7 @@ class AppserviceWorld(support.world.World):
         store = MemoryStore()
         credentials = Credentials(config.devices, base.matrix)
         credentials.act_as_appservice(AS_TOKEN)
+        self.credentials, self.entries = credentials, config.devices
         self.stream = EventStream(store, base.reactor)
         context = dataclasses.replace(base, config=config, credentials=credentials, store=store, events=self.stream)
         transport, _ = stub_transport(self.homeserver, context.reactor)

@@ -122,7 +122,8 @@ def test_spec_examples_fit_their_budgets() -> None:
     seq = 1_763_700_000  # seeded from /t: a five-byte CBOR uint
     message = Message(SPEC_SENDER, BODY20, 1_763_700_123, 7)
     sizes = {
-        "send": (_datagram(Code.POST, PATHS["send"], SendRequest(HANDLE, 0, seq, BODY20).encode()), _response(Code.CHANGED)),
+        "send": (_datagram(Code.POST, PATHS["send"], SendRequest(HANDLE, 0, seq, BODY20).encode()),
+                 _response(Code.CHANGED, codec.encode_uint(7))),
         "getmsg": (_datagram(Code.FETCH, PATHS["messages"], MessagesRequest(HANDLE, 0).encode()),
                    _response(Code.CONTENT, codec.encode_message(message))),
         "notification": (b"", _response(Code.CONTENT, codec.encode_message(message), observe=b"\x00\x12\x34")),
@@ -135,7 +136,7 @@ def test_spec_examples_fit_their_budgets() -> None:
     }
     measured = {op: (len(up), len(down)) for op, (up, down) in sizes.items()}
     assert measured == {
-        "send": (48, 6), "getmsg": (22, 59), "notification": (0, 63), "join": (55, 10),
+        "send": (48, 10), "getmsg": (22, 59), "notification": (0, 63), "join": (55, 10),
         "login": (43, 18), "logout": (21, 6), "time": (8, 14),
     }
     for op, (up, down) in measured.items():

@@ -10,6 +10,7 @@ capped client (the wiring before the long-poll pool) refuses the send.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import cbor2
@@ -32,7 +33,7 @@ from comatrix.matrix.testing import FakeHomeserver, ScriptedAnswer, run, stub_tr
 from comatrix.plugins import msc3079 as msc3079_plugin
 from comatrix.plugins.compact import compact_service
 from comatrix.ratelimit import LimitedTransport, UpstreamBusy, UpstreamLimiter
-from comatrix.store import RoomRecord, SessionRecord
+from comatrix.store import RoomRecord, SessionRecord, StoredMessage
 
 SYNC = ("_matrix", "client", "v3", "sync")
 
@@ -48,6 +49,10 @@ class OneRoomStore:
 
     async def rooms(self, session_id: int) -> list[RoomRecord]:
         return [RoomRecord(session_id, 0, self.room_id, 0, None)]
+
+    async def append_messages(self, arrivals: Any) -> list[list[StoredMessage]]:
+        """A send numbers its own event (cursor 1 here)."""
+        return [[dataclasses.replace(message, cursor=1) for message in messages] for _s, _h, messages in arrivals]
 
 
 class World:
