@@ -129,15 +129,29 @@ def gateway_config(max_observers: int) -> str:
     # Every benchmark observer comes from 127.0.0.1, one device to the gateway: its share is the whole table.
     return ("max_connections = 32\n"
             f"[coap]\nmax_observers = {max_observers}\nmax_observers_per_peer = {max_observers}\n"
-            "[limits]\ndevice_rate = 0\nglobal_rate = 0\nmax_upstream = 64\nupstream_queue = 1024\n")
+            "[limits]\ndevice_rate = 0\nglobal_rate = 0\nmax_upstream = 64\nupstream_queue = 1024\n"
+            # The 16 compact senders all log in from 127.0.0.1: one device to the gateway.
+            "max_sessions_per_device = 64\n")
 
 
-def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256, workers: int = 1) -> Any:
+def start_gateway(homeserver: str, workdir: Path, max_observers: int = 256, workers: int = 1, *,
+                  code: Path | None = None, profile: Path | None = None) -> Any:
+    """``twistd comatrix`` in front of ``homeserver`` with ``workers`` workers; the comatrix package of the
+    checkout ``code`` (default: this one), under cProfile writing to ``profile`` when given."""
     from support.gateway import GatewayProcess
 
-    gw = GatewayProcess(homeserver, workdir, config_text=gateway_config(max_observers), log_level="warn",
-                        plugin_dirs=[ROOT / "bench" / "plugins"],
-                        extra_args=["--workers", str(workers)] if workers > 1 else [])
+    class Gateway(GatewayProcess):
+        def command(self) -> list[str]:
+            args = super().command()
+            if profile is not None:
+                args[1:1] = ["--profile", str(profile), "--profiler", "cprofile", "--savestats"]
+            if code is not None:
+                args[:0] = ["env", f"PYTHONPATH={code}"]
+            return args
+
+    gw = Gateway(homeserver, workdir, config_text=gateway_config(max_observers), log_level="warn",
+                 plugin_dirs=[ROOT / "bench" / "plugins"],
+                 extra_args=["--workers", str(workers)] if workers > 1 else [])
     gw.start()
     if workers > 1:  # every worker serving, not only the first to answer
         logs = [workdir / f"gateway.worker{index}.log" for index in range(workers)]
@@ -288,6 +302,85 @@ class HttpSender:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class CoapReader(_CoapDevice):
+    """One device reading a room's latest message in the clean form: CON GET /getmsg?room=..."""
+
+    def __init__(self, port: int, user: Any, room_id: str) -> None:
+        super().__init__(port)
+        self.token = user.access_token.encode()
+        self.query = b"room=" + room_id.encode()
+
+    def read(self) -> float:
+        self.mid = (self.mid + 1) & 0xFFFF
+        token = secrets.token_bytes(4)
+        datagram = coap_datagram(self.mid, token, b"getmsg", [(15, self.query), (TOKEN_OPTION, self.token)],
+                                 b"", code=1)
+        started = time.perf_counter()
+        code, payload = coap_exchange(self.sock, self.port, datagram, token)
+        elapsed = time.perf_counter() - started
+        if code != 0x45:
+            raise RuntimeError(f"/getmsg answered {code >> 5}.{code & 31:02d}: {payload[-40:]!r}")
+        return elapsed
+
+
+class HttpReader:
+    """The same read straight to Synapse, as the gateway asks it (``/messages``, dir=b, limit=1,
+    filtered to m.room.message), on one kept-alive HTTP/1.1 connection."""
+
+    def __init__(self, port: int, token: str, room_id: str) -> None:
+        from urllib.parse import quote
+
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.path = (f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages?dir=b&limit=1&filter="
+                     + quote('{"types":["m.room.message"]}', safe=""))
+
+    def read(self) -> float:
+        started = time.perf_counter()
+        self.conn.request("GET", self.path, headers=self.headers)
+        response = self.conn.getresponse()
+        response.read()
+        elapsed = time.perf_counter() - started
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}")
+        return elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def run_readers(readers: Sequence[Any], reads: int) -> tuple[float, list[float]]:
+    """Every reader in its own thread, ``reads`` reads one after the other, all at once:
+    (reads per second over the whole run, latencies in seconds)."""
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(readers) + 1)
+    lock = threading.Lock()
+
+    def work(reader: Any) -> None:
+        mine = []
+        try:
+            barrier.wait()
+            for _ in range(reads):
+                mine.append(reader.read())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=work, args=(reader,)) for reader in readers]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return len(latencies) / seconds, latencies
 
 
 def run_senders(groups: Sequence[Sequence[Any]], per_sender: int, warmup: int = 10) -> list[list[float]]:
@@ -466,12 +559,19 @@ class Figures:
     #: Workers ceiling, in run order: (workers, requests/s, bad answers, CPU us per request of all processes,
     #: load average).
     workers: list[tuple[int, float, int, float, float]] = dataclasses.field(default_factory=list)
+    #: Concurrent readers in front of Synapse: path -> (reads/s, p50 ms, p99 ms, reads); gateway CPU us/read.
+    readers: dict[str, tuple[float, float, float, int]] = dataclasses.field(default_factory=dict)
+    readers_cpu: float = 0.0
+    readers_count: int = 0
+    #: cProfile summaries: label -> (component -> share of own time, Python calls per forwarded send).
+    profiles: dict[str, tuple[dict[str, float], float]] = dataclasses.field(default_factory=dict)
 
 
 OVERHEAD_PATHS = ("direct", "compact", "clean")
 
 
-def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir: Path) -> None:
+def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir: Path,
+                   reads_each: int = 0) -> None:
     from support.synapse import SynapseServer
 
     synapse = SynapseServer(workdir / "synapse")
@@ -497,10 +597,47 @@ def bench_overhead(figures: Figures, sends_single: int, sends_each: int, workdir
                 print(f"  overhead  {concurrency:>2} sender(s)  {name:<8} p50 {row[name][0]:7.2f} ms  "
                       f"p99 {row[name][1]:7.2f} ms  ({len(values)} sends)", flush=True)
             figures.overhead[concurrency] = row
+        if reads_each:
+            bench_readers(figures, synapse.port, gw, users, rooms, reads_each)
     finally:
         if gw is not None:
             gw.stop()
         synapse.stop()
+
+
+def bench_readers(figures: Figures, synapse_port: int, gw: Any, users: Sequence[Any], rooms: Sequence[str],
+                  reads_each: int) -> None:
+    """``len(users)`` concurrent readers of their room's latest message, straight to Synapse and through
+    the gateway (clean ``/getmsg?room=``), in the order direct, gateway, gateway, direct (drift cancels)."""
+    direct = [HttpReader(synapse_port, user.access_token, room) for user, room in zip(users, rooms)]
+    gateway = [CoapReader(gw.port, user, room) for user, room in zip(users, rooms)]
+    try:
+        for reader in direct + gateway:
+            for _ in range(5):
+                reader.read()  # warm-up: connections, caches
+        rates: dict[str, list[float]] = {"direct": [], "clean": []}
+        latencies: dict[str, list[float]] = {"direct": [], "clean": []}
+        cpu = 0.0
+        for name in ("direct", "clean", "clean", "direct"):
+            before = coap_throughput.cpu_seconds(gw.pid)
+            rate, values = run_readers(direct if name == "direct" else gateway, reads_each // 2)
+            if name == "clean":
+                cpu += coap_throughput.cpu_seconds(gw.pid) - before
+            rates[name].append(rate)
+            latencies[name].extend(values)
+    finally:
+        for reader in direct:
+            reader.close()
+        for gateway_reader in gateway:
+            gateway_reader.close()
+    for name in ("direct", "clean"):
+        values = latencies[name]
+        figures.readers[name] = (sum(rates[name]) / len(rates[name]), percentile(values, 50) * 1000,
+                                 percentile(values, 99) * 1000, len(values))
+        print(f"  readers   {len(users):>2} readers  {name:<8} {figures.readers[name][0]:7.0f} reads/s  "
+              f"p50 {figures.readers[name][1]:7.2f} ms  p99 {figures.readers[name][2]:7.2f} ms", flush=True)
+    figures.readers_cpu = cpu / len(latencies["clean"]) * 1e6
+    figures.readers_count = len(users)
 
 
 def stub_latencies(stub: subprocess.Popen[str], stub_port: int, gateway: Any, sends: int,
@@ -648,6 +785,82 @@ def workers_report(figures: Figures) -> list[str]:
     return lines + [""]
 
 
+#: Where a function's own time goes, by the file it is defined in (first match wins).
+PROFILE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("CoMatrix", ("/comatrix/",)),
+    ("txThings", ("/txthings/",)),
+    ("treq", ("/treq/",)),
+    ("twisted.web client", ("/twisted/web/",)),
+    ("Deferreds", ("/twisted/internet/defer.py",)),
+    ("reactor", ("/twisted/internet/", "/twisted/python/", "/twisted/logger/", "/twisted/protocols/")),
+    ("hyperlink/urllib", ("/hyperlink/", "/urllib/", "/idna/")),
+    ("sockets/builtins", ("~",)),
+)
+
+
+def component_of(filename: str) -> str:
+    for name, markers in PROFILE_COMPONENTS:
+        if any(marker in filename or (marker == "~" and filename == "~") for marker in markers):
+            return name
+    return "other (json, cbor2, zope, stdlib)"
+
+
+def profile_summary(stats_path: Path, sends: int) -> tuple[dict[str, float], float]:
+    """Share of own (tottime) CPU per component, and Python calls per forwarded send."""
+    import pstats
+
+    stats: Any = pstats.Stats(str(stats_path)).stats
+    own: dict[str, float] = {}
+    calls = 0
+    for (filename, _line, _func), (_primitive, total_calls, tottime, _cum, _callers) in stats.items():
+        key = component_of(filename)
+        own[key] = own.get(key, 0.0) + tottime
+        calls += total_calls
+    total = sum(own.values()) or 1.0
+    return {key: value / total for key, value in sorted(own.items(), key=lambda kv: -kv[1])}, calls / sends
+
+
+def bench_profile(figures: Figures, sends: int, inflight: int, workdir: Path, label: str,
+                  code: Path | None = None) -> None:
+    """cProfile (twistd --profile) of the gateway (checkout ``code``) forwarding ``sends`` POST /send to the stub."""
+    stats_path = workdir / f"gateway-{label}.pstats"
+    stub, stub_port = start_stub()
+    try:
+        gw = start_gateway(f"http://127.0.0.1:{stub_port}", workdir / f"gw-profile-{label}", code=code,
+                           profile=stats_path)
+        try:
+            load(SendLoad, gw.port, sends, inflight)
+        finally:
+            gw.stop(timeout=60)
+    finally:
+        stub.terminate()
+        stub.wait(10)
+    shares, calls = profile_summary(stats_path, sends)
+    figures.profiles[label] = (shares, calls)
+    print(f"  profile   {label}: {sends} forwarded sends, {calls:.0f} Python calls per send: "
+          + ", ".join(f"{name} {share * 100:.1f} %" for name, share in shares.items()), flush=True)
+
+
+def bench_baseline_ceiling(figures: Figures, requests: int, inflight: int, workdir: Path, code: Path) -> None:
+    """The ceiling run of the checkout ``code`` (the code before a change), same load, same machine."""
+    stub, stub_port = start_stub()
+    gw = None
+    try:
+        gw = start_gateway(f"http://127.0.0.1:{stub_port}", workdir / "gw-baseline", code=code)
+        load(SendLoad, gw.port, 500, inflight)
+        cpu_before = coap_throughput.cpu_seconds(gw.pid)
+        result = load(SendLoad, gw.port, requests, inflight)
+        cpu = coap_throughput.cpu_seconds(gw.pid) - cpu_before
+        figures.ceiling["baseline"] = (requests / result.seconds, result.bad_responses, cpu / requests * 1e6)
+        print(f"  ceiling   baseline -> stub   {requests / result.seconds:8.0f} req/s  "
+              f"({cpu / requests * 1e6:.0f} us CPU/req)", flush=True)
+    finally:
+        if gw is not None:
+            gw.stop()
+        stub.terminate()
+        stub.wait(10)
+
+
 def machine() -> dict[str, str]:
     model = "?"
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
@@ -680,20 +893,32 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
                  f"cbor2 {info['cbor2']}, Synapse {info['synapse']} (SQLite).")
     lines.append(f"Command: ``{command}``")
     lines.append("")
-    lines.append("Overhead (message send, p50/p99 in ms)::")
-    lines.append("")
-    lines.append("    senders  path       p50 ms   p99 ms   sends   path/direct p50  p99   added p50")
-    for concurrency, row in sorted(figures.overhead.items()):
-        d = row["direct"]
-        for name in OVERHEAD_PATHS:
-            p50, p99, n = row[name]
-            extra = "" if name == "direct" else \
-                f"   {p50 / d[0]:12.2f}  {p99 / d[1]:5.2f}   {p50 - d[0]:+6.2f} ms"
-            lines.append(f"    {concurrency:>7}  {name:<8} {p50:8.2f} {p99:8.2f} {n:7}{extra}")
-    lines.append("")
-    lines.append("(direct: PUT straight to Synapse on a kept-alive connection; compact: CoAP ``/w``;")
-    lines.append("clean: CoAP ``/send`` with a CBOR map and the token in option 256.)")
-    lines.append("")
+    if figures.overhead:
+        lines.append("Overhead (message send, p50/p99 in ms)::")
+        lines.append("")
+        lines.append("    senders  path       p50 ms   p99 ms   sends   path/direct p50  p99   added p50")
+        for concurrency, row in sorted(figures.overhead.items()):
+            d = row["direct"]
+            for name in OVERHEAD_PATHS:
+                p50, p99, n = row[name]
+                extra = "" if name == "direct" else \
+                    f"   {p50 / d[0]:12.2f}  {p99 / d[1]:5.2f}   {p50 - d[0]:+6.2f} ms"
+                lines.append(f"    {concurrency:>7}  {name:<8} {p50:8.2f} {p99:8.2f} {n:7}{extra}")
+        lines.append("")
+        lines.append("(direct: PUT straight to Synapse on a kept-alive connection; compact: CoAP ``/w``;")
+        lines.append("clean: CoAP ``/send`` with a CBOR map and the token in option 256.)")
+        lines.append("")
+    if figures.readers:
+        d, c = figures.readers["direct"], figures.readers["clean"]
+        lines.append(f"{figures.readers_count} concurrent readers of their room's latest message (direct: "
+                     "GET /messages on a kept-alive connection; clean: CoAP ``GET /getmsg?room=``)::")
+        lines.append("")
+        lines.append("    path       reads/s   p50 ms   p99 ms   reads")
+        for name, (rate, p50, p99, n) in (("direct", d), ("clean", c)):
+            lines.append(f"    {name:<8} {rate:9.0f} {p50:8.2f} {p99:8.2f} {n:7}")
+        lines.append(f"    ratio clean/direct {c[0] / d[0]:.2f}, added p50 {c[1] - d[1]:+.2f} ms, "
+                     f"gateway CPU {figures.readers_cpu:.0f} us per getmsg")
+        lines.append("")
     if figures.overhead_stub:
         lines.append("The same, one sender, against the stub homeserver (direct = the stub's own time)::")
         lines.append("")
@@ -721,12 +946,30 @@ def report(figures: Figures, info: dict[str, str], command: str, requests: int, 
         lines.append("")
     lines.append("Ceiling (requests/s)::")
     lines.append("")
-    for name, label in (("gateway", "gateway POST /send -> stub homeserver"),
+    for name, label in (("baseline", "baseline POST /send -> stub homeserver"),
+                        ("gateway", "gateway POST /send -> stub homeserver"),
                         ("txthings", "plain txThings GET /hello")):
+        if name not in figures.ceiling:
+            continue
         rate, bad, us = figures.ceiling[name]
         lines.append(f"    {label:<40} {rate:8.0f} req/s  {us:5.0f} us server CPU/req  (bad answers: {bad})")
     ratio = figures.ceiling["gateway"][0] / figures.ceiling["txthings"][0]
     lines.append(f"    ratio gateway/txThings: {ratio:.2f}")
+    if "baseline" in figures.ceiling:
+        lines.append(f"    ratio baseline/txThings: "
+                     f"{figures.ceiling['baseline'][0] / figures.ceiling['txthings'][0]:.2f}")
+    lines.append("")
+    if figures.profiles:
+        names = list(dict.fromkeys(name for shares, _calls in figures.profiles.values() for name in shares))
+        labels = list(figures.profiles)
+        lines.append("Profile of forwarded sends (cProfile, share of own time per component)::")
+        lines.append("")
+        lines.append("    component                          " + "".join(f"{label:>10}" for label in labels))
+        for name in names:
+            lines.append(f"    {name:<35}" + "".join(
+                f"{figures.profiles[label][0].get(name, 0.0) * 100:9.1f}%" for label in labels))
+        lines.append(f"    {'Python calls per send':<35}" + "".join(
+            f"{figures.profiles[label][1]:10.0f}" for label in labels))
     lines.append("")
     lines.append("Memory (gateway RSS)::")
     lines.append("")
@@ -775,6 +1018,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also measure the forwarding ceiling with 1 and N workers (0: skip)")
     parser.add_argument("--only-workers", action="store_true", help="measure only that (needs --workers)")
     parser.add_argument("--workers-rounds", type=int, default=1, help="alternate 1 and N workers this many times")
+    parser.add_argument("--reads-each", type=int, default=200,
+                        help="reads per reader with 16 concurrent readers in front of Synapse (0: skip)")
+    parser.add_argument("--profile-sends", type=int, default=20_000,
+                        help="forwarded sends under cProfile for the profile summary (0: skip)")
+    parser.add_argument("--baseline", metavar="CHECKOUT", type=Path,
+                        help="another checkout (e.g. a git worktree of main): its ceiling and profile too")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the runs in front of Synapse")
     parser.add_argument("--serve-stub", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stub-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -783,6 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.quick:
         args.sends, args.sends_each, args.requests, args.observers = 100, 10, 5000, 200
+        args.reads_each, args.profile_sends = 20, 2000
         args.push_observers = [10, 100]
     command = "python bench/gateway_perf.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine()
@@ -795,9 +1046,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
             print("\n".join(workers_report(figures)))
             return 0
-        bench_overhead(figures, args.sends, args.sends_each, workdir)
+        if not args.no_overhead:
+            bench_overhead(figures, args.sends, args.sends_each, workdir, reads_each=args.reads_each)
+        if args.baseline is not None:
+            bench_baseline_ceiling(figures, args.requests, args.inflight, workdir, args.baseline.resolve())
         bench_ceiling_and_memory(figures, args.requests, args.inflight, args.observers, workdir,
                                  latency_sends=args.sends * 2)
+        if args.profile_sends:
+            if args.baseline is not None:
+                bench_profile(figures, args.profile_sends, args.inflight, workdir, "baseline",
+                              args.baseline.resolve())
+            bench_profile(figures, args.profile_sends, args.inflight, workdir, "now")
         if args.idle_gap_ms > 0:
             bench_idle_gap(figures, args.idle_gap_ms, args.sends // 2, workdir)
         if args.push_observers:

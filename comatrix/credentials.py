@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -53,6 +54,8 @@ log = get_logger(__name__)
 SECURITY_SCHEMES = ("dtls", "oscore", "edhoc")
 #: Longest token accepted in option 256; Synapse tokens are ~40 bytes, macaroons ~250.
 MAX_TOKEN_BYTES = 1024
+#: What a token may hold: visible ASCII, no space (it goes in an HTTP header as it is).
+_VISIBLE_ASCII = re.compile("[!-~]+")
 
 
 def token_from_request(request: Request) -> str | None:
@@ -71,7 +74,7 @@ def token_from_request(request: Request) -> str | None:
     token = token.strip(" ")  # spaces only: a tab or line break in a token is malformed, not trimmed
     if not token:
         raise Unauthorized("empty token")
-    if not all("!" <= char <= "~" for char in token):
+    if _VISIBLE_ASCII.fullmatch(token) is None:
         raise Unauthorized("malformed token")  # it would not survive an HTTP header
     return token
 

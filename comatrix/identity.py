@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 from contextvars import ContextVar
 from typing import Iterator
@@ -44,6 +45,7 @@ class Device:
         return self.key
 
 
+@functools.lru_cache(maxsize=4096)  # pure; every request asks it for its peer's address, often twice
 def plain_address(host: str) -> str:
     """``host`` without an IPv6 zone id; an IPv4-mapped IPv6 address as plain IPv4."""
     bare = host.split("%", 1)[0]

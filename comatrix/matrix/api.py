@@ -13,6 +13,7 @@ access token never goes into the URL; the transport sends it as an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -145,6 +146,13 @@ def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=4096)
+def _segment(segment: str) -> str:
+    """A path segment percent-encoded; the fixed ones ("_matrix", "rooms", ...) and a device's room
+    ids come back on every request, so they are encoded once."""
+    return quote(segment, safe="")
+
+
 @dataclass(frozen=True, repr=False)
 class MatrixRequest:
     """One Client-Server API call, ready for the transport."""
@@ -163,7 +171,7 @@ class MatrixRequest:
     def url(self, base_url: str) -> str:
         """The full URL under ``base_url``; every path segment is percent-encoded."""
         base = base_url.rstrip("/")
-        path = "/".join(quote(segment, safe="") for segment in self.path)
+        path = "/".join(map(_segment, self.path))
         url = f"{base}/{path}"
         query = self.query
         if isinstance(self.access_token, AppserviceToken):

@@ -28,16 +28,24 @@ homeserver's, so the Authorization header can only ever reach it.  Cookies are
 refused: every device shares this client, so a cookie set in answer to one
 device must not ride along with another's requests.
 
-The agent, body producer and cookie jar handed to treq are chosen for a
-gateway that forwards thousands of small requests to one server: the endpoint
-is built once instead of per request, a body already in memory is written at
-once instead of through a Cooperator, and nothing is parsed for cookies.
+Underneath treq is what a gateway forwarding thousands of small requests to
+one server needs (`comatrix.matrix.upstream.UpstreamAgent`): the base URL is
+parsed and the endpoint, Host header and TLS policy are built once at start,
+connections are kept alive in the agent's own pool, and the URL of a request
+is never parsed again -- it is checked to start with the homeserver's origin.
+`_UpstreamClient` is treq's `HTTPClient` for that agent: the calls this module
+makes (no cookies, no redirects, no compression: the homeserver's JSON is
+small) go straight to the agent and come back as treq responses; any other
+call takes treq's general path.  A body already in memory is written at once
+instead of through a Cooperator.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
+import re
 from http.cookiejar import CookieJar
 from typing import Any, Callable, Protocol as TypingProtocol, cast
 
@@ -45,16 +53,11 @@ from zope.interface import implementer
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol, connectionDone
 
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     PartialDownloadError,
     RequestTransmissionFailed,
     ResponseDone,
@@ -63,14 +66,16 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IBodyProducer
 
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
+from treq.response import _Response
 
 from comatrix.identity import Device, current_device, plain_address
 from comatrix.logs import get_logger
 from comatrix.matrix.api import SECRET_KEYS, MatrixRequest
+from comatrix.matrix.upstream import HomeserverOnly, UpstreamAgent
 from comatrix.matrix.errors import (
     HomeserverTimeout,
     HomeserverUnreachable,
@@ -86,6 +91,9 @@ log = get_logger(__name__)
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 _USER_AGENT = b"CoMatrix/0.1 (CoAP gateway)"
+
+#: A token that can go in a header as it is: visible ASCII, no space (RFC 6750 allows less still).
+_HEADER_TOKEN = re.compile("[!-~]+")
 
 # Failures meaning "no usable connection to the homeserver".
 _UNREACHABLE = (
@@ -125,20 +133,6 @@ def _secrets_of(req: MatrixRequest) -> list[str]:
     return secrets
 
 
-class _URI(EncodedURL):
-    """A URL that is a URI already, so treq's per-request ``to_uri()`` is the identity.
-
-    `MatrixRequest.url` percent-encodes every path segment and query item, and the
-    homeserver's host is IDNA-encoded once (`_base_uri`); treq would otherwise
-    re-encode each URL and IDNA-encode its host on every request -- about a tenth
-    of the gateway's CPU time per forwarded send, and an error for an IPv6
-    literal host, which IDNA rejects.
-    """
-
-    def to_uri(self) -> "_URI":
-        return self
-
-
 class _NoCookies(CookieJar):
     """A cookie jar that never takes a cookie and never sends one (and spends nothing on either)."""
 
@@ -174,32 +168,27 @@ class _BytesBody:
         pass
 
 
-class HomeserverOnly(ValueError):
-    """A request URL pointing anywhere but the configured homeserver (a bug, never sent)."""
+class _UpstreamClient(HTTPClient):
+    """treq's `HTTPClient` over an `UpstreamAgent`, with a direct path for the transport's own calls.
 
+    treq wraps its agent, on every request, in a cookie agent (parsing the URL
+    again), a gzip decoder agent (copying the headers) and a hyperlink URL: none
+    of it does anything for a homeserver that gets no cookies, follows no
+    redirects and answers small JSON.  A call made the way `MatrixTransport.send`
+    makes it -- an encoded URL as ``str``, `Headers`, bytes or no body, no
+    redirects, unbuffered -- goes to the agent as it is; anything else takes
+    treq's own path.
+    """
 
-@implementer(IAgentEndpointFactory)
-class _HomeserverEndpoint:
-    """The agent's only endpoint: the configured homeserver, built once."""
-
-    def __init__(self, reactor: Any, base_url: str, connect_timeout: float) -> None:
-        base = URI.fromBytes(base_url.encode("ascii"))
-        self._reactor = reactor
-        self._connect_timeout = connect_timeout
-        self._where = (base.scheme, base.host, base.port)
-        self._endpoint: IStreamClientEndpoint | None = None
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        if (uri.scheme, uri.host, uri.port) != self._where:
-            raise HomeserverOnly("request URL is not on the configured homeserver")
-        if self._endpoint is None:
-            scheme, host, port = self._where
-            endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, port,
-                                                               timeout=self._connect_timeout)
-            if scheme == b"https":
-                endpoint = wrapClientTLS(BrowserLikePolicyForHTTPS().creatorForNetloc(host, port), endpoint)
-            self._endpoint = endpoint
-        return self._endpoint
+    def request(self, method: str, url: Any, *, headers: Any = None, data: Any = None,
+                allow_redirects: bool = True, unbuffered: bool = False, **kwargs: Any) -> "Deferred[Any]":
+        if kwargs or allow_redirects or not unbuffered or type(url) is not str \
+                or type(headers) is not Headers or not (data is None or type(data) is bytes):
+            return super().request(method, url, headers=headers, data=data, allow_redirects=allow_redirects,
+                                   unbuffered=unbuffered, **kwargs)
+        body = None if data is None else _BytesBody(data)
+        d: Deferred[Any] = self._agent.request(method.encode("ascii"), url.encode("ascii"), headers, body)
+        return d.addCallback(_Response, self._cookiejar)
 
 
 class _BodyCollector(Protocol):
@@ -272,14 +261,12 @@ class MatrixTransport:
         self.connect_timeout = timeout if connect_timeout is None else min(connect_timeout, timeout)
         self._reactor = reactor
         self._max_response_bytes = max_response_bytes
-        self._pool: HTTPConnectionPool | None = None
+        self._agent: UpstreamAgent | None = None
         if http_client is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = max_connections_per_host
-            agent = Agent.usingEndpointFactory(
-                reactor, _HomeserverEndpoint(reactor, self.base_url, self.connect_timeout), pool=self._pool)
-            http_client = cast(HttpClientLike, HTTPClient(cast(Any, agent), cookiejar=cast(Any, _NoCookies()),
-                                                          data_to_body_producer=_BytesBody))
+            self._agent = UpstreamAgent(reactor, self.base_url, connect_timeout=self.connect_timeout,
+                                        max_idle=max_connections_per_host)
+            http_client = _UpstreamClient(cast(Any, self._agent), cookiejar=cast(Any, _NoCookies()),
+                                          data_to_body_producer=_BytesBody)
         self._client: HttpClientLike = http_client
         #: Called with (seconds, answer or Failure) as each call ends (`comatrix.metrics`); None: off.
         self.on_answer: Callable[[float, Any], None] | None = None
@@ -326,7 +313,7 @@ class MatrixTransport:
 
         d: Deferred[Any] = self._client.request(
             req.method,
-            _URI.from_text(url),
+            url,
             headers=headers,
             data=data,
             allow_redirects=False,
@@ -347,11 +334,6 @@ class MatrixTransport:
             return collector.finished.addCallback(
                 lambda raw: self._interpret(response, raw, req, where)
             )
-
-        def stop_timer(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
 
         def translate(failure: Failure) -> Failure:
             elapsed = self._reactor.seconds() - started
@@ -376,11 +358,20 @@ class MatrixTransport:
                 return Failure(HomeserverUnreachable(f"homeserver unreachable: {reason}"))
             return failure
 
+        on_answer = self.on_answer
+
+        def finish(result: Any) -> Any:
+            # One callback for every outcome: stop the deadline, type the failure, report.
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                result = translate(result)
+            if on_answer is not None:
+                self._report(result, on_answer, started)
+            return result
+
         d.addCallback(read)
-        d.addBoth(stop_timer)
-        d.addErrback(translate)
-        if self.on_answer is not None:
-            d.addBoth(self._report, self.on_answer, started)
+        d.addBoth(finish)
         return d
 
     def _report(self, result: Any, on_answer: Callable[[float, Any], None], started: float) -> Any:
@@ -438,9 +429,9 @@ class MatrixTransport:
 
     def close(self) -> "Deferred[None]":
         """Close the idle pooled connections (graceful shutdown)."""
-        if self._pool is None:
+        if self._agent is None:
             return succeed(None)
-        return cast("Deferred[None]", self._pool.closeCachedConnections())
+        return self._agent.close().addCallback(lambda _: None)
 
 
 def _base_uri(base_url: str) -> str:
@@ -457,17 +448,22 @@ def _forwardable(device: Device | None) -> bytes | None:
     """The device's address for a header: an IP literal without zone id, else nothing."""
     if device is None:
         return None
+    return _forwardable_address(device.address)
+
+
+@functools.lru_cache(maxsize=4096)  # pure, and asked on every call a device makes
+def _forwardable_address(address: str) -> bytes | None:
     try:
-        address = ipaddress.ip_address(plain_address(device.address))
+        parsed = ipaddress.ip_address(plain_address(address))
     except ValueError:
         return None
-    return str(address).encode("ascii")
+    return str(parsed).encode("ascii")
 
 
 def _token_bytes(token: str) -> bytes:
     # A header injection attempt or a garbled token must not reach the wire; the
     # message must not echo the token either.
-    if not token or any(c <= " " or c > "~" for c in token):
+    if _HEADER_TOKEN.fullmatch(token) is None:
         raise ValueError("access token contains characters not allowed in a header")
     return token.encode("ascii")
 

@@ -236,6 +236,63 @@ async def test_refused_connection_is_unreachable() -> None:
         sock.close()
 
 
+def _tls_site(resource: Any) -> tuple[Any, Any]:
+    """A TLS listener on 127.0.0.1 with a fresh self-signed certificate for "localhost"; (port, cert)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet import reactor as global_reactor, ssl
+    from twisted.web.server import Site
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    server_cert = ssl.PrivateCertificate.loadPEM(pem)
+    reactor: Any = global_reactor
+    port = reactor.listenSSL(0, Site(resource), server_cert.options(), interface="127.0.0.1")
+    return port, ssl.Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_homeserver_round_trip_and_certificate_check() -> None:
+    # The agent speaks TLS to an https homeserver, reuses the connection, and checks the certificate.
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    from comatrix.matrix.upstream import UpstreamAgent
+
+    hs = FakeHomeserver()
+    user = hs.add_user("alice", PASSWORD)
+    token, _ = hs.issue_token(user)
+    port, cert = _tls_site(hs)
+    url = f"https://localhost:{port.getHost().port}"
+    trusting = MatrixTransport(url, timeout=10.0)
+    assert trusting._agent is not None
+    trusting._agent._tls_policy = BrowserLikePolicyForHTTPS(trustRoot=cert)
+    untrusting = MatrixTransport(url, timeout=10.0)  # the system's roots: a self-signed certificate fails
+    try:
+        for _ in range(2):
+            status, body = await trusting.request(api.whoami(token))
+            assert (status, body["user_id"]) == (200, user)
+        assert len(trusting._agent._pool) == 1  # one kept-alive TLS connection served both
+        with pytest.raises(HomeserverUnreachable):
+            await untrusting.request(api.whoami(token))
+    finally:
+        await trusting.close()
+        await untrusting.close()
+        await port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_connection_not_taken_in_time_is_unreachable_not_slow(connectionless_homeserver: str) -> None:
     from twisted.internet import reactor
@@ -319,17 +376,28 @@ async def test_cookies_from_the_homeserver_are_never_sent_back() -> None:
 
 
 def test_agent_only_reaches_the_configured_homeserver() -> None:
-    from twisted.internet import reactor
-    from twisted.web.client import URI
+    from twisted.internet.task import Clock
 
-    from comatrix.matrix.transport import HomeserverOnly, _HomeserverEndpoint
+    from comatrix.matrix.upstream import HomeserverOnly, UpstreamAgent
 
-    endpoints = _HomeserverEndpoint(reactor, "https://hs.example.org:8448/prefix", 5.0)
-    assert endpoints.endpointForURI(URI.fromBytes(b"https://hs.example.org:8448/_matrix/x")) is not None
+    class Endpoint:
+        def __init__(self) -> None:
+            self.connects = 0
+
+        def connect(self, factory: Any) -> Deferred[Any]:
+            self.connects += 1
+            return Deferred()
+
+    endpoint = Endpoint()
+    agent = UpstreamAgent(Clock(), "https://hs.example.org:8448/prefix", connect_timeout=5.0, endpoint=endpoint)
+    agent.request(b"GET", b"https://hs.example.org:8448/prefix/_matrix/x")
+    assert endpoint.connects == 1
     for elsewhere in (b"https://evil.example.org:8448/_matrix/x", b"http://hs.example.org:8448/_matrix/x",
-                      b"https://hs.example.org/_matrix/x"):
+                      b"https://hs.example.org/_matrix/x", b"https://hs.example.org:84480/_matrix/x",
+                      b"https://hs.example.org:8448@evil.example/_matrix/x"):
         with pytest.raises(HomeserverOnly):
-            endpoints.endpointForURI(URI.fromBytes(elsewhere))
+            result_of(agent.request(b"GET", elsewhere))
+    assert endpoint.connects == 1
 
 
 def test_homeserver_url_is_a_uri_once() -> None:
@@ -338,3 +406,47 @@ def test_homeserver_url_is_a_uri_once() -> None:
     assert MatrixTransport("https://bücher.example/matrix/", reactor=reactor).base_url == \
         "https://xn--bcher-kva.example/matrix"
     assert MatrixTransport("http://[fd00::1]:8008", reactor=reactor).base_url == "http://[fd00::1]:8008"
+
+
+@pytest.mark.parametrize("body", [False, True])
+def test_request_on_a_closed_kept_alive_connection_is_retried_once_without_body(body: bool) -> None:
+    # The server may close an idle kept-alive connection just as it is reused: a request without a
+    # body goes again on a new connection (as Twisted's pool does); one with a body might have been
+    # acted on, so its failure stands (the device sees 5.02 and may retry itself).
+    from twisted.internet.defer import fail
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+
+    from comatrix.matrix.transport import _BytesBody
+    from comatrix.matrix.upstream import UpstreamAgent
+
+    class Stale:
+        state = "QUIESCENT"
+        transport = None
+
+        def request(self, request: Any) -> Deferred[Any]:
+            return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+
+    class Endpoint:
+        def __init__(self) -> None:
+            self.connects = 0
+
+        def connect(self, factory: Any) -> Deferred[Any]:
+            self.connects += 1
+            return Deferred()
+
+    clock = Clock()
+    endpoint = Endpoint()
+    agent = UpstreamAgent(clock, "http://hs:8008", connect_timeout=5.0, endpoint=endpoint)
+    agent._pool.append((Stale(), clock.seconds()))  # type: ignore[arg-type]
+    d = agent.request(b"PUT" if body else b"GET", b"http://hs:8008/_matrix/x",
+                      bodyProducer=_BytesBody(b"{}") if body else None)
+    if body:
+        with pytest.raises(ResponseNeverReceived):
+            result_of(d)
+        assert endpoint.connects == 0
+    else:
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        assert outcome == [] and endpoint.connects == 1  # waiting on the new connection
