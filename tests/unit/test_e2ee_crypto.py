@@ -29,6 +29,7 @@ from comatrix.e2ee import formats
 from comatrix.e2ee.device import DeviceCrypto
 from comatrix.e2ee.gateway import Unavailable
 from comatrix.e2ee.vault import KEY_FILENAME, Vault, seal, unseal
+from comatrix.matrix.api import AppserviceToken
 from comatrix.matrix.client import MatrixClient
 from comatrix.matrix.responses import Event
 from comatrix.matrix.testing import FakeHomeserver, run, stub_transport
@@ -242,6 +243,19 @@ def test_without_vodozemac_the_gateway_says_so_and_refuses_encrypted_rooms(
     # An unencrypted room works as before.
     run(matrix.send_message(token, plain, {"msgtype": "m.text", "body": "plain"}, "t2"))
     assert server.rooms[plain][-1]["content"]["body"] == "plain"
+
+
+def test_application_service_users_are_refused_in_encrypted_rooms_for_now(
+        homeserver: tuple[FakeHomeserver, MatrixClient, str, str, str]) -> None:
+    server, matrix, _token, encrypted, _plain = homeserver
+    e2ee.install(matrix, None, task.Clock())
+    server.add_appservice("as-token-of-the-gateway", "@comatrix_.*")
+    as_user = AppserviceToken("as-token-of-the-gateway", "@comatrix_door:test.local")
+    server.members[encrypted].add(as_user.user_id)
+    with pytest.raises(NotImplementedCoap) as refused:
+        run(matrix.crypto.outgoing(as_user, encrypted, "m.room.message", {"msgtype": "m.text", "body": "x"}))
+    assert str(refused.value) == "encrypted room: E2EE not yet for appservice users"
+    assert not [e for e in server.rooms[encrypted] if e["type"] == "m.room.message"]  # nothing went out
 
 
 def test_with_several_workers_e2ee_is_off_and_encrypted_rooms_are_refused(
