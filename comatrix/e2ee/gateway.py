@@ -126,6 +126,12 @@ class Unavailable:
     async def sync_arrived(self, token: str, body: Mapping[str, Any]) -> None:
         return None
 
+    async def device_of(self, token: str) -> tuple[str, str] | None:
+        return None
+
+    async def forget(self, identity: tuple[str, str]) -> None:
+        return None
+
 
 class GatewayCrypto:
     """E2EE for the Matrix devices of device users (token mode), state kept in a `Vault`."""
@@ -213,6 +219,29 @@ class GatewayCrypto:
         async def take(device: Any) -> None:
             await self._take_sync(token, device, body)
         await self._with_device(token, identity, take)
+
+    async def device_of(self, token: str) -> tuple[str, str] | None:
+        if isinstance(token, AppserviceToken):
+            return None
+        try:
+            return await self._identity(token)
+        except (MatrixError, NotImplementedCoap):
+            return None  # a dead token, or one without a Matrix device: nothing of ours to drop
+
+    async def forget(self, identity: tuple[str, str]) -> None:
+        lock = self._locks.setdefault(identity, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            self._devices.pop(identity, None)
+            self._synced.pop(identity, None)
+            for digest in [digest for digest, known in self._identities.items() if known == identity]:
+                del self._identities[digest]
+            await self.vault.forget(*identity)
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting and self._locks.get(identity) is lock:
+                del self._locks[identity]
+        log.info("Crypto state of {user}'s logged-out device {device} dropped", user=identity[0], device=identity[1])
 
     # ------------------------------------------------------------------ devices
 

@@ -141,6 +141,14 @@ class Vault:
         else:
             await threads.deferToThread(write_durably, self.directory / name, text)
 
+    async def forget(self, user_id: str, device_id: str) -> None:
+        """Drop a logged-out device's state (its room keys live on in the key backup)."""
+        name = self.name_of(user_id, device_id)
+        if self.directory is None:
+            self._memory.pop(name, None)
+        else:
+            await threads.deferToThread((self.directory / name).unlink, missing_ok=True)
+
 
 def _read(path: Path) -> str | None:
     try:

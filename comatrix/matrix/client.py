@@ -64,6 +64,12 @@ class RoomCrypto(Protocol):
     async def sync_arrived(self, token: str, body: Mapping[str, Any]) -> None:
         """A /sync answer of the token's device: its to-device events, device list changes, key counts."""
 
+    async def device_of(self, token: str) -> tuple[str, str] | None:
+        """The (user id, device id) whose crypto state ``token`` uses, None if none (asked before a logout)."""
+
+    async def forget(self, identity: tuple[str, str]) -> None:
+        """The Matrix device ``identity`` was logged out: drop its crypto state, in memory and at rest."""
+
 
 log = get_logger(__name__)
 
@@ -243,7 +249,11 @@ class MatrixClient:
         )
 
     async def logout(self, token: str) -> None:
+        """Log ``token`` out; its Matrix device's crypto state goes with it (room keys stay in the backup)."""
+        identity = await self.crypto.device_of(token) if self.crypto is not None else None
         await self.request(api.logout(token))
+        if identity is not None and self.crypto is not None:
+            await self.crypto.forget(identity)
 
     async def whoami(self, token: str) -> str:
         return parse_whoami(await self.request(api.whoami(token)))

@@ -198,6 +198,46 @@ async def test_state_survives_a_restart_through_the_sealed_file(tmp_path: Any) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_logged_out_device_leaves_no_state_behind(tmp_path: Any) -> None:
+    """Each compact login is a new Matrix device: without this the state directory only grows."""
+    vault = Vault(tmp_path)
+    await vault.save(BOB, "BOBDEV", DeviceCrypto(BOB, "BOBDEV").to_state(vault.key))
+    await vault.save(ALICE, "ALICEDEV", DeviceCrypto(ALICE, "ALICEDEV").to_state(vault.key))
+    await vault.forget(BOB, "BOBDEV")
+    assert await vault.load(BOB, "BOBDEV") is None and await vault.load(ALICE, "ALICEDEV") is not None
+    await vault.forget(BOB, "BOBDEV")  # twice is fine
+    assert len(list((tmp_path / "e2ee").iterdir())) == 1
+
+
+class RecordingCrypto(Unavailable):
+    """What the Matrix client tells its crypto around a logout."""
+
+    def __init__(self, matrix: MatrixClient) -> None:
+        super().__init__(matrix, task.Clock())
+        self.forgotten: list[tuple[str, str]] = []
+
+    async def device_of(self, token: str) -> tuple[str, str] | None:
+        return (ALICE, "ALICEDEV")
+
+    async def forget(self, identity: tuple[str, str]) -> None:
+        self.forgotten.append(identity)
+
+
+def test_logout_drops_the_devices_crypto_state_only_once_the_homeserver_agreed() -> None:
+    server = FakeHomeserver()
+    clock = task.Clock()
+    transport, _stub = stub_transport(server, clock)
+    matrix = MatrixClient(transport, reactor=clock)
+    crypto = matrix.crypto = RecordingCrypto(matrix)
+    token, _device = server.issue_token(ALICE)
+    run(matrix.logout(token))
+    assert crypto.forgotten == [(ALICE, "ALICEDEV")]
+    with pytest.raises(Exception):
+        run(matrix.logout(token))  # a dead token: the homeserver refuses, nothing more is dropped
+    assert crypto.forgotten == [(ALICE, "ALICEDEV")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_vault_key_file_is_private_and_state_is_sealed(tmp_path: Any) -> None:
     vault = Vault(tmp_path)
     key_file = tmp_path / KEY_FILENAME
