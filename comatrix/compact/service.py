@@ -415,15 +415,10 @@ class CompactService:
         """
         record = await self.room(session, handle)
         msgtype = LOCATION if isinstance(kind, str) else MSGTYPES[kind]
-        content: dict[str, Any] = {"msgtype": msgtype, "body": body}
-        if isinstance(kind, str):
-            content["geo_uri"] = kind
-        if replaces is not None:
-            content = {**content, "body": "* " + body, "m.new_content": dict(content),
-                       "m.relates_to": {"rel_type": "m.replace",
-                                        "event_id": await self.event_id(session, handle, replaces)}}
-        elif reply_to is not None:
-            content["m.relates_to"] = {"m.in_reply_to": {"event_id": await self.event_id(session, handle, reply_to)}}
+        edited = None if replaces is None else await self.event_id(session, handle, replaces)
+        answered = None if reply_to is None or edited is not None else await self.event_id(session, handle, reply_to)
+        content = api.message_content(msgtype, body, geo_uri=kind if isinstance(kind, str) else None,
+                                      replaces=edited, reply_to=answered)
         event_id = await self.matrix.send_message(session.access_token, record.room_id, content,
                                                   txn_id(session.id, seq))
         # Numbered as a walk would number it: its body is the content's (an edit's "* " fallback).

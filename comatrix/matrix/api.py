@@ -33,6 +33,7 @@ __all__ = [
     "device_signing_upload",
     "displayname",
     "kick",
+    "message_content",
     "reaction_content",
     "redact",
     "receipt",
@@ -408,6 +409,22 @@ def redact(token: str, room_id: str, event_id: str, txn_id: str, reason: str | N
     """``PUT /rooms/{roomId}/redact/{eventId}/{txnId}`` (idempotent per txnId)."""
     body: JsonDict = {} if reason is None else {"reason": reason}
     return MatrixRequest("PUT", _v3("rooms", room_id, "redact", event_id, txn_id), (), body, token)
+
+
+def message_content(msgtype: str, body: str, *, geo_uri: str | None = None, reply_to: str | None = None,
+                    replaces: str | None = None) -> JsonDict:
+    """An ``m.room.message`` content: ``geo_uri`` for ``m.location``; a reply to the event
+    ``reply_to`` (``m.in_reply_to``) or an edit of the event ``replaces`` (``m.replace``, with
+    ``m.new_content`` and the ``"* "`` fallback body), not both."""
+    content: JsonDict = {"msgtype": msgtype, "body": body}
+    if geo_uri is not None:
+        content["geo_uri"] = geo_uri
+    if replaces is not None:
+        return {**content, "body": "* " + body, "m.new_content": dict(content),
+                "m.relates_to": {"rel_type": "m.replace", "event_id": replaces}}
+    if reply_to is not None:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
 
 
 def reaction_content(event_id: str, key: str) -> JsonDict:

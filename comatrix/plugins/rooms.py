@@ -4,7 +4,8 @@ join:   POST, room in Proxy-Uri ``/K/<room>`` (or ``/L/<room>``) or CBOR ``{room
 getmsg: GET, room in Proxy-Uri ``/E/<room>`` -> 2.05 ``{sender, body}`` as the original gateway answered
         (one 802.15.4 frame); ``?room=<room>`` -> 2.05 ``{sender, body, event_id, origin_server_ts}``;
         a device acting through a ``[[devices]]`` entry gets the latest message of its ``allowed_senders``
-send:   POST/PUT, Proxy-Uri ``/9/<room>/<type>/<txn>`` or CBOR ``{room_id, txn_id, body[, msgtype, format, formatted_body]}``
+send:   POST/PUT, Proxy-Uri ``/9/<room>/<type>/<txn>`` or CBOR ``{room_id, txn_id, body[, msgtype, geo_uri,
+        format, formatted_body, reply_to | replaces]}``
         -> 2.04 ``{event_id}``; the same txn id never makes a second event.
 
 Rooms may be room ids (``!...``) or aliases (``#name:server``, resolved and cached).
@@ -21,6 +22,7 @@ from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.codec import cbor
 from comatrix.credentials import token_from_request
+from comatrix.matrix import api
 from comatrix.interfaces import PluginContext
 from comatrix.policy import sender_filter
 from comatrix.resources import MatrixResource, ResourcePlugin, cbor_response
@@ -28,7 +30,10 @@ from comatrix.resources import MatrixResource, ResourcePlugin, cbor_response
 #: Matrix's event size limit is 64 KiB; a device message is far smaller, keep a sane cap.
 MAX_BODY_TEXT = 16384
 MAX_TXN_ID = 64
-MSGTYPES = frozenset({"m.text", "m.notice", "m.emote"})
+LOCATION = "m.location"
+MSGTYPES = frozenset({"m.text", "m.notice", "m.emote", LOCATION})
+MAX_GEO_URI = 255
+MAX_EVENT_ID = 255
 
 
 class JoinResource(MatrixResource):
@@ -116,17 +121,37 @@ class SendResource(MatrixResource):
 
 
 def message_content(body: dict[str, Any]) -> dict[str, Any]:
-    """The m.room.message content a send body describes."""
+    """The m.room.message content a send body describes: ``msgtype`` (``m.location`` with a
+    ``geo_uri``), an optional HTML ``formatted_body``, and a reply (``reply_to``) to or an edit
+    (``replaces``) of an event id."""
     text = cbor.text(body, "body", max_length=MAX_BODY_TEXT)
+    assert text is not None  # required
     msgtype = cbor.text(body, "msgtype", max_length=64, required=False) or "m.text"
     if msgtype not in MSGTYPES:
-        raise BadRequest("msgtype must be m.text, m.notice or m.emote")
-    content: dict[str, Any] = {"msgtype": msgtype, "body": text}
+        raise BadRequest("msgtype must be m.text, m.notice, m.emote or m.location")
+    geo_uri = cbor.text(body, "geo_uri", max_length=MAX_GEO_URI, required=msgtype == LOCATION)
+    if geo_uri is not None and (msgtype != LOCATION or not geo_uri.startswith("geo:")):
+        raise BadRequest("geo_uri: a geo: URI, for m.location only")
+    reply_to = _event_id(body, "reply_to")
+    replaces = _event_id(body, "replaces")
+    if reply_to is not None and replaces is not None:
+        raise BadRequest("reply_to or replaces, not both")
+    content = api.message_content(msgtype, text, geo_uri=geo_uri, reply_to=reply_to, replaces=replaces)
     formatted = cbor.text(body, "formatted_body", max_length=MAX_BODY_TEXT, required=False)
     if formatted is not None:
-        content["format"] = cbor.text(body, "format", max_length=64, required=False) or "org.matrix.custom.html"
-        content["formatted_body"] = formatted
+        html = {"format": cbor.text(body, "format", max_length=64, required=False) or "org.matrix.custom.html",
+                "formatted_body": formatted}
+        content.update(html)
+        if "m.new_content" in content:
+            content["m.new_content"].update(html)
     return content
+
+
+def _event_id(body: dict[str, Any], key: str) -> str | None:
+    event_id = cbor.text(body, key, max_length=MAX_EVENT_ID, required=False)
+    if event_id is not None and not event_id.startswith("$"):
+        raise BadRequest(f"{key} must be an event id ($...)")
+    return event_id
 
 
 join = ResourcePlugin("join", ("join",), JoinResource)

@@ -158,6 +158,27 @@ def test_profile_and_block1_upload(gateway: GatewayProcess, synapse: SynapseServ
     assert device.ok("get", "profile") == profile
 
 
+def test_send_location_reply_and_edit(gateway: GatewayProcess, synapse: SynapseServer, synapse_user) -> None:
+    owner = synapse_user("kinds")
+    device = Device(gateway, owner)
+    room_id = synapse.create_room(owner.access_token)
+
+    def sent(**fields: Any) -> Any:
+        event_id = device.ok("post", "send", {"room_id": room_id, **fields})["event_id"]
+        return synapse.request("GET", f"{CLIENT}/rooms/{quote(room_id)}/event/{quote(event_id)}",
+                               token=owner.access_token)["content"]
+
+    where = sent(txn_id="k1", msgtype="m.location", body="trap 3", geo_uri="geo:48.2082,16.3738")
+    assert where == {"msgtype": "m.location", "body": "trap 3", "geo_uri": "geo:48.2082,16.3738"}
+    first = device.ok("post", "send", {"room_id": room_id, "txn_id": "k2", "body": "door open"})["event_id"]
+    reply = sent(txn_id="k3", body="checked", reply_to=first)
+    assert reply["m.relates_to"] == {"m.in_reply_to": {"event_id": first}}
+    edit = sent(txn_id="k4", msgtype="m.notice", body="door closed", replaces=first)
+    assert edit == {"msgtype": "m.notice", "body": "* door closed",
+                    "m.new_content": {"msgtype": "m.notice", "body": "door closed"},
+                    "m.relates_to": {"rel_type": "m.replace", "event_id": first}}
+
+
 def _upload(device: Device, path: str, media: bytes) -> Any:
     result = libcoap("post", device.gateway.uri(path), payload=media, block_size=256,
                      options=[(TOKEN_OPTION, device.user.access_token)])
