@@ -61,6 +61,9 @@ OPERATIONS: tuple[str, ...] = ("login", "join", "send", "send NON+NR", "getmsg",
                                "react", "react remove", "redact", "read",
                                "upload", "thumbnail", "profile")
 OPERATIONS += ("send notice", "send location", "send reply", "send edit", "history")  # issue 13, messages
+#: Issue 13's rooms and membership, in the order each form runs them (after its join).
+ROOM_OPERATIONS = ("create", "room", "room set", "resolve", "invite", "invitations", "members", "kick", "leave")
+OPERATIONS += ROOM_OPERATIONS
 FORMS = ("compact", "clean", "original", "msc3079", "http")
 SECURITIES = ("plain", "dtls", "oscore")
 #: The bench device's provisioning (a [[devices]] entry with both kinds of key material).
@@ -81,7 +84,18 @@ MESSAGE_CONTENTS: dict[str, Callable[[str], dict[str, Any]]] = {
 }
 #: Operation rows whose budget has another name in BUDGETS.
 BUDGET_OF = {"send notice": "send-kind", "send location": "send-kind", "send reply": "send-reply",
-             "send edit": "send-edit"}
+             "send edit": "send-edit", "room set": "room", "resolve": "room", "invitations": "invite"}
+#: The rooms operations' input, the same in every form: the room the device creates, its new topic.
+ROOM_NAME, ROOM_TOPIC, NEW_TOPIC = "Lab", "sensors", "temperature log"
+#: What the gateway asks Synapse for each compact rooms request (the "http" rows' notes).
+ROOM_HTTP = {"create": "POST createRoom", "room": "5 state reads + /members (+ whoami)",
+             "room set": "PUT m.room.topic", "resolve": "GET directory (then cached)", "invite": "POST invite",
+             "invitations": "filtered /sync", "members": "GET joined_members", "kick": "POST kick",
+             "leave": "POST leave"}
+#: Rows with no request in a form, and why.
+NOT_AVAILABLE = {("room", "msc3079"): "n/a: no summary; /B (whole state) is a JSON array: 5.02 here",
+                 ("room set", "msc3079"): "n/a: the state key '' has no path code form",
+                 ("invitations", "msc3079"): "n/a: invitations come only with /sync"}
 #: Goals of issue 11 for the compact send request (bytes up).
 GOALS = {"oscore": 64, "dtls": 80}
 
@@ -333,6 +347,10 @@ class Device:
     dtls_port: int
     #: The gateway's EDHOC credential (CRED_R), as comatrixctl prints it for a device.
     gateway_edhoc: Ccs
+    #: The user the rooms operations invite and kick; the aliases they resolve (the gateway caches
+    #: a resolution, so the compact form has its own alias, of the same length, to show its HTTP).
+    guest_id: str = ""
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Connector:
@@ -362,6 +380,7 @@ def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write:
     owner_id, owner_token, _ = synapse.register("owner" + secrets.token_hex(3), secrets.token_urlsafe(15))
     room_id = synapse.create_room(owner_token)
     synapse.invite(owner_token, room_id, sensor.user_id)
+    rooms_setup(synapse, owner_token, room_id, sensor)
 
     # Exchanges that are not operations: what a secured device pays once.
     first_dtls = bench.measure_extra("DTLS-PSK handshake", "dtls", lambda: connect("dtls"),
@@ -389,6 +408,15 @@ def drive(synapse: SynapseServer, gateway: GatewayProcess, tcp: TcpRelay, write:
     if write:
         (REPO / "docs" / "wire-size.rst").write_text(document(table))
     return table
+
+
+def rooms_setup(synapse: SynapseServer, owner_token: str, room_id: str, sensor: Device) -> None:
+    """A guest to invite and kick, two aliases of the room, and an invitation of sensor01 left pending."""
+    sensor.guest_id = synapse.register("guest" + secrets.token_hex(3), secrets.token_urlsafe(15))[0]
+    for form in ("compact", "other"):
+        sensor.aliases[form] = synapse.full_alias(f"bench-{form[0]}")
+        synapse.set_alias(owner_token, sensor.aliases[form], room_id)
+    synapse.invite(owner_token, synapse.create_room(owner_token, name="Lobby"), sensor.user_id)
 
 
 def measure_edhoc(bench: Bench, sensor: Device) -> None:
@@ -488,9 +516,24 @@ def clean_form(bench: Bench, connect: Connector, security: str, sensor: Device, 
         state["event"] = call(Code.POST, "send", {"room_id": room_id, "txn_id": "c" + secrets.token_hex(4),
                                                   "body": BODY20})["event_id"]
 
+    def create() -> None:
+        state["room"] = call(Code.POST, "create", {"name": ROOM_NAME, "topic": ROOM_TOPIC})["room_id"]
+
+    def in_room(**fields: Any) -> dict[str, Any]:
+        return {"room_id": state.get("room"), **fields}
+
     key = REACTION_KEYS[security]
     steps: list[tuple[str, Callable[[], Any]]] = [
-        ("login", login), ("join", lambda: call(Code.POST, "join", {"room_id": room_id})), ("send", send),
+        ("login", login), ("join", lambda: call(Code.POST, "join", {"room_id": room_id})),
+        ("create", create), ("room", lambda: call(Code.GET, "room", query=(f"room={state.get('room')}",))),
+        ("room set", lambda: call(Code.POST, "room", in_room(topic=NEW_TOPIC))),
+        ("resolve", lambda: call(Code.GET, "room", query=(f"alias={sensor.aliases['other']}",))),
+        ("invite", lambda: call(Code.POST, "invite", in_room(user_id=sensor.guest_id))),
+        ("invitations", lambda: call(Code.GET, "invitations")),
+        ("members", lambda: call(Code.GET, "members", query=(f"room={state.get('room')}",))),
+        ("kick", lambda: call(Code.POST, "kick", in_room(user_id=sensor.guest_id, reason="sensor fault"))),
+        ("leave", lambda: call(Code.POST, "leave", in_room())),
+        ("send", send),
         ("send notice", lambda: call(Code.POST, "send", {"room_id": room_id, "txn_id": "c" + secrets.token_hex(4),
                                                          "body": BODY20, "msgtype": "m.notice"})),
         ("getmsg", lambda: call(Code.GET, "getmsg", query=(f"room={room_id}",))),
@@ -519,6 +562,7 @@ def msc3079_form(bench: Bench, connect: Connector, security: str, sensor: Device
     bench.measure("login", "msc3079", msc_login, security=security)
     bench.measure("join", "msc3079", lambda: msc3079_request(coap, Code.POST, f"K/{room_id}",
                                                              state.get("token"), {}), security=security)
+    msc3079_rooms(bench, coap, security, sensor, state.get("token"))
     txn = "m" + secrets.token_hex(4)
 
     def msc_send() -> None:
@@ -543,6 +587,28 @@ def msc3079_form(bench: Bench, connect: Connector, security: str, sensor: Device
     bench.measure("logout", "msc3079", lambda: msc3079_request(coap, Code.POST, "3", state.get("token"), {}),
                   security=security)
     coap.close()
+
+
+def msc3079_rooms(bench: Bench, coap: UdpCoap, security: str, sensor: Device, token: str | None) -> None:
+    """Rooms and membership with path codes ``G``, ``H``, ``J``, ``D``, ``O``, ``M`` (key table 1:
+    name 56, topic 57, preset 63, user_id 7, reason 53)."""
+    room: dict[Any, Any] = {}
+
+    def create() -> None:
+        room.update(msc3079_request(coap, Code.POST, "G", token, {56: ROOM_NAME, 57: ROOM_TOPIC, 63: "private_chat"}))
+
+    def call(code: int, path: str, body: Any = None) -> Any:
+        return msc3079_request(coap, code, f"{path[0]}/{room.get(5, room.get('room_id'))}{path[1:]}", token, body)
+
+    bench.measure("create", "msc3079", create, security=security)
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("resolve", lambda: msc3079_request(coap, Code.GET, f"H/{sensor.aliases['other']}", token)),
+        ("invite", lambda: call(Code.POST, "J", {7: sensor.guest_id})),
+        ("members", lambda: call(Code.GET, "D")),
+        ("kick", lambda: call(Code.POST, "O", {7: sensor.guest_id, 53: "sensor fault"})),
+        ("leave", lambda: call(Code.POST, "M", {}))]
+    for op, step in steps:
+        bench.measure(op, "msc3079", step, security=security)
 
 
 def _msc3079_keys(content: dict[str, Any]) -> dict[Any, Any]:
@@ -588,6 +654,23 @@ def compact_relations(bench: Bench, device: CompactDevice, security: str, room_i
             bench.results[(op, "http", "plain")].note = f"the gateway's {calls} for the compact request"
 
 
+def compact_rooms(bench: Bench, device: CompactDevice, security: str, sensor: Device) -> None:
+    """Create a room, read and change it, resolve an alias, invite, list invitations, members, kick, leave."""
+    http = "http" if security == "plain" else None
+    steps: dict[str, Callable[[], Any]] = {
+        "create": lambda: device.create(ROOM_NAME, ROOM_TOPIC), "room": lambda: device.room_info(ROOM_NAME),
+        "room set": lambda: device.set_room(ROOM_NAME, topic=NEW_TOPIC),
+        "resolve": lambda: device.resolve(sensor.aliases["compact"]),
+        "invite": lambda: device.invite(ROOM_NAME, sensor.guest_id), "invitations": device.invitations,
+        "members": lambda: device.members(ROOM_NAME),
+        "kick": lambda: device.kick(ROOM_NAME, sensor.guest_id, "sensor fault"),
+        "leave": lambda: device.leave(ROOM_NAME)}
+    for op in ROOM_OPERATIONS:
+        bench.measure(op, "compact", steps[op], security=security, http_form=http)
+        if http is not None:
+            bench.results[(op, "http", "plain")].note = f"the gateway's {ROOM_HTTP[op]} for the compact request"
+
+
 def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device, room_id: str,
                  gateway: GatewayProcess, synapse: SynapseServer) -> None:
     device = CompactDevice(connect(security), DeviceState(None))
@@ -595,6 +678,7 @@ def compact_form(bench: Bench, connect: Connector, security: str, sensor: Device
     bench.measure("login", "compact", lambda: device.login("sensor01", sensor.password), security=security)
     bench.results[("login", "compact", security)].note = "login + GET /z (seeds seq)"
     bench.measure("join", "compact", lambda: device.join(room_id), security=security)
+    compact_rooms(bench, device, security, sensor)
     reference = bench.measure("send", "compact", lambda: device.send(room_id, BODY20), security=security)
     bench.measure("send notice", "compact", lambda: device.send(room_id, BODY20, 1), security=security)
     bench.measure("send location", "compact", lambda: device.send(room_id, BODY20, GEO), security=security)
@@ -690,7 +774,7 @@ def render(results: dict[tuple[str, str, str], Row], msc_note: str) -> str:
             rows = [results.get((op, form, security)) for security in SECURITIES]
             plain = rows[0]
             if all(row is None for row in rows):
-                note = msc_note if form == "msc3079" and op == "notification" else "n/a"
+                note = msc_note if form == "msc3079" and op == "notification" else NOT_AVAILABLE.get((op, form), "n/a")
                 lines.append((op, form, "-", "-", "-", "-", "-", "-", note))
                 continue
             if form == "http":
@@ -805,9 +889,10 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   ``react`` is an ``m.reaction`` sent with ``/9``, ``react remove`` and ``redact``
   are ``/F`` (the event id in the path), ``read`` is ``/Z/<room>/m.read/<event id>``.
   **http**: HTTP/1.1 bytes the gateway exchanged with Synapse for the original
-  form's operation (one call each); for ``react``, ``react remove``, ``redact`` and
-  ``read`` (no original form), what the gateway exchanged for the compact request
-  (a reaction first looks at the event's ``/relations``); for ``notification``, during the compact
+  form's operation (one call each); for ``react``, ``react remove``, ``redact``,
+  ``read`` and the rooms and membership operations (no original form), what the
+  gateway exchanged for the compact request (a reaction first looks at the
+  event's ``/relations``); for ``notification``, during the compact
   notification (the session's ``/sync`` long-poll answer, plus a forward
   ``/messages`` page when the gateway had to walk the room).  The original
   form keeps its Proxy-Uri inside the OSCORE ciphertext (the gateway is the
@@ -824,6 +909,23 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   /history?room=&limit=1``.  The original form's ``/send`` takes no
   ``m.location`` (n/a), nor does the clean form's, which has no replies or
   edits either (n/a).
+* **Rooms and membership** (issue 13), each form in its own session after its
+  ``join``: ``create`` a private room named ``Lab`` with topic ``sensors``
+  (MSC3079: ``/G``), ``room`` reads it (compact: name, topic, joined count,
+  membership, in 32-byte blocks; clean: ``GET /room?room=``; MSC3079: n/a,
+  it has no such summary, a path code cannot carry the empty state key of
+  ``m.room.name`` or ``m.room.topic`` for ``/8``, and the gateway's
+  pass-through answers ``/B``, the whole state, a JSON array, with 5.02),
+  ``room set`` changes its topic (MSC3079: n/a, the empty state key again),
+  ``resolve`` looks up an alias (``#bench-c:example.org`` for the compact
+  form, ``#bench-o:example.org`` for the others: the gateway caches a
+  resolution, so the compact form's own alias lets its HTTP row show the
+  directory call; MSC3079: ``/H``), ``invite`` invites a second user (``/J``), ``invitations`` lists the device's pending invitations (one, to
+  another room; MSC3079: n/a, invitations come only with ``/sync``),
+  ``members`` lists the joined members (MSC3079: ``/D``, ``joined_members``),
+  ``kick`` (reason ``sensor fault``) takes the invitation back (``/O``) and
+  ``leave`` leaves the room (``/M``).  Declining an invitation is the same
+  request as ``leave``, with the invited room's handle (compact) or room id.
 
 ::
 
