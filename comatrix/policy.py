@@ -52,7 +52,7 @@ OPERATIONS: Mapping[str, str] = {
     "state": DEVICE, "event": DEVICE, "members": DEVICE, "messages": DEVICE, "context": DEVICE,
     "joined_rooms": DEVICE, "alias": DEVICE, "room_visibility": DEVICE,
     "send": DEVICE, "join": DEVICE, "typing": DEVICE, "receipt": DEVICE, "read_markers": DEVICE,
-    "profile": DEVICE, "presence": DEVICE, "compact": DEVICE, PLUGIN: DEVICE,
+    "profile": DEVICE, "presence": DEVICE, "compact": DEVICE, "thumbnail": DEVICE, PLUGIN: DEVICE,
     # Creating accounts.
     "register": REGISTRATION,
     # The account's logins (a logout ends the login every device of the entry shares).

@@ -30,6 +30,7 @@ from comatrix.compact.codec import MAX_NAME, CodecError, _array, _handle, _text,
 
 __all__ = ["MEDIA_TYPES", "MAX_HEADER", "MAX_FILENAME", "MAX_THUMBNAIL_SIDE", "UploadHeader", "ProfileRequest",
            "ThumbnailRequest", "MediaReference", "decode_upload_header", "image_size", "msgtype_for",
+           "content_format_of", "is_mxc",
            "encode_display_name", "decode_display_name"]
 
 #: Mimetypes a device names by their index (one byte on air); any other goes as text.
@@ -115,6 +116,15 @@ def decode_upload_header(payload: bytes) -> tuple[UploadHeader, int]:
     header = UploadHeader(_handle(items[0]), room, _uint(items[2], "key"), _mimetype(items[3]),
                           None if name is None else _text(name, "name", MAX_FILENAME))
     return header, stream.tell()
+
+
+def content_format_of(content_type: str) -> int:
+    """An image's CoAP Content-Format: 42 (octet-stream) unless CoAP numbers its type (RFC 7252 §12.3)."""
+    return {"image/png": 23, "image/jpeg": 22, "image/gif": 21}.get(content_type.split(";")[0].strip(), 42)
+
+
+def is_mxc(value: str) -> bool:
+    return _MXC.fullmatch(value) is not None
 
 
 def msgtype_for(mimetype: str) -> str:

@@ -114,13 +114,7 @@ class UploadResource(CompactResource):
         fetch = ThumbnailRequest.decode(self.payload(request))
         session = await self.service.session(fetch.handle, request.peer, request.security)
         data, content_type = await self.media.thumbnail(session, fetch.media, fetch.width, fetch.height, fetch.crop)
-        return Response(code=Code.CONTENT, payload=data, content_format=_content_format(content_type))
-
-
-def _content_format(content_type: str) -> int:
-    """A thumbnail's CoAP Content-Format: octet-stream unless CoAP has a number for the image type."""
-    return {"image/png": 23, "image/jpeg": 22, "image/gif": 21}.get(content_type.split(";")[0].strip(),
-                                                                     ContentFormat.OCTET_STREAM)
+        return Response(code=Code.CONTENT, payload=data, content_format=mediawire.content_format_of(content_type))
 
 
 class ProfileResource(CompactResource):

@@ -32,8 +32,9 @@ from comatrix.coap.message import Request, Response
 from comatrix.coap.numbers import Code, ContentFormat
 from comatrix.coap.resource import LinkAttributes
 from comatrix.codec import cbor
-from comatrix.compact.mediawire import image_size, msgtype_for
+from comatrix.compact.mediawire import MAX_THUMBNAIL_SIDE, content_format_of, image_size, is_mxc, msgtype_for
 from comatrix.compact.relations import own_reactions
+from comatrix.matrix import api
 from comatrix.plugins.rooms import MAX_TXN_ID, allowed_senders
 from comatrix.policy import OTHER
 from comatrix.resources import ResourcePlugin, MatrixResource, cbor_response
@@ -58,7 +59,7 @@ METHOD_OPERATIONS: Mapping[tuple[str, str], str] = {
     ("members", "GET"): "members", ("invitations", "GET"): "invitations", ("history", "GET"): "messages",
     ("react", "POST"): "send", ("react", "remove"): "redact", ("redact", "POST"): "redact",
     ("read", "POST"): "receipt", ("profile", "GET"): "profile", ("profile", "POST"): "profile/set",
-    ("upload", "POST"): "upload",
+    ("upload", "POST"): "upload", ("upload", "GET"): "thumbnail",
 }
 
 
@@ -424,7 +425,8 @@ class ProfileResource(OperationResource):
 
 class UploadResource(OperationResource):
     name = "upload"
-    link = LinkAttributes(rt="comatrix.upload", title="Upload media (Block1), optionally sent to a room")
+    link = LinkAttributes(rt="comatrix.upload",
+                          title="Upload media (Block1), optionally sent to a room; GET: a thumbnail")
 
     async def render_POST(self, request: Request) -> Response:
         if request.content_format not in (None, ContentFormat.OCTET_STREAM):
@@ -452,6 +454,35 @@ class UploadResource(OperationResource):
             return {"content_uri": uri, "event_id": await self.matrix.send_message(token, room_id, content, txn_id)}
 
         return cbor_response(await self.act(request, upload), Code.CHANGED)
+
+    async def render_GET(self, request: Request) -> Response:
+        """A thumbnail of ``?mxc=`` (authenticated media), ``width`` x ``height``, ``method`` scale or crop;
+        block-wise (Block2) when larger than a block."""
+        query = request.query_params()
+        mxc = query.get("mxc") or ""
+        if not is_mxc(mxc):
+            raise BadRequest("mxc must be an mxc:// URI")
+        width, height = (_side(query.get(name), name) for name in ("width", "height"))
+        method = query.get("method") or "scale"
+        if method not in ("scale", "crop"):
+            raise BadRequest("method must be scale or crop")
+
+        async def thumbnail(token: str) -> Mapping[str, Any]:
+            answer: Mapping[str, Any] = await self.matrix.request(api.thumbnail(token, mxc, width, height, method))
+            return answer
+
+        answer = await self.act(request, thumbnail)
+        data = answer.get("content")
+        if not isinstance(data, bytes):
+            raise NotFound("no thumbnail")
+        return Response(code=Code.CONTENT, payload=data,
+                        content_format=content_format_of(str(answer.get("content_type") or "")))
+
+
+def _side(value: str | None, name: str) -> int:
+    if value is None or not value.isdigit() or not 1 <= int(value) <= MAX_THUMBNAIL_SIDE:
+        raise BadRequest(f"{name} must be 1 to {MAX_THUMBNAIL_SIDE}")
+    return int(value)
 
 
 def _mimetype(value: str | None) -> str:

@@ -37,6 +37,7 @@ CLEAN_BAD: tuple[tuple[str, str, Any], ...] = (
     ("post", "read", {"event_id": "$e"}),
     ("post", "profile", {"avatar_url": "https://example.org/a.png"}),
     ("post", "upload?type=not-a-type", b"media"),
+    ("get", "upload?mxc=mxc://localhost/abc&width=0&height=32", None),
     ("post", "send", {"room_id": "!r:localhost", "body": "x", "msgtype": "m.location"}),
     ("post", "send", {"room_id": "!r:localhost", "body": "x", "reply_to": "$a", "replaces": "$b"}),
     ("post", "join", {"room_id": 42}),

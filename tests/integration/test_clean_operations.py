@@ -157,6 +157,13 @@ def test_profile_and_block1_upload(gateway: GatewayProcess, synapse: SynapseServ
     assert profile == {"displayname": "Camera trap", "avatar_url": uploaded["content_uri"]}
     assert device.ok("get", "profile") == profile
 
+    # A thumbnail of it, fetched block-wise (Block2) in 64-byte blocks, as a device with a display would.
+    mxc = quote(uploaded["content_uri"], safe="")
+    thumbnail = device.call("get", f"upload?mxc={mxc}&width=32&height=32&method=crop", block_size=64)
+    assert (thumbnail.code, thumbnail.content_format) == ("2.05", 23), thumbnail
+    assert thumbnail.payload.startswith(b"\x89PNG") and len(thumbnail.payload) > 64
+    assert device.call("get", "upload?mxc=https://example.org/x&width=32&height=32").code == "4.00"
+
 
 def test_send_location_reply_and_edit(gateway: GatewayProcess, synapse: SynapseServer, synapse_user) -> None:
     owner = synapse_user("kinds")
