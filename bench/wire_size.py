@@ -93,7 +93,7 @@ ROOM_HTTP = {"create": "POST createRoom", "room": "5 state reads + /members (+ w
              "invitations": "filtered /sync", "members": "GET joined_members", "kick": "POST kick",
              "leave": "POST leave"}
 #: Rows with no request in a form, and why.
-NOT_AVAILABLE = {("room", "msc3079"): "n/a: no summary; /B (whole state) is a JSON array: 5.02 here",
+NOT_AVAILABLE = {("room", "msc3079"): "n/a: no summary; /B is the whole state",
                  ("room set", "msc3079"): "n/a: the state key '' has no path code form",
                  ("invitations", "msc3079"): "n/a: invitations come only with /sync"}
 #: Goals of issue 11 for the compact send request (bytes up).
@@ -914,8 +914,8 @@ so room ids are ``!`` + 43 characters; 20-character message body).
   (MSC3079: ``/G``), ``room`` reads it (compact: name, topic, joined count,
   membership, in 32-byte blocks; clean: ``GET /room?room=``; MSC3079: n/a,
   it has no such summary, a path code cannot carry the empty state key of
-  ``m.room.name`` or ``m.room.topic`` for ``/8``, and the gateway's
-  pass-through answers ``/B``, the whole state, a JSON array, with 5.02),
+  ``m.room.name`` or ``m.room.topic`` for ``/8``, and ``/B``, the whole
+  state, is a different and far larger answer),
   ``room set`` changes its topic (MSC3079: n/a, the empty state key again),
   ``resolve`` looks up an alias (``#bench-c:example.org`` for the compact
   form, ``#bench-o:example.org`` for the others: the gateway caches a

@@ -168,6 +168,8 @@ class MatrixRequest:
     content_type: str | None = None
     #: The answer is not JSON (media): the transport gives ``{"content": bytes, "content_type": str}``.
     binary_answer: bool = False
+    #: A pass-through call: a JSON array answer (``GET /rooms/{roomId}/state``) is passed on as it is.
+    array_answer: bool = False
 
     def url(self, base_url: str) -> str:
         """The full URL under ``base_url``; every path segment is percent-encoded."""
@@ -613,4 +615,5 @@ def generic(
         tuple((str(k), str(v)) for k, v in query),
         dict(body) if body is not None else None,
         token,
+        array_answer=True,
     )

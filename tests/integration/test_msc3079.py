@@ -224,3 +224,14 @@ def test_synapse_rate_limit_is_429_with_max_age(gateway: GatewayProcess, synapse
     assert limited, [code for code, _, _ in answers]
     assert all(max_age is not None and max_age >= 1 for _, max_age in limited)
     assert limited[0][0][ERRCODE] == "M_LIMIT_EXCEEDED"
+
+
+def test_an_array_answer_passes_through(gateway: GatewayProcess, synapse: SynapseServer, synapse_user) -> None:
+    """``GET /rooms/{roomId}/state`` answers a JSON array: it reaches the device as a CBOR array."""
+    device = synapse_user("state")
+    room_id = synapse.create_room(device.access_token)
+    answer = libcoap("get", gateway.uri(f"_matrix/client/v3/rooms/{room_id}/state"), block_size=1024,
+                     options=[(TOKEN, device.access_token), (KEYS, 1)])
+    assert answer.code == "2.05", answer
+    events = answer.cbor()
+    assert isinstance(events, list) and "m.room.create" in {event[TYPE] for event in events}
