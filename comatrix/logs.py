@@ -32,6 +32,12 @@ def get_logger(namespace: str) -> Logger:
     return _LevelledLogger(namespace=namespace, observer=globalLogPublisher)
 
 
+def enabled(level: str) -> bool:
+    """Whether events at ``level`` are published now: a line whose values cost something to
+    compute (the access log) asks first."""
+    return _RANK[LEVELS[level]] >= _minimum_rank
+
+
 def set_level(level: str) -> None:
     """Set the minimum level of CoMatrix's own log events ("debug" ... "critical")."""
     global _minimum_rank

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from comatrix import __version__
-from comatrix.logs import get_logger, set_level
+from comatrix.logs import enabled as log_enabled, get_logger, set_level
 from comatrix.coap.message import Request, Response
 from comatrix.coap.secured import MessageProtection
 from comatrix.coap.server import CoapServer, listen_udp
@@ -232,6 +232,8 @@ def log_policy(config: Config) -> None:
 
 
 def _log_request(request: Request, response: Response, elapsed_ms: float) -> None:
+    if not log_enabled("info"):  # log_level = "warn" on a busy router: not even the line's values
+        return
     log.info("{peer} {method} /{path} {code} {ms:.1f}ms", peer=str(request.peer),
              method=request.method.name, path="/".join(request.path), code=response.code.dotted(),
              ms=elapsed_ms)

@@ -146,6 +146,20 @@ class _NoCookies(CookieJar):
         pass
 
 
+class _PreparedHeaders(Headers):
+    """`Headers` taken as they are: canonical names, values already checked (`_fixed_headers`, a token
+    matched by `_HEADER_TOKEN`, constants); values set later go through `Headers`' own checks.
+
+    `Headers` canonicalises every name and scans every value for line breaks on
+    each call; the transport's headers are the same few on every call.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, raw: dict[bytes, list[bytes]]) -> None:
+        self._rawHeaders = raw
+
+
 @implementer(IBodyProducer)
 class _BytesBody:
     """A request body already in memory, written in one go."""
@@ -183,7 +197,7 @@ class _UpstreamClient(HTTPClient):
     def request(self, method: str, url: Any, *, headers: Any = None, data: Any = None,
                 allow_redirects: bool = True, unbuffered: bool = False, **kwargs: Any) -> "Deferred[Any]":
         if kwargs or allow_redirects or not unbuffered or type(url) is not str \
-                or type(headers) is not Headers or not (data is None or type(data) is bytes):
+                or type(headers) not in (Headers, _PreparedHeaders) or not (data is None or type(data) is bytes):
             return super().request(method, url, headers=headers, data=data, allow_redirects=allow_redirects,
                                    unbuffered=unbuffered, **kwargs)
         body = None if data is None else _BytesBody(data)
@@ -286,8 +300,8 @@ class MatrixTransport:
         the call was asked for in.
         """
         url = req.url(self.base_url)
-        raw_headers = {b"Accept": [b"*/*" if req.binary_answer else b"application/json"], b"User-Agent": [_USER_AGENT]}
-        raw_headers.update(self._forwarded(device))
+        raw_headers = {name: [value] for name, value in
+                       _fixed_headers(req.binary_answer, _forwardable(device), self._scheme)}
         if req.access_token is not None:
             try:
                 token = _token_bytes(req.access_token)
@@ -295,17 +309,17 @@ class MatrixTransport:
                 return fail(e)
             raw_headers[b"Authorization"] = [b"Bearer " + token]
         data: bytes | None = None
-        if req.raw is not None:
-            data = req.raw
-            raw_headers[b"Content-Type"] = [(req.content_type or "application/octet-stream").encode("latin-1")]
-        elif req.body is not None:
+        if req.body is not None and req.raw is None:
             data = json.dumps(req.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
             raw_headers[b"Content-Type"] = [b"application/json"]
-        elif req.method in ("POST", "PUT"):
+        elif req.raw is None and req.method in ("POST", "PUT"):
             data = b"{}"
             raw_headers[b"Content-Type"] = [b"application/json"]
-        headers = Headers(raw_headers)
-
+        headers = _PreparedHeaders(raw_headers)
+        if req.raw is not None:
+            data = req.raw
+            # A media type the device named: through Twisted's own checks (line breaks).
+            headers.setRawHeaders(b"Content-Type", [(req.content_type or "application/octet-stream").encode("latin-1")])
         started = self._reactor.seconds()
         timed_out = False
         # Log the path template only: segments may be user-chosen but never secret.
@@ -381,18 +395,6 @@ class MatrixTransport:
             log.failure("on_answer hook raised")
         return result
 
-    def _forwarded(self, device: Device | None) -> dict[bytes, list[bytes]]:
-        """``X-Forwarded-For`` naming the device, so the homeserver's per-IP limits apply per device.
-
-        With it goes ``X-Forwarded-Proto``, the scheme the gateway itself speaks to
-        the homeserver: Synapse otherwise assumes https (and warns on every call).
-        The gateway's own calls (no device) carry neither.
-        """
-        address = _forwardable(device)
-        if address is None:
-            return {}
-        return {b"X-Forwarded-For": [address], b"X-Forwarded-Proto": [self._scheme]}
-
     def _interpret(
         self, response: Any, raw: bytes, req: MatrixRequest, where: str
     ) -> tuple[int, dict[str, Any]]:
@@ -446,6 +448,24 @@ def _base_uri(base_url: str) -> str:
     """
     url = EncodedURL.from_text(base_url)
     return url.to_text() if url.host.isascii() else url.to_uri().to_text()
+
+
+@functools.lru_cache(maxsize=4096)  # pure, and asked on every call a device makes
+def _fixed_headers(binary_answer: bool, address: bytes | None, scheme: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers of a call that do not depend on its token or body, as Twisted's `Headers` stores them.
+
+    ``X-Forwarded-For`` names the device, so the homeserver's per-IP limits
+    apply per device; with it goes ``X-Forwarded-Proto``, the scheme the
+    gateway itself speaks to the homeserver (Synapse otherwise assumes https,
+    and warns on every call).  The gateway's own calls (no device) carry neither.
+    """
+    headers = Headers()
+    headers.addRawHeader(b"Accept", b"*/*" if binary_answer else b"application/json")
+    headers.addRawHeader(b"User-Agent", _USER_AGENT)
+    if address is not None:
+        headers.addRawHeader(b"X-Forwarded-For", address)
+        headers.addRawHeader(b"X-Forwarded-Proto", scheme)
+    return tuple((name, value) for name, values in headers.getAllRawHeaders() for value in values)
 
 
 def _forwardable(device: Device | None) -> bytes | None:

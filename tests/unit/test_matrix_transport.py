@@ -450,3 +450,44 @@ def test_request_on_a_closed_kept_alive_connection_is_retried_once_without_body(
         outcome: list[Any] = []
         d.addBoth(outcome.append)
         assert outcome == [] and endpoint.connects == 1  # waiting on the new connection
+
+
+def test_request_head_on_the_wire_one_line_per_header() -> None:
+    # The fixed headers are prepared once per device address and the token goes in as checked:
+    # the request head is what Twisted's `Headers` writes (canonical names, Host last), and a
+    # media type the device named still has its line breaks replaced.
+    from twisted.internet.defer import succeed
+    from twisted.internet.testing import StringTransport
+
+    from comatrix.identity import Device, acting_as
+    from comatrix.matrix.api import MatrixRequest
+
+    wires: list[StringTransport] = []
+
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            protocol = factory.buildProtocol(None)
+            wire = StringTransport()
+            protocol.makeConnection(wire)
+            wires.append(wire)
+            return succeed(protocol)
+
+    transport = MatrixTransport("http://hs.example:8008", reactor=Clock())
+    assert transport._agent is not None
+    transport._agent._endpoint = Endpoint()  # type: ignore[assignment]
+    with acting_as(Device("a:2001:db8::7", "2001:db8::7")):
+        transport.request(api.send_event("tok", "!r:hs", "m.room.message", "t1", {"body": "hi"}))
+    transport.request(MatrixRequest("POST", ("_matrix", "media", "v3", "upload"), access_token="tok",
+                                    raw=b"x", content_type="text/plain\r\nX-Injected: 1"))
+    transport.request(api.versions())
+    heads = [wire.value().split(b"\r\n\r\n", 1)[0].split(b"\r\n") for wire in wires]
+    assert heads[0] == [
+        b"PUT /_matrix/client/v3/rooms/%21r%3Ahs/send/m.room.message/t1 HTTP/1.1",
+        b"Content-Length: 13", b"Accept: application/json", b"User-Agent: CoMatrix/0.1 (CoAP gateway)",
+        b"X-Forwarded-For: 2001:db8::7", b"X-Forwarded-Proto: http", b"Authorization: Bearer tok",
+        b"Content-Type: application/json", b"Host: hs.example:8008"]
+    assert heads[1][2:] == [
+        b"Accept: application/json", b"User-Agent: CoMatrix/0.1 (CoAP gateway)", b"Authorization: Bearer tok",
+        b"Content-Type: text/plain X-Injected: 1", b"Host: hs.example:8008"]
+    assert heads[2] == [b"GET /_matrix/client/versions HTTP/1.1", b"Accept: application/json",
+                        b"User-Agent: CoMatrix/0.1 (CoAP gateway)", b"Host: hs.example:8008"]
