@@ -246,11 +246,17 @@ async def test_observe_blockwise_resource(live_server: LiveServer) -> None:
         return sum(1 for m in live_server.decoded(live_server.sent)
                    if m.opt.observe is not None and m.code == an.CONTENT) - 1
 
+    def last_blocks_sent() -> int:
+        return sum(1 for m in live_server.decoded(live_server.sent)
+                   if m.opt.block2 is not None and not m.opt.block2.more)
+
+    await poll(lambda: last_blocks_sent() >= 1, "libcoap fetched the whole first representation")
     for _ in range(3):
-        before = notifications_sent()
+        before, whole = notifications_sent(), last_blocks_sent()
         live_server.bump_counter(big=True)
         await poll(lambda: notifications_sent() > before, "a notification sent")
-        await sleep(0.2)  # let libcoap fetch the remaining blocks before the next change
+        # The next change only once libcoap has fetched every block of this one (however slow the machine).
+        await poll(lambda: last_blocks_sent() > whole, "libcoap fetched the whole representation")
     result = await done
     assert result.returncode == 0, stderr_of(result)
     await poll(lambda: live_server.observer_count() == 0, "observer removed after Observe=1")
